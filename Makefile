@@ -1,0 +1,47 @@
+# dist-llm-train — every entry point a user or CI needs.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-stamp
+PYTEST  := $(BIN)/python -m pytest
+
+.PHONY: install demo test test-slow lint proto bench clean help
+
+help:
+	@echo "make demo    - set up .venv and train a real model locally (controller + PS + workers)"
+	@echo "make test    - set up .venv and run the test suite"
+	@echo "make lint    - ruff + mypy"
+	@echo "make proto   - regenerate gRPC stubs from protos/"
+	@echo "make bench   - run benchmarks, write results/"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/dist-llm-train run --workers 3 --steps 150
+
+# pytest exits 5 when it collected nothing; treat that as a failure of the suite's shape, not success.
+test: install
+	$(PYTEST) -q
+
+test-slow: install
+	$(PYTEST) -q -m slow
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/mypy src
+
+proto: install
+	$(BIN)/python scripts/gen_proto.py
+
+bench: install
+	@mkdir -p results
+	$(BIN)/python benchmarks/ps_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs

@@ -1,0 +1,1 @@
+"""paramserver package."""
