@@ -1,0 +1,120 @@
+"""`dist-llm-train serve controller|paramserver|worker`: the entry points containers and `run` use."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dist_llm_train.cli.common import load_or_exit, setup_logging
+
+serve_app = typer.Typer(help="Run one service in the foreground (what each container runs).", no_args_is_help=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML/JSON config file.")]
+LogOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR.")]
+
+
+@serve_app.command("paramserver")
+def serve_paramserver(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC/ZMQ port (0 = pick a free one).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port.")] = None,
+    transport: Annotated[str | None, typer.Option(help="grpc or zmq.")] = None,
+    checkpoint_dir: Annotated[str | None, typer.Option(help="Checkpoint folder (resume on start).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N versions.")] = None,
+    log_level: LogOpt = "INFO",
+) -> None:
+    """Run the parameter server (numpy only; no torch)."""
+    setup_logging(log_level)
+    cfg = load_or_exit(config)
+    ps = cfg.paramserver.model_copy()
+    overrides = {
+        "host": host,
+        "port": port,
+        "metrics_port": metrics_port,
+        "transport": transport,
+        "checkpoint_dir": checkpoint_dir,
+        "checkpoint_every": checkpoint_every,
+    }
+    try:
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(ps, key, value)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    from dist_llm_train.paramserver.server import serve
+
+    asyncio.run(serve(ps))
+
+
+@serve_app.command("controller")
+def serve_controller(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (0 = pick a free one).")] = None,
+    ps_address: Annotated[str, typer.Option(help="Parameter server HOST:PORT.")] = "127.0.0.1:50051",
+    ps_transport: Annotated[str, typer.Option(help="grpc or zmq.")] = "grpc",
+    state_db: Annotated[str | None, typer.Option(help="SQLite file (state survives restarts).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="priority, gale-shapley or capability.")] = None,
+    heartbeat_interval: Annotated[float | None, typer.Option(help="Seconds between worker heartbeats.")] = None,
+    miss_limit: Annotated[int | None, typer.Option(help="Missed heartbeats before a worker is dead.")] = None,
+    log_level: LogOpt = "INFO",
+) -> None:
+    """Run the controller (FastAPI + SQLite; no torch)."""
+    setup_logging(log_level)
+    cfg = load_or_exit(config)
+    c = cfg.controller.model_copy()
+    overrides = {
+        "host": host,
+        "port": port,
+        "state_db": state_db,
+        "scheduler": scheduler,
+        "heartbeat_interval_s": heartbeat_interval,
+        "heartbeat_miss_limit": miss_limit,
+    }
+    try:
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(c, key, value)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    if ps_transport not in ("grpc", "zmq"):
+        raise typer.BadParameter("--ps-transport must be grpc or zmq")
+    from dist_llm_train.controller.server import serve
+
+    serve(c, ps_transport, ps_address)
+
+
+@serve_app.command("worker")
+def serve_worker(
+    controller: Annotated[str, typer.Option(help="Controller base URL.")] = "http://127.0.0.1:8000",
+    name: Annotated[str, typer.Option(help="Worker name (registration is idempotent by name).")] = "worker-0",
+    memory_gb: Annotated[float, typer.Option(help="Declared memory (GB), for the scheduler.")] = 16.0,
+    flops: Annotated[float, typer.Option(help="Declared relative compute capability.")] = 100.0,
+    bandwidth_mbps: Annotated[float, typer.Option(help="Declared link bandwidth (Mbit/s).")] = 1000.0,
+    compute_slowdown: Annotated[float, typer.Option(help="Stretch compute time by this factor (>=1).")] = 1.0,
+    token: Annotated[str | None, typer.Option(envvar="DLT_AUTH_TOKEN", help="Shared API token.")] = None,
+    log_level: LogOpt = "INFO",
+) -> None:
+    """Run a training worker (needs the [worker] extra: torch)."""
+    setup_logging(log_level)
+    if compute_slowdown < 1.0:
+        raise typer.BadParameter("--compute-slowdown must be >= 1")
+    from dist_llm_train.worker.agent import WorkerOptions, serve_worker as run_agent
+
+    run_agent(
+        WorkerOptions(
+            controller_url=controller,
+            name=name,
+            memory_gb=memory_gb,
+            flops=flops,
+            bandwidth_mbps=bandwidth_mbps,
+            compute_slowdown=compute_slowdown,
+            auth_token=token,
+        )
+    )
+    logging.getLogger(__name__).info("worker exited cleanly")

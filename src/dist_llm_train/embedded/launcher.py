@@ -1,0 +1,209 @@
+"""`dist-llm-train run`: controller, parameter server and workers as local processes.
+
+Each service is started through the same `dist-llm-train serve ...` entry point the
+containers use, on free loopback ports. The launcher submits one job, follows it through
+the controller and the PS, evaluates the initial and final parameters on held-out data,
+writes the run folder and stops every child, whatever happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from dist_llm_train.config import Config
+from dist_llm_train.embedded.processes import ProcessGroup, cli_command, free_port
+from dist_llm_train.embedded.report import RunSummary, total_bytes, write_report
+from dist_llm_train.paramserver.client import connect
+
+log = logging.getLogger(__name__)
+
+TERMINAL_JOB_STATES = {"completed", "cancelled", "failed"}
+
+
+@dataclass
+class RunOptions:
+    config: Config
+    workers: int
+    runs_dir: Path = Path("runs")
+    timeout_s: float = 1800.0
+    heartbeat_interval_s: float = 1.0
+    worker_slowdowns: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    """What the progress display shows; filled from the PS and the controller every poll."""
+
+    version: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    loss_floor: float | None = None
+    tokens_per_s: float = 0.0
+    bytes_sent: int = 0
+    job_state: str = "pending"
+    workers_alive: int = 0
+    workers_dead: int = 0
+
+
+class EmbeddedRun:
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+        self.cfg = opts.config
+        self.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+        self.run_dir = opts.runs_dir / self.run_id
+        self.procs = ProcessGroup(self.run_dir / "logs", env={"PYTHONUNBUFFERED": "1"})
+        self.transport = self.cfg.paramserver.transport
+        self.ps_address = ""
+        self.controller_url = ""
+        self.job_id = ""
+        self.workers: list[Any] = []
+
+    # -- start-up -----------------------------------------------------------------
+    def _start_paramserver(self) -> None:
+        port, metrics_port = free_port(), free_port()
+        self.ps_address = f"127.0.0.1:{port}"
+        child = self.procs.start(
+            "paramserver",
+            cli_command(
+                "serve", "paramserver",
+                "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+                "--transport", self.transport,
+                "--checkpoint-dir", str(self.run_dir / "checkpoints"),
+                "--checkpoint-every", str(self.cfg.paramserver.checkpoint_every),
+            ),
+        )
+        client = connect(self.transport, self.ps_address, timeout_s=2.0)
+        try:
+            self.procs.wait_ready(child, lambda: client.stats() is not None)
+        finally:
+            client.close()
+
+    def _start_controller(self) -> None:
+        port = free_port()
+        self.controller_url = f"http://127.0.0.1:{port}"
+        child = self.procs.start(
+            "controller",
+            cli_command(
+                "serve", "controller",
+                "--host", "127.0.0.1", "--port", str(port),
+                "--ps-address", self.ps_address, "--ps-transport", self.transport,
+                "--state-db", str(self.run_dir / "controller.db"),
+                "--scheduler", self.cfg.controller.scheduler,
+                "--heartbeat-interval", str(self.opts.heartbeat_interval_s),
+                "--miss-limit", str(self.cfg.controller.heartbeat_miss_limit),
+            ),
+        )
+        self.procs.wait_ready(child, lambda: httpx.get(f"{self.controller_url}/readyz", timeout=1).is_success)
+
+    def _start_workers(self) -> None:
+        for i in range(self.opts.workers):
+            argv = ["serve", "worker", "--controller", self.controller_url, "--name", f"worker-{i}"]
+            slowdown = self.opts.worker_slowdowns.get(i)
+            if slowdown:
+                argv += ["--compute-slowdown", str(slowdown)]
+            self.workers.append(self.procs.start(f"worker-{i}", cli_command(*argv)))
+
+    def _submit_job(self) -> None:
+        body = {
+            "name": f"run-{self.run_id}",
+            "config": {
+                "model": self.cfg.model.model_dump(mode="json"),
+                "training": self.cfg.training.model_dump(mode="json", exclude_none=True),
+                "network": self.cfg.network.model_dump(mode="json", exclude_none=True),
+            },
+            "num_tasks": self.opts.workers,
+        }
+        resp = httpx.post(f"{self.controller_url}/v1/jobs", json=body, timeout=10)
+        if resp.status_code >= 400:
+            raise RuntimeError(f"job submission refused: {resp.status_code} {resp.text}")
+        self.job_id = resp.json()["job_id"]
+
+    # -- following the job ----------------------------------------------------------
+    def snapshot(self, http: httpx.Client, ps: Any, snap: Snapshot) -> Snapshot:
+        stats = ps.stats(self.job_id)
+        if stats:
+            snap.version = stats[0].version
+            snap.loss = stats[0].last_loss if stats[0].version > 0 else snap.loss
+        job = http.get(f"/v1/jobs/{self.job_id}").json()
+        snap.job_state = job.get("state", snap.job_state)
+        status = http.get("/status").json()
+        workers = status.get("workers", [])
+        snap.workers_alive = sum(1 for w in workers if w.get("state") == "alive")
+        snap.workers_dead = sum(1 for w in workers if w.get("state") == "dead")
+        for j in status.get("jobs", []):
+            if j.get("job_id") == self.job_id:
+                snap.tokens_per_s = float(j.get("tokens_per_s") or 0.0)
+                snap.bytes_sent = int(j.get("bytes_sent") or snap.bytes_sent)
+        return snap
+
+    def _evaluate(self, params: Any | None) -> tuple[float, float | None]:
+        from dist_llm_train.training.data import make_dataset
+        from dist_llm_train.training.flat import flatten_params
+        from dist_llm_train.training.trainer import LocalTrainer
+
+        dataset = make_dataset(self.cfg.training)
+        trainer = LocalTrainer(self.cfg.model, self.cfg.training, dataset, [0], num_shards=1)
+        vec = flatten_params(trainer.model) if params is None else params
+        return trainer.evaluate(vec, self.cfg.training.eval_batches), dataset.loss_floor
+
+    def execute(self, on_progress: Callable[[Snapshot], None] | None = None) -> RunSummary:
+        started = time.monotonic()
+        try:
+            self._start_paramserver()
+            self._start_controller()
+            self._start_workers()
+            self._submit_job()
+            initial_loss, floor = self._evaluate(None)
+            snap = Snapshot(total_steps=self.cfg.training.steps, loss_floor=floor)
+            ps = connect(self.transport, self.ps_address)
+            with httpx.Client(base_url=self.controller_url, timeout=10) as http:
+                deadline = started + self.opts.timeout_s
+                while snap.job_state not in TERMINAL_JOB_STATES:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"run did not finish within {self.opts.timeout_s:.0f}s")
+                    if not any(w.alive() for w in self.workers):
+                        raise RuntimeError("every worker exited before the job finished; see logs in "
+                                           f"{self.procs.log_dir}")
+                    snap = self.snapshot(http, ps, snap)
+                    if on_progress:
+                        on_progress(snap)
+                    time.sleep(0.5)
+                final = ps.pull(self.job_id, "launcher")
+                rows = http.get(f"/v1/jobs/{self.job_id}/telemetry").json()
+                rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
+                status = http.get("/status").json()
+            ps.close()
+            final_loss, _ = self._evaluate(final.params)
+            sent, received = total_bytes(rows)
+            summary = RunSummary(
+                run_id=self.run_id,
+                run_dir=str(self.run_dir),
+                initial_loss=initial_loss,
+                final_loss=final_loss,
+                loss_floor=floor,
+                steps=final.version,
+                workers=self.opts.workers,
+                bytes_sent=sent,
+                bytes_received=received,
+                wall_seconds=time.monotonic() - started,
+                mode=self.cfg.training.resolved_mode,
+                transport=self.transport,
+                model=self.cfg.model.name,
+                job_state=snap.job_state,
+                dead_workers=[w.get("name", "") for w in status.get("workers", []) if w.get("state") == "dead"],
+                reassignments=int(status.get("counters", {}).get("reassignments", 0)),
+            )
+            for r in rows:
+                r.setdefault("worker", r.get("worker_name") or r.get("worker_id"))
+            write_report(self.run_dir, self.cfg, rows, summary)
+            return summary
+        finally:
+            self.procs.stop_all()

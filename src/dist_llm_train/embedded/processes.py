@@ -1,0 +1,125 @@
+"""Child-process management for embedded mode: start, wait until ready, stop without orphans.
+
+Children run in their own session (so a terminal's Ctrl-C reaches only the launcher, which
+then stops them in order) and carry PR_SET_PDEATHSIG, so even a `kill -9` of the launcher
+takes them down with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def cli_command(*args: str) -> list[str]:
+    """The same `dist-llm-train serve ...` entry point the containers use, via this interpreter."""
+    return [sys.executable, "-m", "dist_llm_train", *args]
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    _log_file: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class ProcessGroup:
+    """Owns every child of one run; `stop_all` is safe to call many times."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+        self.env = {**os.environ, **(env or {})}
+
+    def start(self, name: str, argv: Sequence[str]) -> Child:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        child = Child(name=name, argv=list(argv), log_path=self.log_dir / f"{name}.log")
+        child._log_file = open(child.log_path, "ab")  # noqa: SIM115 - closed in stop_all
+        child.proc = subprocess.Popen(
+            child.argv,
+            stdout=child._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self.children.append(child)
+        log.debug("started %s pid=%d: %s", name, child.pid, " ".join(child.argv))
+        return child
+
+    def wait_ready(self, child: Child, probe: Callable[[], bool], timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited during start-up:\n{child.tail()}")
+            with contextlib.suppress(Exception):
+                if probe():
+                    return
+            time.sleep(0.1)
+        raise TimeoutError(f"{child.name} not ready after {timeout_s:.0f}s:\n{child.tail()}")
+
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        # Workers first (they give their tasks back), then the controller, then the PS (it checkpoints).
+        for child in reversed(self.children):
+            if child.alive():
+                assert child.proc is not None
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", child.name, grace_s)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                child.proc.wait(timeout=5)
+            if child._log_file is not None:
+                child._log_file.close()
+                child._log_file = None

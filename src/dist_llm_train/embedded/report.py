@@ -1,0 +1,138 @@
+"""The report folder every run leaves behind: config, metrics CSV, JSON summary, markdown, plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dist_llm_train.config import Config
+
+CSV_COLUMNS = [
+    "wall_time",
+    "worker",
+    "step",
+    "ps_version",
+    "loss",
+    "step_time_s",
+    "compute_time_s",
+    "samples_per_s",
+    "tokens_per_s",
+    "bytes_sent",
+    "bytes_received",
+    "push_outcome",
+]
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    run_dir: str
+    initial_loss: float
+    final_loss: float
+    loss_floor: float | None
+    steps: int
+    workers: int
+    bytes_sent: int
+    bytes_received: int
+    wall_seconds: float
+    mode: str
+    transport: str
+    model: str
+    job_state: str
+    dead_workers: list[str] = field(default_factory=list)
+    reassignments: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _bytes_per_worker(rows: list[dict[str, Any]], key: str) -> int:
+    """Workers report cumulative byte counters; the run's total is the sum of each worker's last value."""
+    last: dict[str, int] = {}
+    for r in rows:
+        last[str(r.get("worker", ""))] = max(last.get(str(r.get("worker", "")), 0), int(r.get(key, 0) or 0))
+    return sum(last.values())
+
+
+def total_bytes(rows: list[dict[str, Any]]) -> tuple[int, int]:
+    return _bytes_per_worker(rows, "bytes_sent"), _bytes_per_worker(rows, "bytes_received")
+
+
+def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in sorted(rows, key=lambda r: float(r.get("wall_time") or 0.0)):
+            writer.writerow(r)
+
+
+def _loss_by_version(rows: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    by_version: dict[int, list[float]] = {}
+    for r in rows:
+        if r.get("loss") is None or r.get("ps_version") is None:
+            continue
+        by_version.setdefault(int(r["ps_version"]), []).append(float(r["loss"]))
+    versions = sorted(by_version)
+    return versions, [sum(by_version[v]) / len(by_version[v]) for v in versions]
+
+
+def plot_loss(path: Path, rows: list[dict[str, Any]], summary: RunSummary) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    versions, losses = _loss_by_version(rows)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(versions, losses, label="training loss (mean over workers)")
+    if summary.loss_floor is not None:
+        ax.axhline(summary.loss_floor, color="grey", linestyle="--", label=f"entropy floor {summary.loss_floor:.3f}")
+    ax.axhline(summary.final_loss, color="green", linestyle=":", label=f"final eval loss {summary.final_loss:.3f}")
+    ax.set_xlabel("parameter version (global step)")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title(f"{summary.model}, {summary.workers} workers, {summary.mode} ({summary.transport})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown_summary(s: RunSummary) -> str:
+    floor = f"{s.loss_floor:.4f}" if s.loss_floor is not None else "unknown (text corpus)"
+    lines = [
+        f"# Run {s.run_id}",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| model | {s.model} |",
+        f"| mode / transport | {s.mode} / {s.transport} |",
+        f"| workers | {s.workers} |",
+        f"| global steps (PS versions) | {s.steps} |",
+        f"| initial eval loss | {s.initial_loss:.4f} |",
+        f"| final eval loss | {s.final_loss:.4f} |",
+        f"| loss floor (entropy rate) | {floor} |",
+        f"| bytes sent by workers | {s.bytes_sent:,} |",
+        f"| bytes received by workers | {s.bytes_received:,} |",
+        f"| wall clock | {s.wall_seconds:.1f} s |",
+        f"| job state | {s.job_state} |",
+        f"| dead workers | {', '.join(s.dead_workers) or 'none'} |",
+        f"| task reassignments | {s.reassignments} |",
+        "",
+        "![loss](loss.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, cfg: Config, rows: list[dict[str, Any]], summary: RunSummary) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_metrics_csv(run_dir / "metrics.csv", rows)
+    (run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    (run_dir / "summary.md").write_text(markdown_summary(summary))
+    plot_loss(run_dir / "loss.png", rows, summary)

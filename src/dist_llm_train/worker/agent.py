@@ -1,0 +1,198 @@
+"""The worker agent: register, heartbeat, take assignments, train, report.
+
+asyncio owns everything that talks to the controller (registration, heartbeats, the
+assignment poll, telemetry); the training loop runs in one thread and exchanges data
+with it through thread-safe hand-offs. SIGTERM sets a stop event both sides watch, so
+the worker exits cleanly and gives its tasks back instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from dist_llm_train.config import ConfigError, parse_config
+from dist_llm_train.worker.controller_api import ControllerAPI, UnknownWorker
+from dist_llm_train.worker.training_loop import TrainingContext, TrainingOutcome, run_training
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerOptions:
+    controller_url: str
+    name: str
+    memory_gb: float = 16.0
+    flops: float = 100.0
+    bandwidth_mbps: float = 1000.0
+    compute_slowdown: float = 1.0
+    auth_token: str | None = None
+    poll_interval_s: float = 0.5
+    exit_when_idle_after_job: bool = False
+
+
+class WorkerAgent:
+    def __init__(self, opts: WorkerOptions) -> None:
+        self.opts = opts
+        self.api = ControllerAPI(opts.controller_url, token=opts.auth_token)
+        self.worker_id: str | None = None
+        self.heartbeat_interval_s = 1.0
+        self.stop = threading.Event()
+        self.state = "idle"
+        self._shards: dict[str, set[int]] = {}
+        self._shard_lock = threading.Lock()
+        self._telemetry: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.finished_jobs: list[str] = []
+
+    async def _register(self) -> None:
+        caps = {
+            "memory_gb": self.opts.memory_gb,
+            "flops": self.opts.flops,
+            "bandwidth_mbps": self.opts.bandwidth_mbps,
+            "compute_slowdown": self.opts.compute_slowdown,
+        }
+        reply = await self.api.register(self.opts.name, caps)
+        self.worker_id = reply["worker_id"]
+        self.heartbeat_interval_s = float(reply.get("heartbeat_interval_s", 1.0))
+        log.info("registered as %s (%s)", self.opts.name, self.worker_id)
+
+    async def _heartbeat_loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                assert self.worker_id is not None
+                await self.api.heartbeat(self.worker_id, self.state)
+            except UnknownWorker:
+                log.warning("controller forgot this worker; re-registering")
+                await self._register()
+            except Exception as err:  # keep beating through transient controller errors
+                log.warning("heartbeat failed: %s", err)
+            await asyncio.sleep(self.heartbeat_interval_s)
+
+    async def _telemetry_loop(self) -> None:
+        while True:
+            record = await self._telemetry.get()
+            try:
+                assert self.worker_id is not None
+                await self.api.telemetry(self.worker_id, record)
+            except Exception as err:
+                log.warning("telemetry dropped: %s", err)
+
+    def _emit_from_thread(self, loop: asyncio.AbstractEventLoop, record: dict[str, Any]) -> None:
+        loop.call_soon_threadsafe(self._telemetry.put_nowait, record)
+
+    def _current_shards(self, job_id: str) -> set[int]:
+        with self._shard_lock:
+            return set(self._shards.get(job_id, set()))
+
+    async def _refresh_shards(self, job_id: str) -> list[str]:
+        """Poll assignments; return this job's task ids (the set can grow when tasks are reassigned)."""
+        assert self.worker_id is not None
+        current = await self.api.assignments(self.worker_id)
+        tasks = [t for t in current.tasks if t.job_id == job_id]
+        with self._shard_lock:
+            self._shards[job_id] = {t.shard_id for t in tasks}
+        return [t.task_id for t in tasks]
+
+    async def _train_job(self, job_id: str, job: dict[str, Any], tasks: list[Any]) -> None:
+        assert self.worker_id is not None
+        try:
+            cfg = parse_config({k: job[k] for k in ("model", "training", "network") if k in job})
+        except ConfigError as err:
+            for t in tasks:
+                await self.api.fail_task(self.worker_id, t.task_id, f"bad job config: {err}")
+            return
+        ps = job["paramserver"]
+        with self._shard_lock:
+            self._shards[job_id] = {t.shard_id for t in tasks}
+        ctx = TrainingContext(
+            job_id=job_id,
+            worker_id=self.worker_id,
+            config=cfg,
+            ps_transport=ps["transport"],
+            ps_address=ps["address"],
+            shard_ids=self._current_shards(job_id),
+            num_shards=tasks[0].num_shards,
+            compute_slowdown=self.opts.compute_slowdown,
+        )
+        loop = asyncio.get_running_loop()
+        self.state = "training"
+        fut = loop.run_in_executor(
+            None,
+            run_training,
+            ctx,
+            self.stop,
+            lambda: self._current_shards(job_id),
+            lambda rec: self._emit_from_thread(loop, rec),
+        )
+        task_ids = [t.task_id for t in tasks]
+        while not fut.done():
+            await asyncio.sleep(self.opts.poll_interval_s)
+            with contextlib.suppress(Exception):
+                task_ids = await self._refresh_shards(job_id) or task_ids
+        self.state = "idle"
+        try:
+            outcome: TrainingOutcome = fut.result()
+        except Exception as err:
+            log.exception("training failed")
+            for tid in task_ids:
+                await self.api.fail_task(self.worker_id, tid, f"{type(err).__name__}: {err}")
+            return
+        await self._drain_telemetry()
+        if outcome.job_complete:
+            for tid in await self._refresh_shards(job_id) or task_ids:
+                await self.api.complete_task(self.worker_id, tid)
+            self.finished_jobs.append(job_id)
+            log.info("job %s complete after %d steps", job_id, outcome.steps)
+        elif outcome.stopped:
+            for tid in task_ids:
+                await self.api.fail_task(self.worker_id, tid, "worker shutting down")
+
+    async def _drain_telemetry(self) -> None:
+        for _ in range(200):
+            if self._telemetry.empty():
+                return
+            await asyncio.sleep(0.01)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop.set)
+        await self._register()
+        background = [
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._telemetry_loop()),
+        ]
+        try:
+            while not self.stop.is_set():
+                assert self.worker_id is not None
+                try:
+                    current = await self.api.assignments(self.worker_id)
+                except UnknownWorker:
+                    await self._register()
+                    continue
+                pending = [t for t in current.tasks if t.job_id not in self.finished_jobs]
+                if pending:
+                    job_id = pending[0].job_id
+                    await self._train_job(job_id, current.jobs[job_id], [t for t in pending if t.job_id == job_id])
+                    if self.opts.exit_when_idle_after_job:
+                        break
+                else:
+                    await asyncio.sleep(self.opts.poll_interval_s)
+        finally:
+            self.stop.set()
+            await self._drain_telemetry()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self.api.aclose()
+            log.info("worker %s stopped", self.opts.name)
+
+
+def serve_worker(opts: WorkerOptions) -> None:
+    asyncio.run(WorkerAgent(opts).run())

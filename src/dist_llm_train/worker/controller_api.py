@@ -1,0 +1,100 @@
+"""The worker's view of the controller's REST API (httpx, async).
+
+Every call retries with capped exponential backoff while the controller is away, so a
+controller restart looks like a pause to the worker, not a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+class ControllerGone(Exception):
+    """The controller did not answer within the retry budget."""
+
+
+class UnknownWorker(Exception):
+    """The controller does not know this worker id (e.g. its state was reset): re-register."""
+
+
+@dataclass
+class Assignment:
+    task_id: str
+    job_id: str
+    shard_id: int
+    num_shards: int
+
+
+@dataclass
+class AssignmentSet:
+    tasks: list[Assignment] = field(default_factory=list)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class ControllerAPI:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        max_backoff_s: float = 5.0,
+        give_up_after_s: float = 120.0,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=10.0)
+        self._max_backoff_s = max_backoff_s
+        self._give_up_after_s = give_up_after_s
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, json: Any = None) -> httpx.Response:
+        delay, waited = 0.1, 0.0
+        while True:
+            try:
+                resp = await self._http.request(method, path, json=json)
+            except httpx.TransportError as err:
+                if waited >= self._give_up_after_s:
+                    raise ControllerGone(f"controller unreachable for {waited:.0f}s: {err}") from err
+                log.info("controller unreachable (%s); retrying in %.1fs", type(err).__name__, delay)
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, self._max_backoff_s)
+                continue
+            if resp.status_code == 404 and path.startswith("/v1/workers/"):
+                raise UnknownWorker(resp.text)
+            if resp.status_code >= 400:
+                raise RuntimeError(f"{method} {path} -> {resp.status_code}: {resp.text}")
+            return resp
+
+    async def register(self, name: str, capabilities: dict[str, Any]) -> dict[str, Any]:
+        resp = await self._call("POST", "/v1/workers/register", {"name": name, **capabilities})
+        result: dict[str, Any] = resp.json()
+        return result
+
+    async def heartbeat(self, worker_id: str, state: str) -> dict[str, Any]:
+        resp = await self._call("POST", f"/v1/workers/{worker_id}/heartbeat", {"state": state})
+        result: dict[str, Any] = resp.json()
+        return result
+
+    async def assignments(self, worker_id: str) -> AssignmentSet:
+        data = (await self._call("GET", f"/v1/workers/{worker_id}/assignments")).json()
+        tasks = [
+            Assignment(t["task_id"], t["job_id"], int(t["shard_id"]), int(t["num_shards"])) for t in data["tasks"]
+        ]
+        return AssignmentSet(tasks=tasks, jobs=data.get("jobs", {}))
+
+    async def telemetry(self, worker_id: str, record: dict[str, Any]) -> None:
+        await self._call("POST", f"/v1/workers/{worker_id}/telemetry", record)
+
+    async def complete_task(self, worker_id: str, task_id: str) -> None:
+        await self._call("POST", f"/v1/tasks/{task_id}/complete", {"worker_id": worker_id})
+
+    async def fail_task(self, worker_id: str, task_id: str, reason: str) -> None:
+        await self._call("POST", f"/v1/tasks/{task_id}/fail", {"worker_id": worker_id, "reason": reason})

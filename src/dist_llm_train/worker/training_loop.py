@@ -1,0 +1,190 @@
+"""The worker's blocking training loop: pull parameters, compute an update, push it.
+
+It runs in a thread (torch and the blocking PS client both release the GIL for their
+heavy parts) while the asyncio agent keeps heartbeats and telemetry flowing. The loop
+is a plain function of its inputs, so tests can drive it without a controller.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from dist_llm_train.config import Config
+from dist_llm_train.paramserver.client import PSClient, connect
+from dist_llm_train.paramserver.types import (
+    ErrorCode,
+    JobSpec,
+    PSError,
+    PulledParams,
+    PushHeader,
+    PushOutcome,
+)
+from dist_llm_train.training.codecs import ErrorFeedback, get_codec
+from dist_llm_train.training.data import make_dataset
+from dist_llm_train.training.flat import flatten_params, layout_of
+from dist_llm_train.training.trainer import LocalTrainer
+
+log = logging.getLogger(__name__)
+
+# A restarted worker keeps its worker id, so its push sequence numbers must never repeat
+# an earlier incarnation's: they start at (start time in ms) * STEP_BASE.
+STEP_BASE = 1_000_000
+
+
+def job_spec_from_config(job_id: str, cfg: Config) -> JobSpec:
+    t = cfg.training
+    params: dict[str, float] = {}
+    if t.aggregation_rule == "trimmed_mean":
+        params["beta"] = t.trim_ratio
+    if t.aggregation_rule in ("krum", "multi_krum") and t.krum_f is not None:
+        params["f"] = float(t.krum_f)
+    if t.aggregation_rule == "bulyan" and t.bulyan_f is not None:
+        params["f"] = float(t.bulyan_f)
+    return JobSpec(
+        job_id=job_id,
+        mode=t.resolved_mode,
+        max_staleness=t.resolved_max_staleness,
+        straggler_timeout_s=t.sync_max_wait_s,
+        optimizer=t.optimizer,
+        learning_rate=t.learning_rate,
+        momentum=t.momentum,
+        aggregation=t.aggregation_rule,
+        aggregation_params=params,
+        total_steps=t.steps,
+    )
+
+
+@dataclass
+class TrainingContext:
+    job_id: str
+    worker_id: str
+    config: Config
+    ps_transport: str
+    ps_address: str
+    shard_ids: set[int]
+    num_shards: int
+    compute_slowdown: float = 1.0
+    telemetry_every: int = 1
+
+
+@dataclass
+class TrainingOutcome:
+    steps: int = 0
+    job_complete: bool = False
+    stopped: bool = False
+    last_version: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+def _retry_unavailable(fn: Callable[[], Any], stop: threading.Event, what: str, give_up_s: float = 120.0) -> Any:
+    """Call fn, retrying with backoff while the PS is unreachable (e.g. restarting from a checkpoint)."""
+    delay, waited = 0.1, 0.0
+    while True:
+        try:
+            return fn()
+        except PSError as err:
+            if err.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED) or waited >= give_up_s:
+                raise
+            if stop.wait(delay):
+                raise
+            waited += delay
+            log.info("paramserver unavailable during %s; retrying in %.1fs", what, delay)
+            delay = min(delay * 2, 5.0)
+
+
+def run_training(
+    ctx: TrainingContext,
+    stop: threading.Event,
+    current_shards: Callable[[], set[int]],
+    emit: Callable[[dict[str, Any]], None],
+    client: PSClient | None = None,
+) -> TrainingOutcome:
+    cfg = ctx.config
+    dataset = make_dataset(cfg.training)
+    trainer = LocalTrainer(cfg.model, cfg.training, dataset, sorted(ctx.shard_ids), num_shards=ctx.num_shards)
+    owned = set(ctx.shard_ids)
+    spec = job_spec_from_config(ctx.job_id, cfg)
+    ps = client or connect(ctx.ps_transport, ctx.ps_address)
+    codec = get_codec(cfg.training.compression, ratio=cfg.training.compression_ratio)
+    feedback = ErrorFeedback(codec) if codec.name == "topk" else None
+    out = TrainingOutcome()
+    step_base = int(time.time() * 1000) * STEP_BASE
+    try:
+        initial = flatten_params(trainer.model)
+        _retry_unavailable(lambda: ps.init_job(spec, layout_of(trainer.model), initial, []), stop, "init_job")
+        pulled: PulledParams = _retry_unavailable(lambda: ps.pull(ctx.job_id, ctx.worker_id), stop, "pull")
+        while not stop.is_set() and not pulled.job_complete:
+            new = current_shards() - owned
+            if new:
+                log.info("took over shards %s", sorted(new))
+                trainer.add_shards(sorted(new))
+                owned |= new
+            trainer.set_params(pulled.params)
+            t0 = time.perf_counter()
+            grad, loss, n_samples = trainer.compute_gradient()
+            compute_s = time.perf_counter() - t0
+            if ctx.compute_slowdown > 1.0:
+                # Emulated slow hardware (straggler profiles): stretch the real compute time.
+                stop.wait(compute_s * (ctx.compute_slowdown - 1.0))
+            encoded = feedback.compress(grad) if feedback else codec.encode(grad)
+            header = PushHeader(
+                job_id=ctx.job_id,
+                worker_id=ctx.worker_id,
+                step=step_base + out.steps,
+                base_version=pulled.version,
+                codec=codec.name,
+                codec_meta=msgpack.packb(encoded.meta),
+                payload_bytes=len(encoded.payload),
+                num_samples=n_samples,
+                loss=loss,
+            )
+            result = _retry_unavailable(lambda h=header: ps.push(h, encoded.payload), stop, "push")
+            out.outcomes[result.outcome.value] = out.outcomes.get(result.outcome.value, 0) + 1
+            out.steps += 1
+            if result.outcome is PushOutcome.JOB_COMPLETE:
+                out.job_complete = True
+                break
+            wait_for = pulled.version + 1 if spec.mode == "sync" else 0
+            pulled = _retry_unavailable(
+                lambda w=wait_for: ps.pull(
+                    ctx.job_id, ctx.worker_id, min_version=w, wait_timeout_s=spec.straggler_timeout_s + 5
+                ),
+                stop,
+                "pull",
+            )
+            step_s = time.perf_counter() - t0
+            if out.steps % ctx.telemetry_every == 0:
+                tokens = n_samples * cfg.training.seq_length
+                emit(
+                    {
+                        "job_id": ctx.job_id,
+                        "step": out.steps,
+                        "ps_version": pulled.version,
+                        "loss": loss,
+                        "step_time_s": step_s,
+                        "compute_time_s": compute_s,
+                        "samples_per_s": n_samples / step_s if step_s > 0 else 0.0,
+                        "tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
+                        "bytes_sent": ps.bytes_sent,
+                        "bytes_received": ps.bytes_received,
+                        "wall_time": time.time(),
+                        "push_outcome": result.outcome.value,
+                    }
+                )
+        out.job_complete = out.job_complete or pulled.job_complete
+        out.stopped = stop.is_set()
+        out.last_version = pulled.version
+    finally:
+        out.bytes_sent, out.bytes_received = ps.bytes_sent, ps.bytes_received
+        if client is None:
+            ps.close()
+    return out
