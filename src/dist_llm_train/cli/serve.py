@@ -98,13 +98,15 @@ def serve_worker(
     bandwidth_mbps: Annotated[float, typer.Option(help="Declared link bandwidth (Mbit/s).")] = 1000.0,
     compute_slowdown: Annotated[float, typer.Option(help="Stretch compute time by this factor (>=1).")] = 1.0,
     token: Annotated[str | None, typer.Option(envvar="DLT_AUTH_TOKEN", help="Shared API token.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
     log_level: LogOpt = "INFO",
 ) -> None:
     """Run a training worker (needs the [worker] extra: torch)."""
     setup_logging(log_level)
     if compute_slowdown < 1.0:
         raise typer.BadParameter("--compute-slowdown must be >= 1")
-    from dist_llm_train.worker.agent import WorkerOptions, serve_worker as run_agent
+    from dist_llm_train.worker.agent import WorkerOptions
+    from dist_llm_train.worker.agent import serve_worker as run_agent
 
     run_agent(
         WorkerOptions(
@@ -115,6 +117,7 @@ def serve_worker(
             bandwidth_mbps=bandwidth_mbps,
             compute_slowdown=compute_slowdown,
             auth_token=token,
+            metrics_port=metrics_port,
         )
     )
     logging.getLogger(__name__).info("worker exited cleanly")

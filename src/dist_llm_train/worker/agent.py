@@ -18,6 +18,7 @@ from typing import Any
 
 from dist_llm_train.config import ConfigError, parse_config
 from dist_llm_train.worker.controller_api import ControllerAPI, UnknownWorker
+from dist_llm_train.worker.metrics import WorkerMetrics
 from dist_llm_train.worker.training_loop import TrainingContext, TrainingOutcome, run_training
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class WorkerOptions:
     auth_token: str | None = None
     poll_interval_s: float = 0.5
     exit_when_idle_after_job: bool = False
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
 
 
 class WorkerAgent:
@@ -48,6 +51,7 @@ class WorkerAgent:
         self._shard_lock = threading.Lock()
         self._telemetry: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.finished_jobs: list[str] = []
+        self.metrics = WorkerMetrics()
 
     async def _register(self) -> None:
         caps = {
@@ -83,6 +87,7 @@ class WorkerAgent:
                 log.warning("telemetry dropped: %s", err)
 
     def _emit_from_thread(self, loop: asyncio.AbstractEventLoop, record: dict[str, Any]) -> None:
+        self.metrics.observe(record)
         loop.call_soon_threadsafe(self._telemetry.put_nowait, record)
 
     def _current_shards(self, job_id: str) -> set[int]:
@@ -138,9 +143,11 @@ class WorkerAgent:
         try:
             outcome: TrainingOutcome = fut.result()
         except Exception as err:
-            log.exception("training failed")
+            if not self.stop.is_set():
+                log.exception("training failed")
+            reason = "worker shutting down" if self.stop.is_set() else f"{type(err).__name__}: {err}"
             for tid in task_ids:
-                await self.api.fail_task(self.worker_id, tid, f"{type(err).__name__}: {err}")
+                await self._report(self.api.fail_task(self.worker_id, tid, reason))
             return
         await self._drain_telemetry()
         if outcome.job_complete:
@@ -150,7 +157,17 @@ class WorkerAgent:
             log.info("job %s complete after %d steps", job_id, outcome.steps)
         elif outcome.stopped:
             for tid in task_ids:
-                await self.api.fail_task(self.worker_id, tid, "worker shutting down")
+                await self._report(self.api.fail_task(self.worker_id, tid, "worker shutting down"))
+
+    async def _report(self, call: Any) -> None:
+        """Report to the controller; while shutting down, give it two seconds, not the full retry budget."""
+        try:
+            if self.stop.is_set():
+                await asyncio.wait_for(call, timeout=2.0)
+            else:
+                await call
+        except Exception as err:
+            log.warning("could not report to controller: %s", err)
 
     async def _drain_telemetry(self) -> None:
         for _ in range(200):
@@ -163,6 +180,8 @@ class WorkerAgent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop.set)
+        if self.opts.metrics_port is not None:
+            self.metrics.serve(self.opts.metrics_port, self.opts.metrics_host)
         await self._register()
         background = [
             asyncio.create_task(self._heartbeat_loop()),

@@ -147,7 +147,7 @@ def run_training(
                 num_samples=n_samples,
                 loss=loss,
             )
-            result = _retry_unavailable(lambda h=header: ps.push(h, encoded.payload), stop, "push")
+            result = _retry_unavailable(lambda h=header, p=encoded.payload: ps.push(h, p), stop, "push")
             out.outcomes[result.outcome.value] = out.outcomes.get(result.outcome.value, 0) + 1
             out.steps += 1
             if result.outcome is PushOutcome.JOB_COMPLETE:
