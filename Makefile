@@ -45,3 +45,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs
+
+# Fragments owned by their subsystems: the netem VM harness and the Compose deployment.
+-include scripts/netem_vm/netem_vm.mk
+-include scripts/docker/deploy.mk
