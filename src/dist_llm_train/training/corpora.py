@@ -38,9 +38,7 @@ class MarkovCorpus:
     stationary from their first token, which makes the entropy rate the exact floor.
     """
 
-    def __init__(
-        self, vocab_size: int, seed: int, concentration: float = 0.3, ergodic_mix: float = 0.01
-    ) -> None:
+    def __init__(self, vocab_size: int, seed: int, concentration: float = 0.3, ergodic_mix: float = 0.01) -> None:
         if not 2 <= vocab_size <= MAX_MARKOV_VOCAB:
             raise ValueError(f"vocab_size must be in [2, {MAX_MARKOV_VOCAB}] for a Markov corpus, got {vocab_size}")
         if not (np.isfinite(concentration) and concentration > 0):
