@@ -113,7 +113,7 @@ def metrics(
     from prometheus_client.parser import text_string_to_metric_families
 
     text = _get(controller, token, "/metrics")
-    samples = [
+    samples: list[dict[str, Any]] = [
         {"name": s.name, "labels": s.labels, "value": s.value}
         for fam in text_string_to_metric_families(str(text))
         for s in fam.samples

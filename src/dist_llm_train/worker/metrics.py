@@ -26,9 +26,13 @@ class WorkerMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
-        self.tokens_per_second = Gauge("dlt_worker_tokens_per_second", "Tokens per second of the last step.", registry=r)
+        self.tokens_per_second = Gauge(
+            "dlt_worker_tokens_per_second", "Tokens per second of the last step.", registry=r
+        )
         self.bytes_sent = Gauge("dlt_worker_ps_bytes_sent", "Payload bytes pushed to the PS so far.", registry=r)
-        self.bytes_received = Gauge("dlt_worker_ps_bytes_received", "Payload bytes pulled from the PS so far.", registry=r)
+        self.bytes_received = Gauge(
+            "dlt_worker_ps_bytes_received", "Payload bytes pulled from the PS so far.", registry=r
+        )
         self.push_outcomes = Counter(
             "dlt_worker_push_outcomes_total", "PS answers to this worker's pushes.", ["outcome"], registry=r
         )

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from dist_llm_train.paramserver.types import (
     PulledParams,
     PushHeader,
     PushOutcome,
+    PushResult,
 )
 from dist_llm_train.training.codecs import ErrorFeedback, get_codec
 from dist_llm_train.training.data import make_dataset
@@ -147,20 +149,17 @@ def run_training(
                 num_samples=n_samples,
                 loss=loss,
             )
-            result = _retry_unavailable(lambda h=header, p=encoded.payload: ps.push(h, p), stop, "push")
+            result: PushResult = _retry_unavailable(partial(ps.push, header, encoded.payload), stop, "push")
             out.outcomes[result.outcome.value] = out.outcomes.get(result.outcome.value, 0) + 1
             out.steps += 1
             if result.outcome is PushOutcome.JOB_COMPLETE:
                 out.job_complete = True
                 break
             wait_for = pulled.version + 1 if spec.mode == "sync" else 0
-            pulled = _retry_unavailable(
-                lambda w=wait_for: ps.pull(
-                    ctx.job_id, ctx.worker_id, min_version=w, wait_timeout_s=spec.straggler_timeout_s + 5
-                ),
-                stop,
-                "pull",
+            pull_next = partial(
+                ps.pull, ctx.job_id, ctx.worker_id, min_version=wait_for, wait_timeout_s=spec.straggler_timeout_s + 5
             )
+            pulled = _retry_unavailable(pull_next, stop, "pull")
             step_s = time.perf_counter() - t0
             if out.steps % ctx.telemetry_every == 0:
                 tokens = n_samples * cfg.training.seq_length
