@@ -18,6 +18,8 @@ def setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per HTTP request drowns the logs that matter (heartbeats run every second).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def load_or_exit(path: Path | None) -> Config:

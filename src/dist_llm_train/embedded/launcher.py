@@ -111,6 +111,20 @@ class EmbeddedRun:
                 argv += ["--compute-slowdown", str(slowdown)]
             self.workers.append(self.procs.start(f"worker-{i}", cli_command(*argv)))
 
+    def _wait_for_workers(self, timeout_s: float = 180.0) -> None:
+        """Submit only once every worker registered, so the first one up does not take every shard."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            workers = httpx.get(f"{self.controller_url}/status", timeout=5).json().get("workers", [])
+            if sum(1 for w in workers if w.get("state") == "alive") >= self.opts.workers:
+                return
+            exited = [w.name for w in self.workers if not w.alive()]
+            if exited:
+                child = next(w for w in self.workers if w.name == exited[0])
+                raise RuntimeError(f"{child.name} exited during start-up:\n{child.tail()}")
+            time.sleep(0.2)
+        raise TimeoutError(f"only some of {self.opts.workers} workers registered within {timeout_s:.0f}s")
+
     def _submit_job(self) -> None:
         body = {
             "name": f"run-{self.run_id}",
@@ -160,6 +174,7 @@ class EmbeddedRun:
             self._start_paramserver()
             self._start_controller()
             self._start_workers()
+            self._wait_for_workers()
             self._submit_job()
             initial_loss, floor = self._evaluate(None)
             snap = Snapshot(total_steps=self.cfg.training.steps, loss_floor=floor)

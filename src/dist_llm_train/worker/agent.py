@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dist_llm_train.config import ConfigError, parse_config
-from dist_llm_train.worker.controller_api import ControllerAPI, UnknownWorker
+from dist_llm_train.worker.controller_api import ControllerAPI, ControllerGone, UnknownWorker
 from dist_llm_train.worker.metrics import WorkerMetrics
 from dist_llm_train.worker.training_loop import TrainingContext, TrainingOutcome, run_training
 
@@ -42,10 +42,10 @@ class WorkerOptions:
 class WorkerAgent:
     def __init__(self, opts: WorkerOptions) -> None:
         self.opts = opts
-        self.api = ControllerAPI(opts.controller_url, token=opts.auth_token)
+        self.stop = threading.Event()
+        self.api = ControllerAPI(opts.controller_url, token=opts.auth_token, stop=self.stop)
         self.worker_id: str | None = None
         self.heartbeat_interval_s = 1.0
-        self.stop = threading.Event()
         self.state = "idle"
         self._shards: dict[str, set[int]] = {}
         self._shard_lock = threading.Lock()
@@ -126,6 +126,7 @@ class WorkerAgent:
         )
         loop = asyncio.get_running_loop()
         self.state = "training"
+        log.info("training job %s on shards %s of %d", job_id, sorted(ctx.shard_ids), ctx.num_shards)
         fut = loop.run_in_executor(
             None,
             run_training,
@@ -195,6 +196,10 @@ class WorkerAgent:
                 except UnknownWorker:
                     await self._register()
                     continue
+                except ControllerGone:
+                    if self.stop.is_set():
+                        break
+                    raise
                 pending = [t for t in current.tasks if t.job_id not in self.finished_jobs]
                 if pending:
                     job_id = pending[0].job_id

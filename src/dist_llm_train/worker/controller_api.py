@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +46,14 @@ class ControllerAPI:
         token: str | None = None,
         max_backoff_s: float = 5.0,
         give_up_after_s: float = 120.0,
+        stop: threading.Event | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=10.0)
         self._max_backoff_s = max_backoff_s
         self._give_up_after_s = give_up_after_s
+        # A stopping worker must not sit in a 2-minute retry loop waiting for a controller that is gone.
+        self._stop = stop
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -60,6 +64,8 @@ class ControllerAPI:
             try:
                 resp = await self._http.request(method, path, json=json)
             except httpx.TransportError as err:
+                if self._stop is not None and self._stop.is_set():
+                    raise ControllerGone(f"stopping; controller unreachable: {err}") from err
                 if waited >= self._give_up_after_s:
                     raise ControllerGone(f"controller unreachable for {waited:.0f}s: {err}") from err
                 log.info("controller unreachable (%s); retrying in %.1fs", type(err).__name__, delay)

@@ -11,8 +11,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import msgpack
