@@ -200,6 +200,9 @@ class WorkerAgent:
                     if self.stop.is_set():
                         break
                     raise
+                for late in (t for t in current.tasks if t.job_id in self.finished_jobs):
+                    # A dead worker's shard of a job this worker already saw complete: nothing left to train.
+                    await self._report(self.api.complete_task(self.worker_id, late.task_id))
                 pending = [t for t in current.tasks if t.job_id not in self.finished_jobs]
                 if pending:
                     job_id = pending[0].job_id

@@ -1,0 +1,173 @@
+"""The controller's FastAPI application.
+
+`create_app` wires the store, scheduler, membership sync and failure detector together
+and returns an app whose every error is `{"detail": "<message>"}`: 400 for malformed
+JSON, 401 for a missing token, 404 for unknown ids, 409 for conflicts, 413 for oversize
+bodies, 422 for invalid fields (the message names the field path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dist_llm_train.config import ControllerConfig
+from dist_llm_train.controller.errors import ControllerError
+from dist_llm_train.controller.failure import FailureDetector
+from dist_llm_train.controller.membership import MembershipNotifier, MembershipSync, PSMembershipNotifier
+from dist_llm_train.controller.metrics import RequestMetricsMiddleware, make_registry
+from dist_llm_train.controller.routes import router
+from dist_llm_train.controller.schedulers import get_scheduler
+from dist_llm_train.controller.service import ControllerService, PSEndpoint
+from dist_llm_train.controller.status import build_status
+from dist_llm_train.controller.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Everything one app instance owns; `app.state.runtime` in handlers and tests."""
+
+    service: ControllerService
+    membership: MembershipSync
+    detector: FailureDetector
+    registry: CollectorRegistry
+
+    @property
+    def store(self) -> Store:
+        return self.service.store
+
+    def close(self) -> None:
+        self.detector.stop()
+        self.membership.notifier.close()
+        self.store.close()
+
+
+_bearer = HTTPBearer(auto_error=False, description="The shared token from controller.auth_token.")
+
+
+def _bearer_guard(token: str) -> Callable[..., None]:
+    def guard(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        if credentials is None or not secrets.compare_digest(
+            credentials.credentials.encode(), token.encode()
+        ):
+            raise StarletteHTTPException(
+                401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"}
+            )
+
+    return guard
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
+    errors = exc.errors()
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            return 400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}"
+    parts = [f"{'.'.join(str(p) for p in e.get('loc', ())) or '<root>'}: {e.get('msg')}" for e in errors]
+    return 422, "; ".join(parts) or "invalid request"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ControllerError)
+    async def _domain(_: Request, exc: ControllerError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = _validation_message(exc)
+        return JSONResponse({"detail": message}, status_code=status)
+
+
+def create_app(
+    cfg: ControllerConfig,
+    ps_transport: str,
+    ps_address: str,
+    notifier: MembershipNotifier | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    run_background: bool = True,
+    max_task_attempts: int = 5,
+    max_body_bytes: int = 1 << 20,
+) -> FastAPI:
+    """Build the app; the store opens now (a bad path fails here), the failure detector on startup.
+
+    `clock` and `run_background=False` let tests drive failure detection with
+    `app.state.runtime.detector.tick()` instead of sleeping. Call
+    `app.state.runtime.close()` when done with the app.
+    """
+    store = Store(cfg.state_db)
+    service = ControllerService(
+        store,
+        get_scheduler(cfg.scheduler),
+        cfg,
+        PSEndpoint(ps_transport, ps_address),
+        clock,
+        max_task_attempts,
+    )
+    membership = MembershipSync(
+        notifier or PSMembershipNotifier(ps_transport, ps_address), service.desired_members
+    )
+    detector = FailureDetector(service, membership)
+    service.on_change = detector.wake
+    registry, latency = make_registry(service, membership)
+    runtime = Runtime(service, membership, detector, registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Only the background loop follows the lifespan; the store belongs to whoever called
+        # create_app (serve() closes it), so an app can be started and stopped more than once.
+        task = detector.start() if run_background else None
+        try:
+            yield
+        finally:
+            detector.stop()
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(task, timeout=10)
+
+    app = FastAPI(
+        title="dist-llm-train controller",
+        version="1",
+        summary="Workers, jobs, tasks, scheduling and failure detection for dist-llm-train.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    guard = [Depends(_bearer_guard(cfg.auth_token))] if cfg.auth_token else []
+    app.include_router(router, dependencies=guard)
+    _install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware, latency=latency, max_body_bytes=max_body_bytes)
+
+    @app.get("/status", dependencies=guard, tags=["status"])
+    def status() -> dict[str, Any]:
+        """Jobs, workers, scheduler, PS endpoint and counters, as the controller sees them now."""
+        return build_status(service, membership)
+
+    @app.get("/healthz", tags=["status"])
+    def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/readyz", tags=["status"], responses={503: {"description": "store not usable"}})
+    def readyz() -> JSONResponse:
+        if store.ping():
+            return JSONResponse({"ready": True})
+        return JSONResponse({"detail": "state store is not open"}, status_code=503)
+
+    @app.get("/metrics", tags=["status"], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,136 @@
+"""Telling the parameter server who the members of each job are.
+
+The PS closes a sync round when every member has pushed, so it must learn quickly when a
+worker dies or joins. `MembershipSync` keeps, per job, the member list the PS last
+acknowledged and sends the current one whenever they differ. A PS that is down, slow or
+does not know the job yet (the first worker creates it) never breaks the controller: the
+error is logged and counted, and the same difference is retried on the next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dist_llm_train.paramserver.types import ErrorCode, PSError
+
+log = logging.getLogger(__name__)
+
+
+class MembershipNotifier(Protocol):
+    """Pushes a job's member list to the PS; raises on any failure."""
+
+    def set_members(self, job_id: str, members: list[str]) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class PSMembershipNotifier:
+    """The production notifier: `paramserver.client.connect(...).set_members`, reconnecting after errors."""
+
+    def __init__(self, transport: str, address: str, timeout_s: float = 2.0) -> None:
+        self.transport = transport
+        self.address = address
+        self.timeout_s = timeout_s
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> Any:
+        from dist_llm_train.paramserver.client import connect  # imported late: the PS client is optional here
+
+        return connect(self.transport, self.address, timeout_s=self.timeout_s)
+
+    def set_members(self, job_id: str, members: list[str]) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = self._connect()
+            try:
+                return self._client.set_members(job_id, members)
+            except PSError as err:
+                if err.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
+                    self._drop_client()
+                raise
+            except Exception:
+                self._drop_client()
+                raise
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception as err:  # closing a broken channel must not mask the real error
+                log.debug("closing PS client failed: %s", err)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_client()
+
+
+@dataclass
+class SyncReport:
+    sent: dict[str, list[str]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    waiting: list[str] = field(default_factory=list)  # the PS does not know the job yet
+
+
+class MembershipSync:
+    """Reconciles desired membership (from the store) with what the PS acknowledged."""
+
+    def __init__(self, notifier: MembershipNotifier, desired: Callable[[], dict[str, list[str]]]) -> None:
+        self.notifier = notifier
+        self._desired = desired
+        self._acked: dict[str, tuple[str, ...]] = {}
+        self._lock = threading.Lock()
+        self.failures = 0
+        self.sends = 0
+        self.last_error: str | None = None
+
+    def pending(self) -> dict[str, list[str]]:
+        """Jobs whose PS membership differs from the desired one (what the next sync will send)."""
+        want = self._desired()
+        for job_id, acked in list(self._acked.items()):  # /status reads while a sync may write
+            if job_id not in want and acked:
+                want[job_id] = []  # finished or cancelled job: empty its membership once
+        out = {}
+        for job_id, members in want.items():
+            target = tuple(sorted(members))
+            if self._acked.get(job_id) == target or (not target and job_id not in self._acked):
+                continue
+            out[job_id] = list(target)
+        return out
+
+    def sync(self) -> SyncReport:
+        report = SyncReport()
+        with self._lock:
+            for job_id, members in self.pending().items():
+                try:
+                    self.notifier.set_members(job_id, members)
+                except PSError as err:
+                    if err.code is ErrorCode.NOT_FOUND:
+                        report.waiting.append(job_id)
+                        log.debug("PS does not know job %s yet; will retry", job_id)
+                        continue
+                    self._failed(report, job_id, f"{err}")
+                    continue
+                except Exception as err:  # unreachable PS, broken channel, bug in a client: never fatal
+                    self._failed(report, job_id, f"{type(err).__name__}: {err}")
+                    continue
+                self._acked[job_id] = tuple(members)
+                self.sends += 1
+                report.sent[job_id] = members
+                log.info("PS membership of %s -> %s", job_id, members)
+        return report
+
+    def _failed(self, report: SyncReport, job_id: str, message: str) -> None:
+        self.failures += 1
+        self.last_error = message
+        report.failed[job_id] = message
+        log.warning("PS membership update for %s failed (will retry): %s", job_id, message)
+
+    def acknowledged(self) -> dict[str, list[str]]:
+        # No lock: a sync may be waiting on a slow PS, and /status must not wait with it.
+        return {j: list(m) for j, m in list(self._acked.items())}

@@ -1,0 +1,122 @@
+"""The /v1 REST API: thin handlers that validate, call the service and shape the reply.
+
+Handlers are plain `def`s: FastAPI runs them on its thread pool, so SQLite writes (and
+the occasional fsync) never stall the event loop that serves heartbeats.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Request, Response
+
+from dist_llm_train.controller.models import (
+    ERROR_RESPONSES,
+    AssignmentsOut,
+    HeartbeatIn,
+    HeartbeatOut,
+    JobIn,
+    OkOut,
+    RegisterIn,
+    RegisterOut,
+    TaskDoneIn,
+    TaskFailIn,
+    TaskOut,
+    TelemetryIn,
+)
+from dist_llm_train.controller.service import ControllerService
+
+router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
+
+
+def _svc(request: Request) -> ControllerService:
+    svc: ControllerService = request.app.state.runtime.service
+    return svc
+
+
+@router.post("/workers/register", response_model=RegisterOut, tags=["workers"])
+def register_worker(body: RegisterIn, request: Request) -> RegisterOut:
+    """Idempotent by name: the same name gets the same id back and is alive again."""
+    svc = _svc(request)
+    w = svc.register(body)
+    return RegisterOut(
+        worker_id=w.worker_id,
+        heartbeat_interval_s=svc.cfg.heartbeat_interval_s,
+        heartbeat_miss_limit=svc.cfg.heartbeat_miss_limit,
+    )
+
+
+@router.post("/workers/{worker_id}/heartbeat", response_model=HeartbeatOut, tags=["workers"])
+def heartbeat(
+    worker_id: str, request: Request, body: Annotated[HeartbeatIn | None, Body()] = None
+) -> HeartbeatOut:
+    _svc(request).heartbeat(worker_id, body.state if body else None)
+    return HeartbeatOut(ok=True, commands=[])
+
+
+@router.post("/workers/{worker_id}/telemetry", status_code=204, tags=["workers"])
+def telemetry(worker_id: str, body: TelemetryIn, request: Request) -> Response:
+    _svc(request).record_telemetry(worker_id, body)
+    return Response(status_code=204)
+
+
+@router.get("/workers/{worker_id}/assignments", response_model=AssignmentsOut, tags=["workers"])
+def assignments(worker_id: str, request: Request) -> AssignmentsOut:
+    """Every task the worker holds, with each job's config and PS endpoint (runs a scheduling pass)."""
+    svc = _svc(request)
+    held, jobs = svc.assignments(worker_id)
+    ps = {"transport": svc.paramserver.transport, "address": svc.paramserver.address}
+    return AssignmentsOut(
+        tasks=[
+            TaskOut(task_id=t.task_id, job_id=t.job_id, shard_id=t.shard_id, num_shards=j.num_tasks)
+            for t, j in held
+        ],
+        jobs={jid: {**j.config, "name": j.name, "job_id": jid, "paramserver": ps} for jid, j in jobs.items()},
+    )
+
+
+@router.post("/tasks/{task_id}/complete", response_model=OkOut, tags=["tasks"])
+def complete_task(task_id: str, body: TaskDoneIn, request: Request) -> OkOut:
+    task = _svc(request).complete_task(task_id, body.worker_id)
+    return OkOut(ok=True, task_id=task.task_id, state=task.state)
+
+
+@router.post("/tasks/{task_id}/fail", response_model=OkOut, tags=["tasks"])
+def fail_task(task_id: str, body: TaskFailIn, request: Request) -> OkOut:
+    """The task goes back to pending with its attempt counted."""
+    task = _svc(request).fail_task(task_id, body.worker_id, body.reason)
+    return OkOut(ok=True, task_id=task.task_id, state=task.state)
+
+
+@router.post("/jobs", status_code=201, tags=["jobs"])
+def submit_job(body: JobIn, request: Request) -> dict[str, Any]:
+    """One task per data shard; the config is validated like a run config (model, training, network)."""
+    return _svc(request).submit_job(body)
+
+
+@router.get("/jobs", tags=["jobs"])
+def list_jobs(request: Request) -> dict[str, Any]:
+    return {"jobs": _svc(request).list_jobs()}
+
+
+@router.get("/jobs/{job_id}", tags=["jobs"])
+def get_job(job_id: str, request: Request) -> dict[str, Any]:
+    return _svc(request).describe_job(job_id)
+
+
+@router.post("/jobs/{job_id}/cancel", tags=["jobs"])
+def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+    """Idempotent; the job's open tasks are revoked."""
+    return _svc(request).cancel_job(job_id)
+
+
+@router.get("/jobs/{job_id}/telemetry", tags=["jobs"])
+def job_telemetry(
+    job_id: str,
+    request: Request,
+    after_id: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1_000_000)] = 100_000,
+) -> dict[str, Any]:
+    """Telemetry rows in arrival order; page with `after_id` = the last row's id."""
+    rows = _svc(request).job_telemetry(job_id, after_id, limit)
+    return {"job_id": job_id, "rows": rows, "next_after_id": rows[-1]["id"] if rows else after_id}

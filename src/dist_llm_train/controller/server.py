@@ -1,0 +1,44 @@
+"""Run the controller under uvicorn; print the real port once it is listening."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import uvicorn
+
+from dist_llm_train.config import ControllerConfig
+from dist_llm_train.controller.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn server that announces readiness only after its socket accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, port: int) -> None:
+        super().__init__(config)
+        self.port = port
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            log.info("controller ready port=%d", self.port)
+
+
+def serve(cfg: ControllerConfig, ps_transport: str, ps_address: str) -> None:
+    """Blocks until SIGINT/SIGTERM. Port 0 binds a free port first, so the printed one is real."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((cfg.host, cfg.port))
+    port = int(sock.getsockname()[1])
+    app = create_app(cfg, ps_transport, ps_address)
+    config = uvicorn.Config(app, log_level="info", access_log=False, lifespan="on")
+    try:
+        _Server(config, port).run(sockets=[sock])
+    finally:
+        app.state.runtime.close()
+        sock.close()

@@ -1,0 +1,104 @@
+"""GET /status: one document with the truth about jobs, workers, scheduler and PS link."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from dist_llm_train.controller.jobs import training_of
+from dist_llm_train.controller.membership import MembershipSync
+from dist_llm_train.controller.service import ControllerService
+
+
+def _job_rates(svc: ControllerService, job_id: str, holders: set[str]) -> dict[str, float]:
+    """Sums of each worker's latest report; throughput only counts workers still on the job."""
+    latest = svc.store.latest_telemetry(job_id)
+    current = [r for r in latest if r["worker_id"] in holders]
+    return {
+        "tokens_per_s": float(sum(r["tokens_per_s"] or 0.0 for r in current)),
+        "samples_per_s": float(sum(r["samples_per_s"] or 0.0 for r in current)),
+        "bytes_sent": float(sum(r["bytes_sent"] or 0 for r in latest)),
+        "bytes_received": float(sum(r["bytes_received"] or 0 for r in latest)),
+    }
+
+
+def build_status(svc: ControllerService, membership: MembershipSync) -> dict[str, Any]:
+    now = svc.clock()
+    store = svc.store
+    with store.tx():
+        workers = store.list_workers()
+        jobs = store.list_jobs()
+        assigned = store.assigned_tasks()
+        counters = store.counters()
+        progress = {j.job_id: store.job_progress(j.job_id) for j in jobs}
+        task_counts = {j.job_id: store.task_state_counts(j.job_id) for j in jobs}
+        rates: dict[str, dict[str, float]] = {}
+        holders_by_job: dict[str, set[str]] = defaultdict(set)
+        for t in assigned:
+            holders_by_job[t.job_id].add(t.worker_id or "")
+        for j in jobs:
+            rates[j.job_id] = _job_rates(svc, j.job_id, holders_by_job[j.job_id])
+    trainings = {j.job_id: training_of(j) for j in jobs}
+    tasks_by_worker: dict[str, list[str]] = defaultdict(list)
+    jobs_by_worker: dict[str, set[str]] = defaultdict(set)
+    for t in assigned:
+        tasks_by_worker[t.worker_id or ""].append(t.task_id)
+        jobs_by_worker[t.worker_id or ""].add(t.job_id)
+    acked = membership.acknowledged()
+    pending = membership.pending()
+    return {
+        "scheduler": svc.scheduler.name,
+        "paramserver": {"transport": svc.paramserver.transport, "address": svc.paramserver.address},
+        "heartbeat": {
+            "interval_s": svc.cfg.heartbeat_interval_s,
+            "miss_limit": svc.cfg.heartbeat_miss_limit,
+            "timeout_s": svc.heartbeat_timeout_s,
+        },
+        "jobs": [
+            {
+                "job_id": j.job_id,
+                "name": j.name,
+                "state": j.state,
+                "priority": j.priority,
+                "step": progress[j.job_id][0],
+                "total_steps": trainings[j.job_id].steps,
+                "loss": progress[j.job_id][1],
+                **rates[j.job_id],
+                "mode": trainings[j.job_id].resolved_mode,
+                "max_staleness": trainings[j.job_id].resolved_max_staleness,
+                "codec": trainings[j.job_id].compression,
+                "aggregation": trainings[j.job_id].aggregation_rule,
+                "tasks": task_counts[j.job_id],
+                "members": acked.get(j.job_id, []),
+                "membership_synced": j.job_id not in pending,
+                "error": j.error,
+            }
+            for j in jobs
+        ],
+        "workers": [
+            {
+                "worker_id": w.worker_id,
+                "name": w.name,
+                "state": w.state,
+                "activity": w.activity,
+                "last_heartbeat_age_s": max(0.0, now - w.last_heartbeat),
+                "tasks": tasks_by_worker.get(w.worker_id, []),
+                "throughput_samples_per_s": w.throughput_ewma,
+                # Placeholder until the PS reports per-worker bounds: the tightest bound of its jobs.
+                "staleness_bound": min(
+                    (trainings[j].resolved_max_staleness for j in jobs_by_worker.get(w.worker_id, ())),
+                    default=None,
+                ),
+                "declared": {k: v for k, v in w.capabilities().items() if k != "labels"},
+                "labels": w.labels,
+            }
+            for w in workers
+        ],
+        "counters": {
+            "reassignments": counters.get("reassignments", 0),
+            "worker_deaths": counters.get("worker_deaths", 0),
+            "heartbeats": svc.heartbeats,
+            "ps_notify_failures": membership.failures,
+        },
+        "ps_notify_last_error": membership.last_error,
+    }

@@ -1,0 +1,65 @@
+"""`serve()` as a real process on loopback, and the no-torch guarantee of the controller."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+SERVE = """
+import sys
+from dist_llm_train.config import ControllerConfig
+from dist_llm_train.controller.server import serve
+serve(ControllerConfig(port=0, state_db=sys.argv[1], heartbeat_interval_s=0.5), "grpc", "127.0.0.1:1")
+"""
+
+
+def test_importing_the_controller_does_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "import dist_llm_train.controller.app, dist_llm_train.controller.server\n"
+        "from dist_llm_train.controller.schedulers import SCHEDULERS\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_serve_on_port_zero_prints_the_real_port_and_stops_on_sigterm(tmp_path: Path) -> None:
+    log_path = tmp_path / "controller.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE, str(tmp_path / "c.db")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        port = None
+        deadline = time.monotonic() + 30
+        while port is None and time.monotonic() < deadline:
+            m = re.search(r"controller ready port=(\d+)", log_path.read_text())
+            if m:
+                port = int(m.group(1))
+            elif proc.poll() is not None:
+                raise AssertionError(f"controller exited: {log_path.read_text()}")
+            else:
+                time.sleep(0.1)
+        assert port and port > 0, log_path.read_text()
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+        r = httpx.post(f"{base}/v1/workers/register", json={"name": "w"}, timeout=5)
+        assert r.status_code == 200
+        assert log_path.read_text().count("controller ready port=") == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+    # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells who stopped it.
+    assert code in (0, -signal.SIGTERM), log_path.read_text()
+    assert "Application shutdown complete" in log_path.read_text()
