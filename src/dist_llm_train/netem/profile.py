@@ -92,7 +92,8 @@ class Link(_Strict):
         if override is None:
             return self
         data = self.model_dump()
-        data.update(override.model_dump(exclude_unset=True))
+        # None means "not set" in an override (so a stored, fully-dumped override still merges correctly).
+        data.update({k: v for k, v in override.model_dump(exclude_unset=True).items() if v is not None})
         return Link.model_validate(data)
 
 

@@ -1,0 +1,140 @@
+"""Measured vs configured across a veth pair between two throwaway namespaces (tests and benchmarks/shaping.py).
+
+`NetnsPair` creates namespaces `<prefix>a`/`<prefix>b` joined by a veth pair and, on exit — also after a failure
+— clears shaping on both ends (which stops any delayer daemon) and deletes the namespaces, taking every qdisc,
+iptables rule and device inside them along. Shaping is applied with the CLI inside each namespace, exactly as a
+user would. Measurements: one-way delay and forward loss from a UDP probe stream (same host, same clock), rate
+from the bytes leaving the shaped sender interface during a saturating paced UDP flood (wire bytes, what htb
+meters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+PY = sys.executable
+# Probe client and responder run at a low real-time priority (as the delayer does) so that CPU contention from
+# whatever else the machine runs is not measured as link delay.
+RT = ["chrt", "-f", "5"] if shutil.which("chrt") and os.geteuid() == 0 else []
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 60) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+@dataclass
+class NetnsPair:
+    prefix: str = field(default_factory=lambda: f"dlt{os.getpid() % 100000}")
+    subnet: str = "10.77.0"
+    env: dict[str, str] = field(default_factory=dict)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def ns(self) -> tuple[str, str]:
+        return f"{self.prefix}a", f"{self.prefix}b"
+
+    @property
+    def dev(self) -> tuple[str, str]:
+        return f"{self.prefix}va", f"{self.prefix}vb"
+
+    @property
+    def ip(self) -> tuple[str, str]:
+        return f"{self.subnet}.1", f"{self.subnet}.2"
+
+    def __enter__(self) -> NetnsPair:
+        try:
+            for ns in self.ns:
+                sh("ip", "netns", "add", ns)
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "link", "add", self.dev[0], "netns", self.ns[0], "type", "veth", "peer", "name", self.dev[1],
+               "netns", self.ns[1])
+            for ns, dev, ip in zip(self.ns, self.dev, self.ip, strict=True):
+                sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+                sh("ip", "-n", ns, "link", "set", dev, "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        for ns, dev in zip(self.ns, self.dev, strict=True):
+            if ns in sh("ip", "netns", "list", check=False):
+                self.netem(ns, "clear", "--dev", dev, check=False)
+                sh("ip", "netns", "del", ns, check=False)
+
+    def exec(self, ns: str, *cmd: str, check: bool = True, timeout: float = 120) -> str:
+        env = {**os.environ, **self.env}
+        proc = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout,
+                              env=env)
+        if check and proc.returncode:
+            raise RuntimeError(f"[{ns}] {' '.join(cmd)} failed: {proc.stderr.strip()[-800:]}")
+        return proc.stdout
+
+    def netem(self, ns: str, *args: str, check: bool = True) -> str:
+        return self.exec(ns, PY, "-m", "dist_llm_train.netem", *args, check=check)
+
+    def responder(self, port: int = 7777, seconds: float = 300) -> None:
+        """Probe responder in namespace b."""
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[1], *RT, PY, "-m", "dist_llm_train.netem", "probe",
+                              "--listen", f"{self.ip[1]}:{port}", "--seconds", str(seconds)],
+                             env={**os.environ, **self.env})
+        self.procs.append(p)
+        time.sleep(1.0)  # interpreter start-up; the probe's own timeouts cover the rest
+
+    def py(self, ns: str, code: str) -> Any:
+        return json.loads(self.exec(ns, *RT, PY, "-c", code).strip().splitlines()[-1])
+
+    def udp(self, count: int, interval_s: float = 0.002, traffic_class: str | None = None,
+            port: int = 7777) -> dict[str, Any]:
+        """Probe stream a→b: one-way delays (ms), forward loss."""
+        tc = repr(traffic_class)
+        return dict(self.py(self.ns[0], (
+            "import json; from dist_llm_train.netem.probe import measure_udp as m; "
+            f"r = m({self.ip[1]!r}, {port}, count={count}, interval_s={interval_s}, traffic_class={tc}); "
+            "print(json.dumps({'one_way_ms': r.one_way_ms, 'rtt_ms': r.rtt_ms, 'sent': r.sent, "
+            "'forward_received': r.forward_received}))")))
+
+    def tx_bytes(self) -> int:
+        info = json.loads(sh("ip", "-n", self.ns[0], "-s", "-j", "link", "show", "dev", self.dev[0]))
+        return int(info[0]["stats64"]["tx"]["bytes"])
+
+    def flood_rate(self, rate_mbit: float, seconds: float = 3.0, port: int = 7778) -> float:
+        """Wire rate (Mbit/s) leaving a's interface while offering 1.5× `rate_mbit`, skipping the first second."""
+        cmd = (f"from dist_llm_train.netem.probe import udp_flood; "
+               f"udp_flood({self.ip[1]!r}, {port}, {rate_mbit * 1.5}, {seconds + 1.5})")
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[0], PY, "-c", cmd], env={**os.environ, **self.env})
+        try:
+            time.sleep(1.5)  # start-up and queue fill
+            b0, t0 = self.tx_bytes(), time.monotonic()
+            time.sleep(seconds - 0.5)
+            b1, t1 = self.tx_bytes(), time.monotonic()
+        finally:
+            p.wait(timeout=seconds + 30)
+        return (b1 - b0) * 8 / (t1 - t0) / 1e6
+
+
+def binomial_interval(n: int, p: float, z: float = 2.576) -> tuple[float, float]:
+    """Normal-approximation interval for the observed loss fraction of n packets with true loss p (99 %)."""
+    half = z * (p * (1 - p) / n) ** 0.5
+    return max(0.0, p - half), p + half

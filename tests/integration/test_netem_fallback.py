@@ -1,0 +1,112 @@
+"""kernel_fallback across a veth pair between two namespaces this test creates and deletes.
+
+Tolerances are the issue's: median one-way delay within ±5 % + 1 ms (≥ 200 samples), rate within ±5 %, loss
+inside the 99 % binomial interval (≥ 2,000 packets), and per-class overrides observed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dist_llm_train.netem.backends.kernel_fallback import KernelFallbackBackend
+from dist_llm_train.netem.fidelity import NetnsPair, binomial_interval, sh
+from dist_llm_train.netem.loader import load_profile
+from dist_llm_train.netem.resolve import egress_links
+
+ok, why = KernelFallbackBackend.available() if os.geteuid() == 0 else (False, "needs root")
+pytestmark = [pytest.mark.root, pytest.mark.skipif(not ok, reason=f"kernel_fallback unavailable: {why}")]
+_ids = itertools.count()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[NetnsPair]:
+    n = next(_ids)
+    with NetnsPair(prefix=f"dlt{os.getpid() % 10000}{n}", subnet=f"10.{200 + n % 50}.{os.getpid() % 250}",
+                   env={"DLT_NETEM_STATE_DIR": str(tmp_path / "state")}) as p:
+        yield p
+    assert p.ns[0] not in sh("ip", "netns", "list")
+
+
+def _apply(pair: NetnsPair, profile: str) -> None:
+    for ns, dev, node in zip(pair.ns, pair.dev, ("a", "b"), strict=True):
+        pair.netem(ns, "apply", "-p", profile, "--dev", dev, "--node", node, "-b", "kernel_fallback")
+
+
+def _check_delay(samples: list[float], expected_ms: float) -> None:
+    assert len(samples) >= 200
+    med = statistics.median(samples)
+    assert abs(med - expected_ms) <= 0.05 * expected_ms + 1.0, f"median {med:.2f} ms vs {expected_ms} ms"
+
+
+@pytest.mark.parametrize("profile", ["cellular", "good"])
+def test_fallback_fidelity(pair: NetnsPair, profile: str) -> None:
+    links = egress_links(load_profile(profile), "b")
+    _apply(pair, profile)
+    pair.responder()
+    r = pair.udp(2000, 0.001)
+    _check_delay(r["one_way_ms"], links[None].delay_ms)
+    lo, hi = binomial_interval(r["sent"], links[None].loss_pct / 100)
+    loss = 1 - r["forward_received"] / r["sent"]
+    assert lo <= loss <= hi, f"loss {loss:.4f} outside [{lo:.4f}, {hi:.4f}]"
+    if profile == "cellular":  # per-class override: heartbeat sees half the delay of ps_sync
+        hb, ps = pair.udp(300, 0.002, "heartbeat"), pair.udp(300, 0.002, "ps_sync")
+        _check_delay(hb["one_way_ms"], links["heartbeat"].delay_ms)
+        _check_delay(ps["one_way_ms"], links["ps_sync"].delay_ms)
+    rate = links[None].rate_mbit
+    assert rate is not None
+    measured = pair.flood_rate(rate)
+    assert abs(measured - rate) <= 0.05 * rate, f"rate {measured:.2f} vs {rate} Mbit/s"
+
+
+def test_clear_removes_everything(pair: NetnsPair) -> None:
+    ns, dev = pair.ns[1], pair.dev[1]
+    before_q = pair.exec(ns, "tc", "qdisc", "show", "dev", dev)
+    before_ipt = pair.exec(ns, "iptables", "-t", "mangle", "-S")
+    pair.netem(ns, "apply", "-p", "cellular", "--dev", dev, "-b", "kernel_fallback")
+    state = Path(pair.env["DLT_NETEM_STATE_DIR"])
+    pid = int(next(state.glob("*.pid")).read_text())
+    assert "DLT-" in pair.exec(ns, "iptables", "-t", "mangle", "-S")
+    pair.netem(ns, "clear", "--dev", dev)
+    assert pair.exec(ns, "tc", "qdisc", "show", "dev", dev) == before_q
+    assert pair.exec(ns, "iptables", "-t", "mangle", "-S") == before_ipt
+    assert not Path(f"/proc/{pid}").exists() or b"delayer" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert list(state.iterdir()) == []
+    assert "nothing to clear" in pair.netem(ns, "clear", "--dev", dev)  # idempotent
+
+
+def test_failed_apply_leaves_interface_clean(pair: NetnsPair) -> None:
+    """tc_netem on a kernel without sch_netem fails half-way: everything before the failure is rolled back."""
+    from dist_llm_train.netem.backends.tc_netem import probe_netem
+
+    if probe_netem()[0]:
+        pytest.skip("this kernel has netem, so tc_netem does not fail here")
+    ns, dev = pair.ns[0], pair.dev[0]
+    before = pair.exec(ns, "tc", "qdisc", "show", "dev", dev)
+    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "dist_llm_train.netem", "apply",
+                           "-p", "good", "--dev", dev, "-b", "tc_netem"], capture_output=True, text=True,
+                          env={**os.environ, **pair.env}, timeout=60)
+    assert proc.returncode == 2 and "netem" in proc.stderr
+    assert pair.exec(ns, "tc", "qdisc", "show", "dev", dev) == before
+    assert "nothing to clear" in pair.netem(ns, "clear", "--dev", dev)
+
+
+def test_missing_interface_and_foreign_qdisc_are_clear_errors(pair: NetnsPair) -> None:
+    ns, dev = pair.ns[0], pair.dev[0]
+    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "dist_llm_train.netem", "apply",
+                           "-p", "good", "--dev", "nosuchdev0", "-b", "kernel_fallback"], capture_output=True,
+                          text=True, env={**os.environ, **pair.env}, timeout=60)
+    assert proc.returncode == 2 and "no such network interface 'nosuchdev0'" in proc.stderr
+    pair.exec(ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "1mbit", "burst", "10k", "latency", "50ms")
+    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "dist_llm_train.netem", "apply",
+                           "-p", "good", "--dev", dev, "-b", "kernel_fallback"], capture_output=True, text=True,
+                          env={**os.environ, **pair.env}, timeout=60)
+    assert proc.returncode == 2 and "did not add" in proc.stderr
+    assert "tbf" in pair.exec(ns, "tc", "qdisc", "show", "dev", dev)  # untouched
