@@ -13,6 +13,7 @@ from dist_llm_train.cli.common import console, load_or_exit, setup_logging
 from dist_llm_train.cli.config_cmds import config_app, validate_config
 from dist_llm_train.cli.serve import serve_app
 from dist_llm_train.config import Config
+from dist_llm_train.netem.cli import netem_app
 
 app = typer.Typer(
     help="A lab for training language models across bad networks.",
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(serve_app, name="serve")
 app.add_typer(config_app, name="config")
+app.add_typer(netem_app, name="netem")
 app.command("validate-config")(validate_config)
 register_client_commands(app)
 
