@@ -16,6 +16,7 @@
 #   NETEM_VM_MEM      guest memory in MiB (default 1024) · NETEM_VM_SMP guest CPUs (default 1)
 #   NETEM_VM_KEEP=1   keep the run directory (always kept when CMD fails)
 #   NETEM_VM_FORWARD  extra host variable names to forward into the guest (space separated)
+#   NETEM_VM_COLLECT  host directory that receives whatever CMD left in $NETEM_VM_RUN_DIR/artifacts
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -82,16 +83,19 @@ forward=(PATH HOME LANG PYTHONPATH VIRTUAL_ENV ${NETEM_VM_FORWARD:-})
 printf '%s\n' "$RUN" >"$RUN/job.path"
 
 # --- boot ------------------------------------------------------------------------------------------------------------
+# etc/sercon-port=0 stops SeaBIOS from writing terminal-reset escapes to the serial console (i.e. your terminal);
+# qemu warns that the name lacks an "opt/" prefix, which is expected for this SeaBIOS knob, so that line is dropped.
 say "booting $(cut -d' ' -f1 "$KDIR/READY") under qemu TCG (mem ${MEM}M, ${SMP} cpu, timeout ${TIMEOUT}s): $*"
 t0="$(now)"
 set +e
 timeout -k 10 "$TIMEOUT" qemu-system-x86_64 \
   -accel tcg -cpu max -m "$MEM" -smp "$SMP" -nographic -no-reboot -nic none \
+  -fw_cfg name=etc/sercon-port,string=0 \
   -kernel "$KDIR/vmlinuz" -initrd "$INITRD" \
   -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init" \
   -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
   -virtfs "local,path=$RUN,mount_tag=out,security_model=none,multidevs=remap" \
-  </dev/null
+  </dev/null 2> >(grep -v --line-buffered 'externally provided fw_cfg' >&2)
 qemu_rc=$?
 set -e
 t1="$(now)"
@@ -108,5 +112,11 @@ boot="$(cat "$RUN/boot_seconds" 2>/dev/null || echo nan)"
 job="nan"
 [[ -s "$RUN/start_seconds" && -s "$RUN/end_seconds" ]] && job="$(secs "$(cat "$RUN/start_seconds")" "$(cat "$RUN/end_seconds")")"
 say "timing: kernel boot to init ${boot}s, job ${job}s (guest clock); host wall clock $(secs "$t0" "$t1")s"
+if [[ -n "${NETEM_VM_COLLECT:-}" ]]; then
+  mkdir -p "$NETEM_VM_COLLECT"
+  cp "$RUN/output.log" "$NETEM_VM_COLLECT/" 2>/dev/null || true
+  [[ -d "$RUN/artifacts" ]] && cp -r "$RUN/artifacts/." "$NETEM_VM_COLLECT/"
+  say "artifacts copied to $NETEM_VM_COLLECT"
+fi
 [[ $rc -eq 0 ]] || { keep=1; say "command exited $rc; output kept in $RUN/output.log"; }
 exit "$rc"

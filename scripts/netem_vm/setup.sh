@@ -35,6 +35,7 @@ REQUIRED_MODULES=(sch_netem 9p 9pnet_virtio virtio_pci veth)
 OPTIONAL_MODULES=(
   ifb sch_htb sch_tbf sch_prio sch_ingress sch_sfq sch_fq sch_drr sch_hfsc
   cls_u32 cls_fw cls_matchall cls_flower cls_basic em_u32 em_cmp em_meta
+  crc32c_generic   # libcrc32c (act_csum, nf_tables) softdep-needs it; modules.dep does not list softdeps
   act_mirred act_skbedit act_gact act_pedit act_csum
   ip_tables iptable_mangle iptable_filter ip6_tables ip6table_mangle
   nf_tables nft_compat xt_statistic xt_DSCP xt_dscp xt_mark xt_tcpudp xt_multiport
@@ -113,10 +114,13 @@ resolve_modules() {
 }
 
 build_kernel_cache() {
-  local pkg tmp ver moddir line name kept=0
+  local pkg tmp ver moddir line name spec kept=0
   pkg="$(kernel_image_package)"
-  if [[ -f "$STAMP" && "${NETEM_VM_REFRESH:-0}" != 1 ]] && [[ -f "$KDIR/vmlinuz" && -f "$KDIR/modules/load_order" ]]; then
-    say "kernel cache ready: $(cat "$STAMP") ($KDIR)"
+  # The cache is keyed on the image package and the module lists, so editing either rebuilds it.
+  spec="$(printf '%s\n' "${REQUIRED_MODULES[@]}" "${OPTIONAL_MODULES[@]}" | md5sum | cut -c1-12)"
+  if [[ "${NETEM_VM_REFRESH:-0}" != 1 && -f "$KDIR/vmlinuz" && -f "$KDIR/modules/load_order" ]] \
+      && [[ "$(cut -d' ' -f1,3 "$STAMP" 2>/dev/null)" == "$pkg $spec" ]]; then
+    say "kernel cache ready: $(cut -d' ' -f1,2 "$STAMP") ($KDIR)"
     return 0
   fi
   tmp="$(mktemp -d "${TMPDIR:-/tmp}/netem_vm_setup.XXXXXX")"
@@ -156,7 +160,7 @@ build_kernel_cache() {
     printf '%s\n' "$name" >>"$KDIR.new/modules/load_order"
     kept=$((kept + 1))
   done < <(resolve_modules "$moddir" "${REQUIRED_MODULES[@]}" "${OPTIONAL_MODULES[@]}")
-  printf '%s %s\n' "$pkg" "$ver" >"$KDIR.new/READY"
+  printf '%s %s %s\n' "$pkg" "$ver" "$spec" >"$KDIR.new/READY"
   rm -rf "$KDIR"
   mv "$KDIR.new" "$KDIR"
   say "kernel cache ready: $pkg $ver, $kept modules ($KDIR)"

@@ -7,12 +7,12 @@ round / staleness logic and the worker never see a wire format.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Why the PS refused a request. Each maps to one gRPC status code."""
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"  # wrong length, NaN/Inf, malformed header, bad codec meta
@@ -22,6 +22,7 @@ class ErrorCode(str, Enum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # message or payload over the configured maximum
     UNAVAILABLE = "UNAVAILABLE"  # transport could not reach the server
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    INTERNAL = "INTERNAL"  # a server-side bug; not retried
 
 
 class PSError(Exception):
@@ -33,7 +34,7 @@ class PSError(Exception):
         self.message = message
 
 
-class PushOutcome(str, Enum):
+class PushOutcome(StrEnum):
     APPLIED = "APPLIED"
     BUFFERED = "BUFFERED"
     DUPLICATE = "DUPLICATE"

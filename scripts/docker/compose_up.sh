@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# `make up`: start the stack for PROFILE with WORKERS replicas and wait until every service is healthy.
+# Grafana (upstream image) is started too when the image is present or can be pulled; otherwise the reason is
+# printed and the rest of the stack runs without it.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+profile=${1:?profile}
+workers=${2:?workers}
+[[ "$workers" =~ ^[1-9][0-9]*$ ]] || { echo "WORKERS must be a positive integer, got '$workers'" >&2; exit 2; }
+compose=(docker compose -f "$root/deploy/docker-compose.yml")
+grafana_image=$(PROFILE="$profile" WORKERS="$workers" "${compose[@]}" --profile grafana config --images 2>/dev/null \
+  | grep -i grafana || true)
+profiles=()
+if [ -n "$grafana_image" ] && { docker image inspect "$grafana_image" >/dev/null 2>&1 \
+     || timeout 120 docker pull -q "$grafana_image" >/dev/null 2>&1; }; then
+  profiles=(--profile grafana)
+else
+  echo "compose_up: Grafana image ${grafana_image:-?} not available here; starting without it" >&2
+fi
+export PROFILE="$profile" WORKERS="$workers"
+# --wait: returns once every service's healthcheck passes (non-zero, with the failing service, otherwise).
+if ! "${compose[@]}" "${profiles[@]}" up --detach --wait --remove-orphans; then
+  "${compose[@]}" ps -a >&2
+  "${compose[@]}" logs --tail 30 >&2
+  echo "compose_up: the stack did not become healthy (logs above); \`make down\` removes it" >&2
+  exit 1
+fi
+"${compose[@]}" ps

@@ -1,0 +1,47 @@
+# Docker Compose deployment targets; included by the main Makefile (which defines BIN and `install`).
+#   make images                         build dlt-{controller,paramserver,worker,prometheus} (base + wheelhouse automatic)
+#   make up PROFILE=cellular WORKERS=4  build what is missing, start, wait until healthy, submit the default job
+#   make up JOB=none | JOB=path.yaml    skip the job / submit another job config
+#   make status | logs | down | e2e
+PROFILE ?= good
+WORKERS ?= 3
+JOB     ?= default
+DEPLOY_COMPOSE  := docker compose -f deploy/docker-compose.yml
+DEPLOY_JOB_FILE := $(if $(filter default,$(JOB)),examples/submit_job.yaml,$(JOB))
+DEPLOY_URL      := http://127.0.0.1:$(or $(DLT_CONTROLLER_PORT),8000)
+DEPLOY_ENV      := PROFILE=$(PROFILE) WORKERS=$(WORKERS)
+
+.PHONY: engine images up down logs status e2e
+
+engine:
+	@scripts/docker/setup_engine.sh
+
+images: install
+	@scripts/docker/build_images.sh
+
+up: install
+	@[ "$(PROFILE)" = none ] || test -f deploy/netem/$(PROFILE).yaml || { echo "no profile deploy/netem/$(PROFILE).yaml; have: $$(ls deploy/netem | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }
+	@scripts/docker/build_images.sh --missing
+	@scripts/docker/compose_up.sh "$(PROFILE)" "$(WORKERS)"
+	@if [ "$(JOB)" != none ]; then \
+	  echo "submitting $(DEPLOY_JOB_FILE)"; \
+	  $(BIN)/dist-llm-train submit-job --config "$(DEPLOY_JOB_FILE)" --controller $(DEPLOY_URL) --name default \
+	    || exit 1; fi
+	@echo "controller   $(DEPLOY_URL)/status  (make status)"
+	@echo "prometheus   http://127.0.0.1:$(or $(DLT_PROMETHEUS_PORT),9090)"
+	@if $(DEPLOY_COMPOSE) ps --services --status running | grep -qx grafana; then \
+	  echo "grafana      http://127.0.0.1:$(or $(DLT_GRAFANA_PORT),3000)"; fi
+
+down:
+	@$(DEPLOY_COMPOSE) --profile grafana down --volumes --remove-orphans --timeout 20
+
+logs:
+	@$(DEPLOY_COMPOSE) logs --tail 200 --follow
+
+status: install
+	@$(BIN)/dist-llm-train status --controller $(DEPLOY_URL)
+
+e2e: install
+	@scripts/docker/setup_engine.sh
+	@scripts/docker/build_images.sh
+	TESTCONTAINERS_RYUK_DISABLED=true $(BIN)/python -m pytest -m e2e tests/e2e -q

@@ -1,0 +1,147 @@
+"""Server-side optimizers on flat float32 vectors.
+
+Workers push gradients (or DiLoCo pseudo-gradients); the PS owns the optimizer so every
+worker sees the same trajectory no matter who pushed. The formulas follow PyTorch's
+`torch.optim.SGD` (dampening 0) and `torch.optim.Adam` (bias-corrected, no weight decay)
+so results can be checked against them.
+
+Arrays are never written in place: each `step` returns fresh arrays and replaces its state
+arrays. That makes a parameter/optimizer snapshot a set of references that stay valid while
+training continues, which is what pulls and checkpoints rely on.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from dist_llm_train.paramserver.types import ErrorCode, JobSpec, PSError
+
+Scalars = dict[str, float | int]
+
+
+class ServerOptimizer(ABC):
+    name: str
+
+    @abstractmethod
+    def step(self, params: np.ndarray, update: np.ndarray, lr_scale: float = 1.0) -> np.ndarray:
+        """Return new parameters after one step on `update`; `lr_scale` scales the learning rate."""
+
+    @abstractmethod
+    def state_dict(self) -> tuple[dict[str, np.ndarray], Scalars]:
+        """Arrays and scalars that fully determine the next step (for checkpoints)."""
+
+    @abstractmethod
+    def load_state_dict(self, arrays: dict[str, np.ndarray], scalars: Scalars) -> None: ...
+
+
+class SGD(ServerOptimizer):
+    """buf = momentum * buf + g;  p -= lr * (g + momentum * buf if nesterov else buf)."""
+
+    name = "sgd"
+
+    def __init__(self, size: int, lr: float, momentum: float = 0.0, nesterov: bool = False) -> None:
+        self.size, self.lr, self.momentum, self.nesterov = size, lr, momentum, nesterov
+        self.buf: np.ndarray | None = None
+
+    def step(self, params: np.ndarray, update: np.ndarray, lr_scale: float = 1.0) -> np.ndarray:
+        lr = np.float32(self.lr * lr_scale)
+        if self.momentum == 0.0:
+            return _descend(params, lr, update)
+        mom = np.float32(self.momentum)
+        if self.buf is None:
+            self.buf = update.copy()
+        else:
+            buf = np.multiply(self.buf, mom)
+            buf += update
+            self.buf = buf
+        direction = update + mom * self.buf if self.nesterov else self.buf
+        return _descend(params, lr, direction)
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], Scalars]:
+        return ({} if self.buf is None else {"momentum_buffer": self.buf}), {}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], scalars: Scalars) -> None:
+        buf = arrays.get("momentum_buffer")
+        self.buf = None if buf is None else _checked(buf, self.size, "momentum_buffer")
+
+
+class Adam(ServerOptimizer):
+    """m, v moving averages of g and g^2; p -= lr * m_hat / (sqrt(v_hat) + eps)."""
+
+    name = "adam"
+
+    def __init__(self, size: int, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+        self.size, self.lr, self.beta1, self.beta2, self.eps = size, lr, beta1, beta2, eps
+        self.t = 0
+        self.m: np.ndarray = np.zeros(size, np.float32)
+        self.v: np.ndarray = np.zeros(size, np.float32)
+
+    def step(self, params: np.ndarray, update: np.ndarray, lr_scale: float = 1.0) -> np.ndarray:
+        self.t += 1
+        b1, b2 = np.float32(self.beta1), np.float32(self.beta2)
+        self.m = b1 * self.m + (1 - b1) * update
+        self.v = b2 * self.v + (1 - b2) * (update * update)
+        bc1 = 1.0 - self.beta1**self.t
+        bc2 = 1.0 - self.beta2**self.t
+        denom = np.sqrt(self.v) / np.float32(math.sqrt(bc2))
+        denom += np.float32(self.eps)
+        step_size = np.float32(self.lr * lr_scale / bc1)
+        ratio = np.divide(self.m, denom, out=denom)  # denom is a fresh temporary: reuse it
+        return _descend(params, step_size, ratio)
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], Scalars]:
+        return {"exp_avg": self.m, "exp_avg_sq": self.v}, {"step": self.t}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], scalars: Scalars) -> None:
+        self.m = _checked(arrays["exp_avg"], self.size, "exp_avg")
+        self.v = _checked(arrays["exp_avg_sq"], self.size, "exp_avg_sq")
+        self.t = int(scalars["step"])
+
+
+def _descend(params: np.ndarray, lr: np.float32, direction: np.ndarray) -> np.ndarray:
+    """params - lr * direction as a new array, with one allocation instead of two."""
+    out = np.multiply(direction, -lr)
+    out += params
+    return out
+
+
+def _checked(arr: np.ndarray, size: int, name: str) -> np.ndarray:
+    if arr.shape != (size,):
+        raise ValueError(f"optimizer state {name} has shape {arr.shape}, expected ({size},)")
+    return np.asarray(arr, dtype=np.float32)
+
+
+def _option(options: dict[str, str], key: str, default: Any, kind: type) -> Any:
+    raw = options.get(key)
+    if raw is None:
+        return default
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        value = kind(raw)
+    except ValueError:
+        raise PSError(ErrorCode.INVALID_ARGUMENT,
+                      f"spec.options[{key!r}]={raw!r} is not a valid {kind.__name__}") from None
+    if kind is float and not math.isfinite(value):
+        raise PSError(ErrorCode.INVALID_ARGUMENT, f"spec.options[{key!r}] must be finite")
+    return value
+
+
+def make_optimizer(spec: JobSpec, size: int) -> ServerOptimizer:
+    """Build the job's optimizer. For Adam, `spec.momentum` is beta1; beta2 and eps come from
+    `options` (`adam_beta2`, `adam_eps`); SGD reads `nesterov` ("true"/"false")."""
+    if spec.optimizer == "sgd":
+        return SGD(size, spec.learning_rate, spec.momentum, _option(spec.options, "nesterov", False, bool))
+    if spec.optimizer == "adam":
+        beta2 = _option(spec.options, "adam_beta2", 0.999, float)
+        eps = _option(spec.options, "adam_eps", 1e-8, float)
+        if not 0.0 <= beta2 < 1.0 or eps <= 0:
+            raise PSError(ErrorCode.INVALID_ARGUMENT, "adam_beta2 must be in [0, 1) and adam_eps > 0")
+        return Adam(size, spec.learning_rate, spec.momentum, beta2, eps)
+    raise PSError(ErrorCode.INVALID_ARGUMENT, f"unknown optimizer {spec.optimizer!r} (sgd, adam)")

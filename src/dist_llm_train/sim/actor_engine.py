@@ -1,0 +1,197 @@
+"""Every message an event: each worker runs pull → compute → push against the real `JobState`.
+
+This is the exact engine. Async training always runs here (each update's fate depends on every update
+before it, and ~10⁶ pushes are affordable); sync runs here with `engine: exact`, which the tests use to
+hold the vectorised engine to identical results. Pulls wait as the PS's do: a sync worker's pull needs
+the version after the one it pushed for, and any pull waits while a round's aggregation runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dist_llm_train.sim import adapters
+from dist_llm_train.sim.agents import Agents
+from dist_llm_train.sim.config import SimConfig
+from dist_llm_train.sim.control import ControlPlane
+from dist_llm_train.sim.draws import VersionDraws
+from dist_llm_train.sim.events import EventQueue, Kind
+from dist_llm_train.sim.metrics import DataStats, Throughput
+from dist_llm_train.sim.steps import Row, StepModel
+
+_CONTROL = {Kind.DEATH, Kind.REJOIN, Kind.JOIN, Kind.HB_STALL, Kind.HB_RESUME, Kind.TICK, Kind.LEARN}
+
+
+class ActorEngine:
+    def __init__(self, cfg: SimConfig, queue: EventQueue, control: ControlPlane, steps: StepModel,
+                 draws: VersionDraws, stats: DataStats, throughput: Throughput) -> None:
+        self.cfg, self.queue, self.control, self.steps = cfg, queue, control, steps
+        self.draws, self.stats, self.throughput = draws, stats, throughput
+        self.sync = cfg.mode == "sync"
+        spec = adapters.job_spec(cfg.mode, cfg.max_staleness, cfg.straggler_timeout_s, cfg.rounds)
+        self.js = adapters.make_job_state(spec, [], queue.clock)
+        self.agents = Agents(cfg.capacity)
+        self.min_version: dict[int, int] = {}
+        self.steps_done: dict[int, int] = {}
+        self.waiting: list[int] = []
+        self.published = 0
+        self.egress_free = 0.0
+        self.aggregated = 0
+        self.expiry_for: int | None = None
+        self.end: float | None = None
+        self.outcome = "running"
+
+    # -- DataPlane ------------------------------------------------------------------------------------------
+    def on_members(self, slots: list[int]) -> None:
+        ids = [self.control.worker_id[s] or "" for s in slots]
+        before = self.js.version
+        adapters.set_members(self.js, ids)
+        if self.js.version != before:
+            self._closed()
+
+    def on_death(self, slot: int) -> None:
+        self.agents.kill(slot, self.queue.clock.now)
+
+    def activate(self, slot: int, first_request_at: float) -> None:
+        a = self.agents.spawn(slot, first_request_at)
+        self.min_version[a] = 0
+        self.queue.at(first_request_at, Kind.PULL_REQUEST, a)
+
+    def deactivate(self, slot: int) -> None:
+        self.agents.halt(slot, self.queue.clock.now)
+
+    def telemetry(self) -> dict[int, float]:
+        return self.throughput.take()
+
+    # -- driving --------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        q = self.queue
+        handlers = {
+            Kind.PULL_REQUEST: self._pull_request,
+            Kind.PULL_DONE: self._pull_done,
+            Kind.COMPUTE_DONE: self._compute_done,
+            Kind.PUSH_ARRIVE: self._push_arrive,
+            Kind.EXPIRE: self._expire,
+            Kind.PUBLISH: self._publish,
+        }
+        while self.published < self.cfg.rounds:
+            if not len(q):
+                self.outcome = "stalled"
+                break
+            if q.peek_time() > self.cfg.max_virtual_s:
+                self.outcome = "time_limit"
+                break
+            _, kind, _, data = q.pop()
+            if kind in _CONTROL:
+                self.control.handle(kind, data)
+            else:
+                handlers[kind](data)
+        else:
+            self.outcome = "completed"
+        self.end = self.stats.publish_times[-1] if self.stats.publish_times else q.clock.now
+
+    # -- a worker's step ------------------------------------------------------------------------------------
+    def _pull_request(self, a: int) -> None:
+        now = self.queue.clock.now
+        if now >= self.agents.stop[a]:
+            return
+        aggregating = self.js.version > self.published
+        if self.sync and (aggregating or self.published < self.min_version[a]):
+            self.waiting.append(a)
+            return
+        self._serve(a, now)
+
+    def _serve(self, a: int, start: float) -> None:
+        if start >= self.agents.death[a]:
+            return
+        slot = int(self.agents.slot[a])
+        v = self.published
+        row = self.draws.row(v, slot)
+        service = self.steps.pull_service_1(start)
+        done = max(start, self.egress_free) + service
+        if self.steps.shared:
+            self.egress_free = done
+        delivered = self.steps.pull_delivered_1(slot, start, done, service, row)
+        self.queue.at(delivered, Kind.PULL_DONE, (a, v, start, row))
+
+    def _pull_done(self, data: tuple[int, int, float, Row]) -> None:
+        a, v, start, row = data
+        now = self.queue.clock.now
+        if now >= self.agents.death[a]:
+            return
+        self.stats.pulls += 1
+        self.stats.bytes_received += self.steps.sizes.pull_bytes
+        compute = self.steps.compute_time_1(int(self.agents.slot[a]), row)
+        self.queue.at(now + compute, Kind.COMPUTE_DONE, (a, v, start, row, compute))
+
+    def _compute_done(self, data: tuple[int, int, float, Row, float]) -> None:
+        a, v, start, row, compute = data
+        now = self.queue.clock.now
+        if now >= self.agents.death[a]:
+            return
+        self.stats.pushes_sent += 1
+        self.stats.bytes_sent += self.steps.sizes.push_bytes
+        self.stats.compute_s += compute
+        arrival = self.steps.push_arrival_1(int(self.agents.slot[a]), now, row)
+        self.queue.at(arrival, Kind.PUSH_ARRIVE, (a, v, start, row))
+
+    def _push_arrive(self, data: tuple[int, int, float, Row]) -> None:
+        a, v, start, row = data
+        now = self.queue.clock.now
+        if now >= self.agents.death[a]:
+            return
+        slot = int(self.agents.slot[a])
+        step = self.steps_done.get(a, 0) + 1
+        self.steps_done[a] = step
+        before = self.js.version
+        outcome, staleness = adapters.push(self.js, self.control.worker_id[slot] or "", a * 1_000_000 + step, v)
+        self.stats.add_outcome(outcome, staleness)
+        self.throughput.observe_1(slot, now - start)
+        self.stats.step_time_sum_s += now - start
+        self.stats.steps += 1
+        if self.js.version != before:
+            self._closed()
+        elif self.sync and outcome == "BUFFERED":
+            self._arm_expiry()
+        self.min_version[a] = v + 1
+        self.queue.at(self.steps.next_request_1(slot, now, row), Kind.PULL_REQUEST, a)
+
+    # -- the PS ---------------------------------------------------------------------------------------------
+    def _arm_expiry(self) -> None:
+        deadline = adapters.round_deadline(self.js)
+        if deadline is not None and self.expiry_for != self.js.version:
+            self.expiry_for = self.js.version
+            self.queue.at(deadline, Kind.EXPIRE, self.js.version)
+
+    def _expire(self, version: int) -> None:
+        if version == self.js.version and adapters.expire(self.js, self.queue.clock.now):
+            self.stats.timed_out_rounds += 1
+            self._closed()
+
+    def _closed(self) -> None:
+        """The PS's version moved: sync rounds publish after aggregation time, async updates at once."""
+        total = adapters.updates_aggregated(self.js)
+        updates, self.aggregated = total - self.aggregated, total
+        now = self.queue.clock.now
+        st = self.stats
+        st.updates_per_version.append(updates)
+        st.members_per_version.append(len(self.js.members))
+        if self.sync:
+            agg = self.cfg.aggregation_base_s + self.cfg.aggregation_per_update_s * updates
+            self.queue.at(now + agg, Kind.PUBLISH, self.js.version)
+        else:
+            self._publish(self.js.version)
+
+    def _publish(self, version: Any) -> None:
+        self.published = int(version)
+        self.stats.publish_times.append(self.queue.clock.now)
+        if not self.waiting:
+            return
+        ready = sorted(self.waiting, key=lambda a: (int(self.agents.slot[a]), a))
+        self.waiting = []
+        now = self.queue.clock.now
+        for a in ready:
+            if self.published >= self.min_version[a] and self.published >= self.js.version:
+                self._serve(a, now)
+            else:
+                self.waiting.append(a)

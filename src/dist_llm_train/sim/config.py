@@ -1,0 +1,242 @@
+"""What a simulation is: the seed's `simulation` section plus the models the simulator samples from.
+
+`SimConfig` embeds the project's `SimulationConfig` unchanged (heartbeat_interval, heartbeat_cycles,
+scheduling_interval, scheduling_cycles keep their meaning, see docs/simulation.md) and adds what a virtual run
+needs that a real run measures instead: how long a step computes, how workers fail and join, how big a message
+is. `SimConfig.from_config` derives every field it can from a real run's `Config`, so one YAML file drives both
+a real run and its simulation; anything else is set on the command line or in a `--sim-config` file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dist_llm_train.config import Config, ModelConfig, SchedulerName, SimulationConfig, TrainingConfig
+
+Positive = Annotated[float, Field(gt=0)]
+
+
+class SimConfigError(ValueError):
+    """A simulation config is invalid; the message names the dotted field path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ComputeModel(_Strict):
+    """Time one worker needs for one step, before its slow-down factors.
+
+    `kind`: constant (always `mean_s`), exponential (memoryless, mean `mean_s`) or lognormal (mean `mean_s`,
+    log-space standard deviation `sigma`: the usual shape of measured step times, a hard floor and a long tail).
+    `speed_sigma` gives each worker a fixed lognormal speed factor (mean 1), i.e. a heterogeneous fleet.
+    """
+
+    kind: Literal["constant", "exponential", "lognormal"] = "lognormal"
+    mean_s: Positive = 0.05
+    sigma: Annotated[float, Field(ge=0, le=5)] = 0.25
+    speed_sigma: Annotated[float, Field(ge=0, le=5)] = 0.0
+
+
+class Kill(_Strict):
+    """A deterministic crash: worker slot `worker` (0-based, as in `worker-<n>`) dies at virtual time `at_s`."""
+
+    worker: Annotated[int, Field(ge=0)]
+    at_s: Annotated[float, Field(ge=0)]
+
+
+class FailureModel(_Strict):
+    """Crashes: random (exponential lifetimes with mean `mtbf_s` per worker) and scripted (`kills`).
+
+    A crashed worker re-registers `rejoin_after_s` later when set (crash-recovery churn), under the same name,
+    and gets a fresh lifetime. `false_suspicion` models live workers declared dead because their heartbeats
+    stalled in TCP retransmission backoff on a lossy link (see docs/simulation.md).
+    """
+
+    mtbf_s: Positive | None = None
+    rejoin_after_s: Annotated[float, Field(ge=0)] | None = None
+    kills: list[Kill] = []
+    false_suspicion: bool = True
+
+
+class ChurnModel(_Strict):
+    """New workers arriving as a Poisson process of rate `join_rate_per_s`, at most `max_joins` of them."""
+
+    join_rate_per_s: Annotated[float, Field(ge=0)] = 0.0
+    max_joins: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> ChurnModel:
+        if (self.join_rate_per_s > 0) != (self.max_joins > 0):
+            raise ValueError("join_rate_per_s and max_joins must both be set (or both 0)")
+        return self
+
+
+class PayloadModel(_Strict):
+    """Message sizes. `params` defaults to the model config's exact parameter count (see `estimate_params`).
+
+    Update bytes come from running the real codec on a vector of that size; `header_bytes` is the per-message
+    framing (gRPC/HTTP2 + protobuf header) and `control_bytes` one heartbeat or assignment exchange.
+    """
+
+    params: Annotated[int, Field(ge=1, le=100_000_000_000)] | None = None
+    codec: str = "none"
+    codec_ratio: Annotated[float, Field(gt=0, le=1)] = 0.01
+    header_bytes: Annotated[int, Field(ge=0, le=1 << 20)] = 256
+    control_bytes: Annotated[int, Field(ge=1, le=1 << 20)] = 400
+
+
+class TransportModel(_Strict):
+    """TCP constants of the loss model: segment size and Linux's minimum retransmission timeout."""
+
+    mss_bytes: Annotated[int, Field(ge=500, le=65_000)] = 1448
+    rto_min_s: Annotated[float, Field(gt=0, le=10)] = 0.2
+    max_retries: Annotated[int, Field(ge=1, le=30)] = 15
+    shared_ps_egress: bool = True
+
+
+class SimConfig(_Strict):
+    simulation: SimulationConfig = SimulationConfig()
+    workers: Annotated[int, Field(ge=1, le=1_000_000)] = 3
+    rounds: Annotated[int, Field(ge=0, le=100_000_000)] = 100
+    mode: Literal["sync", "async"] = "sync"
+    profile: str | None = "good"
+    scheduler: SchedulerName = "priority"
+    heartbeat_miss_limit: Annotated[int, Field(ge=1, le=100)] = 3
+    telemetry_alpha: Annotated[float, Field(gt=0, le=1)] = 0.2
+    straggler_timeout_s: Positive = 30.0
+    max_staleness: Annotated[int, Field(ge=0)] = 5
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    seq_length: Annotated[int, Field(ge=1)] = 32
+    tasks: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    aggregation_base_s: Annotated[float, Field(ge=0)] = 0.0
+    aggregation_per_update_s: Annotated[float, Field(ge=0)] = 0.0
+    seed: int = 0
+    engine: Literal["auto", "vectorised", "exact"] = "auto"
+    max_virtual_s: Positive = 1e9
+    compute: ComputeModel = ComputeModel()
+    failures: FailureModel = FailureModel()
+    churn: ChurnModel = ChurnModel()
+    payload: PayloadModel = PayloadModel()
+    transport: TransportModel = TransportModel()
+    model: ModelConfig = ModelConfig()
+    vocab_size: Annotated[int, Field(ge=2)] = 16
+
+    @model_validator(mode="after")
+    def _kills_in_range(self) -> SimConfig:
+        bad = [k.worker for k in self.failures.kills if k.worker >= self.capacity]
+        if bad:
+            raise ValueError(f"failures.kills: worker slots {bad} do not exist (slots 0..{self.capacity - 1})")
+        return self
+
+    @property
+    def capacity(self) -> int:
+        """Worker slots the run can ever use: the initial workers plus every possible joiner."""
+        return self.workers + self.churn.max_joins
+
+    @property
+    def num_tasks(self) -> int:
+        return self.tasks if self.tasks is not None else self.workers
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.simulation.heartbeat_interval
+
+    @property
+    def param_count(self) -> int:
+        if self.payload.params is not None:
+            return self.payload.params
+        return estimate_params(self.model, self.vocab_size, self.seq_length)
+
+    @property
+    def min_duration_s(self) -> float:
+        """The seed's control-plane horizon: enough virtual time for its heartbeat and scheduling cycles."""
+        s = self.simulation
+        return max(s.heartbeat_cycles * s.heartbeat_interval, s.scheduling_cycles * s.scheduling_interval)
+
+    @classmethod
+    def from_config(cls, cfg: Config, **overrides: Any) -> SimConfig:
+        """A simulation of the run `cfg` describes; `overrides` (dotted paths allowed: 'compute.mean_s')."""
+        t: TrainingConfig = cfg.training
+        data: dict[str, Any] = {
+            "simulation": cfg.simulation.model_dump(),
+            "workers": t.num_workers,
+            "rounds": t.steps,
+            "mode": t.resolved_mode,
+            "profile": cfg.network.profile or "good",
+            "scheduler": cfg.controller.scheduler,
+            "heartbeat_miss_limit": cfg.controller.heartbeat_miss_limit,
+            "telemetry_alpha": cfg.controller.telemetry_alpha,
+            "straggler_timeout_s": t.sync_max_wait_s,
+            "max_staleness": t.resolved_max_staleness,
+            "batch_size": t.batch_size,
+            "seq_length": t.seq_length,
+            "seed": t.seed,
+            "model": cfg.model.model_dump(),
+            "vocab_size": t.vocab_size,
+            "payload": {"codec": t.compression, "codec_ratio": t.compression_ratio},
+        }
+        return build_sim_config(merge_dotted(data, overrides))
+
+
+def estimate_params(model: ModelConfig, vocab_size: int, block_size: int) -> int:
+    """The length of the flat parameter vector `training.models.build_model` creates (no torch needed).
+
+    GPT (tied head): V·E + S·E + L·(12E² + 13E) + 2E. LSTM: V·E + Σ layers 4H·(in + H) + 8H, + H·V + V.
+    A unit test checks both against the real torch modules.
+    """
+    v, e = vocab_size, model.n_embd
+    if model.family == "gpt":
+        return v * e + block_size * e + model.n_layer * (12 * e * e + 13 * e) + 2 * e
+    h = model.hidden_size
+    lstm = sum(4 * h * ((e if i == 0 else h) + h) + 8 * h for i in range(model.n_layer))
+    return v * e + lstm + h * v + v
+
+
+def merge_dotted(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` deep-merged; keys may be dotted ('failures.mtbf_s'); None values are skipped."""
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            node[p] = dict(child) if isinstance(child, dict) else {}
+            node = node[p]
+        existing = node.get(parts[-1])
+        node[parts[-1]] = merge_dotted(existing, value) if isinstance(value, dict) and isinstance(existing, dict) \
+            else value
+    return out
+
+
+def _format(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())
+
+
+def build_sim_config(data: dict[str, Any]) -> SimConfig:
+    try:
+        return SimConfig.model_validate(data)
+    except ValidationError as err:
+        raise SimConfigError(_format(err)) from None
+
+
+def load_sim_overrides(path: str | Path) -> dict[str, Any]:
+    """A YAML/JSON mapping of SimConfig fields (validated later, together with everything else)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SimConfigError(f"simulation config not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise SimConfigError(f"{p}: cannot parse: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SimConfigError(f"{p}: a simulation config must be a mapping of SimConfig fields")
+    return data

@@ -1,0 +1,109 @@
+"""Random numbers keyed by what they are for, not by when they are drawn.
+
+Every (parameter version, worker slot) pair gets its own fixed set of standard variates: one for the step's
+compute time and, for each of the four messages of a training step, a jitter and a loss variate. A worker that
+pulls version v always uses row `slot` of version v's table, whichever engine runs it and in whatever order
+events happen; the control plane draws from streams keyed by (purpose, slot, incarnation). So a run is a pure
+function of its seed, and the vectorised and per-event engines see the very same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+
+from dist_llm_train.sim.config import ComputeModel
+
+LEG_REQUEST, LEG_PULL, LEG_PUSH, LEG_REPLY = 0, 1, 2, 3
+N_LEGS = 4
+N_COLS = 1 + 2 * N_LEGS  # compute, jitter per leg, loss per leg
+COL_COMPUTE = 0
+
+
+def jitter_col(leg: int) -> int:
+    return 1 + leg
+
+
+def loss_col(leg: int) -> int:
+    return 1 + N_LEGS + leg
+
+
+_STREAM_ROUNDS = 1
+_STREAM_CONTROL = 2
+
+
+def generator(seed: int, *key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy=seed, spawn_key=key)))
+
+
+def control_rng(seed: int, purpose: int, *key: int) -> np.random.Generator:
+    return generator(seed, _STREAM_CONTROL, purpose, *key)
+
+
+class VersionDraws:
+    """(normals, uniforms) tables of shape (slots, N_COLS) per version, built on first use; a few kept."""
+
+    def __init__(self, seed: int, slots: int, keep: int = 8) -> None:
+        self.seed = seed
+        self.slots = slots
+        self.keep = keep
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def table(self, version: int) -> tuple[np.ndarray, np.ndarray]:
+        hit = self._cache.get(version)
+        if hit is not None:
+            self._cache.move_to_end(version)
+            return hit
+        rng = generator(self.seed, _STREAM_ROUNDS, version)
+        tables = (rng.standard_normal((self.slots, N_COLS)), rng.random((self.slots, N_COLS)))
+        self._cache[version] = tables
+        while len(self._cache) > self.keep:
+            self._cache.popitem(last=False)
+        return tables
+
+    def row(self, version: int, slot: int) -> tuple[list[float], list[float]]:
+        z, u = self.table(version)
+        return z[slot].tolist(), u[slot].tolist()
+
+
+class ComputeTime:
+    """Step time = base sample (constant / exponential / lognormal, mean `mean_s`) × slot's fixed factors."""
+
+    def __init__(self, model: ComputeModel, factors: np.ndarray) -> None:
+        self.model = model
+        self.factors = factors
+        self._factors = factors.tolist()
+        self._mu = math.log(model.mean_s) - model.sigma**2 / 2.0
+
+    def base(self, z: np.ndarray, u: np.ndarray) -> np.ndarray:
+        m = self.model
+        if m.kind == "constant":
+            return np.full(np.shape(z), m.mean_s)
+        if m.kind == "exponential":
+            return -m.mean_s * np.log1p(-u)
+        return np.exp(self._mu + m.sigma * z)
+
+    def base_1(self, z: float, u: float) -> float:
+        m = self.model
+        if m.kind == "constant":
+            return m.mean_s
+        if m.kind == "exponential":
+            return -m.mean_s * math.log1p(-u)
+        return math.exp(self._mu + m.sigma * z)
+
+    def sample(self, slots: np.ndarray, z: np.ndarray, u: np.ndarray) -> np.ndarray:
+        return self.base(z, u) * self.factors[slots]
+
+    def sample_1(self, slot: int, z: float, u: float) -> float:
+        return self.base_1(z, u) * self._factors[slot]
+
+
+def slot_factors(seed: int, capacity: int, model: ComputeModel, slowdown: np.ndarray) -> np.ndarray:
+    """Each slot's fixed multiplier: the profile's compute_slowdown × a lognormal speed factor of mean 1."""
+    s = model.speed_sigma
+    if s == 0:
+        return slowdown.astype(np.float64)
+    speed = np.exp(control_rng(seed, 0).standard_normal(capacity) * s - s * s / 2.0)
+    return slowdown * speed

@@ -1,0 +1,98 @@
+"""The report folder a simulation leaves, shaped like a real run's: config, summary.json, summary.md, a CSV.
+
+The CSV is per round (`rounds.csv`: version, publish time, round time, updates, members) rather than a real
+run's per-worker-step `metrics.csv`, which at 10⁴ workers × 10³ rounds would be 10⁷ lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dist_llm_train.sim.runner import SimResult, summary
+
+ROUND_COLUMNS = ["version", "publish_time_s", "round_time_s", "updates", "members"]
+
+
+def new_run_id() -> str:
+    return "sim-" + time.strftime("%Y%m%d-%H%M%S")
+
+
+def write_report(result: SimResult, runs_dir: Path, run_id: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write `runs_dir/<run_id>/` and return it with the summary written into it."""
+    rid = run_id or new_run_id()
+    run_dir = runs_dir / rid
+    n = 1
+    while run_dir.exists():
+        n += 1
+        run_dir = runs_dir / f"{rid}-{n}"
+    run_dir.mkdir(parents=True)
+    data = summary(result, run_id=run_dir.name, run_dir=str(run_dir))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(result.config.model_dump(mode="json"), sort_keys=False))
+    (run_dir / "summary.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    (run_dir / "summary.md").write_text(markdown(data))
+    with (run_dir / "rounds.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(ROUND_COLUMNS)
+        times = result.round_times.tolist()
+        st = result.stats
+        for i, (pub, rt) in enumerate(zip(st.publish_times, times, strict=True)):
+            w.writerow([i + 1, f"{pub:.6f}", f"{rt:.6f}", st.updates_per_version[i], st.members_per_version[i]])
+    return run_dir, data
+
+
+def _fmt(x: object, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.4g}{unit}"
+    if isinstance(x, int):
+        return f"{x:,}{unit}"
+    return f"{x}{unit}"
+
+
+def markdown(d: dict[str, Any]) -> str:
+    s = d["simulation"]
+    rt = s["round_time_s"]
+    bound = s["physics_bound"]
+    lines = [
+        f"# Simulation {d['run_id']}",
+        "",
+        "Virtual time, no sockets, no torch: see docs/simulation.md for the models behind every figure.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| engine / profile | {s['engine']} / {s['profile']} |",
+        f"| mode | {d['mode']} |",
+        f"| workers | {d['workers']:,} |",
+        f"| global steps (PS versions) | {d['steps']:,} |",
+        f"| job state | {d['job_state']} |",
+        f"| virtual time | {_fmt(s['virtual_seconds'], ' s')} |",
+        f"| round time mean / p50 / p95 | {_fmt(rt['mean'], ' s')} / {_fmt(rt['p50'], ' s')} / "
+        f"{_fmt(rt['p95'], ' s')} |",
+        f"| link-physics bound (shared PS egress) | {_fmt(bound['shared_s'], ' s')} |",
+        f"| measured / bound | {_fmt(bound['measured_over_bound'])} |",
+        f"| rounds closed by straggler timeout | {_fmt(s['timed_out_rounds'])} |",
+        f"| push outcomes | {', '.join(f'{k} {v:,}' for k, v in s['push_outcomes'].items()) or '-'} |",
+        f"| acceptance rate | {_fmt(s['acceptance_rate'])} |",
+        f"| staleness applied mean / p95 / max | {_fmt(s['staleness_applied']['mean'])} / "
+        f"{_fmt(s['staleness_applied']['p95'])} / {_fmt(s['staleness_applied']['max'])} |",
+        f"| compute utilisation | {_fmt(s['compute_utilisation'])} |",
+        f"| crashes / rejoins / joins | {s['crashes']} / {s['rejoins']} / {s['joins']} |",
+        f"| declared dead (false suspicions) | {s['declared_dead']} ({s['false_suspicions']}) |",
+        f"| detection latency mean | {_fmt(s['detection_latency_s']['mean'], ' s')} |",
+        f"| task reassignments | {d['reassignments']:,} |",
+        f"| bytes sent by workers | {d['bytes_sent']:,} |",
+        f"| bytes received by workers | {d['bytes_received']:,} |",
+        f"| heartbeats (control bytes) | {s['heartbeats']:,} ({s['control_bytes']:,}) |",
+        f"| events / wall clock | {s['events']:,} / {_fmt(s['wall_seconds'], ' s')} |",
+        "",
+        "Per-round figures: `rounds.csv`.",
+        "",
+    ]
+    return "\n".join(lines)

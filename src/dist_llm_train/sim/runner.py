@@ -1,0 +1,208 @@
+"""Build a simulation from a `SimConfig`, run it, and summarise it in the run report's vocabulary."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dist_llm_train.netem.loader import load_profile
+from dist_llm_train.netem.profile import ProfileError
+from dist_llm_train.sim.actor_engine import ActorEngine
+from dist_llm_train.sim.config import SimConfig, SimConfigError
+from dist_llm_train.sim.control import ControlPlane, ControlStats, NoDataPlane
+from dist_llm_train.sim.draws import ComputeTime, VersionDraws, slot_factors
+from dist_llm_train.sim.events import EventQueue, VirtualClock
+from dist_llm_train.sim.metrics import DataStats, Sizes, Throughput, message_sizes
+from dist_llm_train.sim.network import Topology
+from dist_llm_train.sim.steps import StepModel
+from dist_llm_train.sim.sync_engine import SyncRoundEngine
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    engine: str
+    outcome: str  # completed | stalled | time_limit
+    virtual_s: float
+    version: int
+    stats: DataStats
+    control: ControlStats
+    controller_counters: dict[str, int]
+    sizes: Sizes | None
+    link: dict[str, Any]
+    compute_mean_s: float
+    alive_at_end: int
+    events: int
+    wall_s: float
+
+    @property
+    def round_times(self) -> np.ndarray:
+        pub = np.array(self.stats.publish_times)
+        return np.diff(np.concatenate([[0.0], pub])) if pub.size else pub
+
+
+def choose_engine(cfg: SimConfig) -> str:
+    if cfg.engine == "vectorised" and cfg.mode == "async":
+        raise SimConfigError("engine: vectorised runs sync rounds only; async is simulated per event (exact)")
+    if cfg.engine == "exact" or cfg.mode == "async":
+        return "exact"
+    return "vectorised"
+
+
+def simulate(cfg: SimConfig) -> SimResult:
+    """Run one simulation to completion (or stall, or the virtual time limit). Bad config raises first."""
+    started = time.perf_counter()
+    engine_name = choose_engine(cfg)
+    try:
+        profile = load_profile(cfg.profile) if cfg.profile else None
+    except ProfileError as err:
+        raise SimConfigError(f"profile: {err}") from None
+    topo = Topology(profile, cfg.capacity, cfg.workers, cfg.transport.rto_min_s)
+    clock = VirtualClock()
+    queue = EventQueue(clock)
+    control = ControlPlane(cfg, topo, queue)
+    stats = DataStats()
+    sizes: Sizes | None = None
+    factors = slot_factors(cfg.seed, cfg.capacity, cfg.compute, topo.compute_slowdown)
+    try:
+        if cfg.rounds == 0:
+            control.start(NoDataPlane())
+            horizon = cfg.min_duration_s
+            while queue.peek_time() <= horizon:
+                _, kind, _, data = queue.pop()
+                control.handle(kind, data)
+            clock.advance(max(clock.now, horizon))
+            outcome, end, version = "completed", clock.now, 0
+        else:
+            sizes = message_sizes(cfg)
+            steps = StepModel(cfg, topo, sizes, ComputeTime(cfg.compute, factors))
+            draws = VersionDraws(cfg.seed, cfg.capacity)
+            thr = Throughput(cfg.capacity, cfg.telemetry_alpha, cfg.batch_size)
+            cls = SyncRoundEngine if engine_name == "vectorised" else ActorEngine
+            engine = cls(cfg, queue, control, steps, draws, stats, thr)
+            control.start(engine)
+            engine.run()
+            outcome = engine.outcome
+            end = engine.end if engine.end is not None else clock.now
+            version = len(stats.publish_times)
+        control.finish(end)
+        return SimResult(
+            config=cfg, engine=engine_name, outcome=outcome, virtual_s=end, version=version, stats=stats,
+            control=control.stats, controller_counters=control.counters(), sizes=sizes, link=topo.describe(),
+            compute_mean_s=float(cfg.compute.mean_s * factors[: cfg.workers].mean()),
+            alive_at_end=control.alive_count(), events=queue.processed, wall_s=time.perf_counter() - started,
+        )
+    finally:
+        control.close()
+
+
+def _stats(x: np.ndarray) -> dict[str, float | None]:
+    if x.size == 0:
+        return {"mean": None, "p50": None, "p95": None, "min": None, "max": None}
+    return {"mean": float(x.mean()), "p50": float(np.percentile(x, 50)), "p95": float(np.percentile(x, 95)),
+            "min": float(x.min()), "max": float(x.max())}
+
+
+def _counter_stats(c: dict[int, int]) -> dict[str, float | None]:
+    if not c:
+        return {"mean": None, "p50": None, "p95": None, "min": None, "max": None}
+    values = np.repeat(np.array(list(c.keys()), dtype=float), np.array(list(c.values())))
+    return _stats(values)
+
+
+def physics_bound(r: SimResult) -> dict[str, float | None]:
+    """The link-physics lower bound of a sync round: compute + bytes / rate + RTT (docs/simulation.md).
+
+    `single` is one worker alone on the profile's links; `shared` charges every member's pull to the PS's
+    egress, which is the bound that applies when that egress is shaped (the default)."""
+    if r.sizes is None or r.config.mode != "sync":
+        return {"single_s": None, "shared_s": None, "measured_over_bound": None}
+    link = r.link
+    down_rate = float(link["down_rate_bps"])
+    up_rate = float(link["up_rate_bps"])
+    pull = 8.0 * r.sizes.pull_bytes / down_rate
+    push = 8.0 * r.sizes.push_bytes / up_rate
+    single = r.compute_mean_s + pull + push + float(link["rtt_s"])
+    shared = single + (r.config.workers - 1) * pull if r.config.transport.shared_ps_egress else single
+    rt = r.round_times
+    bound = shared if math.isfinite(shared) else None
+    ratio = float(rt.mean()) / bound if rt.size and bound else None
+    return {"single_s": single, "shared_s": shared, "measured_over_bound": ratio}
+
+
+def summary(r: SimResult, run_id: str = "", run_dir: str = "") -> dict[str, Any]:
+    """The real run's `summary.json` keys (losses are null: nothing is trained) plus a `simulation` block."""
+    st, cs, cfg = r.stats, r.control, r.config
+    outcomes = dict(sorted(st.outcomes.items()))
+    applied = st.outcomes.get("APPLIED", 0) + st.outcomes.get("BUFFERED", 0)
+    rejected = st.outcomes.get("STALE_REJECTED", 0)
+    heartbeats = int(cs.alive_seconds / cfg.heartbeat_interval_s)
+    sim = {
+        "engine": r.engine,
+        "profile": cfg.profile,
+        "virtual_seconds": r.virtual_s,
+        "round_time_s": _stats(r.round_times),
+        "updates_per_round": _stats(np.array(st.updates_per_version, dtype=float)),
+        "timed_out_rounds": st.timed_out_rounds,
+        "push_outcomes": outcomes,
+        "acceptance_rate": applied / (applied + rejected) if applied + rejected else None,
+        "staleness_applied": _counter_stats(dict(st.staleness_applied)),
+        "staleness_rejected": _counter_stats(dict(st.staleness_rejected)),
+        "step_time_mean_s": st.step_time_sum_s / st.steps if st.steps else None,
+        "compute_utilisation": st.compute_s / (r.virtual_s * cfg.workers) if r.virtual_s > 0 else None,
+        "crashes": cs.crashes,
+        "rejoins": cs.rejoins,
+        "joins": cs.joins,
+        "heartbeat_stalls": cs.stalls,
+        "false_suspicions": cs.false_suspicions,
+        "declared_dead": int(r.controller_counters.get("worker_deaths", 0)),
+        "detection_latency_s": _stats(np.array(cs.detection_latency_s)),
+        "detector_ticks": cs.ticks,
+        "alive_at_end": r.alive_at_end,
+        "pulls": st.pulls,
+        "pushes_sent": st.pushes_sent,
+        "pull_bytes_each": r.sizes.pull_bytes if r.sizes else None,
+        "push_bytes_each": r.sizes.push_bytes if r.sizes else None,
+        "params": r.sizes.params if r.sizes else None,
+        "heartbeats": heartbeats,
+        "control_bytes": heartbeats * cfg.payload.control_bytes,
+        "link": r.link,
+        "physics_bound": physics_bound(r),
+        "events": r.events,
+        "wall_seconds": r.wall_s,
+        "seed": cfg.seed,
+    }
+    return json_safe({
+        "run_id": run_id,
+        "run_dir": run_dir,
+        "initial_loss": None,
+        "final_loss": None,
+        "loss_floor": None,
+        "steps": r.version,
+        "workers": cfg.workers,
+        "bytes_sent": st.bytes_sent,
+        "bytes_received": st.bytes_received,
+        "wall_seconds": r.virtual_s,
+        "mode": cfg.mode,
+        "transport": "sim",
+        "model": cfg.model.name,
+        "job_state": r.outcome,
+        "dead_workers": sorted(set(cs.declared_dead)),
+        "reassignments": int(r.controller_counters.get("reassignments", 0)),
+        "simulation": sim,
+    })
+
+
+def json_safe(x: Any) -> Any:
+    """Infinite rates (unshaped links) and NaN become null: JSON has no spelling for them."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

@@ -1,0 +1,142 @@
+"""One training step's timeline for a worker, as both engines compute it.
+
+pull request reaches the PS at Q → served at S (sync: once the version it needs is published) → the PS's
+egress sends the parameters (a FIFO shared by all pulls, or one per worker) → delivered at D → compute K →
+update sent at T = D + K → arrives at the PS at A → the reply returns and the next pull request reaches the
+PS at Q' = A + reply + request. Every method exists twice, vectorised over a round's workers and scalar for
+one event, over the same variates (see `draws`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dist_llm_train.sim.config import SimConfig
+from dist_llm_train.sim.draws import (
+    COL_COMPUTE,
+    LEG_PULL,
+    LEG_PUSH,
+    LEG_REPLY,
+    LEG_REQUEST,
+    ComputeTime,
+    jitter_col,
+    loss_col,
+)
+from dist_llm_train.sim.linkmath import loss_penalty, loss_penalty_1, propagation, propagation_1
+from dist_llm_train.sim.metrics import Sizes
+from dist_llm_train.sim.network import PathTable, Topology
+
+Row = tuple[list[float], list[float]]  # (normals, uniforms) of one slot for one version
+
+
+class StepModel:
+    def __init__(self, cfg: SimConfig, topo: Topology, sizes: Sizes, compute: ComputeTime) -> None:
+        self.topo, self.sizes, self.compute = topo, sizes, compute
+        self.shared = cfg.transport.shared_ps_egress
+        self.mss = cfg.transport.mss_bytes
+        self.retries = cfg.transport.max_retries
+        self.pull_bits = 8.0 * sizes.pull_bytes
+        self.push_bits = 8.0 * sizes.push_bytes
+        self._ps_rate = topo.ps_rate.tolist()
+        self._group = topo.group.tolist()
+        self._rtt = topo.rtt.tolist()
+        self._rto = topo.rto.tolist()
+        self._up = _rows(topo.up)
+        self._down = _rows(topo.down)
+
+    # -- vectorised ------------------------------------------------------------------------------------------
+    def pull_service(self, start: np.ndarray) -> np.ndarray:
+        """Seconds the PS's egress is busy with one pull started at `start` (only used when shared)."""
+        return self.pull_bits / self.topo.ps_rate[self.topo.timeline.index(start)]
+
+    def pull_delivered(self, slots: np.ndarray, start: np.ndarray, egress_done: np.ndarray, service: np.ndarray,
+                       z: np.ndarray, u: np.ndarray) -> np.ndarray:
+        t, d = self.topo, self.topo.down
+        g, seg = t.group[slots], t.timeline.index(start)
+        ser_in = self.pull_bits / d.rate[g, seg]
+        if not self.shared:
+            service = self.pull_bits / t.ps_rate[seg]
+            egress_done = start + service
+        done = np.maximum(egress_done, start + ser_in)
+        prop = propagation(d.delay[g, seg], d.jitter[g, seg], d.dist[g, seg], z[:, jitter_col(LEG_PULL)],
+                           u[:, jitter_col(LEG_PULL)])
+        pen = loss_penalty(d.loss[g, seg], self.sizes.pull_bytes, self.mss, t.rtt[g, seg], t.rto[g, seg],
+                           np.maximum(service, ser_in), u[:, loss_col(LEG_PULL)], z[:, loss_col(LEG_PULL)],
+                           self.retries)
+        return done + prop + pen
+
+    def compute_time(self, slots: np.ndarray, z: np.ndarray, u: np.ndarray) -> np.ndarray:
+        return self.compute.sample(slots, z[:, COL_COMPUTE], u[:, COL_COMPUTE])
+
+    def push_arrival(self, slots: np.ndarray, send: np.ndarray, z: np.ndarray, u: np.ndarray) -> np.ndarray:
+        t, p = self.topo, self.topo.up
+        g, seg = t.group[slots], t.timeline.index(send)
+        ser = self.push_bits / p.rate[g, seg]
+        prop = propagation(p.delay[g, seg], p.jitter[g, seg], p.dist[g, seg], z[:, jitter_col(LEG_PUSH)],
+                           u[:, jitter_col(LEG_PUSH)])
+        pen = loss_penalty(p.loss[g, seg], self.sizes.push_bytes, self.mss, t.rtt[g, seg], t.rto[g, seg], ser,
+                           u[:, loss_col(LEG_PUSH)], z[:, loss_col(LEG_PUSH)], self.retries)
+        return send + ser + prop + pen
+
+    def next_request(self, slots: np.ndarray, arrival: np.ndarray, z: np.ndarray, u: np.ndarray) -> np.ndarray:
+        reply_at = arrival + self._small(self.topo.down, slots, arrival, z, u, LEG_REPLY)
+        return reply_at + self._small(self.topo.up, slots, reply_at, z, u, LEG_REQUEST)
+
+    def _small(self, path: PathTable, slots: np.ndarray, at: np.ndarray, z: np.ndarray, u: np.ndarray,
+               leg: int) -> np.ndarray:
+        t = self.topo
+        g, seg = t.group[slots], t.timeline.index(at)
+        prop = propagation(path.delay[g, seg], path.jitter[g, seg], path.dist[g, seg], z[:, jitter_col(leg)],
+                           u[:, jitter_col(leg)])
+        pen = loss_penalty(path.loss[g, seg], self.sizes.small_bytes, self.mss, t.rtt[g, seg], t.rto[g, seg],
+                           np.zeros_like(at), u[:, loss_col(leg)], z[:, loss_col(leg)], self.retries)
+        return prop + pen
+
+    # -- scalar ----------------------------------------------------------------------------------------------
+    def pull_service_1(self, start: float) -> float:
+        return self.pull_bits / self._ps_rate[self.topo.timeline.index_1(start)]
+
+    def pull_delivered_1(self, slot: int, start: float, egress_done: float, service: float, row: Row) -> float:
+        z, u = row
+        g, seg = self._group[slot], self.topo.timeline.index_1(start)
+        delay, jitter, dist, loss, rate = self._down[g][seg]
+        ser_in = self.pull_bits / rate
+        if not self.shared:
+            service = self.pull_bits / self._ps_rate[seg]
+            egress_done = start + service
+        done = max(egress_done, start + ser_in)
+        prop = propagation_1(delay, jitter, dist, z[jitter_col(LEG_PULL)], u[jitter_col(LEG_PULL)])
+        pen = loss_penalty_1(loss, self.sizes.pull_bytes, self.mss, self._rtt[g][seg], self._rto[g][seg],
+                             max(service, ser_in), u[loss_col(LEG_PULL)], z[loss_col(LEG_PULL)], self.retries)
+        return done + prop + pen
+
+    def compute_time_1(self, slot: int, row: Row) -> float:
+        return self.compute.sample_1(slot, row[0][COL_COMPUTE], row[1][COL_COMPUTE])
+
+    def push_arrival_1(self, slot: int, send: float, row: Row) -> float:
+        z, u = row
+        g, seg = self._group[slot], self.topo.timeline.index_1(send)
+        delay, jitter, dist, loss, rate = self._up[g][seg]
+        ser = self.push_bits / rate
+        prop = propagation_1(delay, jitter, dist, z[jitter_col(LEG_PUSH)], u[jitter_col(LEG_PUSH)])
+        pen = loss_penalty_1(loss, self.sizes.push_bytes, self.mss, self._rtt[g][seg], self._rto[g][seg], ser,
+                             u[loss_col(LEG_PUSH)], z[loss_col(LEG_PUSH)], self.retries)
+        return send + ser + prop + pen
+
+    def next_request_1(self, slot: int, arrival: float, row: Row) -> float:
+        reply_at = arrival + self._small_1(self._down, slot, arrival, row, LEG_REPLY)
+        return reply_at + self._small_1(self._up, slot, reply_at, row, LEG_REQUEST)
+
+    def _small_1(self, rows: list[list[tuple[float, float, int, float, float]]], slot: int, at: float, row: Row,
+                 leg: int) -> float:
+        z, u = row
+        g, seg = self._group[slot], self.topo.timeline.index_1(at)
+        delay, jitter, dist, loss, _ = rows[g][seg]
+        prop = propagation_1(delay, jitter, dist, z[jitter_col(leg)], u[jitter_col(leg)])
+        pen = loss_penalty_1(loss, self.sizes.small_bytes, self.mss, self._rtt[g][seg], self._rto[g][seg], 0.0,
+                             u[loss_col(leg)], z[loss_col(leg)], self.retries)
+        return prop + pen
+
+
+def _rows(path: PathTable) -> list[list[tuple[float, float, int, float, float]]]:
+    return [[(h.delay, h.jitter, h.dist, h.loss, h.rate) for h in row] for row in path.hops]

@@ -1,0 +1,79 @@
+"""Fast checks of the deployment files that need no running stack (they run in `make test`).
+
+The e2e suite proves the stack works; these catch the cheap mistakes first: stale generated dashboards, a panel
+without a query, a broken compose interpolation, a mirror URI derived from the wrong apt stanza.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from e2e_stack import DASHBOARDS, DEPLOY, ROOT
+
+SCRIPTS = ROOT / "scripts" / "docker"
+
+
+def test_dashboards_are_generated_and_complete() -> None:
+    proc = subprocess.run([str(ROOT / ".venv/bin/python"), str(SCRIPTS / "gen_dashboards.py"), "--check"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(p.name for p in DASHBOARDS.glob("*.json"))
+    assert files == ["network.json", "paramserver.json", "training.json", "workers.json"]
+    for f in DASHBOARDS.glob("*.json"):
+        dash = json.loads(f.read_text())
+        ids = [p["id"] for p in dash["panels"]]
+        assert len(ids) == len(set(ids)), f.name
+        for panel in dash["panels"]:
+            assert panel["targets"], f"{f.name}: {panel['title']} has no query"
+            for t in panel["targets"]:
+                assert t["expr"].strip() and t["datasource"]["uid"] == "dlt-prometheus"
+
+
+APT_SOURCES = """Types: deb
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+Components: main
+
+Types: deb
+URIs: http://mirror.example/debian
+Suites: bookworm bookworm-updates
+Components: main
+"""
+
+
+def test_apt_source_is_derived_from_the_matching_stanza(tmp_path: Path) -> None:
+    src = tmp_path / "debian.sources"
+    src.write_text(APT_SOURCES)
+    env = {"DLT_APT_SOURCES": str(src), "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run([str(SCRIPTS / "apt_source.sh"), "bookworm"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and ok.stdout.strip() == "http://mirror.example/debian"
+    missing = subprocess.run([str(SCRIPTS / "apt_source.sh"), "trixie"], capture_output=True, text=True, env=env)
+    assert missing.returncode == 3 and "no entry for suite 'trixie'" in missing.stderr
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI not installed")
+def test_compose_file_interpolates_profile_workers_and_ephemeral_ports() -> None:
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("compose v2 not installed")
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PROFILE": "straggler", "WORKERS": "5", "DLT_CONTROLLER_PORT": ""}
+    proc = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "docker-compose.yml"), "config", "--format",
+                           "json"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    svc = cfg["services"]
+    assert svc["worker"]["deploy"]["replicas"] == 5
+    assert all(svc[s]["environment"]["PROFILE"] == "straggler" for s in ("controller", "paramserver", "worker"))
+    assert all("NET_ADMIN" in svc[s]["cap_add"] for s in ("controller", "paramserver", "worker"))
+    assert svc["controller"]["ports"][0].get("published") in (None, "", 0)
+    assert svc["worker"]["depends_on"]["controller"]["condition"] == "service_healthy"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_prometheus_config_is_valid() -> None:
+    proc = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,185 @@
+"""ParameterStore rules without a transport: fake clock for straggler deadlines, threads for
+the blocking and async waits, and a concurrent-push check of the locking."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from dist_llm_train.paramserver.job import JobSnapshot
+from dist_llm_train.paramserver.state import ParameterStore
+from dist_llm_train.paramserver.types import ErrorCode, JobSpec, PSError, PushHeader, PushOutcome, TensorSpec
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_store(**kw: object) -> tuple[ParameterStore, FakeClock]:
+    clock = FakeClock()
+    return ParameterStore(1 << 20, clock=clock, **kw), clock  # type: ignore[arg-type]
+
+
+def init(store: ParameterStore, job_id: str = "j", n: int = 4, members: list[str] | None = None,
+         **spec_kw: object) -> np.ndarray:
+    spec = JobSpec(job_id, optimizer="sgd", learning_rate=1.0, momentum=0.0, **spec_kw)  # type: ignore[arg-type]
+    params = np.zeros(n, np.float32)
+    store.init_job(spec, [TensorSpec("w", (n,), 0)], params, members or [])
+    return params
+
+
+def push(store: ParameterStore, worker: str, step: int, base: int, value: float = 1.0, n: int = 4,
+         job_id: str = "j") -> PushOutcome:
+    payload = np.full(n, value, "<f4").tobytes()
+    return store.push(PushHeader(job_id, worker, step, base, payload_bytes=len(payload)), payload).outcome
+
+
+def test_straggler_deadline_follows_the_clock() -> None:
+    store, clock = make_store()
+    init(store, members=["a", "b"], straggler_timeout_s=5.0)
+    assert store.next_deadline() is None  # no round open before the first update
+    assert push(store, "a", 1, 0) is PushOutcome.BUFFERED
+    assert store.next_deadline() == pytest.approx(105.0)
+    clock.t = 104.9
+    assert store.expire_rounds() == 0 and store.stats("j")[0].version == 0
+    clock.t = 105.0
+    assert store.expire_rounds() == 1
+    stats = store.stats("j")[0]
+    assert stats.version == 1 and stats.counters["rounds_timed_out"] == 1
+    assert store.next_deadline() is None
+    np.testing.assert_array_equal(store.pull("j", "a").params, np.full(4, -1.0))
+
+
+def test_round_mean_of_members() -> None:
+    store, _ = make_store()
+    init(store, members=["a", "b"])
+    push(store, "a", 1, 0, value=1.0)
+    assert push(store, "b", 1, 0, value=3.0) is PushOutcome.APPLIED
+    np.testing.assert_array_equal(store.pull("j", "a").params, np.full(4, -2.0))
+
+
+def test_same_worker_twice_in_a_round_is_duplicate_not_double_counted() -> None:
+    store, _ = make_store()
+    init(store, members=["a", "b"])
+    push(store, "a", 1, 0)
+    assert push(store, "a", 2, 0, value=100.0) is PushOutcome.DUPLICATE
+    push(store, "b", 1, 0, value=1.0)
+    np.testing.assert_array_equal(store.pull("j", "a").params, np.full(4, -1.0))
+
+
+def test_blocking_pull_wakes_when_the_round_closes() -> None:
+    store, _ = make_store()
+    init(store, members=["a", "b"])
+    push(store, "a", 1, 0)
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(store.pull("j", "a", min_version=1, wait_timeout_s=30).version))
+    t.start()
+    push(store, "b", 1, 0)
+    t.join(timeout=30)
+    assert result == [1]
+
+
+def test_async_pull_wakes_from_a_push_in_another_thread() -> None:
+    store, _ = make_store()
+    init(store, members=["a", "b"])
+    push(store, "a", 1, 0)
+
+    async def main() -> int:
+        waiting = asyncio.create_task(store.pull_async("j", "a", min_version=1, wait_timeout_s=30))
+        await asyncio.sleep(0)
+        await asyncio.to_thread(push, store, "b", 1, 0)
+        return (await asyncio.wait_for(waiting, 30)).version
+
+    assert asyncio.run(main()) == 1
+
+
+def test_async_pull_timeout_returns_current_version() -> None:
+    store, _ = make_store()
+    init(store)
+    assert asyncio.run(store.pull_async("j", "a", min_version=3, wait_timeout_s=0.01)).version == 0
+
+
+def test_concurrent_async_pushes_are_all_applied_exactly_once() -> None:
+    store, _ = make_store()
+    init(store, n=1000, mode="async", max_staleness=10_000, total_steps=10_000)
+    workers, per_worker = 4, 25
+
+    def run(w: int) -> None:
+        for s in range(per_worker):
+            base = store.pull("j", f"w{w}").version
+            push(store, f"w{w}", s, base, n=1000)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    pulled = store.pull("j", "w0")
+    assert pulled.version == workers * per_worker
+    np.testing.assert_array_equal(pulled.params, np.full(1000, -float(workers * per_worker)))
+
+
+def test_inverse_staleness_scaling_is_an_option() -> None:
+    store, _ = make_store()
+    init(store, mode="async", options={"staleness_scaling": "inverse"})
+    push(store, "a", 1, 0)  # staleness 0: full step
+    push(store, "b", 1, 0)  # staleness 1: half step
+    np.testing.assert_allclose(store.pull("j", "a").params, np.full(4, -1.5))
+    with pytest.raises(PSError) as err:
+        init(store, job_id="k", options={"staleness_scaling": "magic"})
+    assert err.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+def test_returned_params_are_read_only_and_never_change() -> None:
+    store, _ = make_store()
+    init(store, mode="async")
+    before = store.pull("j", "a").params
+    with pytest.raises(ValueError):
+        before[0] = 1.0
+    push(store, "a", 1, 0)
+    assert np.array_equal(before, np.zeros(4))  # a new version is a new array
+
+
+def test_checkpoint_hook_gets_creation_every_n_and_completion() -> None:
+    seen: list[JobSnapshot] = []
+    store, _ = make_store(checkpoint_hook=seen.append, checkpoint_every=2)
+    init(store, mode="async", total_steps=5)
+    for s in range(5):
+        push(store, "a", s, s)
+    assert [s.version for s in seen] == [0, 2, 4, 5]
+
+
+def test_open_membership_first_pusher_closes_round_alone() -> None:
+    """Documented trade-off: without SetMembers a sync round counts only workers already seen."""
+    store, _ = make_store()
+    init(store)
+    assert push(store, "a", 1, 0) is PushOutcome.APPLIED
+    assert push(store, "b", 1, 0) is PushOutcome.LATE_DROPPED
+    assert push(store, "b", 2, 1) is PushOutcome.BUFFERED  # b joined: the next round waits for both
+    assert push(store, "a", 2, 1) is PushOutcome.APPLIED
+    assert store.stats("j")[0].members == ["a", "b"]
+
+
+def test_set_members_to_nobody_denies_everyone() -> None:
+    store, _ = make_store()
+    init(store, members=["a"])
+    assert store.set_members("j", []) == (0, [])
+    with pytest.raises(PSError) as err:
+        push(store, "a", 1, 0)
+    assert err.value.code is ErrorCode.PERMISSION_DENIED
+
+
+def test_members_are_deduplicated_and_validated() -> None:
+    store, _ = make_store()
+    init(store)
+    assert store.set_members("j", ["a", "b", "a"]) == (0, ["a", "b"])
+    with pytest.raises(PSError):
+        store.set_members("j", ["ok", "x" * 300])
+    assert store.stats("j")[0].members == ["a", "b"]
