@@ -66,12 +66,14 @@ while True:
 # Transport-only servers: the same framing as the PS, no PS logic. They show how much of the
 # gap to raw TCP is the transport library and how much is the PS's own work.
 BARE_ZMQ = r"""
-import zmq
+import msgpack, zmq
 ctx = zmq.Context(); sock = ctx.socket(zmq.ROUTER)
 print(sock.bind_to_random_port("tcp://127.0.0.1"), flush=True)
 while True:
     frames = sock.recv_multipart(copy=False)
-    sock.send_multipart([frames[0], b"", b"\x81\xa2ok\xc3"])
+    request = msgpack.unpackb(frames[2].buffer)
+    reply = msgpack.packb({"id": request["id"], "bytes": len(frames[3].buffer)})
+    sock.send_multipart([frames[0], b"", reply])
 """
 
 BARE_GRPC = r"""
@@ -85,8 +87,9 @@ async def push(requests, context):
     return pb.PushResponse(outcome=pb.APPLIED, version=n)
 async def main():
     server = grpc.aio.server(options=wire.channel_options(512 << 20))
-    handler = grpc.stream_unary_rpc_method_handler(push, request_deserializer=wire.chunk_deserializer(pb.PushChunk),
-                                                   response_serializer=pb.PushResponse.SerializeToString)
+    handler = grpc.stream_unary_rpc_method_handler(
+        push, request_deserializer=wire.chunk_deserializer(pb.PushChunk),
+        response_serializer=pb.PushResponse.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(wire.SERVICE, {"Push": handler}),))
     print(server.add_insecure_port("127.0.0.1:0"), flush=True)
     await server.start()
@@ -142,8 +145,9 @@ def bench_raw_tcp(payload: bytes, count: int, warmup: int, budget_s: float) -> t
         proc.wait()
 
 
-def bench_bare(transport: str, payload: bytes, count: int, warmup: int, budget_s: float,
-               chunk_bytes: int) -> tuple[int, float]:
+def bench_bare(
+    transport: str, payload: bytes, count: int, warmup: int, budget_s: float, chunk_bytes: int
+) -> tuple[int, float]:
     """Push through a transport-only server with the real client's framing."""
     script = BARE_GRPC if transport == "grpc" else BARE_ZMQ
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -155,7 +159,9 @@ def bench_bare(transport: str, payload: bytes, count: int, warmup: int, budget_s
             if transport == "grpc":
                 return timed(lambda: client.push(header, payload), count, warmup, budget_s)
             zmq_client: Any = client
-            return timed(lambda: zmq_client._request("push", {"header": {}}, [payload]), count, warmup, budget_s)
+            return timed(
+                lambda: zmq_client._request("push", {"header": {}}, [payload]), count, warmup, budget_s
+            )
     finally:
         proc.kill()
         proc.wait()
@@ -165,9 +171,20 @@ def bench_apply_only(payload: bytes, count: int, warmup: int, budget_s: float) -
     """The PS's own work per push (validate, decode, NaN check, SGD step) without any transport."""
     n = len(payload) // 4
     store = ParameterStore(len(payload))
-    store.init_job(JobSpec("bench", mode="async", optimizer="sgd", learning_rate=1e-6, momentum=0.0,
-                           max_staleness=1_000_000, total_steps=10_000_000),
-                   [TensorSpec("w", (n,), 0)], np.zeros(n, np.float32), ["bench"])
+    store.init_job(
+        JobSpec(
+            "bench",
+            mode="async",
+            optimizer="sgd",
+            learning_rate=1e-6,
+            momentum=0.0,
+            max_staleness=1_000_000,
+            total_steps=10_000_000,
+        ),
+        [TensorSpec("w", (n,), 0)],
+        np.zeros(n, np.float32),
+        ["bench"],
+    )
     state = {"step": 0, "version": 0}
 
     def send_one() -> None:
@@ -191,22 +208,35 @@ def _wait_ready(client: PSClient, proc: subprocess.Popen[bytes]) -> None:
     raise TimeoutError("PS did not become ready")
 
 
-def bench_ps(transport: str, payload: bytes, count: int, warmup: int, budget_s: float,
-             chunk_bytes: int) -> tuple[int, float]:
+def bench_ps(
+    transport: str, payload: bytes, count: int, warmup: int, budget_s: float, chunk_bytes: int
+) -> tuple[int, float]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", PS, str(port), transport, str(chunk_bytes)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PS, str(port), transport, str(chunk_bytes)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with connect(transport, f"127.0.0.1:{port}", timeout_s=60, chunk_bytes=chunk_bytes) as client:
             _wait_ready(client, proc)
             n = len(payload) // 4
-            spec = JobSpec("bench", mode="async", optimizer="sgd", learning_rate=1e-6, momentum=0.0,
-                           max_staleness=1_000_000, total_steps=10_000_000)
+            spec = JobSpec(
+                "bench",
+                mode="async",
+                optimizer="sgd",
+                learning_rate=1e-6,
+                momentum=0.0,
+                max_staleness=1_000_000,
+                total_steps=10_000_000,
+            )
             client.init_job(spec, [TensorSpec("w", (n,), 0)], np.zeros(n, np.float32), ["bench"])
             state = {"step": 0, "version": 0}
 
             def send_one() -> None:
-                header = PushHeader("bench", "bench", state["step"], state["version"], payload_bytes=len(payload))
+                header = PushHeader(
+                    "bench", "bench", state["step"], state["version"], payload_bytes=len(payload)
+                )
                 result = client.push(header, payload)
                 if result.outcome is not PushOutcome.APPLIED:
                     raise RuntimeError(f"push not applied: {result}")
@@ -232,17 +262,22 @@ def machine() -> dict[str, object]:
                 break
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "cpu_model": cpu, "python": platform.python_version(),
-            "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "platform": platform.platform(), "numpy": np.__version__}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu,
+        "python": platform.python_version(),
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=4.0, help="update size in MB (float32 payload)")
     ap.add_argument("--count", type=int, default=40, help="measured pushes per repeat")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=3, help="the median repeat is reported")
+    ap.add_argument("--warmup", type=int, default=20, help="pushes before timing (HTTP/2 windows, allocator)")
+    ap.add_argument("--repeats", type=int, default=5, help="the median repeat is reported")
     ap.add_argument("--budget-s", type=float, default=60.0, help="max seconds per repeat")
     ap.add_argument("--chunk-mb", type=float, default=4.0, help="gRPC stream chunk size (client and server)")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
@@ -256,8 +291,12 @@ def main() -> None:
         "raw_tcp": lambda: bench_raw_tcp(payload, args.count, args.warmup, args.budget_s),
         "grpc": lambda: bench_ps("grpc", payload, args.count, args.warmup, args.budget_s, chunk),
         "zmq": lambda: bench_ps("zmq", payload, args.count, args.warmup, args.budget_s, chunk),
-        "grpc_transport_only": lambda: bench_bare("grpc", payload, args.count, args.warmup, args.budget_s, chunk),
-        "zmq_transport_only": lambda: bench_bare("zmq", payload, args.count, args.warmup, args.budget_s, chunk),
+        "grpc_transport_only": lambda: bench_bare(
+            "grpc", payload, args.count, args.warmup, args.budget_s, chunk
+        ),
+        "zmq_transport_only": lambda: bench_bare(
+            "zmq", payload, args.count, args.warmup, args.budget_s, chunk
+        ),
         "ps_apply_only": lambda: bench_apply_only(payload, args.count, args.warmup, args.budget_s),
     }
     rates: dict[str, list[float]] = {name: [] for name in runners}
@@ -270,11 +309,23 @@ def main() -> None:
     for name, r in rates.items():
         ratio = statistics.median(r) / base
         target = TARGETS.get(name)
-        rows[name] = {"mb_per_s": statistics.median(r), "repeats_mb_per_s": r, "ratio_vs_raw_tcp": round(ratio, 3),
-                      "target_ratio": target, "meets_target": None if target is None else ratio >= target}
-    result = {"update_bytes": len(payload), "count": args.count, "warmup": args.warmup, "repeats": args.repeats,
-              "grpc_chunk_bytes": chunk, "machine": info, "results": rows,
-              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        rows[name] = {
+            "mb_per_s": statistics.median(r),
+            "repeats_mb_per_s": r,
+            "ratio_vs_raw_tcp": round(ratio, 3),
+            "target_ratio": target,
+            "meets_target": None if target is None else ratio >= target,
+        }
+    result = {
+        "update_bytes": len(payload),
+        "count": args.count,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "grpc_chunk_bytes": chunk,
+        "machine": info,
+        "results": rows,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     lines = [
         "# Parameter-server ingest throughput (loopback)",
         "",

@@ -11,6 +11,7 @@ import itertools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgpack
@@ -48,20 +49,28 @@ def client(server: BackgroundServer) -> Iterator[PSClient]:
     c.close()
 
 
-def new_job(client: PSClient, n: int = 8, members: list[str] | None = None, **spec_kw: object
-            ) -> tuple[JobSpec, np.ndarray]:
-    defaults: dict[str, object] = {"optimizer": "sgd", "learning_rate": 0.5, "momentum": 0.0, "total_steps": 100}
-    spec = JobSpec(job_id=f"job-{next(_ids)}", **{**defaults, **spec_kw})  # type: ignore[arg-type]
+def new_job(
+    client: PSClient, n: int = 8, members: list[str] | None = None, **spec_kw: Any
+) -> tuple[JobSpec, np.ndarray]:
+    defaults: dict[str, Any] = {
+        "optimizer": "sgd",
+        "learning_rate": 0.5,
+        "momentum": 0.0,
+        "total_steps": 100,
+    }
+    spec = JobSpec(job_id=f"job-{next(_ids)}", **{**defaults, **spec_kw})
     params = np.linspace(-1, 1, n, dtype=np.float32)
     assert client.init_job(spec, [TensorSpec("w", (n,), 0)], params, members or []).created
     return spec, params
 
 
-def push(client: PSClient, job_id: str, worker: str, step: int, base: int, update: np.ndarray | bytes,
-         **kw: object) -> PushOutcome:
+def push(
+    client: PSClient, job_id: str, worker: str, step: int, base: int, update: np.ndarray | bytes, **kw: Any
+) -> PushOutcome:
     payload = update if isinstance(update, bytes) else np.asarray(update, dtype="<f4").tobytes()
-    header = PushHeader(job_id=job_id, worker_id=worker, step=step, base_version=base,
-                        payload_bytes=len(payload), **kw)  # type: ignore[arg-type]
+    header = PushHeader(
+        job_id=job_id, worker_id=worker, step=step, base_version=base, payload_bytes=len(payload), **kw
+    )
     return client.push(header, payload).outcome
 
 
@@ -75,7 +84,10 @@ def test_init_is_idempotent_and_conflicts_are_refused(client: PSClient) -> None:
     again = client.init_job(spec, [TensorSpec("w", (8,), 0)], params + 1, ["x"])
     assert (again.created, again.version) == (False, 0)
     assert np.array_equal(client.pull(spec.job_id, "w").params, params)  # the second init changed nothing
-    for layout, vec in (([TensorSpec("v", (8,), 0)], params), ([TensorSpec("w", (9,), 0)], np.zeros(9, np.float32))):
+    for layout, vec in (
+        ([TensorSpec("v", (8,), 0)], params),
+        ([TensorSpec("w", (9,), 0)], np.zeros(9, np.float32)),
+    ):
         with pytest.raises(PSError) as err:
             client.init_job(spec, layout, vec, [])
         assert err.value.code is ErrorCode.FAILED_PRECONDITION
@@ -119,7 +131,9 @@ def test_sync_barrier_waits_for_all_three_members(server: BackgroundServer, clie
     grads = {w: np.full(4, i + 1, dtype=np.float32) for i, w in enumerate("abc")}
     assert push(client, spec.job_id, "a", 1, 0, grads["a"]) is PushOutcome.BUFFERED
     assert push(client, spec.job_id, "b", 1, 0, grads["b"]) is PushOutcome.BUFFERED
-    assert client.pull(spec.job_id, "a", min_version=1, wait_timeout_s=0.05).version == 0  # times out, returns v0
+    assert (
+        client.pull(spec.job_id, "a", min_version=1, wait_timeout_s=0.05).version == 0
+    )  # times out, returns v0
     waiter: dict[str, int] = {}
     with connect(server.cfg.transport, server.address) as other:
         t = threading.Thread(target=lambda: waiter.update(v=other.pull(spec.job_id, "a", 1, 20).version))
@@ -238,16 +252,26 @@ def test_bad_push_gets_its_code_and_changes_nothing(client: PSClient, case: tupl
     before_stats = client.stats(spec.job_id)[0]
     before = client.pull(spec.job_id, "a")
     data = payload if payload is not None else np.ones(N, "<f4").tobytes()
-    fields: dict[str, object] = {"job_id": spec.job_id, "worker_id": "a", "step": 2, "base_version": 1,
-                                 "payload_bytes": len(data), **overrides}
+    fields: dict[str, object] = {
+        "job_id": spec.job_id,
+        "worker_id": "a",
+        "step": 2,
+        "base_version": 1,
+        "payload_bytes": len(data),
+        **overrides,
+    }
     with pytest.raises(PSError) as err:
         client.push(PushHeader(**fields), data)  # type: ignore[arg-type]
     assert err.value.code is code, err.value
     after = client.pull(spec.job_id, "a")
     assert after.version == before.version and np.array_equal(after.params, before.params)
     after_stats = client.stats(spec.job_id)[0]
-    pushes = {k: v for k, v in after_stats.counters.items() if k.startswith(("pushes_", "updates_", "bytes_"))}
-    assert pushes == {k: v for k, v in before_stats.counters.items() if k.startswith(("pushes_", "updates_", "bytes_"))}
+    pushes = {
+        k: v for k, v in after_stats.counters.items() if k.startswith(("pushes_", "updates_", "bytes_"))
+    }
+    assert pushes == {
+        k: v for k, v in before_stats.counters.items() if k.startswith(("pushes_", "updates_", "bytes_"))
+    }
     assert after_stats.members == before_stats.members
     if code is not ErrorCode.NOT_FOUND:
         assert after_stats.counters[f"rejected_{code.value.lower()}"] == 1
@@ -263,16 +287,33 @@ def test_bad_requests_other_than_push(client: PSClient) -> None:
 
     layout = [TensorSpec("w", (4,), 0)]
     ok = np.zeros(4, np.float32)
-    assert code_of(client.init_job, JobSpec("bad-mode", mode="bogus"), layout, ok, []) is ErrorCode.INVALID_ARGUMENT
+    assert (
+        code_of(client.init_job, JobSpec("bad-mode", mode="bogus"), layout, ok, [])
+        is ErrorCode.INVALID_ARGUMENT
+    )
     assert code_of(client.init_job, JobSpec("bad/id"), layout, ok, []) is ErrorCode.INVALID_ARGUMENT
-    assert code_of(client.init_job, JobSpec("nan-init"), layout, np.full(4, np.nan, np.float32), []) \
+    assert (
+        code_of(client.init_job, JobSpec("nan-init"), layout, np.full(4, np.nan, np.float32), [])
         is ErrorCode.INVALID_ARGUMENT
-    assert code_of(client.init_job, JobSpec("off-layout"), [TensorSpec("w", (5,), 0)], ok, []) \
+    )
+    assert (
+        code_of(client.init_job, JobSpec("off-layout"), [TensorSpec("w", (5,), 0)], ok, [])
         is ErrorCode.INVALID_ARGUMENT
-    assert code_of(client.init_job, JobSpec("neg-lr", learning_rate=-1.0), layout, ok, []) \
+    )
+    assert (
+        code_of(client.init_job, JobSpec("neg-lr", learning_rate=-1.0), layout, ok, [])
         is ErrorCode.INVALID_ARGUMENT
-    assert code_of(client.init_job, JobSpec("big"), [TensorSpec("w", ((MAX_MB << 18) + 1,), 0)],
-                   np.zeros((MAX_MB << 18) + 1, np.float32), []) is ErrorCode.RESOURCE_EXHAUSTED
+    )
+    assert (
+        code_of(
+            client.init_job,
+            JobSpec("big"),
+            [TensorSpec("w", ((MAX_MB << 18) + 1,), 0)],
+            np.zeros((MAX_MB << 18) + 1, np.float32),
+            [],
+        )
+        is ErrorCode.RESOURCE_EXHAUSTED
+    )
     assert code_of(client.pull, "no-such-job", "w") is ErrorCode.NOT_FOUND
     assert code_of(client.set_members, "no-such-job", ["a"]) is ErrorCode.NOT_FOUND
     spec, _ = new_job(client, n=4)
@@ -290,7 +331,10 @@ def test_unreachable_server_is_unavailable(server: BackgroundServer) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound but not listening: connections are refused
-        with connect(server.cfg.transport, f"127.0.0.1:{port}", timeout_s=0.5) as c, pytest.raises(PSError) as err:
+        with (
+            connect(server.cfg.transport, f"127.0.0.1:{port}", timeout_s=0.5) as c,
+            pytest.raises(PSError) as err,
+        ):
             c.stats()
     assert err.value.code is ErrorCode.UNAVAILABLE
 
@@ -305,8 +349,13 @@ def test_metrics_are_exposed(server: BackgroundServer, client: PSClient) -> None
     assert f'dlt_ps_version{{job="{spec.job_id}"}} 1.0' in text
     assert f'dlt_ps_members{{job="{spec.job_id}"}} 1.0' in text
     assert 'dlt_ps_rejected_total{reason="INVALID_ARGUMENT"}' in text
-    for name in ('dlt_ps_pushes_total{outcome="APPLIED"}', "dlt_ps_bytes_received_total", "dlt_ps_bytes_sent_total",
-                 "dlt_ps_round_seconds_bucket", f'dlt_ps_push_latency_seconds_count{{transport="{server.cfg.transport}"}}'):
+    for name in (
+        'dlt_ps_pushes_total{outcome="APPLIED"}',
+        "dlt_ps_bytes_received_total",
+        "dlt_ps_bytes_sent_total",
+        "dlt_ps_round_seconds_bucket",
+        f'dlt_ps_push_latency_seconds_count{{transport="{server.cfg.transport}"}}',
+    ):
         assert name in text, name
 
 
@@ -315,8 +364,9 @@ def test_metrics_are_exposed(server: BackgroundServer, client: PSClient) -> None
 def test_checkpoint_on_shutdown_and_resume(tmp_path: Path, transport: str) -> None:
     """A resumed server continues exactly where it stopped: params, Adam state, replay memory."""
     ckpt = tmp_path / "ckpt"
-    cfg = ParamServerConfig(port=0, metrics_port=0, transport=transport, checkpoint_dir=str(ckpt),
-                            checkpoint_every=2)
+    cfg = ParamServerConfig(
+        port=0, metrics_port=0, transport=transport, checkpoint_dir=str(ckpt), checkpoint_every=2
+    )
     rng = np.random.default_rng(0)
     grads = [rng.standard_normal(16).astype(np.float32) for _ in range(4)]
     spec = JobSpec(job_id="resume-me", mode="async", optimizer="adam", learning_rate=0.01, total_steps=50)
@@ -333,8 +383,10 @@ def test_checkpoint_on_shutdown_and_resume(tmp_path: Path, transport: str) -> No
         assert push(c, spec.job_id, "w", 2, 3, grads[2]) is PushOutcome.DUPLICATE
         push(c, spec.job_id, "w", 3, 3, grads[3])
         resumed = c.pull(spec.job_id, "w")
-    with BackgroundServer(cfg.model_copy(update={"checkpoint_dir": None}), with_metrics=False) as ref, \
-            connect(transport, ref.address) as c:
+    with (
+        BackgroundServer(cfg.model_copy(update={"checkpoint_dir": None}), with_metrics=False) as ref,
+        connect(transport, ref.address) as c,
+    ):
         c.init_job(spec, layout, init, ["w"])
         for i, g in enumerate(grads):
             push(c, spec.job_id, "w", i, i, g)
@@ -357,8 +409,11 @@ def test_grpc_health_and_reflection_answer() -> None:
             resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                                 timeout=10))
+        replies = list(
+            stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+        )
         names = {s.name for s in replies[0].list_services_response.service}
         assert {"dist_llm_train.v1.ParameterServer", "grpc.health.v1.Health"} <= names
 
@@ -374,18 +429,36 @@ def test_plain_generated_grpc_stub_interoperates() -> None:
     with BackgroundServer(cfg, with_metrics=False) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.ParameterServerStub(ch)
         params = np.arange(1000, dtype="<f4")
-        spec = pb.JobSpec(job_id="plain", mode="async", optimizer="sgd", learning_rate=1.0, total_steps=9,
-                          straggler_timeout_s=1.0, max_staleness=1)
-        header = pb.InitJobHeader(spec=spec, layout=[pb.TensorSpec(name="w", shape=[1000], offset=0)],
-                                  num_params=1000)
+        spec = pb.JobSpec(
+            job_id="plain",
+            mode="async",
+            optimizer="sgd",
+            learning_rate=1.0,
+            total_steps=9,
+            straggler_timeout_s=1.0,
+            max_staleness=1,
+        )
+        header = pb.InitJobHeader(
+            spec=spec, layout=[pb.TensorSpec(name="w", shape=[1000], offset=0)], num_params=1000
+        )
         raw = params.tobytes()
-        chunks = [pb.InitJobChunk(header=header)] + [pb.InitJobChunk(data=raw[i:i + 1500])
-                                                      for i in range(0, len(raw), 1500)]
+        chunks = [pb.InitJobChunk(header=header)] + [
+            pb.InitJobChunk(data=raw[i : i + 1500]) for i in range(0, len(raw), 1500)
+        ]
         assert stub.InitJob(iter(chunks), timeout=10).created
         grad = np.ones(1000, "<f4").tobytes()
-        resp = stub.Push(iter([pb.PushChunk(header=pb.PushHeader(job_id="plain", worker_id="w", step=1,
-                                                                  payload_bytes=len(grad))),
-                               pb.PushChunk(data=grad[:10]), pb.PushChunk(data=grad[10:])]), timeout=10)
+        resp = stub.Push(
+            iter(
+                [
+                    pb.PushChunk(
+                        header=pb.PushHeader(job_id="plain", worker_id="w", step=1, payload_bytes=len(grad))
+                    ),
+                    pb.PushChunk(data=grad[:10]),
+                    pb.PushChunk(data=grad[10:]),
+                ]
+            ),
+            timeout=10,
+        )
         assert resp.outcome == pb.APPLIED and resp.version == 1
         msgs = list(stub.Pull(pb.PullRequest(job_id="plain", worker_id="w"), timeout=10))
         assert msgs[0].header.version == 1 and msgs[0].header.num_params == 1000
@@ -405,10 +478,12 @@ def test_zmq_malformed_request_gets_an_error_reply() -> None:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(f"tcp://{server.address}")
         try:
-            for req, code in (({"op": "frobnicate", "id": 1}, "INVALID_ARGUMENT"),
-                              ({"op": "push", "id": 2, "header": {"job_id": 3}}, "INVALID_ARGUMENT"),
-                              ({"op": "pull", "id": 3, "job_id": "no-such-job"}, "NOT_FOUND"),
-                              ({"op": "pull", "id": 4, "job_id": "x", "min_version": "1"}, "INVALID_ARGUMENT")):
+            for req, code in (
+                ({"op": "frobnicate", "id": 1}, "INVALID_ARGUMENT"),
+                ({"op": "push", "id": 2, "header": {"job_id": 3}}, "INVALID_ARGUMENT"),
+                ({"op": "pull", "id": 3, "job_id": "no-such-job"}, "NOT_FOUND"),
+                ({"op": "pull", "id": 4, "job_id": "x", "min_version": "1"}, "INVALID_ARGUMENT"),
+            ):
                 sock.send_multipart([b"", msgpack.packb(req)])
                 assert sock.poll(10_000)
                 reply = msgpack.unpackb(sock.recv_multipart()[1])

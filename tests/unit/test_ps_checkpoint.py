@@ -20,8 +20,13 @@ from dist_llm_train.paramserver.types import JobSpec, PushHeader, TensorSpec
 
 def snapshot(version: int, n: int = 6) -> JobSnapshot:
     return JobSnapshot(
-        spec=JobSpec("job-1", mode="async", optimizer="adam", options={"adam_eps": "1e-7"},
-                     aggregation_params={"beta": 0.1}),
+        spec=JobSpec(
+            "job-1",
+            mode="async",
+            optimizer="adam",
+            options={"adam_eps": "1e-7"},
+            aggregation_params={"beta": 0.1},
+        ),
         layout=[TensorSpec("a", (2, 2), 0), TensorSpec("b", (2,), 4)],
         params=np.arange(n, dtype=np.float32) + version,
         version=version,
@@ -43,10 +48,19 @@ def test_round_trip_preserves_everything(tmp_path: Path) -> None:
     np.testing.assert_array_equal(back.params, snap.params)
     for k in snap.optimizer_arrays:
         np.testing.assert_array_equal(back.optimizer_arrays[k], snap.optimizer_arrays[k])
-    assert (back.spec, back.layout, back.version, back.members, back.open_membership) == \
-        (snap.spec, snap.layout, snap.version, snap.members, snap.open_membership)
-    assert (back.counters, back.last_loss, back.optimizer_scalars, back.seen_steps) == \
-        (snap.counters, snap.last_loss, snap.optimizer_scalars, snap.seen_steps)
+    assert (back.spec, back.layout, back.version, back.members, back.open_membership) == (
+        snap.spec,
+        snap.layout,
+        snap.version,
+        snap.members,
+        snap.open_membership,
+    )
+    assert (back.counters, back.last_loss, back.optimizer_scalars, back.seen_steps) == (
+        snap.counters,
+        snap.last_loss,
+        snap.optimizer_scalars,
+        snap.seen_steps,
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["job-1.ckpt.npz"]  # no temp file left
 
 
@@ -100,7 +114,9 @@ KILLER = textwrap.dedent("""
 def test_killed_writer_never_replaces_a_good_checkpoint(tmp_path: Path, where: str) -> None:
     ck.write_checkpoint(tmp_path, snapshot(1))
     script = KILLER.format(tests=str(Path(__file__).parent))
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path), where], capture_output=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), where], capture_output=True, timeout=60
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert len(leftovers) == 1  # the writer really died mid-way

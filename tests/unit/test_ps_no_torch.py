@@ -14,5 +14,7 @@ def test_paramserver_imports_without_torch() -> None:
         "import dist_llm_train.paramserver.grpc_client, dist_llm_train.paramserver.zmq_client\n"
         "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

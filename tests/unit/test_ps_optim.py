@@ -93,7 +93,9 @@ def test_step_never_mutates_its_inputs() -> None:
 
 
 def test_options_are_parsed_and_checked() -> None:
-    opt = make_optimizer(JobSpec("j", optimizer="adam", options={"adam_beta2": "0.99", "adam_eps": "1e-6"}), 2)
+    opt = make_optimizer(
+        JobSpec("j", optimizer="adam", options={"adam_beta2": "0.99", "adam_eps": "1e-6"}), 2
+    )
     assert isinstance(opt, Adam) and math.isclose(opt.beta2, 0.99) and math.isclose(opt.eps, 1e-6)
     assert isinstance(make_optimizer(JobSpec("j", optimizer="sgd", options={"nesterov": "true"}), 2), SGD)
     for options in ({"adam_beta2": "lots"}, {"adam_beta2": "1.5"}, {"adam_eps": "nan"}):

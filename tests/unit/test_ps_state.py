@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,21 +23,29 @@ class FakeClock:
         return self.t
 
 
-def make_store(**kw: object) -> tuple[ParameterStore, FakeClock]:
+def make_store(**kw: Any) -> tuple[ParameterStore, FakeClock]:
     clock = FakeClock()
-    return ParameterStore(1 << 20, clock=clock, **kw), clock  # type: ignore[arg-type]
+    return ParameterStore(1 << 20, clock=clock, **kw), clock
 
 
-def init(store: ParameterStore, job_id: str = "j", n: int = 4, members: list[str] | None = None,
-         **spec_kw: object) -> np.ndarray:
-    spec = JobSpec(job_id, optimizer="sgd", learning_rate=1.0, momentum=0.0, **spec_kw)  # type: ignore[arg-type]
+def init(
+    store: ParameterStore, job_id: str = "j", n: int = 4, members: list[str] | None = None, **spec_kw: Any
+) -> np.ndarray:
+    spec = JobSpec(job_id, optimizer="sgd", learning_rate=1.0, momentum=0.0, **spec_kw)
     params = np.zeros(n, np.float32)
     store.init_job(spec, [TensorSpec("w", (n,), 0)], params, members or [])
     return params
 
 
-def push(store: ParameterStore, worker: str, step: int, base: int, value: float = 1.0, n: int = 4,
-         job_id: str = "j") -> PushOutcome:
+def push(
+    store: ParameterStore,
+    worker: str,
+    step: int,
+    base: int,
+    value: float = 1.0,
+    n: int = 4,
+    job_id: str = "j",
+) -> PushOutcome:
     payload = np.full(n, value, "<f4").tobytes()
     return store.push(PushHeader(job_id, worker, step, base, payload_bytes=len(payload)), payload).outcome
 
@@ -79,7 +88,9 @@ def test_blocking_pull_wakes_when_the_round_closes() -> None:
     init(store, members=["a", "b"])
     push(store, "a", 1, 0)
     result: list[int] = []
-    t = threading.Thread(target=lambda: result.append(store.pull("j", "a", min_version=1, wait_timeout_s=30).version))
+    t = threading.Thread(
+        target=lambda: result.append(store.pull("j", "a", min_version=1, wait_timeout_s=30).version)
+    )
     t.start()
     push(store, "b", 1, 0)
     t.join(timeout=30)
@@ -183,3 +194,71 @@ def test_members_are_deduplicated_and_validated() -> None:
     with pytest.raises(PSError):
         store.set_members("j", ["ok", "x" * 300])
     assert store.stats("j")[0].members == ["a", "b"]
+
+
+def _push_encoded(
+    store: ParameterStore, worker: str, step: int, base: int, vec: np.ndarray, codec: str
+) -> PushOutcome:
+    import msgpack
+
+    from dist_llm_train.training.codecs import get_codec
+
+    enc = get_codec(codec, ratio=0.5).encode(vec)
+    header = PushHeader(
+        "j",
+        worker,
+        step,
+        base,
+        codec=codec,
+        codec_meta=msgpack.packb(enc.meta),
+        payload_bytes=len(enc.payload),
+    )
+    return store.push(header, enc.payload).outcome
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8", "topk"])
+def test_registry_codecs_are_decoded(codec: str) -> None:
+    store, _ = make_store()
+    init(store, n=8, mode="async")
+    vec = np.array([4.0, -2.0, 0.5, 0.0, 1.0, -8.0, 0.25, 2.0], np.float32)
+    assert _push_encoded(store, "a", 1, 0, vec, codec) is PushOutcome.APPLIED
+    got = -store.pull("j", "a").params  # lr 1 from zeros: params = -decoded update
+    if codec == "topk":  # keeps the 4 largest magnitudes
+        np.testing.assert_array_equal(got, np.where(np.abs(vec) >= 2.0, vec, 0.0))
+    else:
+        np.testing.assert_allclose(got, vec, atol=0.07)
+
+
+def test_robust_rule_ignores_an_outlier() -> None:
+    store, _ = make_store()
+    init(store, members=["a", "b", "c"], aggregation="median")
+    push(store, "a", 1, 0, value=1.0)
+    push(store, "b", 1, 0, value=2.0)
+    push(store, "c", 1, 0, value=1e6)
+    np.testing.assert_array_equal(store.pull("j", "a").params, np.full(4, -2.0))
+
+
+def test_rule_undefined_for_a_short_round_falls_back_to_median() -> None:
+    store, clock = make_store()
+    init(
+        store,
+        members=["a", "b", "c", "d"],
+        aggregation="krum",
+        aggregation_params={"f": 1.0},
+        straggler_timeout_s=1.0,
+    )
+    for w, value in (("a", 1.0), ("b", 3.0), ("c", 1e6)):
+        push(store, w, 1, 0, value=value)
+    clock.t += 2
+    assert store.expire_rounds() == 1  # 3 updates < 2f+3: krum is undefined for this round
+    np.testing.assert_array_equal(store.pull("j", "a").params, np.full(4, -3.0))
+    assert store.stats("j")[0].counters["aggregation_fallback_median"] == 1
+
+
+def test_unknown_rule_or_bad_params_refused_at_init() -> None:
+    store, _ = make_store()
+    for kw in ({"aggregation": "vibes"}, {"aggregation": "krum", "aggregation_params": {"f": 0.5}}):
+        with pytest.raises(PSError) as err:
+            init(store, job_id="bad", **kw)
+        assert err.value.code is ErrorCode.INVALID_ARGUMENT
+    assert store.stats("bad") == []

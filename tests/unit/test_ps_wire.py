@@ -35,15 +35,24 @@ def test_spec_from_dict_checks_names_and_types() -> None:
     spec = wire.spec_from_dict({"job_id": "j", "learning_rate": 1, "aggregation_params": {"f": 1}})
     assert spec == JobSpec("j", learning_rate=1.0, aggregation_params={"f": 1})
     assert isinstance(spec.learning_rate, float)
-    for bad in ({"job_id": 3}, {"job_id": "j", "extra": 1}, {"job_id": "j", "total_steps": 1.5},
-                {"job_id": "j", "options": {"k": 1}}, {"job_id": "j", "max_staleness": True}, {}, [1]):
+    for bad in (
+        {"job_id": 3},
+        {"job_id": "j", "extra": 1},
+        {"job_id": "j", "total_steps": 1.5},
+        {"job_id": "j", "options": {"k": 1}},
+        {"job_id": "j", "max_staleness": True},
+        {},
+        [1],
+    ):
         with pytest.raises(PSError) as err:
             wire.spec_from_dict(bad)
         assert err.value.code is ErrorCode.INVALID_ARGUMENT
 
 
 def test_header_from_dict() -> None:
-    h = wire.header_from_dict({"job_id": "j", "worker_id": "w", "step": 1, "base_version": 0, "codec_meta": b"\x80"})
+    h = wire.header_from_dict(
+        {"job_id": "j", "worker_id": "w", "step": 1, "base_version": 0, "codec_meta": b"\x80"}
+    )
     assert h == PushHeader("j", "w", 1, 0, codec_meta=b"\x80")
     with pytest.raises(PSError):
         wire.header_from_dict({"job_id": "j", "worker_id": "w", "step": "1", "base_version": 0})

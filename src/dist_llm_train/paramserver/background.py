@@ -20,7 +20,9 @@ from dist_llm_train.paramserver.server import RunningServer, start_server
 
 
 class BackgroundServer:
-    def __init__(self, cfg: ParamServerConfig, *, with_metrics: bool = True, start_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, cfg: ParamServerConfig, *, with_metrics: bool = True, start_timeout_s: float = 30.0
+    ) -> None:
         self.cfg = cfg
         self._with_metrics = with_metrics
         self._timeout = start_timeout_s
@@ -69,6 +71,7 @@ class BackgroundServer:
     def __enter__(self) -> BackgroundServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

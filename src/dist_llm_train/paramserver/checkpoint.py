@@ -94,7 +94,7 @@ def read_checkpoint(path: Path) -> JobSnapshot:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             params = np.array(z["params"], dtype=np.float32)
-            opt = {k[len("opt."):]: np.array(z[k]) for k in z.files if k.startswith("opt.")}
+            opt = {k[len("opt.") :]: np.array(z[k]) for k in z.files if k.startswith("opt.")}
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"unsupported format_version {meta.get('format_version')}")
         spec = JobSpec(**meta["spec"])

@@ -45,11 +45,15 @@ class PSClient(ABC):
             self.bytes_received += received
 
     @abstractmethod
-    def init_job(self, spec: JobSpec, layout: list[TensorSpec], params: np.ndarray, members: list[str]) -> InitResult:
+    def init_job(
+        self, spec: JobSpec, layout: list[TensorSpec], params: np.ndarray, members: list[str]
+    ) -> InitResult:
         """Create the job (or confirm an identical one); `params` is flat float32."""
 
     @abstractmethod
-    def pull(self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0) -> PulledParams:
+    def pull(
+        self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0
+    ) -> PulledParams:
         """Current parameters; with min_version, wait up to wait_timeout_s for that version.
         The returned array is a private, writable copy."""
 
@@ -71,8 +75,9 @@ class PSClient(ABC):
     def __enter__(self) -> PSClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -81,8 +86,14 @@ def as_float32(params: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(params).reshape(-1), dtype="<f4")
 
 
-def connect(transport: str, address: str, timeout_s: float = 30, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-            max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> PSClient:
+def connect(
+    transport: str,
+    address: str,
+    timeout_s: float = 30,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> PSClient:
     """A client for `address` ("host:port"). Connecting is lazy: an unreachable server shows
     up as PSError(UNAVAILABLE) on the first call, never here."""
     if timeout_s <= 0:

@@ -30,7 +30,7 @@ T = TypeVar("T")
 def _chunks(data: memoryview, size: int) -> Iterator[bytes]:
     """Serialized data chunks; with `_raw` methods below they go on the wire as they are."""
     for start in range(0, len(data), size):
-        yield wire.encode_data_chunk(data[start:start + size])
+        yield wire.encode_data_chunk(data[start : start + size])
 
 
 class GrpcPSClient(PSClient):
@@ -45,12 +45,21 @@ class GrpcPSClient(PSClient):
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         # Bulk methods take/return serialized chunks, skipping a protobuf copy of every chunk.
         path = f"/{wire.SERVICE}/"
-        self._init_raw = self._channel.stream_unary(path + "InitJob", request_serializer=wire.passthrough,
-                                                    response_deserializer=pb.InitJobResponse.FromString)
-        self._push_raw = self._channel.stream_unary(path + "Push", request_serializer=wire.passthrough,
-                                                    response_deserializer=pb.PushResponse.FromString)
-        self._pull_raw = self._channel.unary_stream(path + "Pull", request_serializer=pb.PullRequest.SerializeToString,
-                                                    response_deserializer=wire.chunk_deserializer(pb.ParamChunk))
+        self._init_raw = self._channel.stream_unary(
+            path + "InitJob",
+            request_serializer=wire.passthrough,
+            response_deserializer=pb.InitJobResponse.FromString,
+        )
+        self._push_raw = self._channel.stream_unary(
+            path + "Push",
+            request_serializer=wire.passthrough,
+            response_deserializer=pb.PushResponse.FromString,
+        )
+        self._pull_raw = self._channel.unary_stream(
+            path + "Pull",
+            request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=wire.chunk_deserializer(pb.ParamChunk),
+        )
 
     @staticmethod
     def _call(fn: Callable[[], T]) -> T:
@@ -61,10 +70,16 @@ class GrpcPSClient(PSClient):
             details = err.details() if isinstance(err, grpc.Call) else str(err)
             raise wire.error_from_status(code, details) from None
 
-    def init_job(self, spec: JobSpec, layout: list[TensorSpec], params: np.ndarray, members: list[str]) -> InitResult:
+    def init_job(
+        self, spec: JobSpec, layout: list[TensorSpec], params: np.ndarray, members: list[str]
+    ) -> InitResult:
         flat = as_float32(params)
-        header = pb.InitJobHeader(spec=wire.spec_to_pb(spec), layout=wire.layout_to_pb(layout),
-                                  num_params=int(flat.shape[0]), members=list(members))
+        header = pb.InitJobHeader(
+            spec=wire.spec_to_pb(spec),
+            layout=wire.layout_to_pb(layout),
+            num_params=int(flat.shape[0]),
+            members=list(members),
+        )
 
         def stream() -> Iterator[bytes]:
             yield pb.InitJobChunk(header=header).SerializeToString()
@@ -74,9 +89,12 @@ class GrpcPSClient(PSClient):
         self._count(sent=flat.nbytes)
         return InitResult(created=resp.created, version=resp.version)
 
-    def pull(self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0) -> PulledParams:
-        request = pb.PullRequest(job_id=job_id, worker_id=worker_id, min_version=min_version,
-                                 wait_timeout_s=wait_timeout_s)
+    def pull(
+        self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0
+    ) -> PulledParams:
+        request = pb.PullRequest(
+            job_id=job_id, worker_id=worker_id, min_version=min_version, wait_timeout_s=wait_timeout_s
+        )
 
         def collect() -> PulledParams:
             stream = self._pull_raw(request, timeout=self.timeout_s + max(wait_timeout_s, 0.0))
@@ -97,10 +115,16 @@ class GrpcPSClient(PSClient):
                 buf[filled:end] = data
                 filled = end
             if header is None or filled != len(buf):
-                raise PSError(ErrorCode.UNAVAILABLE, f"parameter stream ended early ({filled}/{len(buf)} bytes)")
+                raise PSError(
+                    ErrorCode.UNAVAILABLE, f"parameter stream ended early ({filled}/{len(buf)} bytes)"
+                )
             self._count(received=filled)
-            return PulledParams(version=header.version, params=np.frombuffer(buf, dtype=wire.FLOAT32),
-                                layout=wire.layout_from_pb(header.layout), job_complete=header.job_complete)
+            return PulledParams(
+                version=header.version,
+                params=np.frombuffer(buf, dtype=wire.FLOAT32),
+                layout=wire.layout_from_pb(header.layout),
+                job_complete=header.job_complete,
+            )
 
         return self._call(collect)
 
@@ -114,12 +138,17 @@ class GrpcPSClient(PSClient):
         return wire.result_from_pb(resp)
 
     def set_members(self, job_id: str, members: list[str]) -> list[str]:
-        resp = self._call(lambda: self._stub.SetMembers(
-            pb.SetMembersRequest(job_id=job_id, members=list(members)), timeout=self.timeout_s))
+        resp = self._call(
+            lambda: self._stub.SetMembers(
+                pb.SetMembersRequest(job_id=job_id, members=list(members)), timeout=self.timeout_s
+            )
+        )
         return list(resp.members)
 
     def stats(self, job_id: str | None = None) -> list[JobStats]:
-        resp = self._call(lambda: self._stub.GetStats(pb.StatsRequest(job_id=job_id or ""), timeout=self.timeout_s))
+        resp = self._call(
+            lambda: self._stub.GetStats(pb.StatsRequest(job_id=job_id or ""), timeout=self.timeout_s)
+        )
         return [wire.stats_from_pb(s) for s in resp.jobs]
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dist_llm_train.paramserver import wire
 from dist_llm_train.paramserver.metrics import PSMetrics
-from dist_llm_train.paramserver.state import ParameterStore
+from dist_llm_train.paramserver.state import ParameterStore, run_store_call
 from dist_llm_train.paramserver.types import ErrorCode, PSError
 from dist_llm_train.proto import paramserver_pb2 as pb
 from dist_llm_train.proto import paramserver_pb2_grpc as pb_grpc
@@ -57,10 +57,14 @@ async def _read_data(requests: AsyncIterator[Any], expected: int) -> memoryview 
             raise PSError(ErrorCode.INVALID_ARGUMENT, "only the first message of the stream may be a header")
         total += len(data)
         if total > expected:
-            raise PSError(ErrorCode.INVALID_ARGUMENT, f"stream carries more than the {expected} bytes announced")
+            raise PSError(
+                ErrorCode.INVALID_ARGUMENT, f"stream carries more than the {expected} bytes announced"
+            )
         parts.append(data)
     if total != expected:
-        raise PSError(ErrorCode.INVALID_ARGUMENT, f"stream carried {total} bytes, header announced {expected}")
+        raise PSError(
+            ErrorCode.INVALID_ARGUMENT, f"stream carried {total} bytes, header announced {expected}"
+        )
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
@@ -83,13 +87,18 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             header = await _first_header(request_iterator)
             limit = self.store.max_payload_bytes
             if header.num_params * 4 > limit:
-                raise PSError(ErrorCode.RESOURCE_EXHAUSTED,
-                              f"{header.num_params} params exceed the server's {limit}-byte limit")
+                raise PSError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"{header.num_params} params exceed the server's {limit}-byte limit",
+                )
             data = await _read_data(request_iterator, max(header.num_params, 0) * 4)
             self.metrics.bytes_received.inc(len(data))
             params = np.frombuffer(data, dtype=wire.FLOAT32)
             result = await asyncio.to_thread(
-                self.store.init_job, wire.spec_from_pb(header.spec), wire.layout_from_pb(header.layout), params,
+                self.store.init_job,
+                wire.spec_from_pb(header.spec),
+                wire.layout_from_pb(header.layout),
+                params,
                 list(header.members),
             )
             return pb.InitJobResponse(created=result.created, version=result.version)
@@ -98,18 +107,24 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     async def Pull(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Yields serialized ParamChunks (the handler's serializer passes bytes through)."""
+
         async def work() -> Any:
-            return await self.store.pull_async(request.job_id, request.worker_id, request.min_version,
-                                               request.wait_timeout_s)
+            return await self.store.pull_async(
+                request.job_id, request.worker_id, request.min_version, request.wait_timeout_s
+            )
 
         pulled = await self._guard(context, work)
-        header = pb.ParamHeader(version=pulled.version, num_params=int(pulled.params.shape[0]),
-                                layout=wire.layout_to_pb(pulled.layout), job_complete=pulled.job_complete)
+        header = pb.ParamHeader(
+            version=pulled.version,
+            num_params=int(pulled.params.shape[0]),
+            layout=wire.layout_to_pb(pulled.layout),
+            job_complete=pulled.job_complete,
+        )
         yield pb.ParamChunk(header=header).SerializeToString()
         view = pulled.params.data.cast("B")
         step = self.chunk_bytes
         for start in range(0, len(view), step):
-            chunk = view[start:start + step]
+            chunk = view[start : start + step]
             yield wire.encode_data_chunk(chunk)
             self.metrics.bytes_sent.inc(len(chunk))
 
@@ -125,7 +140,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 self.store.note_rejection(header.job_id, err)
                 raise
             self.metrics.bytes_received.inc(len(payload))
-            result = await asyncio.to_thread(self.store.push, header, payload)
+            result = await run_store_call(
+                self.store.push_cost_bytes(header, len(payload)), self.store.push, header, payload
+            )
             return wire.result_to_pb(result)
 
         try:
@@ -133,17 +150,22 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         finally:
             self.metrics.push_latency.labels("grpc").observe(time.perf_counter() - started)
 
-    async def SetMembers(self, request: pb.SetMembersRequest, context: grpc.aio.ServicerContext
-                         ) -> pb.SetMembersResponse:
+    async def SetMembers(
+        self, request: pb.SetMembersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetMembersResponse:
         async def work() -> pb.SetMembersResponse:
-            version, members = await asyncio.to_thread(self.store.set_members, request.job_id, list(request.members))
+            version, members = await asyncio.to_thread(
+                self.store.set_members, request.job_id, list(request.members)
+            )
             return pb.SetMembersResponse(version=version, members=members)
 
         return await self._guard(context, work)
 
     async def GetStats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         async def work() -> pb.StatsResponse:
-            return pb.StatsResponse(jobs=[wire.stats_to_pb(s) for s in self.store.stats(request.job_id or None)])
+            return pb.StatsResponse(
+                jobs=[wire.stats_to_pb(s) for s in self.store.stats(request.job_id or None)]
+            )
 
         return await self._guard(context, work)
 
@@ -153,27 +175,45 @@ def method_handlers(servicer: ParameterServerServicer) -> dict[str, grpc.RpcMeth
     objects (see `wire.encode_data_chunk`); the messages on the wire are unchanged."""
     return {
         "InitJob": grpc.stream_unary_rpc_method_handler(
-            servicer.InitJob, request_deserializer=wire.chunk_deserializer(pb.InitJobChunk),
-            response_serializer=pb.InitJobResponse.SerializeToString),
+            servicer.InitJob,
+            request_deserializer=wire.chunk_deserializer(pb.InitJobChunk),
+            response_serializer=pb.InitJobResponse.SerializeToString,
+        ),
         "Pull": grpc.unary_stream_rpc_method_handler(
-            servicer.Pull, request_deserializer=pb.PullRequest.FromString, response_serializer=wire.passthrough),
+            servicer.Pull,
+            request_deserializer=pb.PullRequest.FromString,
+            response_serializer=wire.passthrough,
+        ),
         "Push": grpc.stream_unary_rpc_method_handler(
-            servicer.Push, request_deserializer=wire.chunk_deserializer(pb.PushChunk),
-            response_serializer=pb.PushResponse.SerializeToString),
+            servicer.Push,
+            request_deserializer=wire.chunk_deserializer(pb.PushChunk),
+            response_serializer=pb.PushResponse.SerializeToString,
+        ),
         "SetMembers": grpc.unary_unary_rpc_method_handler(
-            servicer.SetMembers, request_deserializer=pb.SetMembersRequest.FromString,
-            response_serializer=pb.SetMembersResponse.SerializeToString),
+            servicer.SetMembers,
+            request_deserializer=pb.SetMembersRequest.FromString,
+            response_serializer=pb.SetMembersResponse.SerializeToString,
+        ),
         "GetStats": grpc.unary_unary_rpc_method_handler(
-            servicer.GetStats, request_deserializer=pb.StatsRequest.FromString,
-            response_serializer=pb.StatsResponse.SerializeToString),
+            servicer.GetStats,
+            request_deserializer=pb.StatsRequest.FromString,
+            response_serializer=pb.StatsResponse.SerializeToString,
+        ),
     }
 
 
 class GrpcServer:
     """The aio server with the PS servicer, the standard health service and reflection."""
 
-    def __init__(self, store: ParameterStore, metrics: PSMetrics, host: str, port: int, chunk_bytes: int,
-                 max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        store: ParameterStore,
+        metrics: PSMetrics,
+        host: str,
+        port: int,
+        chunk_bytes: int,
+        max_message_bytes: int,
+    ) -> None:
         limit = max(max_message_bytes, chunk_bytes) + wire.FRAMING_SLACK
         self._server = grpc.aio.server(options=wire.channel_options(limit))
         handlers = method_handlers(ParameterServerServicer(store, metrics, chunk_bytes))

@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dist_llm_train.paramserver import validation as v
-from dist_llm_train.paramserver.numerics import Aggregator, Buffer, decode_update, make_aggregator
+from dist_llm_train.paramserver.numerics import (
+    FALLBACK_RULE,
+    Aggregator,
+    Buffer,
+    decode_update,
+    fallback_aggregator,
+    make_aggregator,
+)
 from dist_llm_train.paramserver.observer import NULL_OBSERVER, StoreObserver
 from dist_llm_train.paramserver.optim import ServerOptimizer, make_optimizer
 from dist_llm_train.paramserver.types import (
@@ -106,7 +113,9 @@ class JobState:
         self.on_version: Callable[[JobState], None] | None = None  # e.g. checkpoint scheduling
 
     @staticmethod
-    def validated(spec: JobSpec, layout: Sequence[TensorSpec], params: np.ndarray, members: Sequence[str]) -> None:
+    def validated(
+        spec: JobSpec, layout: Sequence[TensorSpec], params: np.ndarray, members: Sequence[str]
+    ) -> None:
         """Raise PSError for anything that would make a bad job; no side effects."""
         v.check_spec(spec)
         if params.ndim != 1:
@@ -152,8 +161,10 @@ class JobState:
     # -- pushing ---------------------------------------------------------------------
     def check_member(self, worker_id: str) -> None:
         if not self.open_membership and worker_id not in self.members:
-            raise PSError(ErrorCode.PERMISSION_DENIED,
-                          f"worker {worker_id!r} is not a member of job {self.spec.job_id!r}")
+            raise PSError(
+                ErrorCode.PERMISSION_DENIED,
+                f"worker {worker_id!r} is not a member of job {self.spec.job_id!r}",
+            )
 
     def count_rejection(self, err: PSError) -> None:
         with self._lock:
@@ -185,10 +196,16 @@ class JobState:
             return PushResult(PushOutcome.JOB_COMPLETE, self.version, staleness, "job reached total_steps")
         seen = self._seen.get(header.worker_id)
         if seen is not None and header.step in seen:
-            return PushResult(PushOutcome.DUPLICATE, self.version, staleness,
-                              f"step {header.step} of {header.worker_id!r} was already received")
+            return PushResult(
+                PushOutcome.DUPLICATE,
+                self.version,
+                staleness,
+                f"step {header.step} of {header.worker_id!r} was already received",
+            )
         if staleness < 0:
-            raise v.invalid(f"base_version {header.base_version} is ahead of the server's version {self.version}")
+            raise v.invalid(
+                f"base_version {header.base_version} is ahead of the server's version {self.version}"
+            )
         if self.spec.mode == "sync":
             result = self._sync_push(header, vec, staleness)
         else:
@@ -210,12 +227,20 @@ class JobState:
 
     def _sync_push(self, header: PushHeader, vec: np.ndarray, staleness: int) -> PushResult:
         if staleness > 0:
-            return PushResult(PushOutcome.LATE_DROPPED, self.version, staleness,
-                              f"round {header.base_version} already closed; pull version {self.version}")
+            return PushResult(
+                PushOutcome.LATE_DROPPED,
+                self.version,
+                staleness,
+                f"round {header.base_version} already closed; pull version {self.version}",
+            )
         rnd = self._round
         if rnd is not None and header.worker_id in rnd.updates:
-            return PushResult(PushOutcome.DUPLICATE, self.version, 0,
-                              f"{header.worker_id!r} already contributed to round {self.version}")
+            return PushResult(
+                PushOutcome.DUPLICATE,
+                self.version,
+                0,
+                f"{header.worker_id!r} already contributed to round {self.version}",
+            )
         if rnd is None:
             rnd = self._round = _Round(self.version, self._clock())
         rnd.updates[header.worker_id] = vec
@@ -224,13 +249,18 @@ class JobState:
         if self._round_done():
             self._close_round(timed_out=False)
             return PushResult(PushOutcome.APPLIED, self.version, 0, "round closed")
-        return PushResult(PushOutcome.BUFFERED, self.version, 0,
-                          f"waiting for {len(self._outstanding())} more member(s)")
+        return PushResult(
+            PushOutcome.BUFFERED, self.version, 0, f"waiting for {len(self._outstanding())} more member(s)"
+        )
 
     def _async_push(self, header: PushHeader, vec: np.ndarray, staleness: int) -> PushResult:
         if staleness > self.spec.max_staleness:
-            return PushResult(PushOutcome.STALE_REJECTED, self.version, staleness,
-                              f"staleness {staleness} > max_staleness {self.spec.max_staleness}; re-pull")
+            return PushResult(
+                PushOutcome.STALE_REJECTED,
+                self.version,
+                staleness,
+                f"staleness {staleness} > max_staleness {self.spec.max_staleness}; re-pull",
+            )
         self._join(header.worker_id)
         scale = 1.0 / (1.0 + staleness) if self.staleness_scaling == "inverse" else 1.0
         self.last_loss = header.loss
@@ -252,15 +282,16 @@ class JobState:
         assert rnd is not None and rnd.updates
         updates = list(rnd.updates.values())
         combined: np.ndarray
-        if len(updates) == 1:
+        if len(updates) == 1:  # every rule returns a lone update unchanged
             combined = updates[0]
         else:
+            stacked = np.stack(updates)
             try:
-                combined = self.aggregator.aggregate(np.stack(updates))
+                combined = self.aggregator.aggregate(stacked)
             except ValueError as err:
-                log.warning("job %s: aggregation failed (%s); using the mean for this round", self.spec.job_id, err)
-                self.counters["aggregation_fallback_mean"] += 1
-                combined = np.stack(updates).mean(axis=0, dtype=np.float32)
+                log.warning("job %s: %s; this round uses the %s", self.spec.job_id, err, FALLBACK_RULE)
+                self.counters[f"aggregation_fallback_{FALLBACK_RULE}"] += 1
+                combined = fallback_aggregator().aggregate(stacked)
         self._publish(self.optimizer.step(self.params, np.asarray(combined, dtype=np.float32)))
         self._round = None
         self.counters["rounds_closed"] += 1
@@ -277,6 +308,11 @@ class JobState:
         if self.on_version is not None:
             self.on_version(self)
 
+    def round_size(self) -> int:
+        """Updates buffered in the open sync round (a racy read is fine: it only sizes work)."""
+        rnd = self._round
+        return 0 if rnd is None else len(rnd.updates)
+
     def round_deadline(self) -> float | None:
         rnd = self._round
         return None if rnd is None else rnd.opened_at + self.spec.straggler_timeout_s
@@ -287,8 +323,12 @@ class JobState:
             deadline = self.round_deadline()
             if deadline is None or now < deadline or self._round is None or not self._round.updates:
                 return False
-            log.info("job %s: round %d timed out waiting for %s", self.spec.job_id, self.version,
-                     self._outstanding())
+            log.info(
+                "job %s: round %d timed out waiting for %s",
+                self.spec.job_id,
+                self.version,
+                self._outstanding(),
+            )
             self._close_round(timed_out=True)
             return True
 

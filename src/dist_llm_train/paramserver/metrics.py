@@ -23,20 +23,35 @@ class PSMetrics(StoreObserver):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.version_g = Gauge("dlt_ps_version", "Current parameter version of each job.", ["job"], registry=r)
-        self.members_g = Gauge("dlt_ps_members", "Workers in each job's round membership.", ["job"], registry=r)
-        self.pushes = Counter("dlt_ps_pushes", "Pushes accepted for processing, by outcome.", ["outcome"],
-                              registry=r)
-        self.rejected = Counter("dlt_ps_rejected", "Requests refused with an error, by error code.", ["reason"],
-                                registry=r)
-        self.bytes_received = Counter("dlt_ps_bytes_received", "Payload bytes received (pushes, InitJob).",
-                                      registry=r)
+        self.version_g = Gauge(
+            "dlt_ps_version", "Current parameter version of each job.", ["job"], registry=r
+        )
+        self.members_g = Gauge(
+            "dlt_ps_members", "Workers in each job's round membership.", ["job"], registry=r
+        )
+        self.pushes = Counter(
+            "dlt_ps_pushes", "Pushes accepted for processing, by outcome.", ["outcome"], registry=r
+        )
+        self.rejected = Counter(
+            "dlt_ps_rejected", "Requests refused with an error, by error code.", ["reason"], registry=r
+        )
+        self.bytes_received = Counter(
+            "dlt_ps_bytes_received", "Payload bytes received (pushes, InitJob).", registry=r
+        )
         self.bytes_sent = Counter("dlt_ps_bytes_sent", "Payload bytes sent (parameter pulls).", registry=r)
-        self.round_seconds = Histogram("dlt_ps_round_seconds", "Sync round duration, first update to close.",
-                                       buckets=ROUND_BUCKETS, registry=r)
-        self.push_latency = Histogram("dlt_ps_push_latency_seconds",
-                                      "Time from a push's header arriving to its reply.", ["transport"],
-                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.round_seconds = Histogram(
+            "dlt_ps_round_seconds",
+            "Sync round duration, first update to close.",
+            buckets=ROUND_BUCKETS,
+            registry=r,
+        )
+        self.push_latency = Histogram(
+            "dlt_ps_push_latency_seconds",
+            "Time from a push's header arriving to its reply.",
+            ["transport"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         for outcome in PushOutcome:
             self.pushes.labels(outcome.value)
 

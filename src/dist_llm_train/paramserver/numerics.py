@@ -1,10 +1,10 @@
 """The PS's only contact with training maths: decode a pushed update, aggregate a round.
 
-`dist_llm_train.training.codecs` and `.aggregation` own the real registries. Until they
-land, a minimal `none`/`fp16` decoder and a `mean` aggregator live here behind the two
-functions below; switching is one line in each (marked SWITCH). Whatever backs them, the
-contract the store relies on is the same: bad input raises `PSError(INVALID_ARGUMENT)`, and
-a decoded update is a finite flat float32 vector of exactly the job's length.
+The registries live in `dist_llm_train.training.codecs` and `.aggregation` (numpy only, so
+the PS stays torch-free); this module adapts them to the store's contract: bad input raises
+`PSError(INVALID_ARGUMENT)`, and a decoded update is a finite flat float32 vector of exactly
+the job's length. The `none` codec keeps a zero-copy fast path here because it is the bulk
+of PS ingest: the registry's generic decode copies the payload twice before checking it.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import msgpack
 import numpy as np
 
 from dist_llm_train.paramserver.types import ErrorCode, PSError
+from dist_llm_train.training.aggregation import get_aggregator
+from dist_llm_train.training.codecs import Encoded, get_codec
 
 Buffer = bytes | bytearray | memoryview
+FALLBACK_RULE = "median"  # robust and defined for any n >= 1
 
 
 class Aggregator(Protocol):
@@ -26,45 +29,18 @@ class Aggregator(Protocol):
         ...
 
 
-class _Mean:
-    name = "mean"
-
-    def aggregate(self, updates: np.ndarray) -> np.ndarray:
-        if updates.ndim != 2 or updates.shape[0] < 1:
-            raise ValueError(f"mean needs a non-empty (n, d) matrix, got shape {updates.shape}")
-        out: np.ndarray = updates.mean(axis=0, dtype=np.float32)
-        return out
-
-
-def _internal_aggregator(name: str, **params: float) -> Aggregator:
-    if name != "mean":
-        raise ValueError(f"unknown aggregation rule {name!r} (this build has: mean)")
-    if params:
-        raise ValueError(f"aggregation 'mean' takes no parameters, got {sorted(params)}")
-    return _Mean()
-
-
 def make_aggregator(name: str, params: Mapping[str, float]) -> Aggregator:
     """Build the job's aggregation rule; a bad name or parameter is the caller's error."""
     try:
-        return _internal_aggregator(name, **params)  # SWITCH: training.aggregation.get_aggregator
+        return get_aggregator(name, **params)
     except (ValueError, TypeError) as err:
         raise PSError(ErrorCode.INVALID_ARGUMENT, f"aggregation: {err}") from None
 
 
-def _decode_internal(codec: str, meta: dict[str, Any], payload: Buffer, size: int) -> np.ndarray:
-    dtype: np.dtype[Any]
-    if codec == "none":
-        dtype = np.dtype("<f4")
-    elif codec == "fp16":
-        dtype = np.dtype("<f2")
-    else:
-        raise ValueError(f"unknown codec {codec!r} (this build decodes: none, fp16)")
-    if len(payload) != size * dtype.itemsize:
-        raise ValueError(f"codec {codec!r} payload is {len(payload)} bytes, expected {size * dtype.itemsize} "
-                         f"for {size} parameters")
-    vec = np.frombuffer(payload, dtype=dtype)
-    return vec if dtype == np.float32 else vec.astype(np.float32)
+def fallback_aggregator() -> Aggregator:
+    """For a round the job's rule is not defined for (e.g. Krum after a straggler timeout left
+    fewer than 2f+3 updates): the coordinate-wise median, which stays robust, unlike the mean."""
+    return get_aggregator(FALLBACK_RULE)
 
 
 def _unpack_meta(meta: bytes) -> dict[str, Any]:
@@ -81,6 +57,14 @@ def _unpack_meta(meta: bytes) -> dict[str, Any]:
     return out
 
 
+def _decode(codec: str, meta: dict[str, Any], payload: Buffer, size: int) -> np.ndarray:
+    if codec == "none":  # raw little-endian float32: a view, no copy
+        if len(payload) != 4 * size:
+            raise ValueError(f"none payload is {len(payload)} bytes; a vector of {size} needs {4 * size}")
+        return np.frombuffer(payload, dtype="<f4")
+    return get_codec(codec).decode(Encoded(bytes(payload), meta), size)
+
+
 def decode_update(codec: str, meta: bytes, payload: Buffer, size: int) -> np.ndarray:
     """Decode one pushed payload into a finite float32 vector of `size` elements.
 
@@ -88,9 +72,9 @@ def decode_update(codec: str, meta: bytes, payload: Buffer, size: int) -> np.nda
     """
     meta_dict = _unpack_meta(meta)
     try:
-        vec = _decode_internal(codec, meta_dict, payload, size)  # SWITCH: training.codecs.get_codec(...).decode
+        vec = _decode(codec, meta_dict, payload, size)
     except (ValueError, TypeError, KeyError) as err:
-        raise PSError(ErrorCode.INVALID_ARGUMENT, f"cannot decode update: {err}") from None
+        raise PSError(ErrorCode.INVALID_ARGUMENT, f"cannot decode {codec!r} update: {err}") from None
     vec = np.asarray(vec, dtype=np.float32).reshape(-1)
     if vec.shape[0] != size:
         raise PSError(ErrorCode.INVALID_ARGUMENT, f"update has {vec.shape[0]} elements, job has {size}")

@@ -74,7 +74,9 @@ class Adam(ServerOptimizer):
 
     name = "adam"
 
-    def __init__(self, size: int, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+    def __init__(
+        self, size: int, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8
+    ) -> None:
         self.size, self.lr, self.beta1, self.beta2, self.eps = size, lr, beta1, beta2, eps
         self.t = 0
         self.m: np.ndarray = np.zeros(size, np.float32)
@@ -126,8 +128,9 @@ def _option(options: dict[str, str], key: str, default: Any, kind: type) -> Any:
             return raw.lower() in ("true", "1")
         value = kind(raw)
     except ValueError:
-        raise PSError(ErrorCode.INVALID_ARGUMENT,
-                      f"spec.options[{key!r}]={raw!r} is not a valid {kind.__name__}") from None
+        raise PSError(
+            ErrorCode.INVALID_ARGUMENT, f"spec.options[{key!r}]={raw!r} is not a valid {kind.__name__}"
+        ) from None
     if kind is float and not math.isfinite(value):
         raise PSError(ErrorCode.INVALID_ARGUMENT, f"spec.options[{key!r}] must be finite")
     return value

@@ -83,7 +83,11 @@ async def _expire_rounds(store: ParameterStore) -> None:
     """Close sync rounds whose straggler timeout passed, sleeping until the next deadline."""
     while True:
         deadline = store.next_deadline()
-        if deadline is not None and deadline <= store.now() and await asyncio.to_thread(store.expire_rounds) > 0:
+        if (
+            deadline is not None
+            and deadline <= store.now()
+            and await asyncio.to_thread(store.expire_rounds) > 0
+        ):
             continue
         wait = MAX_TICK_S if deadline is None else min(MAX_TICK_S, max(deadline - store.now(), 0.001))
         await asyncio.sleep(wait)
@@ -102,7 +106,9 @@ async def start_server(cfg: ParamServerConfig, *, with_metrics: bool = True) -> 
     if cfg.checkpoint_dir:
         for snap in load_all(Path(cfg.checkpoint_dir)):
             store.restore(snap)
-            log.info("resumed job %s at version %d from %s", snap.spec.job_id, snap.version, cfg.checkpoint_dir)
+            log.info(
+                "resumed job %s at version %d from %s", snap.spec.job_id, snap.version, cfg.checkpoint_dir
+            )
     transport: _Transport
     if cfg.transport == "grpc":
         transport = GrpcServer(store, metrics, cfg.host, cfg.port, cfg.chunk_bytes, max_bytes)
@@ -118,8 +124,12 @@ async def start_server(cfg: ParamServerConfig, *, with_metrics: bool = True) -> 
 async def serve(cfg: ParamServerConfig) -> None:
     """Serve until SIGTERM/SIGINT, then checkpoint every job and exit."""
     running = await start_server(cfg)
-    log.info("paramserver ready transport=%s port=%d metrics_port=%s", cfg.transport, running.port,
-             running.metrics_port)
+    log.info(
+        "paramserver ready transport=%s port=%d metrics_port=%s",
+        cfg.transport,
+        running.port,
+        running.metrics_port,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -79,8 +79,10 @@ def check_layout(layout: Sequence[TensorSpec], num_params: int) -> None:
         if any(d < 0 for d in t.shape):
             raise invalid(f"layout tensor {t.name!r} has a negative dimension {t.shape}")
         if t.offset < 0 or t.offset + t.size > num_params:
-            raise invalid(f"layout tensor {t.name!r} [{t.offset}, {t.offset + t.size}) lies outside "
-                          f"the {num_params}-element vector")
+            raise invalid(
+                f"layout tensor {t.name!r} [{t.offset}, {t.offset + t.size}) lies outside "
+                f"the {num_params}-element vector"
+            )
         spans.append((t.offset, t.offset + t.size, t.name))
     spans.sort()
     for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):

@@ -43,6 +43,7 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.experimental.tcp_read_chunk_size", 4 << 20),
         ("grpc.experimental.tcp_min_read_chunk_size", 1 << 20),
         ("grpc.experimental.tcp_max_read_chunk_size", 16 << 20),
+        ("grpc.http2.lookahead_bytes", 32 << 20),
     ]
 
 
@@ -119,9 +120,17 @@ def error_from_status(status: grpc.StatusCode | None, details: str | None) -> PS
 # -- protobuf ------------------------------------------------------------------------------
 def spec_to_pb(s: JobSpec) -> pb.JobSpec:
     return pb.JobSpec(
-        job_id=s.job_id, mode=s.mode, max_staleness=s.max_staleness, straggler_timeout_s=s.straggler_timeout_s,
-        optimizer=s.optimizer, learning_rate=s.learning_rate, momentum=s.momentum, aggregation=s.aggregation,
-        aggregation_params=s.aggregation_params, total_steps=s.total_steps, options=s.options,
+        job_id=s.job_id,
+        mode=s.mode,
+        max_staleness=s.max_staleness,
+        straggler_timeout_s=s.straggler_timeout_s,
+        optimizer=s.optimizer,
+        learning_rate=s.learning_rate,
+        momentum=s.momentum,
+        aggregation=s.aggregation,
+        aggregation_params=s.aggregation_params,
+        total_steps=s.total_steps,
+        options=s.options,
     )
 
 
@@ -132,10 +141,17 @@ def spec_from_pb(m: pb.JobSpec) -> JobSpec:
     """proto3 cannot tell "unset" from "", so empty names mean the JobSpec defaults."""
     d = _DEFAULT_SPEC
     return JobSpec(
-        job_id=m.job_id, mode=m.mode or d.mode, optimizer=m.optimizer or d.optimizer,
-        aggregation=m.aggregation or d.aggregation, max_staleness=m.max_staleness,
-        straggler_timeout_s=m.straggler_timeout_s, learning_rate=m.learning_rate, momentum=m.momentum,
-        aggregation_params=dict(m.aggregation_params), total_steps=m.total_steps, options=dict(m.options),
+        job_id=m.job_id,
+        mode=m.mode or d.mode,
+        optimizer=m.optimizer or d.optimizer,
+        aggregation=m.aggregation or d.aggregation,
+        max_staleness=m.max_staleness,
+        straggler_timeout_s=m.straggler_timeout_s,
+        learning_rate=m.learning_rate,
+        momentum=m.momentum,
+        aggregation_params=dict(m.aggregation_params),
+        total_steps=m.total_steps,
+        options=dict(m.options),
     )
 
 
@@ -167,8 +183,12 @@ def result_from_pb(m: pb.PushResponse) -> PushResult:
 
 
 def result_to_pb(r: PushResult) -> pb.PushResponse:
-    return pb.PushResponse(outcome=pb.PushOutcome.Value(r.outcome.value), version=r.version,
-                           staleness=r.staleness, message=r.message)
+    return pb.PushResponse(
+        outcome=pb.PushOutcome.Value(r.outcome.value),
+        version=r.version,
+        staleness=r.staleness,
+        message=r.message,
+    )
 
 
 def stats_to_pb(s: JobStats) -> pb.JobStats:
@@ -176,15 +196,25 @@ def stats_to_pb(s: JobStats) -> pb.JobStats:
 
 
 def stats_from_pb(m: pb.JobStats) -> JobStats:
-    return JobStats(job_id=m.job_id, version=m.version, mode=m.mode, members=list(m.members),
-                    counters=dict(m.counters), last_loss=m.last_loss, complete=m.complete, num_params=m.num_params)
+    return JobStats(
+        job_id=m.job_id,
+        version=m.version,
+        mode=m.mode,
+        members=list(m.members),
+        counters=dict(m.counters),
+        last_loss=m.last_loss,
+        complete=m.complete,
+        num_params=m.num_params,
+    )
 
 
 # -- msgpack dicts ---------------------------------------------------------------------------
 def _matches(value: Any, hint: Any) -> bool:
     if get_origin(hint) is dict:
         _, item = get_args(hint)
-        return isinstance(value, dict) and all(isinstance(k, str) and _matches(x, item) for k, x in value.items())
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and _matches(x, item) for k, x in value.items()
+        )
     if isinstance(value, bool) or hint is bool:
         return isinstance(value, bool) and hint is bool
     if hint is float:
@@ -207,9 +237,11 @@ def _typed(d: Any, cls: type, what: str) -> Any:
         raise PSError(ErrorCode.INVALID_ARGUMENT, f"{what}: unknown fields {unknown}")
     for name, value in d.items():
         if not _matches(value, hints[name]):
-            raise PSError(ErrorCode.INVALID_ARGUMENT,
-                          f"{what}.{name} must be {getattr(hints[name], '__name__', hints[name])}, "
-                          f"got {type(value).__name__}")
+            raise PSError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"{what}.{name} must be {getattr(hints[name], '__name__', hints[name])}, "
+                f"got {type(value).__name__}",
+            )
     try:
         return cls(**{k: float(x) if hints[k] is float else x for k, x in d.items()})
     except TypeError as err:  # a required field is missing
@@ -234,7 +266,9 @@ def layout_from_list(items: Any) -> list[TensorSpec]:
     try:
         out = [TensorSpec(str(n), tuple(int(d) for d in shape), int(off)) for n, shape, off in items]
     except (TypeError, ValueError) as err:
-        raise PSError(ErrorCode.INVALID_ARGUMENT, f"layout entries must be [name, shape, offset]: {err}") from None
+        raise PSError(
+            ErrorCode.INVALID_ARGUMENT, f"layout entries must be [name, shape, offset]: {err}"
+        ) from None
     return out
 
 

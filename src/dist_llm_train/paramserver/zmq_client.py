@@ -60,8 +60,9 @@ class ZmqPSClient(PSClient):
         self._sock.close(linger=0)
         self._sock = self._new_socket()
 
-    def _request(self, op: str, args: dict[str, Any], data: list[Any], wait_s: float = 0.0
-                 ) -> tuple[dict[str, Any], list[zmq.Frame]]:
+    def _request(
+        self, op: str, args: dict[str, Any], data: list[Any], wait_s: float = 0.0
+    ) -> tuple[dict[str, Any], list[zmq.Frame]]:
         with self._lock:
             req_id = next(self._ids)
             message = msgpack.packb({"op": op, "id": req_id, **args})
@@ -69,15 +70,17 @@ class ZmqPSClient(PSClient):
                 self._sock.send_multipart([b"", message, *data], copy=False)
             except zmq.Again:
                 self._reset()
-                raise PSError(ErrorCode.UNAVAILABLE, f"no connection to the parameter server at {self.address}") \
-                    from None
+                raise PSError(
+                    ErrorCode.UNAVAILABLE, f"no connection to the parameter server at {self.address}"
+                ) from None
             deadline = time.monotonic() + self.timeout_s + wait_s
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
                     self._reset()
-                    raise PSError(ErrorCode.UNAVAILABLE,
-                                  f"no reply from the parameter server at {self.address} to {op}")
+                    raise PSError(
+                        ErrorCode.UNAVAILABLE, f"no reply from the parameter server at {self.address} to {op}"
+                    )
                 frames = self._sock.recv_multipart(copy=False)
                 if len(frames) < 2:
                     continue
@@ -92,22 +95,34 @@ class ZmqPSClient(PSClient):
             raise PSError(code, str(reply.get("message", "")))
         return reply, list(frames[2:])
 
-    def init_job(self, spec: JobSpec, layout: list[TensorSpec], params: np.ndarray, members: list[str]) -> InitResult:
+    def init_job(
+        self, spec: JobSpec, layout: list[TensorSpec], params: np.ndarray, members: list[str]
+    ) -> InitResult:
         flat = as_float32(params)
         reply, _ = self._request(
             "init_job",
-            {"spec": asdict(spec), "layout": wire.layout_to_list(layout), "num_params": int(flat.shape[0]),
-             "members": list(members)},
+            {
+                "spec": asdict(spec),
+                "layout": wire.layout_to_list(layout),
+                "num_params": int(flat.shape[0]),
+                "members": list(members),
+            },
             [flat],
         )
         self._count(sent=flat.nbytes)
         return InitResult(created=bool(reply["created"]), version=int(reply["version"]))
 
-    def pull(self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0) -> PulledParams:
+    def pull(
+        self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0
+    ) -> PulledParams:
         reply, frames = self._request(
             "pull",
-            {"job_id": job_id, "worker_id": worker_id, "min_version": min_version,
-             "wait_timeout_s": float(wait_timeout_s)},
+            {
+                "job_id": job_id,
+                "worker_id": worker_id,
+                "min_version": min_version,
+                "wait_timeout_s": float(wait_timeout_s),
+            },
             [],
             wait_s=max(wait_timeout_s, 0.0),
         )
@@ -115,14 +130,22 @@ class ZmqPSClient(PSClient):
             raise PSError(ErrorCode.INTERNAL, "pull reply does not carry num_params float32 values")
         params = np.frombuffer(frames[0].buffer, dtype=wire.FLOAT32).copy()
         self._count(received=params.nbytes)
-        return PulledParams(version=int(reply["version"]), params=params,
-                            layout=wire.layout_from_list(reply["layout"]), job_complete=bool(reply["job_complete"]))
+        return PulledParams(
+            version=int(reply["version"]),
+            params=params,
+            layout=wire.layout_from_list(reply["layout"]),
+            job_complete=bool(reply["job_complete"]),
+        )
 
     def push(self, header: PushHeader, payload: bytes) -> PushResult:
         reply, _ = self._request("push", {"header": asdict(header)}, [payload])
         self._count(sent=len(payload))
-        return PushResult(PushOutcome(reply["outcome"]), int(reply["version"]), int(reply["staleness"]),
-                          str(reply["message"]))
+        return PushResult(
+            PushOutcome(reply["outcome"]),
+            int(reply["version"]),
+            int(reply["staleness"]),
+            str(reply["message"]),
+        )
 
     def set_members(self, job_id: str, members: list[str]) -> list[str]:
         reply, _ = self._request("set_members", {"job_id": job_id, "members": list(members)}, [])

@@ -3,7 +3,8 @@
 Wire format, one request per multipart message (the client is a DEALER):
     [b"", msgpack({"op": ..., "id": n, ...arguments}), *data]
 and the reply
-    [b"", msgpack({"id": n, ...result}), *data]     or     [b"", msgpack({"id": n, "error": code, "message": m})]
+    [b"", msgpack({"id": n, ...result}), *data]
+or  [b"", msgpack({"id": n, "error": code, "message": m})]
 `data` is at most one frame: the float32 parameters (init_job request, pull reply) or the
 encoded update (push request). ZMQ moves large frames natively, so nothing is chunked, and
 frames are received and sent without copies (`copy=False`, numpy buffers).
@@ -27,7 +28,7 @@ import zmq.asyncio
 
 from dist_llm_train.paramserver import wire
 from dist_llm_train.paramserver.metrics import PSMetrics
-from dist_llm_train.paramserver.state import ParameterStore
+from dist_llm_train.paramserver.state import ParameterStore, run_store_call
 from dist_llm_train.paramserver.types import ErrorCode, PSError
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ def _arg(req: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise PSError(ErrorCode.INVALID_ARGUMENT, f"{key!r} must be {kind.__name__}, got {type(value).__name__}")
+        raise PSError(
+            ErrorCode.INVALID_ARGUMENT, f"{key!r} must be {kind.__name__}, got {type(value).__name__}"
+        )
     return value
 
 
@@ -55,8 +58,9 @@ def _str_list(req: dict[str, Any], key: str) -> list[str]:
 
 
 class ZmqServer:
-    def __init__(self, store: ParameterStore, metrics: PSMetrics, host: str, port: int,
-                 max_message_bytes: int) -> None:
+    def __init__(
+        self, store: ParameterStore, metrics: PSMetrics, host: str, port: int, max_message_bytes: int
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self._endpoint_host, self._port = host, port
@@ -101,7 +105,9 @@ class ZmqServer:
         op = ""
         try:
             if len(frames) < 3 or len(frames[1].bytes) != 0:
-                raise PSError(ErrorCode.INVALID_ARGUMENT, "expected [empty delimiter, msgpack request, *data]")
+                raise PSError(
+                    ErrorCode.INVALID_ARGUMENT, "expected [empty delimiter, msgpack request, *data]"
+                )
             try:
                 req = msgpack.unpackb(frames[2].buffer, raw=False)
             except (ValueError, msgpack.UnpackException) as err:
@@ -132,43 +138,71 @@ class ZmqServer:
     async def _dispatch(self, op: str, req: dict[str, Any], data: list[memoryview]) -> Reply:
         store = self.store
         if op == "pull":
-            pulled = await store.pull_async(_arg(req, "job_id", str), _arg(req, "worker_id", str, ""),
-                                            _arg(req, "min_version", int, 0), _arg(req, "wait_timeout_s", float, 0.0))
+            pulled = await store.pull_async(
+                _arg(req, "job_id", str),
+                _arg(req, "worker_id", str, ""),
+                _arg(req, "min_version", int, 0),
+                _arg(req, "wait_timeout_s", float, 0.0),
+            )
             self.metrics.bytes_sent.inc(pulled.params.nbytes)
-            return ({"version": pulled.version, "num_params": int(pulled.params.shape[0]),
-                     "layout": wire.layout_to_list(pulled.layout), "job_complete": pulled.job_complete},
-                    [pulled.params])
+            return (
+                {
+                    "version": pulled.version,
+                    "num_params": int(pulled.params.shape[0]),
+                    "layout": wire.layout_to_list(pulled.layout),
+                    "job_complete": pulled.job_complete,
+                },
+                [pulled.params],
+            )
         if op == "push":
             header = wire.header_from_dict(req.get("header"))
             store.precheck_push(header)
             payload = self._one_frame(data, "push")
             self.metrics.bytes_received.inc(len(payload))
-            result = await asyncio.to_thread(store.push, header, payload)
-            return {"outcome": result.outcome.value, "version": result.version, "staleness": result.staleness,
-                    "message": result.message}, []
+            result = await run_store_call(
+                store.push_cost_bytes(header, len(payload)), store.push, header, payload
+            )
+            return {
+                "outcome": result.outcome.value,
+                "version": result.version,
+                "staleness": result.staleness,
+                "message": result.message,
+            }, []
         if op == "init_job":
             spec = wire.spec_from_dict(req.get("spec"))
             raw = self._one_frame(data, "init_job")
             if len(raw) > store.max_payload_bytes:
-                raise PSError(ErrorCode.RESOURCE_EXHAUSTED,
-                              f"initial parameters are {len(raw)} bytes; the limit is {store.max_payload_bytes}")
+                raise PSError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"initial parameters are {len(raw)} bytes; the limit is {store.max_payload_bytes}",
+                )
             if len(raw) != 4 * _arg(req, "num_params", int) or len(raw) % 4:
-                raise PSError(ErrorCode.INVALID_ARGUMENT, f"{len(raw)} bytes do not hold num_params float32 values")
+                raise PSError(
+                    ErrorCode.INVALID_ARGUMENT, f"{len(raw)} bytes do not hold num_params float32 values"
+                )
             self.metrics.bytes_received.inc(len(raw))
             params = np.frombuffer(raw, dtype=wire.FLOAT32)
-            init = await asyncio.to_thread(store.init_job, spec, wire.layout_from_list(req.get("layout")), params,
-                                           _str_list(req, "members"))
+            init = await asyncio.to_thread(
+                store.init_job,
+                spec,
+                wire.layout_from_list(req.get("layout")),
+                params,
+                _str_list(req, "members"),
+            )
             return {"created": init.created, "version": init.version}, []
         if op == "set_members":
-            version, members = await asyncio.to_thread(store.set_members, _arg(req, "job_id", str),
-                                                       _str_list(req, "members"))
+            version, members = await asyncio.to_thread(
+                store.set_members, _arg(req, "job_id", str), _str_list(req, "members")
+            )
             return {"version": version, "members": members}, []
         if op == "stats":
             job_id = req.get("job_id")
             if job_id is not None and not isinstance(job_id, str):
                 raise PSError(ErrorCode.INVALID_ARGUMENT, "'job_id' must be a string or nil")
             return {"jobs": [wire.stats_to_dict(s) for s in store.stats(job_id or None)]}, []
-        raise PSError(ErrorCode.INVALID_ARGUMENT, f"unknown op {op!r} (init_job, pull, push, set_members, stats)")
+        raise PSError(
+            ErrorCode.INVALID_ARGUMENT, f"unknown op {op!r} (init_job, pull, push, set_members, stats)"
+        )
 
     async def stop(self) -> None:
         if self._loop_task is not None:
