@@ -66,12 +66,18 @@ def assignments(worker_id: str, request: Request) -> AssignmentsOut:
     svc = _svc(request)
     held, jobs = svc.assignments(worker_id)
     ps = {"transport": svc.paramserver.transport, "address": svc.paramserver.address}
+    # The job's members travel with the assignment so the worker that creates the job on the PS can name them:
+    # the very first sync round then waits for everyone, not only for whoever pushed first.
+    members = svc.desired_members()
     return AssignmentsOut(
         tasks=[
             TaskOut(task_id=t.task_id, job_id=t.job_id, shard_id=t.shard_id, num_shards=j.num_tasks)
             for t, j in held
         ],
-        jobs={jid: {**j.config, "name": j.name, "job_id": jid, "paramserver": ps} for jid, j in jobs.items()},
+        jobs={
+            jid: {**j.config, "name": j.name, "job_id": jid, "paramserver": ps, "members": members.get(jid, [])}
+            for jid, j in jobs.items()
+        },
     )
 
 

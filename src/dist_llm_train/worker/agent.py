@@ -123,6 +123,7 @@ class WorkerAgent:
             shard_ids=self._current_shards(job_id),
             num_shards=tasks[0].num_shards,
             compute_slowdown=self.opts.compute_slowdown,
+            members=[str(m) for m in job.get("members", [])],
         )
         loop = asyncio.get_running_loop()
         self.state = "training"

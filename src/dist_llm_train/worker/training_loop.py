@@ -74,6 +74,7 @@ class TrainingContext:
     num_shards: int
     compute_slowdown: float = 1.0
     telemetry_every: int = 1
+    members: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def run_training(
     step_base = int(time.time() * 1000) * STEP_BASE
     try:
         initial = flatten_params(trainer.model)
-        _retry_unavailable(lambda: ps.init_job(spec, layout_of(trainer.model), initial, []), stop, "init_job")
+        _retry_unavailable(lambda: ps.init_job(spec, layout_of(trainer.model), initial, ctx.members), stop, "init_job")
         pulled: PulledParams = _retry_unavailable(lambda: ps.pull(ctx.job_id, ctx.worker_id), stop, "pull")
         while not stop.is_set() and not pulled.job_complete:
             new = current_shards() - owned
