@@ -125,7 +125,8 @@ class TrainingConfig(_Strict):
     markov_concentration: float = Field(0.3, gt=0)
     sharding: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)
-    eval_batches: int = Field(8, ge=1)
+    # 64 batches of 16 x 32 tokens: ~33k held-out tokens, so the eval loss has a standard error of ~0.005 nats.
+    eval_batches: int = Field(64, ge=1)
 
     @property
     def resolved_mode(self) -> ModeName:

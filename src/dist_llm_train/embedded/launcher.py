@@ -197,6 +197,8 @@ class EmbeddedRun:
                 status = http.get("/status").json()
             ps.close()
             final_loss, _ = self._evaluate(final.params)
+            for r in rows:
+                r.setdefault("worker", r.get("worker_name") or r.get("worker_id"))
             sent, received = total_bytes(rows)
             summary = RunSummary(
                 run_id=self.run_id,
@@ -216,8 +218,6 @@ class EmbeddedRun:
                 dead_workers=[w.get("name", "") for w in status.get("workers", []) if w.get("state") == "dead"],
                 reassignments=int(status.get("counters", {}).get("reassignments", 0)),
             )
-            for r in rows:
-                r.setdefault("worker", r.get("worker_name") or r.get("worker_id"))
             write_report(self.run_dir, self.cfg, rows, summary)
             return summary
         finally:
