@@ -14,6 +14,7 @@ from dist_llm_train.cli.config_cmds import config_app, validate_config
 from dist_llm_train.cli.serve import serve_app
 from dist_llm_train.config import Config
 from dist_llm_train.netem.cli import netem_app
+from dist_llm_train.sim.cli import simulate
 
 app = typer.Typer(
     help="A lab for training language models across bad networks.",
@@ -25,6 +26,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(netem_app, name="netem")
 app.command("validate-config")(validate_config)
 register_client_commands(app)
+app.command("simulate")(simulate)
 
 
 def _apply_run_overrides(
@@ -45,12 +47,34 @@ def _apply_run_overrides(
     return cfg
 
 
-def _run(cfg: Config, workers: int, json_out: bool, runs_dir: Path, timeout: float) -> None:
+# --- training strategies (issue 6) ---------------------------------------------------------------------
+def _apply_strategy_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
+    """Apply the strategy flags in one validation, so e.g. --aggregation krum is checked against --workers."""
+    from pydantic import ValidationError
+
+    from dist_llm_train.config import TrainingConfig, format_validation_error
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return cfg
+    if "dp_noise_multiplier" in given:
+        given["enable_differential_privacy"] = True
+    try:
+        cfg.training = TrainingConfig.model_validate(cfg.training.model_dump() | given)
+    except ValidationError as err:
+        raise typer.BadParameter(format_validation_error(err), param_hint="strategy flags") from None
+    return cfg
+# --- end training strategies ------------------------------------------------------------------------------
+
+
+def _run(cfg: Config, workers: int, json_out: bool, runs_dir: Path, timeout: float,
+         profile: str | None = None, shaping: str = "userspace") -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dist_llm_train.embedded.launcher import EmbeddedRun, RunOptions, Snapshot
 
-    run = EmbeddedRun(RunOptions(config=cfg, workers=workers, runs_dir=runs_dir, timeout_s=timeout))
+    run = EmbeddedRun(RunOptions(config=cfg, workers=workers, runs_dir=runs_dir, timeout_s=timeout,
+                                 profile=profile, shaping=shaping))
     columns = (
         TextColumn("[bold]training[/bold]"),
         BarColumn(),
@@ -103,11 +127,37 @@ def run(
     runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 1800.0,
     log_level: Annotated[str, typer.Option(help="Launcher log level.")] = "WARNING",
+    # --- netem (issue 4) ---------------------------------------------------------------------------------
+    profile: Annotated[str | None, typer.Option(
+        "--profile", help="Shape every link with this netem profile (name, file or inline JSON/YAML).")] = None,
+    shaping: Annotated[str, typer.Option(help="userspace (relays, no root) or kernel.")] = "userspace",
+    # --- training strategies (issue 6; docs/training_protocol.md) ------------------------------------------
+    strategy: Annotated[str | None, typer.Option(help="sync, async, adaptive or diloco.")] = None,
+    codec: Annotated[str | None, typer.Option(help="Update codec: none, fp16, int8 or topk.")] = None,
+    aggregation: Annotated[str | None, typer.Option(
+        help="mean, median, trimmed_mean, krum, multi_krum or bulyan.")] = None,
+    byzantine_f: Annotated[int | None, typer.Option(min=0, help="Faulty workers the rule must tolerate.")] = None,
+    attack: Annotated[str | None, typer.Option(help="sign_flip, gaussian, alie or ipm (needs --attackers).")] = None,
+    attackers: Annotated[int | None, typer.Option(min=0, help="The last K workers attack.")] = None,
+    dp_noise: Annotated[float | None, typer.Option(help="DP noise multiplier (turns DP on).")] = None,
+    dp_clip: Annotated[float | None, typer.Option(help="DP L2 clip bound per update.")] = None,
 ) -> None:
     """Train for real: controller, PS and workers as local processes on loopback."""
     setup_logging(log_level)
     cfg = _apply_run_overrides(load_or_exit(config), workers, steps, model, mode, transport)
-    _run(cfg, workers, json_out, runs_dir, timeout)
+    cfg = _apply_strategy_overrides(cfg, {
+        "strategy": strategy, "compression": codec, "aggregation_rule": aggregation, "byzantine_f": byzantine_f,
+        "attack": attack, "attackers": attackers, "dp_noise_multiplier": dp_noise, "dp_clip": dp_clip,
+    })
+    if profile is not None:  # checked before anything starts
+        from dist_llm_train.netem.embedded import validate
+        from dist_llm_train.netem.profile import ProfileError
+
+        try:
+            validate(profile, shaping)
+        except ProfileError as err:
+            raise typer.BadParameter(str(err), param_hint="--profile/--shaping") from None
+    _run(cfg, workers, json_out, runs_dir, timeout, profile, shaping)
 
 
 @app.command("demo-ml")

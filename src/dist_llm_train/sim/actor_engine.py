@@ -8,6 +8,7 @@ the version after the one it pushed for, and any pull waits while a round's aggr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from dist_llm_train.sim import adapters
@@ -16,19 +17,37 @@ from dist_llm_train.sim.config import SimConfig
 from dist_llm_train.sim.control import ControlPlane
 from dist_llm_train.sim.draws import VersionDraws
 from dist_llm_train.sim.events import EventQueue, Kind
-from dist_llm_train.sim.metrics import DataStats, Throughput
-from dist_llm_train.sim.steps import Row, StepModel
+from dist_llm_train.sim.metrics import DataStats, TelemetryLog, Throughput
+from dist_llm_train.sim.steps import FixedLegs, Row, StepModel
+
+Step = Row | tuple[FixedLegs, int]
+"""What a step carries between its events: the slot's raw variates, or its precomputed legs."""
 
 _CONTROL = {Kind.DEATH, Kind.REJOIN, Kind.JOIN, Kind.HB_STALL, Kind.HB_RESUME, Kind.TICK, Kind.LEARN}
 
 
 class ActorEngine:
-    def __init__(self, cfg: SimConfig, queue: EventQueue, control: ControlPlane, steps: StepModel,
-                 draws: VersionDraws, stats: DataStats, throughput: Throughput) -> None:
+    def __init__(
+        self,
+        cfg: SimConfig,
+        queue: EventQueue,
+        control: ControlPlane,
+        steps: StepModel,
+        draws: VersionDraws,
+        stats: DataStats,
+        throughput: Throughput,
+        log: TelemetryLog | None = None,
+    ) -> None:
         self.cfg, self.queue, self.control, self.steps = cfg, queue, control, steps
-        self.draws, self.stats, self.throughput = draws, stats, throughput
-        self.sync = cfg.mode == "sync"
-        spec = adapters.job_spec(cfg.mode, cfg.max_staleness, cfg.straggler_timeout_s, cfg.rounds)
+        self.draws, self.stats, self.throughput, self.log = draws, stats, throughput, log
+        self.sync = cfg.mode in adapters.ROUND_MODES  # a barrier per version: pulls wait for the next one
+        options = {}
+        if cfg.mode == "adaptive":
+            options = {
+                "min_staleness": str(cfg.adaptive_min_staleness),
+                "max_staleness_multiplier": repr(cfg.adaptive_multiplier),
+            }
+        spec = adapters.job_spec(cfg.mode, cfg.max_staleness, cfg.straggler_timeout_s, cfg.rounds, options)
         self.js = adapters.make_job_state(spec, [], queue.clock)
         self.agents = Agents(cfg.capacity)
         self.min_version: dict[int, int] = {}
@@ -38,6 +57,7 @@ class ActorEngine:
         self.egress_free = 0.0
         self.aggregated = 0
         self.expiry_for: int | None = None
+        self._fixed: dict[int, FixedLegs | None] = {}
         self.end: float | None = None
         self.outcome = "running"
 
@@ -66,7 +86,7 @@ class ActorEngine:
     # -- driving --------------------------------------------------------------------------------------------
     def run(self) -> None:
         q = self.queue
-        handlers = {
+        handlers: dict[Kind, Callable[[Any], None]] = {
             Kind.PULL_REQUEST: self._pull_request,
             Kind.PULL_DONE: self._pull_done,
             Kind.COMPUTE_DONE: self._compute_done,
@@ -101,30 +121,47 @@ class ActorEngine:
             return
         self._serve(a, now)
 
+    def _legs(self, v: int) -> FixedLegs | None:
+        legs = self._fixed.get(v)
+        if legs is None and v not in self._fixed:
+            legs = self.steps.fixed_legs(*self.draws.table(v))
+            self._fixed[v] = legs
+            while len(self._fixed) > 4:
+                self._fixed.pop(next(iter(self._fixed)))
+        return legs
+
     def _serve(self, a: int, start: float) -> None:
         if start >= self.agents.death[a]:
             return
         slot = int(self.agents.slot[a])
         v = self.published
-        row = self.draws.row(v, slot)
         service = self.steps.pull_service_1(start)
         done = max(start, self.egress_free) + service
         if self.steps.shared:
             self.egress_free = done
-        delivered = self.steps.pull_delivered_1(slot, start, done, service, row)
+        legs = self._legs(v)
+        if legs is not None:
+            row: Step = (legs, slot)
+            delivered = max(done, start + legs.ser_in[slot]) + legs.pull_extra[slot]
+        else:
+            row = self.draws.row(v, slot)
+            delivered = self.steps.pull_delivered_1(slot, start, done, service, row)
         self.queue.at(delivered, Kind.PULL_DONE, (a, v, start, row))
 
-    def _pull_done(self, data: tuple[int, int, float, Row]) -> None:
+    def _pull_done(self, data: tuple[int, int, float, Step]) -> None:
         a, v, start, row = data
         now = self.queue.clock.now
         if now >= self.agents.death[a]:
             return
         self.stats.pulls += 1
         self.stats.bytes_received += self.steps.sizes.pull_bytes
-        compute = self.steps.compute_time_1(int(self.agents.slot[a]), row)
+        if isinstance(row[0], FixedLegs):
+            compute = row[0].compute[row[1]]
+        else:
+            compute = self.steps.compute_time_1(int(self.agents.slot[a]), row)
         self.queue.at(now + compute, Kind.COMPUTE_DONE, (a, v, start, row, compute))
 
-    def _compute_done(self, data: tuple[int, int, float, Row, float]) -> None:
+    def _compute_done(self, data: tuple[int, int, float, Step, float]) -> None:
         a, v, start, row, compute = data
         now = self.queue.clock.now
         if now >= self.agents.death[a]:
@@ -132,11 +169,14 @@ class ActorEngine:
         self.stats.pushes_sent += 1
         self.stats.bytes_sent += self.steps.sizes.push_bytes
         self.stats.compute_s += compute
-        arrival = self.steps.push_arrival_1(int(self.agents.slot[a]), now, row)
-        self.queue.at(arrival, Kind.PUSH_ARRIVE, (a, v, start, row))
+        if isinstance(row[0], FixedLegs):
+            arrival = now + row[0].push_total[row[1]]
+        else:
+            arrival = self.steps.push_arrival_1(int(self.agents.slot[a]), now, row)
+        self.queue.at(arrival, Kind.PUSH_ARRIVE, (a, v, start, row, compute))
 
-    def _push_arrive(self, data: tuple[int, int, float, Row]) -> None:
-        a, v, start, row = data
+    def _push_arrive(self, data: tuple[int, int, float, Step, float]) -> None:
+        a, v, start, row, compute = data
         now = self.queue.clock.now
         if now >= self.agents.death[a]:
             return
@@ -144,9 +184,13 @@ class ActorEngine:
         step = self.steps_done.get(a, 0) + 1
         self.steps_done[a] = step
         before = self.js.version
-        outcome, staleness = adapters.push(self.js, self.control.worker_id[slot] or "", a * 1_000_000 + step, v)
+        outcome, staleness = adapters.push(
+            self.js, self.control.worker_id[slot] or "", a * 1_000_000 + step, v
+        )
         self.stats.add_outcome(outcome, staleness)
         self.throughput.observe_1(slot, now - start)
+        if self.log is not None:
+            self.log.add_1(slot, now, now - start, compute, v)
         self.stats.step_time_sum_s += now - start
         self.stats.steps += 1
         if self.js.version != before:
@@ -154,7 +198,11 @@ class ActorEngine:
         elif self.sync and outcome == "BUFFERED":
             self._arm_expiry()
         self.min_version[a] = v + 1
-        self.queue.at(self.steps.next_request_1(slot, now, row), Kind.PULL_REQUEST, a)
+        if isinstance(row[0], FixedLegs):
+            nxt = now + row[0].after_push[row[1]]
+        else:
+            nxt = self.steps.next_request_1(slot, now, row)
+        self.queue.at(nxt, Kind.PULL_REQUEST, a)
 
     # -- the PS ---------------------------------------------------------------------------------------------
     def _arm_expiry(self) -> None:

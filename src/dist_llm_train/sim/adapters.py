@@ -1,19 +1,19 @@
 """The only module that touches the real controller and parameter server: everything reused lives behind it.
 
 Reused unchanged, driven by the virtual clock:
-* `controller.service.ControllerService` on an in-memory `controller.store.Store`: registration (idempotent by
-  name, dead workers coming back), scheduling passes with the configured real scheduler and the shared load
-  rule, failure detection (`detect_failures`: silent for heartbeat_interval × miss_limit), task release and the
-  reassignment / death counters;
+* `controller.service.ControllerService` on an in-memory `controller.store.Store`: registration
+  (idempotent by name, dead workers coming back), scheduling passes with the configured real scheduler and
+  the shared load rule, failure detection (`detect_failures`: silent for heartbeat_interval × miss_limit),
+  task release and the reassignment / death counters;
 * `controller.failure.FailureDetector.tick()` and `controller.membership.MembershipSync`, whose notifier here
   hands each job's member list to the simulated PS instead of a gRPC client;
 * `paramserver.job.JobState` (the PS's round barrier, straggler timeout, membership-shrink close, staleness
-  check and counters) on a one-parameter job: the per-event engine pushes every update through it, the
-  vectorised engine replays rounds through it whenever membership changes inside a round.
+  check and counters) on a one-parameter job: the per-event engine pushes every update through it; the
+  vectorised engine evaluates the same rule in bulk (`barrier`), held to it by tests.
 
-Two things are bypassed, each for scale, each reported: the REST models cap a job at 1024 tasks, so the job is
-inserted with the store's own `insert_job`/`insert_tasks`; and one scheduling pass over more than 512 × 512
-task × worker pairs is handed to the real scheduler in blocks (see `BlockScheduler`).
+Two things are bypassed, each for scale, each reported: the REST models cap a job at 1024 tasks, so the job
+is inserted with the store's own `insert_job`/`insert_tasks`; and a scheduling pass with more than BLOCK
+tasks and BLOCK workers is handed to the real scheduler in blocks (see `BlockScheduler`).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from dist_llm_train.controller.schedulers import Assignment, Scheduler, TaskView
 from dist_llm_train.controller.schedulers.base import task_order
 from dist_llm_train.controller.service import ControllerService, PSEndpoint
 from dist_llm_train.controller.store import Store
-from dist_llm_train.paramserver.job import JobSnapshot, JobState
-from dist_llm_train.paramserver.observer import NULL_OBSERVER
+from dist_llm_train.paramserver import validation
+from dist_llm_train.paramserver.job import JobState
 from dist_llm_train.paramserver.types import JobSpec, PSError, PushHeader, TensorSpec
 
 JOB_ID = "sim"
-BLOCK = 512
+BLOCK = 128
 _PAYLOAD = np.zeros(1, dtype=np.float32).tobytes()
 
 
@@ -46,10 +46,10 @@ class BlockScheduler:
     """A real scheduler, fed at most BLOCK tasks and BLOCK workers per call.
 
     `balanced_assign` is O(tasks × workers) per matching round, which is minutes for the 10⁴ × 10⁴ first
-    pass of a large run. Tasks are taken in the scheduler's own task order, BLOCK at a time, each block offered
-    to the BLOCK least-loaded workers (ties: higher declared effective flops, then name). With one job's
-    interchangeable shards this gives every worker one task exactly as a single call would; passes below the
-    threshold (every reassignment after a failure) go to the scheduler whole.
+    pass of a large run. Tasks are taken in the scheduler's own task order, BLOCK at a time, each block
+    offered to the BLOCK least-loaded workers (ties: higher declared effective flops, then name). With one
+    job's interchangeable shards this gives every worker one task exactly as a single call would; passes
+    below the threshold (every reassignment after a failure) go to the scheduler whole.
     """
 
     def __init__(self, inner: Scheduler, block: int = BLOCK) -> None:
@@ -59,7 +59,10 @@ class BlockScheduler:
         self.blocked_passes = 0
 
     def assign(
-        self, pending_tasks: Sequence[TaskView], live_workers: Sequence[WorkerView], telemetry: Mapping[str, float]
+        self,
+        pending_tasks: Sequence[TaskView],
+        live_workers: Sequence[WorkerView],
+        telemetry: Mapping[str, float],
     ) -> list[Assignment]:
         if len(pending_tasks) <= self.block or len(live_workers) <= self.block:
             return self.inner.assign(pending_tasks, live_workers, telemetry)
@@ -112,7 +115,9 @@ class SimController:
             telemetry_alpha=telemetry_alpha,
         )
         self.scheduler = BlockScheduler(get_scheduler(scheduler))
-        self.svc = ControllerService(self.store, self.scheduler, cfg, PSEndpoint("sim", "virtual"), clock=clock)
+        self.svc = ControllerService(
+            self.store, self.scheduler, cfg, PSEndpoint("sim", "virtual"), clock=clock
+        )
         self.membership = MembershipSync(CallbackNotifier(deliver_members), self.svc.desired_members)
         self.detector = FailureDetector(self.svc, self.membership)
         self.clock = clock
@@ -129,8 +134,18 @@ class SimController:
     def submit(self, num_tasks: int, config: dict[str, Any]) -> str:
         """Insert the simulated job (see the module docstring for why not `submit_job`) and schedule it."""
         now = self.clock()
-        job = Job(job_id=JOB_ID, name="simulation", config=config, num_tasks=num_tasks, priority=1,
-                  required_flops=1000.0, required_memory_gb=0.0, state="pending", created_at=now, updated_at=now)
+        job = Job(
+            job_id=JOB_ID,
+            name="simulation",
+            config=config,
+            num_tasks=num_tasks,
+            priority=1,
+            required_flops=1000.0,
+            required_memory_gb=0.0,
+            state="pending",
+            created_at=now,
+            updated_at=now,
+        )
         with self.store.tx():
             self.store.insert_job(job)
             self.store.insert_tasks(JOB_ID, num_tasks, now)
@@ -173,9 +188,33 @@ class SimController:
 
 
 # -- parameter server --------------------------------------------------------------------------------------
-def job_spec(mode: str, max_staleness: int, straggler_timeout_s: float, total_steps: int) -> JobSpec:
-    return JobSpec(job_id=JOB_ID, mode=mode, max_staleness=max_staleness, straggler_timeout_s=straggler_timeout_s,
-                   optimizer="sgd", learning_rate=0.01, momentum=0.0, total_steps=max(1, total_steps))
+ROUND_MODES: tuple[str, ...] = tuple(validation.ROUND_MODES)
+"""Strategies with a barrier per version (the vectorised engine's domain)."""
+
+
+def update_kind(mode: str) -> str:
+    """What a worker of this strategy pushes: gradient, or DiLoCo's pseudo-gradient."""
+    return validation.KIND_OF_MODE[mode]
+
+
+def job_spec(
+    mode: str,
+    max_staleness: int,
+    straggler_timeout_s: float,
+    total_steps: int,
+    options: dict[str, str] | None = None,
+) -> JobSpec:
+    return JobSpec(
+        job_id=JOB_ID,
+        mode=mode,
+        max_staleness=max_staleness,
+        straggler_timeout_s=straggler_timeout_s,
+        optimizer="sgd",
+        learning_rate=0.01,
+        momentum=0.0,
+        total_steps=max(1, total_steps),
+        options=dict(options or {}),
+    )
 
 
 class FastMembers(list[str]):
@@ -206,17 +245,17 @@ def make_job_state(spec: JobSpec, members: list[str], clock: Callable[[], float]
     return js
 
 
-def job_state_at(template: JobState, version: int, members: list[str], clock: Callable[[], float]) -> JobState:
-    """A fresh JobState at `version` with `members`, through the PS's own checkpoint-restore path."""
-    snap: JobSnapshot = dataclasses.replace(template.snapshot(), version=version, members=list(members),
-                                            open_membership=False, counters={}, seen_steps={})
-    return JobState.restore(snap, clock, NULL_OBSERVER)
-
-
 def push(js: JobState, worker_id: str, step: int, base_version: int) -> tuple[str, int]:
     """One update through the PS's push path; (outcome name, staleness). Refusals become their error code."""
-    header = PushHeader(job_id=JOB_ID, worker_id=worker_id, step=step, base_version=base_version, codec="none",
-                        payload_bytes=len(_PAYLOAD))
+    header = PushHeader(
+        job_id=JOB_ID,
+        worker_id=worker_id,
+        step=step,
+        base_version=base_version,
+        codec="none",
+        payload_bytes=len(_PAYLOAD),
+        kind=update_kind(js.spec.mode),
+    )
     try:
         result = js.push(header, _PAYLOAD)
     except PSError as err:

@@ -18,48 +18,55 @@ import math
 import numpy as np
 
 MembershipChange = tuple[float, np.ndarray]  # (time, boolean member mask over slots)
+Close = tuple[float, str]  # (time, how: "push" | "timeout" | "members" | "never")
+NEVER: Close = (math.inf, "never")
 
 
 def close_time(
-    push_time: np.ndarray, push_slot: np.ndarray, members: np.ndarray, changes: list[MembershipChange],
+    push_time: np.ndarray,
+    push_slot: np.ndarray,
+    members: np.ndarray,
+    changes: list[MembershipChange],
     timeout: float,
-) -> tuple[float, bool]:
-    """(close time, timed out) for updates arriving at `push_time` from `push_slot` (any order).
+) -> Close:
+    """(close time, how it closed) for updates arriving at `push_time` from `push_slot` (any order).
 
-    `members` is the mask when the round starts; `changes` are later (time, mask) pairs in time order.
-    Returns (inf, False) when the round cannot close on what is known."""
+    How: the last outstanding member's update ("push"), the straggler timeout ("timeout"), or a membership
+    change that left nobody outstanding ("members"). `members` is the mask when the round starts; `changes`
+    are later (time, mask) pairs in time order. Returns NEVER when the round cannot close on what is known."""
     order = np.argsort(push_time, kind="stable")
     t_sorted, s_sorted = push_time[order], push_slot[order]
     fast = _constant_membership(t_sorted, s_sorted, members, timeout)
-    if not changes or changes[0][0] >= fast[0]:
+    if not changes or changes[0][0] > fast[0]:
         return fast
     return _replay(t_sorted, s_sorted, members, changes, timeout)
 
 
-def _constant_membership(t: np.ndarray, slots: np.ndarray, members: np.ndarray,
-                         timeout: float) -> tuple[float, bool]:
+def _constant_membership(t: np.ndarray, slots: np.ndarray, members: np.ndarray, timeout: float) -> Close:
     is_member = members[slots]
-    mt = t[is_member]
+    mt, ms = t[is_member], slots[is_member]
     if mt.size == 0:
-        return math.inf, False
+        return NEVER
     deadline = float(mt[0]) + timeout
-    pushed = np.unique(slots[is_member])
-    if pushed.size == int(members.sum()):
-        # Everyone contributes: the round closes with the last member's first update, unless that is late.
-        first_each = _first_per_slot(mt, slots[is_member])
-        last = float(first_each.max())
-        if last <= deadline:
-            return last, False
-    return deadline, True
+    n_members = int(np.count_nonzero(members))
+    if ms.size >= n_members:
+        seen = np.zeros(members.size, dtype=bool)
+        seen[ms] = True
+        if int(np.count_nonzero(seen)) == n_members:
+            # Everyone contributes: the round closes with the last member's first update, unless that is late.
+            if ms.size == n_members:  # one update each (the usual case); times are sorted
+                last = float(mt[-1])
+            else:
+                _, first_idx = np.unique(ms, return_index=True)
+                last = float(mt[first_idx].max())
+            if last <= deadline:
+                return last, "push"
+    return deadline, "timeout"
 
 
-def _first_per_slot(t: np.ndarray, slots: np.ndarray) -> np.ndarray:
-    _, first_idx = np.unique(slots, return_index=True)
-    return t[first_idx]
-
-
-def _replay(t: np.ndarray, slots: np.ndarray, members: np.ndarray, changes: list[MembershipChange],
-            timeout: float) -> tuple[float, bool]:
+def _replay(
+    t: np.ndarray, slots: np.ndarray, members: np.ndarray, changes: list[MembershipChange], timeout: float
+) -> Close:
     """Event-by-event evaluation; membership changes at the same instant as an update come first."""
     current = members.copy()
     contributed: set[int] = set()
@@ -73,13 +80,13 @@ def _replay(t: np.ndarray, slots: np.ndarray, members: np.ndarray, changes: list
         t_push = float(t[i]) if i < n else math.inf
         now = min(t_change, t_push)
         if opened is not None and now > opened + timeout:
-            return opened + timeout, True
+            return opened + timeout, "timeout"
         if t_change <= t_push:
             current = changes[ci][1]
             ci += 1
             outstanding = int(current.sum()) - sum(1 for s in contributed if current[s])
             if contributed and outstanding == 0:
-                return now, False
+                return now, "members"
             continue
         slot = int(slots[i])
         i += 1
@@ -90,7 +97,7 @@ def _replay(t: np.ndarray, slots: np.ndarray, members: np.ndarray, changes: list
         if opened is None:
             opened = now
         if outstanding == 0:
-            return now, False
+            return now, "push"
     if opened is not None:
-        return opened + timeout, True
-    return math.inf, False
+        return opened + timeout, "timeout"
+    return NEVER

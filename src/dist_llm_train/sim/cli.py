@@ -33,24 +33,39 @@ def build_config(config: Path | None, sim_config: Path | None, flags: dict[str, 
 
 def simulate(
     workers: Annotated[int | None, typer.Option(min=1, help="Virtual workers at the start.")] = None,
-    rounds: Annotated[int | None, typer.Option(min=0, help="PS versions to reach (0: control plane only).")] = None,
-    profile: Annotated[str | None, typer.Option(help="Network profile name or file (deploy/netem/).")] = None,
-    mode: Annotated[str | None, typer.Option(help="sync or async.")] = None,
+    rounds: Annotated[
+        int | None, typer.Option(min=0, help="PS versions to reach (0: control plane only).")
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="Network profile name or file (deploy/netem/); none: perfect links.")
+    ] = None,
+    mode: Annotated[str | None, typer.Option(help="sync, async, adaptive or diloco.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Run config (YAML/JSON).")] = None,
     sim_config: Annotated[Path | None, typer.Option(help="YAML of SimConfig fields (see docs).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same result.")] = None,
-    engine: Annotated[str | None, typer.Option(help="auto, vectorised (sync) or exact (per event).")] = None,
-    compute: Annotated[str | None, typer.Option(help="Step-time distribution: constant, exponential, lognormal.")] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="auto, vectorised (sync, diloco) or exact (per event).")
+    ] = None,
+    compute: Annotated[
+        str | None, typer.Option(help="Step-time distribution: constant, exponential, lognormal.")
+    ] = None,
     compute_mean: Annotated[float | None, typer.Option(help="Mean step compute time, seconds.")] = None,
     compute_sigma: Annotated[float | None, typer.Option(help="Lognormal sigma of step time.")] = None,
-    params: Annotated[int | None, typer.Option(help="Parameters (default: the model config's count).")] = None,
+    params: Annotated[
+        int | None, typer.Option(help="Parameters (default: the model config's count).")
+    ] = None,
     codec: Annotated[str | None, typer.Option(help="Update codec: none, fp16, int8, topk.")] = None,
     mtbf: Annotated[float | None, typer.Option(help="Mean time between crashes per worker, seconds.")] = None,
-    rejoin_after: Annotated[float | None, typer.Option(help="A crashed worker rejoins after this, seconds.")] = None,
-    join_rate: Annotated[float | None, typer.Option(help="New workers per second (with --max-joins).")] = None,
+    rejoin_after: Annotated[
+        float | None, typer.Option(help="A crashed worker rejoins after this, seconds.")
+    ] = None,
+    join_rate: Annotated[
+        float | None, typer.Option(help="New workers per second (with --max-joins).")
+    ] = None,
     max_joins: Annotated[int | None, typer.Option(help="At most this many new workers.")] = None,
     max_staleness: Annotated[int | None, typer.Option(help="Async staleness bound.")] = None,
+    local_steps: Annotated[int | None, typer.Option(help="DiLoCo: local steps per update (H).")] = None,
     straggler_timeout: Annotated[float | None, typer.Option(help="Sync round timeout, seconds.")] = None,
     scheduler: Annotated[str | None, typer.Option(help="priority, gale-shapley or capability.")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where the report folder goes.")] = Path("runs"),
@@ -58,11 +73,25 @@ def simulate(
 ) -> None:
     """Simulate a run with thousands of virtual workers: virtual clock, real scheduler and PS rules."""
     flags = {
-        "workers": workers, "rounds": rounds, "profile": profile, "mode": mode, "seed": seed, "engine": engine,
-        "compute.kind": compute, "compute.mean_s": compute_mean, "compute.sigma": compute_sigma,
-        "payload.params": params, "payload.codec": codec, "failures.mtbf_s": mtbf,
-        "failures.rejoin_after_s": rejoin_after, "churn.join_rate_per_s": join_rate, "churn.max_joins": max_joins,
-        "max_staleness": max_staleness, "straggler_timeout_s": straggler_timeout, "scheduler": scheduler,
+        "workers": workers,
+        "rounds": rounds,
+        "profile": profile,
+        "mode": mode,
+        "seed": seed,
+        "engine": engine,
+        "compute.kind": compute,
+        "compute.mean_s": compute_mean,
+        "compute.sigma": compute_sigma,
+        "payload.params": params,
+        "payload.codec": codec,
+        "failures.mtbf_s": mtbf,
+        "failures.rejoin_after_s": rejoin_after,
+        "churn.join_rate_per_s": join_rate,
+        "churn.max_joins": max_joins,
+        "max_staleness": max_staleness,
+        "local_steps": local_steps,
+        "straggler_timeout_s": straggler_timeout,
+        "scheduler": scheduler,
     }
     try:
         cfg = build_config(config, sim_config, flags)
@@ -93,11 +122,20 @@ def show(d: dict[str, Any]) -> None:
     rows = [
         ("job state / steps", f"{d['job_state']} / {d['steps']:,}"),
         ("virtual time", num(s["virtual_seconds"], " s")),
-        ("round time mean / p50 / p95", f"{num(rt['mean'], ' s')} / {num(rt['p50'], ' s')} / {num(rt['p95'], ' s')}"),
+        (
+            "round time mean / p50 / p95",
+            f"{num(rt['mean'], ' s')} / {num(rt['p50'], ' s')} / {num(rt['p95'], ' s')}",
+        ),
         ("measured / physics bound", num(s["physics_bound"]["measured_over_bound"])),
         ("acceptance rate (async)", num(s["acceptance_rate"])),
-        ("staleness applied mean / max", f"{num(s['staleness_applied']['mean'])} / {num(s['staleness_applied']['max'])}"),
-        ("crashes / declared dead / reassignments", f"{s['crashes']} / {s['declared_dead']} / {d['reassignments']}"),
+        (
+            "staleness applied mean / max",
+            f"{num(s['staleness_applied']['mean'])} / {num(s['staleness_applied']['max'])}",
+        ),
+        (
+            "crashes / declared dead / reassignments",
+            f"{s['crashes']} / {s['declared_dead']} / {d['reassignments']}",
+        ),
         ("bytes sent / received", f"{d['bytes_sent']:,} / {d['bytes_received']:,}"),
         ("wall clock", num(s["wall_seconds"], " s")),
     ]

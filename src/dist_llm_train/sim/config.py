@@ -2,9 +2,10 @@
 
 `SimConfig` embeds the project's `SimulationConfig` unchanged (heartbeat_interval, heartbeat_cycles,
 scheduling_interval, scheduling_cycles keep their meaning, see docs/simulation.md) and adds what a virtual run
-needs that a real run measures instead: how long a step computes, how workers fail and join, how big a message
-is. `SimConfig.from_config` derives every field it can from a real run's `Config`, so one YAML file drives both
-a real run and its simulation; anything else is set on the command line or in a `--sim-config` file.
+needs that a real run measures instead: how long a step computes, how workers fail and join, how big a
+message is. `SimConfig.from_config` derives every field it can from a real run's `Config`, so one YAML file
+drives both a real run and its simulation; anything else is set on the command line or in a `--sim-config`
+file.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class ComputeModel(_Strict):
     """Time one worker needs for one step, before its slow-down factors.
 
     `kind`: constant (always `mean_s`), exponential (memoryless, mean `mean_s`) or lognormal (mean `mean_s`,
-    log-space standard deviation `sigma`: the usual shape of measured step times, a hard floor and a long tail).
+    log-space standard deviation `sigma`: the usual shape of measured step times, a floor and a long tail).
     `speed_sigma` gives each worker a fixed lognormal speed factor (mean 1), i.e. a heterogeneous fleet.
     """
 
@@ -43,7 +44,7 @@ class ComputeModel(_Strict):
 
 
 class Kill(_Strict):
-    """A deterministic crash: worker slot `worker` (0-based, as in `worker-<n>`) dies at virtual time `at_s`."""
+    """A scripted crash: worker slot `worker` (0-based, as in `worker-<n>`) dies at virtual time `at_s`."""
 
     worker: Annotated[int, Field(ge=0)]
     at_s: Annotated[float, Field(ge=0)]
@@ -86,8 +87,18 @@ class PayloadModel(_Strict):
     params: Annotated[int, Field(ge=1, le=100_000_000_000)] | None = None
     codec: str = "none"
     codec_ratio: Annotated[float, Field(gt=0, le=1)] = 0.01
+    codec_params: dict[
+        str, int | float | str
+    ] = {}  # e.g. int8 `chunk`, topk `index`, as training passes them
     header_bytes: Annotated[int, Field(ge=0, le=1 << 20)] = 256
     control_bytes: Annotated[int, Field(ge=1, le=1 << 20)] = 400
+
+    @model_validator(mode="after")
+    def _known_codec(self) -> PayloadModel:
+        from dist_llm_train.training.codecs import get_codec  # numpy only, like the PS
+
+        get_codec(self.codec, ratio=self.codec_ratio, **self.codec_params)  # ValueError names what is wrong
+        return self
 
 
 class TransportModel(_Strict):
@@ -100,16 +111,24 @@ class TransportModel(_Strict):
 
 
 class SimConfig(_Strict):
+    """One simulated run. `mode` is the PS strategy: sync and diloco work in rounds (DiLoCo's workers run
+    `local_steps` steps per update and push a pseudo-gradient); async and adaptive apply each update on
+    arrival within the staleness bound (adaptive: per worker, from its measured speed, between
+    `adaptive_min_staleness` and that × `adaptive_multiplier`)."""
+
     simulation: SimulationConfig = SimulationConfig()
     workers: Annotated[int, Field(ge=1, le=1_000_000)] = 3
     rounds: Annotated[int, Field(ge=0, le=100_000_000)] = 100
-    mode: Literal["sync", "async"] = "sync"
+    mode: Literal["sync", "async", "adaptive", "diloco"] = "sync"
     profile: str | None = "good"
     scheduler: SchedulerName = "priority"
     heartbeat_miss_limit: Annotated[int, Field(ge=1, le=100)] = 3
     telemetry_alpha: Annotated[float, Field(gt=0, le=1)] = 0.2
     straggler_timeout_s: Positive = 30.0
     max_staleness: Annotated[int, Field(ge=0)] = 5
+    adaptive_min_staleness: Annotated[int, Field(ge=0)] = 5
+    adaptive_multiplier: Annotated[float, Field(ge=1)] = 10.0
+    local_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 1
     batch_size: Annotated[int, Field(ge=1)] = 16
     seq_length: Annotated[int, Field(ge=1)] = 32
     tasks: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
@@ -130,8 +149,15 @@ class SimConfig(_Strict):
     def _kills_in_range(self) -> SimConfig:
         bad = [k.worker for k in self.failures.kills if k.worker >= self.capacity]
         if bad:
-            raise ValueError(f"failures.kills: worker slots {bad} do not exist (slots 0..{self.capacity - 1})")
+            raise ValueError(
+                f"failures.kills: worker slots {bad} do not exist (slots 0..{self.capacity - 1})"
+            )
         return self
+
+    @property
+    def steps_per_push(self) -> int:
+        """Local steps behind one update: DiLoCo's H, 1 for every other strategy."""
+        return self.local_steps if self.mode == "diloco" else 1
 
     @property
     def capacity(self) -> int:
@@ -162,23 +188,39 @@ class SimConfig(_Strict):
     def from_config(cls, cfg: Config, **overrides: Any) -> SimConfig:
         """A simulation of the run `cfg` describes; `overrides` (dotted paths allowed: 'compute.mean_s')."""
         t: TrainingConfig = cfg.training
+        c = cfg.controller
+        # Strategy keys live on `training` (newer configs) or `controller` (the seed's); training wins.
+        min_staleness = getattr(t, "min_staleness", None)
+        multiplier = getattr(t, "max_staleness_multiplier", None)
+        codec_params: dict[str, int | float | str] = {}
+        if t.compression == "int8" and hasattr(t, "int8_chunk"):
+            codec_params["chunk"] = t.int8_chunk
+        if t.compression == "topk" and hasattr(t, "topk_index"):
+            codec_params["index"] = t.topk_index
         data: dict[str, Any] = {
             "simulation": cfg.simulation.model_dump(),
             "workers": t.num_workers,
             "rounds": t.steps,
-            "mode": t.resolved_mode,
+            "mode": "adaptive" if t.resolved_mode == "async" and c.adaptive_staleness else t.resolved_mode,
             "profile": cfg.network.profile or "good",
-            "scheduler": cfg.controller.scheduler,
-            "heartbeat_miss_limit": cfg.controller.heartbeat_miss_limit,
-            "telemetry_alpha": cfg.controller.telemetry_alpha,
+            "scheduler": c.scheduler,
+            "heartbeat_miss_limit": c.heartbeat_miss_limit,
+            "telemetry_alpha": c.telemetry_alpha,
             "straggler_timeout_s": t.sync_max_wait_s,
             "max_staleness": t.resolved_max_staleness,
+            "adaptive_min_staleness": c.min_staleness if min_staleness is None else min_staleness,
+            "adaptive_multiplier": c.max_staleness_multiplier if multiplier is None else multiplier,
+            "local_steps": getattr(t, "diloco_local_steps", 1),
             "batch_size": t.batch_size,
             "seq_length": t.seq_length,
             "seed": t.seed,
             "model": cfg.model.model_dump(),
             "vocab_size": t.vocab_size,
-            "payload": {"codec": t.compression, "codec_ratio": t.compression_ratio},
+            "payload": {
+                "codec": t.compression,
+                "codec_ratio": t.compression_ratio,
+                "codec_params": codec_params,
+            },
         }
         return build_sim_config(merge_dotted(data, overrides))
 
@@ -198,7 +240,7 @@ def estimate_params(model: ModelConfig, vocab_size: int, block_size: int) -> int
 
 
 def merge_dotted(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `overrides` deep-merged; keys may be dotted ('failures.mtbf_s'); None values are skipped."""
+    """`base` with `overrides` deep-merged; keys may be dotted ("failures.mtbf_s"); None values skipped."""
     out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for key, value in overrides.items():
         if value is None:
@@ -210,8 +252,9 @@ def merge_dotted(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, A
             node[p] = dict(child) if isinstance(child, dict) else {}
             node = node[p]
         existing = node.get(parts[-1])
-        node[parts[-1]] = merge_dotted(existing, value) if isinstance(value, dict) and isinstance(existing, dict) \
-            else value
+        node[parts[-1]] = (
+            merge_dotted(existing, value) if isinstance(value, dict) and isinstance(existing, dict) else value
+        )
     return out
 
 

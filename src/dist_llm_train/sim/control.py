@@ -13,51 +13,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from dist_llm_train.sim import adapters
 from dist_llm_train.sim.config import SimConfig
+from dist_llm_train.sim.dataplane import DataPlane, NoDataPlane
 from dist_llm_train.sim.draws import control_rng
 from dist_llm_train.sim.events import EventQueue, Kind
 from dist_llm_train.sim.linkmath import propagation_1, small_penalty_1
 from dist_llm_train.sim.network import Topology, worker_name
 
-P_PHASE, P_LIFE, P_JOINS, P_LASTHB, P_STALL, P_LEARN = 1, 2, 3, 4, 5, 6
-
-
-class DataPlane(Protocol):
-    """What an engine offers the control plane."""
-
-    def on_members(self, slots: list[int]) -> None: ...
-
-    def on_death(self, slot: int) -> None: ...
-
-    def activate(self, slot: int, first_request_at: float) -> None: ...
-
-    def deactivate(self, slot: int) -> None: ...
-
-    def telemetry(self) -> dict[int, float]: ...
-
-
-class NoDataPlane:
-    """For control-plane-only runs (rounds = 0, the seed's heartbeat/scheduling simulation)."""
-
-    def on_members(self, slots: list[int]) -> None:
-        pass
-
-    def on_death(self, slot: int) -> None:
-        pass
-
-    def activate(self, slot: int, first_request_at: float) -> None:
-        pass
-
-    def deactivate(self, slot: int) -> None:
-        pass
-
-    def telemetry(self) -> dict[int, float]:
-        return {}
+P_PHASE, P_LIFE, P_JOINS, P_LASTHB, P_STALL, P_LEARN, P_START = 1, 2, 3, 4, 5, 6, 7
 
 
 @dataclass
@@ -71,6 +39,7 @@ class ControlStats:
     alive_seconds: float = 0.0
     detection_latency_s: list[float] = field(default_factory=list)
     death_times: dict[int, float] = field(default_factory=dict)
+    last_heartbeat: dict[int, float] = field(default_factory=dict)  # at the controller, per crashed slot
     declared_dead: list[str] = field(default_factory=list)
 
 
@@ -80,8 +49,14 @@ class ControlPlane:
         self.clock = queue.clock
         self.h = cfg.heartbeat_interval_s
         self.poll = cfg.simulation.scheduling_interval
-        self.ctl = adapters.SimController(cfg.scheduler, self.h, cfg.heartbeat_miss_limit, cfg.telemetry_alpha,
-                                          self.clock, self._deliver_members)
+        self.ctl = adapters.SimController(
+            cfg.scheduler,
+            self.h,
+            cfg.heartbeat_miss_limit,
+            cfg.telemetry_alpha,
+            self.clock,
+            self._deliver_members,
+        )
         self.ctl.set_on_change(self._wake)
         self.half = self.ctl.tick_interval_s
         self.timeout = self.ctl.timeout_s
@@ -102,6 +77,7 @@ class ControlPlane:
         self._last_tick = 0.0
         self._tick_gen = 0
         self._wake_pending = False
+        self._learn_batches = 0
         self._p_stall, self._j_star = self._stall_model()
 
     # -- setup ----------------------------------------------------------------------------------------------
@@ -109,36 +85,49 @@ class ControlPlane:
         """Register the initial workers, submit the job, schedule failures and joins, and tick once."""
         self.data = data
         self._wake_pending = True  # the setup's own changes are covered by the tick below
-        for slot in range(self.cfg.workers):
-            self._come_alive(slot)
+        n = self.cfg.workers
+        rng = control_rng(self.cfg.seed, P_START)  # one stream for the first life of every initial worker
+        mtbf = self.cfg.failures.mtbf_s
+        lives = rng.exponential(mtbf, n).tolist() if mtbf is not None else [None] * n
+        p = self._p_stall[self.topo.group[:n]]
+        stalls = np.where(p > 0, rng.geometric(np.where(p > 0, p, 1.0)), 0).tolist()
+        for slot in range(n):
+            self._come_alive(slot, lives[slot], int(stalls[slot]))
         self.ctl.submit(self.cfg.num_tasks, {"training": {"mode": self.cfg.mode, "steps": self.cfg.rounds}})
         for kill in self.cfg.failures.kills:
             self.queue.at(kill.at_s, Kind.DEATH, (kill.worker, None))
         churn = self.cfg.churn
         if churn.max_joins:
-            gaps = control_rng(self.cfg.seed, P_JOINS).exponential(1.0 / churn.join_rate_per_s, churn.max_joins)
+            gaps = control_rng(self.cfg.seed, P_JOINS).exponential(
+                1.0 / churn.join_rate_per_s, churn.max_joins
+            )
             for j, t in enumerate(np.cumsum(gaps).tolist()):
                 if t < self.cfg.max_virtual_s:
                     self.queue.at(t, Kind.JOIN, self.cfg.workers + j)
         self.queue.at(self.clock(), Kind.TICK, None)
 
-    def _come_alive(self, slot: int) -> None:
-        """(Re-)register `slot` now and schedule its crash and heartbeat stall, if the models produce them."""
+    def _come_alive(self, slot: int, life: float | None = None, stall_after: int | None = None) -> None:
+        """(Re-)register `slot` now and schedule its crash and heartbeat stall, if the models produce them.
+
+        `life` and `stall_after` (heartbeats until a stall; 0: never) are drawn here unless given."""
         now = self.clock()
         self.alive[slot] = True
         self.started[slot] = now
         self.silent.pop(slot, None)
         self.declared.discard(slot)
-        wid = self.ctl.register(worker_name(slot), float(self.topo.compute_slowdown[slot]), self._bandwidth(slot))
+        wid = self.ctl.register(
+            worker_name(slot), float(self.topo.compute_slowdown[slot]), self._bandwidth(slot)
+        )
         self.worker_id[slot] = wid
         self.slot_of[wid] = slot
         inc = self.incarnation[slot]
         mtbf = self.cfg.failures.mtbf_s
         if mtbf is not None:
-            life = float(control_rng(self.cfg.seed, P_LIFE, slot, inc).exponential(mtbf))
+            if life is None:
+                life = float(control_rng(self.cfg.seed, P_LIFE, slot, inc).exponential(mtbf))
             if now + life < self.cfg.max_virtual_s:
                 self.queue.at(now + life, Kind.DEATH, (slot, inc))
-        self._schedule_stall(slot, now)
+        self._schedule_stall(slot, now, stall_after)
 
     def _bandwidth(self, slot: int) -> float:
         rate = float(self.topo.up.rate[self.topo.group_of(slot), 0])
@@ -148,8 +137,9 @@ class ControlPlane:
     def _stall_model(self) -> tuple[np.ndarray, np.ndarray]:
         """Per group: chance that one heartbeat stalls past the timeout, and the retries that takes.
 
-        A heartbeat exchange fails if its request or reply is lost (p = 1 − (1 − p₁)²); its j-th retry waits
-        RTO·(2^j − 1) in total, and the controller declares death once that exceeds (miss_limit − 1) intervals."""
+        A heartbeat exchange fails if its request or reply is lost (p = 1 − (1 − p₁)²); its j-th retry
+        waits RTO·(2^j − 1) in total, and the controller declares death once that exceeds (miss_limit − 1)
+        intervals."""
         hb = self.topo.hb
         weights = np.array([s for s in self._segment_weights()])
         p1 = (hb.loss * weights).sum(axis=1)
@@ -168,13 +158,17 @@ class ControlPlane:
         ends = tl.starts[1:] + [tl.period]
         return [(e - s) / tl.period for s, e in zip(tl.starts, ends, strict=True)]
 
-    def _schedule_stall(self, slot: int, since: float) -> None:
+    def _schedule_stall(self, slot: int, since: float, k: int | None = None) -> None:
         g = self.topo.group_of(slot)
         p = float(self._p_stall[g])
-        if p <= 0:
+        if p <= 0 or k == 0:
             return
-        rng = control_rng(self.cfg.seed, P_STALL, slot, self.incarnation[slot], int(since * 1e3))
-        k = int(rng.geometric(p))
+        if k is None:
+            k = int(
+                control_rng(self.cfg.seed, P_STALL, slot, self.incarnation[slot], int(since * 1e3)).geometric(
+                    p
+                )
+            )
         t = self._next_send(slot, since) + (k - 1) * self.h
         if t < self.cfg.max_virtual_s:
             self.queue.at(t, Kind.HB_STALL, (slot, self.incarnation[slot]))
@@ -189,8 +183,9 @@ class ControlPlane:
         hb = self.topo.hb
         z, u, ul = rng.standard_normal(), rng.random(), rng.random()
         prop = propagation_1(hb.delay[g, seg], hb.jitter[g, seg], int(hb.dist[g, seg]), z, u)
-        pen = small_penalty_1(float(hb.loss[g, seg]), 1, float(self.topo.hb_rto[g, seg]), ul,
-                              self.cfg.transport.max_retries)
+        pen = small_penalty_1(
+            float(hb.loss[g, seg]), 1, float(self.topo.hb_rto[g, seg]), ul, self.cfg.transport.max_retries
+        )
         return sent + prop + pen
 
     # -- events ---------------------------------------------------------------------------------------------
@@ -227,8 +222,11 @@ class ControlPlane:
                 last = self.started[slot]  # registration counts as a heartbeat
             else:
                 sent = first + math.floor((now - first) / self.h) * self.h
-                last = self._hb_arrival(slot, sent, control_rng(self.cfg.seed, P_LASTHB, slot, self.incarnation[slot]))
+                last = self._hb_arrival(
+                    slot, sent, control_rng(self.cfg.seed, P_LASTHB, slot, self.incarnation[slot])
+                )
             self.silent[slot] = last
+        self.stats.last_heartbeat[slot] = self.silent[slot]
         self._plan_detection(self.silent[slot])
         rejoin = self.cfg.failures.rejoin_after_s
         if rejoin is not None:
@@ -241,7 +239,7 @@ class ControlPlane:
         self.stats.rejoins += 1
         self._come_alive(slot)
         if self.holding.get(slot, 0) > 0:  # back before it was declared dead: its tasks are still its own
-            self._plan_learn(slot, self.clock())
+            self._plan_learn([slot], self.clock())
         self._wake()
 
     def _join(self, slot: int) -> None:
@@ -257,7 +255,11 @@ class ControlPlane:
         g = self.topo.group_of(slot)
         p = float(self._p_stall[g]) ** (1.0 / float(self._j_star[g]))
         retries = min(int(self._j_star[g]) + int(rng.geometric(1.0 - p)) - 1, self.cfg.transport.max_retries)
-        prev = self._hb_arrival(slot, now - self.h, rng) if now - self.h >= self.started[slot] else self.started[slot]
+        prev = (
+            self._hb_arrival(slot, now - self.h, rng)
+            if now - self.h >= self.started[slot]
+            else self.started[slot]
+        )
         seg = self.topo.timeline.index_1(now)
         resume = self._hb_arrival(slot, now, rng) + float(self.topo.hb_rto[g, seg]) * (2.0**retries - 1.0)
         self.stats.stalls += 1
@@ -276,28 +278,31 @@ class ControlPlane:
         self._schedule_stall(slot, self.clock())
         self._wake()
 
-    def _learn(self, slot: int, inc: int) -> None:
+    def _learn(self, slot: int, inc: int, z: float, u: float) -> None:
+        """The worker saw its task: its first pull request reaches the PS one request later."""
         if not self.alive[slot] or inc != self.incarnation[slot] or self.holding.get(slot, 0) == 0:
             return
         now = self.clock()
-        rng = control_rng(self.cfg.seed, P_LEARN, slot, inc, int(now * 1e3), 1)
         g, seg = self.topo.group_of(slot), self.topo.timeline.index_1(now)
         up = self.topo.up
-        req = propagation_1(up.delay[g, seg], up.jitter[g, seg], int(up.dist[g, seg]), rng.standard_normal(),
-                            rng.random())
+        req = propagation_1(up.delay[g, seg], up.jitter[g, seg], int(up.dist[g, seg]), z, u)
         self.data.activate(slot, now + req)
 
-    def _plan_learn(self, slot: int, assigned_at: float) -> None:
-        """The worker sees a new task at its next assignment poll, one task-class round trip later."""
-        first = self.started[slot] + self.poll_phase[slot]
-        k = max(0, math.ceil((assigned_at - first) / self.poll))
-        poll_at = first + k * self.poll
-        rng = control_rng(self.cfg.seed, P_LEARN, slot, self.incarnation[slot], int(assigned_at * 1e3))
-        g, seg = self.topo.group_of(slot), self.topo.timeline.index_1(poll_at)
+    def _plan_learn(self, slots: list[int], assigned_at: float) -> None:
+        """Each worker sees its new task at its next assignment poll, one task-class round trip later."""
+        self._learn_batches += 1
+        rng = control_rng(self.cfg.seed, P_LEARN, self._learn_batches)
+        z, u = rng.standard_normal((len(slots), 2)).tolist(), rng.random((len(slots), 2)).tolist()
         t = self.topo.task
-        rtt = 2.0 * propagation_1(t.delay[g, seg], t.jitter[g, seg], int(t.dist[g, seg]), rng.standard_normal(),
-                                  rng.random())
-        self.queue.at(poll_at + rtt, Kind.LEARN, (slot, self.incarnation[slot]))
+        for i, slot in enumerate(slots):
+            first = self.started[slot] + self.poll_phase[slot]
+            k = max(0, math.ceil((assigned_at - first) / self.poll))
+            poll_at = first + k * self.poll
+            g, seg = self.topo.group_of(slot), self.topo.timeline.index_1(poll_at)
+            rtt = 2.0 * propagation_1(
+                t.delay[g, seg], t.jitter[g, seg], int(t.dist[g, seg]), z[i][0], u[i][0]
+            )
+            self.queue.at(poll_at + rtt, Kind.LEARN, (slot, self.incarnation[slot], z[i][1], u[i][1]))
 
     # -- the detector ---------------------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -343,9 +348,9 @@ class ControlPlane:
     def _sync_holdings(self, now: float) -> None:
         loads = self.ctl.loads()
         current = {self.slot_of[w]: n for w, n in loads.items()}
-        for slot, n in current.items():
-            if self.holding.get(slot, 0) == 0 and self.alive[slot]:
-                self._plan_learn(slot, now)
+        new = [s for s in sorted(current) if self.holding.get(s, 0) == 0 and self.alive[s]]
+        if new:
+            self._plan_learn(new, now)
         for slot, n in self.holding.items():
             if n > 0 and current.get(slot, 0) == 0 and self.alive[slot]:
                 self.data.deactivate(slot)

@@ -69,29 +69,38 @@ class VersionDraws:
 
 
 class ComputeTime:
-    """Step time = base sample (constant / exponential / lognormal, mean `mean_s`) × slot's fixed factors."""
+    """Time behind one update = base sample × the slot's fixed factors.
 
-    def __init__(self, model: ComputeModel, factors: np.ndarray) -> None:
+    The base is one step (constant / exponential / lognormal, mean `mean_s`), or for DiLoCo the sum of H local
+    steps: H·mean_s, spread as a lognormal whose relative variance is one step's divided by H (the sum of H
+    independent steps; exact in mean and variance, approximate in shape)."""
+
+    def __init__(self, model: ComputeModel, factors: np.ndarray, steps: int = 1) -> None:
         self.model = model
         self.factors = factors
         self._factors = factors.tolist()
-        self._mu = math.log(model.mean_s) - model.sigma**2 / 2.0
+        self.steps = steps
+        self.mean = model.mean_s * steps
+        self.kind = model.kind
+        self.sigma = model.sigma
+        if steps > 1 and model.kind != "constant":
+            rel_var = math.expm1(model.sigma**2) if model.kind == "lognormal" else 1.0
+            self.kind, self.sigma = "lognormal", math.sqrt(math.log1p(rel_var / steps))
+        self._mu = math.log(self.mean) - self.sigma**2 / 2.0
 
     def base(self, z: np.ndarray, u: np.ndarray) -> np.ndarray:
-        m = self.model
-        if m.kind == "constant":
-            return np.full(np.shape(z), m.mean_s)
-        if m.kind == "exponential":
-            return -m.mean_s * np.log1p(-u)
-        return np.exp(self._mu + m.sigma * z)
+        if self.kind == "constant":
+            return np.full(np.shape(z), self.mean)
+        if self.kind == "exponential":
+            return -self.mean * np.log1p(-u)
+        return np.exp(self._mu + self.sigma * z)
 
     def base_1(self, z: float, u: float) -> float:
-        m = self.model
-        if m.kind == "constant":
-            return m.mean_s
-        if m.kind == "exponential":
-            return -m.mean_s * math.log1p(-u)
-        return math.exp(self._mu + m.sigma * z)
+        if self.kind == "constant":
+            return self.mean
+        if self.kind == "exponential":
+            return -self.mean * math.log1p(-u)
+        return math.exp(self._mu + self.sigma * z)
 
     def sample(self, slots: np.ndarray, z: np.ndarray, u: np.ndarray) -> np.ndarray:
         return self.base(z, u) * self.factors[slots]

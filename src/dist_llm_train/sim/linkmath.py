@@ -6,12 +6,12 @@ One-way time of a message = propagation (the profile's one-way delay + a jitter 
 * a short message (≤ 3 segments, so no three duplicate ACKs can trigger fast retransmit) waits for the
   retransmission timer: F failed attempts of its packet cost RTO·(2^F − 1), the exponential backoff, with
   F ~ Geometric(loss of the message) capped at the stack's retry limit;
-* a bulk transfer of k segments loses F ~ Poisson(k·p/(1−p)) of them (the mean of the exact negative-binomial
-  count); SACK-based fast recovery repairs each loss within one RTT, and losses in the same window share it, so
-  the penalty is RTT·min(F, windows the transfer spans).
+* a bulk transfer of k segments loses F ~ Poisson(k·p/(1−p)) of them (the mean of the exact
+  negative-binomial count); SACK-based fast recovery repairs each loss within one RTT, and losses in the same
+  window share it, so the penalty is RTT·min(F, windows the transfer spans).
 
-Both implementations consume the same pre-drawn variates (z ~ N(0,1), u ~ U(0,1)) so the vectorised sync engine
-and the per-event engine compute identical times; a unit test holds the two to 1e-12.
+Both implementations consume the same pre-drawn variates (z ~ N(0,1), u ~ U(0,1)) so the vectorised sync
+engine and the per-event engine compute identical times; a unit test holds the two to 1e-12.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def jitter_variate_1(dist: int, z: float, u: float) -> float:
     return (0.25 * par + 0.75 * z) / math.sqrt(0.25**2 + 0.75**2)
 
 
-def propagation(delay: np.ndarray, jitter: np.ndarray, dist: np.ndarray, z: np.ndarray,
-                u: np.ndarray) -> np.ndarray:
+def propagation(
+    delay: np.ndarray, jitter: np.ndarray, dist: np.ndarray, z: np.ndarray, u: np.ndarray
+) -> np.ndarray:
     return np.maximum(0.0, delay + jitter * jitter_variate(dist, z, u))
 
 
@@ -92,7 +93,10 @@ def _poisson_inverse(lam: np.ndarray, u: np.ndarray) -> np.ndarray:
     cdf = pmf.copy()
     count = np.zeros_like(lam)
     for j in range(1, _POISSON_TERMS + 1):
-        count += cdf < u
+        below = cdf < u
+        if not below.any():  # every sample found its count; later terms add nothing
+            break
+        count += below
         pmf = pmf * lam / j
         cdf = cdf + pmf
     return count
@@ -111,38 +115,62 @@ def _poisson_inverse_1(lam: float, u: float) -> float:
     return count
 
 
-def bulk_penalty(loss_p: np.ndarray, k: int, rtt: np.ndarray, transfer_s: np.ndarray, u: np.ndarray,
-                 z: np.ndarray) -> np.ndarray:
+def bulk_penalty(
+    loss_p: np.ndarray, k: int, rtt: np.ndarray, transfer_s: np.ndarray, u: np.ndarray, z: np.ndarray
+) -> np.ndarray:
     """RTT·min(F, windows) with F ~ Poisson(k·p/(1−p)) lost segments; windows = ⌈transfer / RTT⌉ ≥ 1."""
     lam = k * loss_p / np.maximum(1.0 - loss_p, 1e-9)
-    exact = _poisson_inverse(np.minimum(lam, POISSON_EXACT_MAX), u)
-    approx = np.maximum(0.0, np.floor(lam + np.sqrt(lam) * z + 0.5))
-    f = np.where(lam <= POISSON_EXACT_MAX, exact, approx)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    small = lam <= POISSON_EXACT_MAX
+    f = np.maximum(0.0, np.floor(lam + np.sqrt(lam) * z + 0.5))
+    if small.any():
+        f[small] = _poisson_inverse(lam[small], u[small])
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         windows = np.where(rtt > 0, np.maximum(1.0, np.ceil(transfer_s / np.where(rtt > 0, rtt, 1.0))), 1.0)
     return rtt * np.minimum(f, windows)
 
 
+def _normal_count_1(lam: float, z: float) -> float:
+    return max(0.0, math.floor(lam + math.sqrt(lam) * z + 0.5))
+
+
 def bulk_penalty_1(loss_p: float, k: int, rtt: float, transfer_s: float, u: float, z: float) -> float:
     lam = k * loss_p / max(1.0 - loss_p, 1e-9)
-    if lam <= POISSON_EXACT_MAX:
-        f = _poisson_inverse_1(lam, u)
-    else:
-        f = max(0.0, math.floor(lam + math.sqrt(lam) * z + 0.5))
-    windows = max(1.0, math.ceil(transfer_s / rtt)) if rtt > 0 else 1.0
+    f = _poisson_inverse_1(lam, u) if lam <= POISSON_EXACT_MAX else _normal_count_1(lam, z)
+    if rtt <= 0:
+        return 0.0
+    spans = transfer_s / rtt
+    windows = max(1.0, math.ceil(spans)) if math.isfinite(spans) else math.inf
     return rtt * min(f, windows)
 
 
-def loss_penalty(loss_p: np.ndarray, nbytes: int, mss: int, rtt: np.ndarray, rto: np.ndarray,
-                 transfer_s: np.ndarray, u: np.ndarray, z: np.ndarray, max_retries: int) -> np.ndarray:
+def loss_penalty(
+    loss_p: np.ndarray,
+    nbytes: int,
+    mss: int,
+    rtt: np.ndarray,
+    rto: np.ndarray,
+    transfer_s: np.ndarray,
+    u: np.ndarray,
+    z: np.ndarray,
+    max_retries: int,
+) -> np.ndarray:
     k = segments(nbytes, mss)
     if k <= SMALL_SEGMENTS:
         return small_penalty(loss_p, k, rto, u, max_retries)
     return bulk_penalty(loss_p, k, rtt, transfer_s, u, z)
 
 
-def loss_penalty_1(loss_p: float, nbytes: int, mss: int, rtt: float, rto: float, transfer_s: float, u: float,
-                   z: float, max_retries: int) -> float:
+def loss_penalty_1(
+    loss_p: float,
+    nbytes: int,
+    mss: int,
+    rtt: float,
+    rto: float,
+    transfer_s: float,
+    u: float,
+    z: float,
+    max_retries: int,
+) -> float:
     k = segments(nbytes, mss)
     if k <= SMALL_SEGMENTS:
         return small_penalty_1(loss_p, k, rto, u, max_retries)

@@ -8,6 +8,7 @@ codec runs on 4 M and the size is scaled, which is exact for every codec but int
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,12 +27,14 @@ class Sizes:
     params: int
 
 
-def codec_payload_bytes(codec: str, ratio: float, params: int, seed: int = 0) -> int:
+def codec_payload_bytes(
+    codec: str, ratio: float, params: int, seed: int = 0, extra: dict[str, int | float | str] | None = None
+) -> int:
     from dist_llm_train.training.codecs import get_codec
 
     n = min(params, _SAMPLE_MAX)
     vec = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
-    enc = get_codec(codec, ratio=ratio).encode(vec)
+    enc = get_codec(codec, ratio=ratio, **(extra or {})).encode(vec)
     meta = len(repr(enc.meta))  # msgpack is smaller still; a handful of bytes either way
     return int(round((enc.nbytes + meta) * params / n))
 
@@ -39,9 +42,14 @@ def codec_payload_bytes(codec: str, ratio: float, params: int, seed: int = 0) ->
 def message_sizes(cfg: SimConfig) -> Sizes:
     p = cfg.payload
     params = cfg.param_count
-    push = codec_payload_bytes(p.codec, p.codec_ratio, params, cfg.seed)
-    return Sizes(pull_bytes=4 * params + p.header_bytes, push_bytes=push + p.header_bytes,
-                 small_bytes=p.header_bytes, control_bytes=p.control_bytes, params=params)
+    push = codec_payload_bytes(p.codec, p.codec_ratio, params, cfg.seed, p.codec_params)
+    return Sizes(
+        pull_bytes=4 * params + p.header_bytes,
+        push_bytes=push + p.header_bytes,
+        small_bytes=p.header_bytes,
+        control_bytes=p.control_bytes,
+        params=params,
+    )
 
 
 @dataclass
@@ -70,21 +78,28 @@ class DataStats:
 
 
 class Throughput:
-    """Per-slot EWMA of samples/s, updated as the controller's `record_telemetry` would."""
+    """Per-slot EWMA of samples/s, updated as the controller's `record_telemetry` would.
 
-    def __init__(self, capacity: int, alpha: float, batch_size: int) -> None:
+    Only the capability scheduler reads it, so with any other scheduler (`enabled=False`) nothing is kept."""
+
+    def __init__(self, capacity: int, alpha: float, batch_size: int, enabled: bool = True) -> None:
         self.alpha = alpha
         self.batch = batch_size
+        self.enabled = enabled
         self.ewma = np.full(capacity, np.nan)
         self._dirty: set[int] = set()
 
     def observe(self, slots: np.ndarray, step_time_s: np.ndarray) -> None:
+        if not self.enabled:
+            return
         rate = self.batch / np.maximum(step_time_s, 1e-9)
         prev = self.ewma[slots]
         self.ewma[slots] = np.where(np.isnan(prev), rate, self.alpha * rate + (1 - self.alpha) * prev)
         self._dirty.update(slots.tolist())
 
     def observe_1(self, slot: int, step_time_s: float) -> None:
+        if not self.enabled:
+            return
         rate = self.batch / max(step_time_s, 1e-9)
         prev = self.ewma[slot]
         self.ewma[slot] = rate if np.isnan(prev) else self.alpha * rate + (1 - self.alpha) * prev
@@ -93,4 +108,76 @@ class Throughput:
     def take(self) -> dict[int, float]:
         out = {s: float(self.ewma[s]) for s in sorted(self._dirty)}
         self._dirty.clear()
+        return out
+
+
+class TelemetryLog:
+    """Per-update telemetry rows, as real workers report them, for the run folder's `metrics.csv`.
+
+    Only kept when asked for (experiment cells are small); past `max_rows` recording stops and `truncated`
+    says so, so a 10⁴-worker run cannot fill memory with 10⁷ rows."""
+
+    def __init__(self, max_rows: int = 2_000_000) -> None:
+        self.max_rows = max_rows
+        self.truncated = False
+        self._parts: list[tuple[np.ndarray, ...]] = []
+        self._scalars: list[tuple[int, float, float, float, float]] = []
+        self._n = 0
+
+    def _room(self, n: int) -> bool:
+        if self._n + n > self.max_rows:
+            self.truncated = True
+            return False
+        self._n += n
+        return True
+
+    def add(
+        self,
+        slots: np.ndarray,
+        at: np.ndarray,
+        step_time: np.ndarray,
+        compute: np.ndarray,
+        version: np.ndarray,
+    ) -> None:
+        if slots.size and self._room(int(slots.size)):
+            self._parts.append((slots.astype(np.int64), at, step_time, compute, version.astype(np.int64)))
+
+    def add_1(self, slot: int, at: float, step_time: float, compute: float, version: int) -> None:
+        if self._room(1):
+            self._scalars.append((slot, at, step_time, compute, float(version)))
+
+    def rows(self, sizes: Sizes, name: Callable[[int], str]) -> list[dict[str, object]]:
+        """Rows in time order with each worker's cumulative step count and byte counters."""
+        cols = list(self._parts)
+        if self._scalars:
+            arr = np.array(self._scalars)
+            cols.append(
+                (arr[:, 0].astype(np.int64), arr[:, 1], arr[:, 2], arr[:, 3], arr[:, 4].astype(np.int64))
+            )
+        if not cols:
+            return []
+        slots, at, step_time, compute, version = (np.concatenate(c) for c in zip(*cols, strict=True))
+        order = np.argsort(at, kind="stable")
+        steps: Counter[int] = Counter()
+        out: list[dict[str, object]] = []
+        for i in order.tolist():
+            s = int(slots[i])
+            steps[s] += 1
+            k = steps[s]
+            out.append(
+                {
+                    "wall_time": float(at[i]),
+                    "worker": name(s),
+                    "step": k,
+                    "ps_version": int(version[i]),
+                    "loss": "",
+                    "step_time_s": float(step_time[i]),
+                    "compute_time_s": float(compute[i]),
+                    "samples_per_s": "",
+                    "tokens_per_s": "",
+                    "bytes_sent": k * sizes.push_bytes,
+                    "bytes_received": k * sizes.pull_bytes,
+                    "push_outcome": "",
+                }
+            )
         return out

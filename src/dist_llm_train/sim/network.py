@@ -48,16 +48,26 @@ class Hop:
     def of(cls, link: Link | None) -> Hop:
         if link is None:
             return cls()
-        return cls(link.delay_ms / 1e3, link.jitter_ms / 1e3, DIST_CODES[link.distribution], link.loss_pct / 100.0,
-                   link.rate_mbit * 1e6 if link.rate_mbit else math.inf)
+        return cls(
+            link.delay_ms / 1e3,
+            link.jitter_ms / 1e3,
+            DIST_CODES[link.distribution],
+            link.loss_pct / 100.0,
+            link.rate_mbit * 1e6 if link.rate_mbit else math.inf,
+        )
 
     def then(self, other: Hop) -> Hop:
-        return Hop(self.delay + other.delay, math.hypot(self.jitter, other.jitter), self.dist,
-                   1.0 - (1.0 - self.loss) * (1.0 - other.loss), min(self.rate, other.rate))
+        return Hop(
+            self.delay + other.delay,
+            math.hypot(self.jitter, other.jitter),
+            self.dist,
+            1.0 - (1.0 - self.loss) * (1.0 - other.loss),
+            min(self.rate, other.rate),
+        )
 
 
 class Timeline:
-    """Which schedule segment is active at a virtual time (`segments` play once then hold; `cycle` repeats)."""
+    """Which schedule segment is active at a virtual time (`segments` play once, then hold; `cycle` loops)."""
 
     def __init__(self, durations: list[float], cycle: bool) -> None:
         self.starts = [0.0]
@@ -97,7 +107,9 @@ class PathTable:
 class Topology:
     """Per-slot groups and per-path tables for one profile and one set of worker slots."""
 
-    def __init__(self, profile: Profile | None, capacity: int, initial_workers: int, rto_min_s: float) -> None:
+    def __init__(
+        self, profile: Profile | None, capacity: int, initial_workers: int, rto_min_s: float
+    ) -> None:
         self.profile = profile
         names = [worker_name(i) for i in range(initial_workers)]
         one_way = to_one_way(profile) if profile is not None else None
@@ -155,8 +167,9 @@ class Topology:
         return key if key is not None else "\0default"  # a name no profile can use
 
     @staticmethod
-    def _egress(p: Profile | None, node: str, names: list[str], seg: LinkOverride | None,
-                cls: TrafficClass) -> Hop:
+    def _egress(
+        p: Profile | None, node: str, names: list[str], seg: LinkOverride | None, cls: TrafficClass
+    ) -> Hop:
         if p is None:
             return Hop()
         return Hop.of(egress_links(p, node, names, seg)[cls])
@@ -165,14 +178,18 @@ class Topology:
     def _ingress(p: Profile | None, node: str, names: list[str]) -> Hop:
         return Hop() if p is None else Hop.of(ingress_link(p, node, names))
 
-    def _path(self, p: Profile | None, kind: str, node: str, names: list[str], seg: LinkOverride | None) -> Hop:
+    def _path(
+        self, p: Profile | None, kind: str, node: str, names: list[str], seg: LinkOverride | None
+    ) -> Hop:
         if kind == "up":
             return self._egress(p, node, names, seg, "ps_sync").then(self._ingress(p, PS_NODE, names))
         if kind == "down":
             ps = self._egress(p, PS_NODE, names, seg, "ps_sync")
             return Hop(ps.delay, ps.jitter, ps.dist, ps.loss, math.inf).then(self._ingress(p, node, names))
         if kind == "hb":
-            return self._egress(p, node, names, seg, "heartbeat").then(self._ingress(p, CONTROLLER_NODE, names))
+            return self._egress(p, node, names, seg, "heartbeat").then(
+                self._ingress(p, CONTROLLER_NODE, names)
+            )
         return self._egress(p, CONTROLLER_NODE, names, seg, "task").then(self._ingress(p, node, names))
 
     @staticmethod
@@ -186,6 +203,31 @@ class Topology:
     def group_of(self, slot: int) -> int:
         return int(self._group_list[slot])
 
+    def configured_links(self) -> list[dict[str, object]]:
+        """The run report's `links`: each simulated path of a default worker as configured (segment 0)."""
+        out: list[dict[str, object]] = []
+        paths = (
+            ("worker -> paramserver", "ps_sync", self.up),
+            ("paramserver -> worker", "ps_sync", self.down),
+            ("worker -> controller", "heartbeat", self.hb),
+            ("controller -> worker", "task", self.task),
+        )
+        for name, cls, table in paths:
+            h = table.hops[0][0]
+            rate = float(self.ps_rate[0]) if table is self.down else h.rate
+            out.append(
+                {
+                    "link": name,
+                    "class": cls,
+                    "backend": "simulated",
+                    "delay_ms": h.delay * 1e3,
+                    "jitter_ms": h.jitter * 1e3,
+                    "loss_pct": h.loss * 100,
+                    "rate_mbit": rate / 1e6 if math.isfinite(rate) else None,
+                }
+            )
+        return out
+
     def describe(self) -> dict[str, float | str | None]:
         """The default worker's figures (segment 0), for reports and the link-physics bound."""
         up, down = self.up.hops[0][0], self.down.hops[0][0]
@@ -194,6 +236,7 @@ class Topology:
             "rtt_s": up.delay + down.delay,
             "up_rate_bps": up.rate,
             "down_rate_bps": min(float(self.ps_rate[0]), down.rate),
+            "ps_rate_bps": float(self.ps_rate[0]),
             "loss_up": up.loss,
             "loss_down": down.loss,
         }

@@ -1,7 +1,9 @@
 """The report folder a simulation leaves, shaped like a real run's: config, summary.json, summary.md, a CSV.
 
-The CSV is per round (`rounds.csv`: version, publish time, round time, updates, members) rather than a real
-run's per-worker-step `metrics.csv`, which at 10⁴ workers × 10³ rounds would be 10⁷ lines.
+The CSV is per round (`rounds.csv`: version, publish time, round time, updates, members). A real run's
+per-update `metrics.csv` (same columns, loss empty: nothing is trained) is written only when the simulation
+kept telemetry (`simulate(cfg, telemetry=True)`, as experiment cells do): at 10⁴ workers × 10³ rounds it
+would be 10⁷ lines.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from dist_llm_train.embedded.report import CSV_COLUMNS
+from dist_llm_train.sim.network import worker_name
 from dist_llm_train.sim.runner import SimResult, summary
 
 ROUND_COLUMNS = ["version", "publish_time_s", "round_time_s", "updates", "members"]
@@ -33,7 +37,9 @@ def write_report(result: SimResult, runs_dir: Path, run_id: str | None = None) -
         run_dir = runs_dir / f"{rid}-{n}"
     run_dir.mkdir(parents=True)
     data = summary(result, run_id=run_dir.name, run_dir=str(run_dir))
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(result.config.model_dump(mode="json"), sort_keys=False))
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(result.config.model_dump(mode="json"), sort_keys=False)
+    )
     (run_dir / "summary.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     (run_dir / "summary.md").write_text(markdown(data))
     with (run_dir / "rounds.csv").open("w", newline="") as f:
@@ -42,7 +48,15 @@ def write_report(result: SimResult, runs_dir: Path, run_id: str | None = None) -
         times = result.round_times.tolist()
         st = result.stats
         for i, (pub, rt) in enumerate(zip(st.publish_times, times, strict=True)):
-            w.writerow([i + 1, f"{pub:.6f}", f"{rt:.6f}", st.updates_per_version[i], st.members_per_version[i]])
+            w.writerow(
+                [i + 1, f"{pub:.6f}", f"{rt:.6f}", st.updates_per_version[i], st.members_per_version[i]]
+            )
+    if result.telemetry is not None and result.sizes is not None:
+        rows = result.telemetry.rows(result.sizes, worker_name)
+        with (run_dir / "metrics.csv").open("w", newline="") as f:
+            dw = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            dw.writeheader()
+            dw.writerows(rows)
     return run_dir, data
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,15 +14,20 @@ import numpy as np
 
 from dist_llm_train.netem.loader import load_profile
 from dist_llm_train.netem.profile import ProfileError
+from dist_llm_train.sim import adapters
 from dist_llm_train.sim.actor_engine import ActorEngine
 from dist_llm_train.sim.config import SimConfig, SimConfigError
-from dist_llm_train.sim.control import ControlPlane, ControlStats, NoDataPlane
+from dist_llm_train.sim.control import ControlPlane, ControlStats
+from dist_llm_train.sim.dataplane import NoDataPlane
 from dist_llm_train.sim.draws import ComputeTime, VersionDraws, slot_factors
 from dist_llm_train.sim.events import EventQueue, VirtualClock
-from dist_llm_train.sim.metrics import DataStats, Sizes, Throughput, message_sizes
+from dist_llm_train.sim.metrics import DataStats, Sizes, TelemetryLog, Throughput, message_sizes
 from dist_llm_train.sim.network import Topology
 from dist_llm_train.sim.steps import StepModel
 from dist_llm_train.sim.sync_engine import SyncRoundEngine
+
+UNSHAPED = "none"
+"""Profile name meaning perfect links (no delay, loss or rate limit), like an unshaped loopback run."""
 
 
 @dataclass
@@ -34,10 +42,12 @@ class SimResult:
     controller_counters: dict[str, int]
     sizes: Sizes | None
     link: dict[str, Any]
-    compute_mean_s: float
+    bound_terms: list[tuple[float, ...]]
+    links: list[dict[str, Any]]
     alive_at_end: int
     events: int
     wall_s: float
+    telemetry: TelemetryLog | None = None
 
     @property
     def round_times(self) -> np.ndarray:
@@ -46,19 +56,42 @@ class SimResult:
 
 
 def choose_engine(cfg: SimConfig) -> str:
-    if cfg.engine == "vectorised" and cfg.mode == "async":
-        raise SimConfigError("engine: vectorised runs sync rounds only; async is simulated per event (exact)")
-    if cfg.engine == "exact" or cfg.mode == "async":
+    rounds = cfg.mode in adapters.ROUND_MODES
+    if cfg.engine == "vectorised" and not rounds:
+        raise SimConfigError(
+            f"engine: vectorised runs round-based strategies only ({', '.join(adapters.ROUND_MODES)}); "
+            f"{cfg.mode} is simulated per event (exact)"
+        )
+    if cfg.engine == "exact" or not rounds:
         return "exact"
     return "vectorised"
 
 
-def simulate(cfg: SimConfig) -> SimResult:
-    """Run one simulation to completion (or stall, or the virtual time limit). Bad config raises first."""
+@contextlib.contextmanager
+def _quiet_controller() -> Iterator[None]:
+    """The reused controller logs every death and assignment; at 10⁴ virtual workers that is noise."""
+    log = logging.getLogger("dist_llm_train.controller")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def simulate(cfg: SimConfig, telemetry: bool = False) -> SimResult:
+    """Run one simulation to completion (or stall, or the virtual time limit). Bad config raises first.
+
+    `telemetry` keeps one row per update (for a `metrics.csv` like a real run's); leave it off at scale."""
+    with _quiet_controller():
+        return _simulate(cfg, TelemetryLog() if telemetry else None)
+
+
+def _simulate(cfg: SimConfig, log: TelemetryLog | None) -> SimResult:
     started = time.perf_counter()
     engine_name = choose_engine(cfg)
     try:
-        profile = load_profile(cfg.profile) if cfg.profile else None
+        profile = load_profile(cfg.profile) if cfg.profile not in (None, "", UNSHAPED) else None
     except ProfileError as err:
         raise SimConfigError(f"profile: {err}") from None
     topo = Topology(profile, cfg.capacity, cfg.workers, cfg.transport.rto_min_s)
@@ -79,11 +112,11 @@ def simulate(cfg: SimConfig) -> SimResult:
             outcome, end, version = "completed", clock.now, 0
         else:
             sizes = message_sizes(cfg)
-            steps = StepModel(cfg, topo, sizes, ComputeTime(cfg.compute, factors))
+            steps = StepModel(cfg, topo, sizes, ComputeTime(cfg.compute, factors, cfg.steps_per_push))
             draws = VersionDraws(cfg.seed, cfg.capacity)
-            thr = Throughput(cfg.capacity, cfg.telemetry_alpha, cfg.batch_size)
+            thr = Throughput(cfg.capacity, cfg.telemetry_alpha, cfg.batch_size, cfg.scheduler == "capability")
             cls = SyncRoundEngine if engine_name == "vectorised" else ActorEngine
-            engine = cls(cfg, queue, control, steps, draws, stats, thr)
+            engine = cls(cfg, queue, control, steps, draws, stats, thr, log)
             control.start(engine)
             engine.run()
             outcome = engine.outcome
@@ -91,10 +124,22 @@ def simulate(cfg: SimConfig) -> SimResult:
             version = len(stats.publish_times)
         control.finish(end)
         return SimResult(
-            config=cfg, engine=engine_name, outcome=outcome, virtual_s=end, version=version, stats=stats,
-            control=control.stats, controller_counters=control.counters(), sizes=sizes, link=topo.describe(),
-            compute_mean_s=float(cfg.compute.mean_s * factors[: cfg.workers].mean()),
-            alive_at_end=control.alive_count(), events=queue.processed, wall_s=time.perf_counter() - started,
+            config=cfg,
+            engine=engine_name,
+            outcome=outcome,
+            virtual_s=end,
+            version=version,
+            stats=stats,
+            control=control.stats,
+            controller_counters=control.counters(),
+            sizes=sizes,
+            link=topo.describe(),
+            links=topo.configured_links(),
+            bound_terms=bound_terms(cfg, topo, sizes, factors) if sizes is not None else [],
+            alive_at_end=control.alive_count(),
+            events=queue.processed,
+            wall_s=time.perf_counter() - started,
+            telemetry=log,
         )
     finally:
         control.close()
@@ -103,8 +148,13 @@ def simulate(cfg: SimConfig) -> SimResult:
 def _stats(x: np.ndarray) -> dict[str, float | None]:
     if x.size == 0:
         return {"mean": None, "p50": None, "p95": None, "min": None, "max": None}
-    return {"mean": float(x.mean()), "p50": float(np.percentile(x, 50)), "p95": float(np.percentile(x, 95)),
-            "min": float(x.min()), "max": float(x.max())}
+    return {
+        "mean": float(x.mean()),
+        "p50": float(np.percentile(x, 50)),
+        "p95": float(np.percentile(x, 95)),
+        "min": float(x.min()),
+        "max": float(x.max()),
+    }
 
 
 def _counter_stats(c: dict[int, int]) -> dict[str, float | None]:
@@ -114,20 +164,32 @@ def _counter_stats(c: dict[int, int]) -> dict[str, float | None]:
     return _stats(values)
 
 
-def physics_bound(r: SimResult) -> dict[str, float | None]:
-    """The link-physics lower bound of a sync round: compute + bytes / rate + RTT (docs/simulation.md).
+def bound_terms(cfg: SimConfig, topo: Topology, sizes: Sizes, factors: np.ndarray) -> list[tuple[float, ...]]:
+    """Per kind of initial worker (node group): (mean compute, pull, push, RTT) on segment 0's links."""
+    out: list[tuple[float, ...]] = []
+    groups = topo.group[: cfg.workers]
+    for g in sorted(set(groups.tolist())):
+        members = np.nonzero(groups == g)[0]
+        compute = cfg.compute.mean_s * cfg.steps_per_push * float(factors[members].mean())
+        pull = 8.0 * sizes.pull_bytes / min(float(topo.ps_rate[0]), float(topo.down.rate[g, 0]))
+        push = 8.0 * sizes.push_bytes / float(topo.up.rate[g, 0])
+        out.append((compute, pull, push, float(topo.rtt[g, 0])))
+    return out
 
-    `single` is one worker alone on the profile's links; `shared` charges every member's pull to the PS's
-    egress, which is the bound that applies when that egress is shaped (the default)."""
-    if r.sizes is None or r.config.mode != "sync":
+
+def physics_bound(r: SimResult) -> dict[str, float | None]:
+    """The link-physics lower bound of a round: compute + bytes / rate + RTT (docs/simulation.md).
+
+    `single` is the slowest kind of worker alone on its links; `shared` has its pull wait for every member's
+    pull through the PS's egress queue (or its own ingress, whichever is slower), the bound that applies when
+    that egress is shaped (the default)."""
+    if r.sizes is None or r.config.mode not in adapters.ROUND_MODES or not r.bound_terms:
         return {"single_s": None, "shared_s": None, "measured_over_bound": None}
-    link = r.link
-    down_rate = float(link["down_rate_bps"])
-    up_rate = float(link["up_rate_bps"])
-    pull = 8.0 * r.sizes.pull_bytes / down_rate
-    push = 8.0 * r.sizes.push_bytes / up_rate
-    single = r.compute_mean_s + pull + push + float(link["rtt_s"])
-    shared = single + (r.config.workers - 1) * pull if r.config.transport.shared_ps_egress else single
+    single = max(sum(t) for t in r.bound_terms)
+    queue = r.config.workers * 8.0 * r.sizes.pull_bytes / float(r.link["ps_rate_bps"])
+    shared = single
+    if r.config.transport.shared_ps_egress:
+        shared = max(compute + max(pull, queue) + push + rtt for compute, pull, push, rtt in r.bound_terms)
     rt = r.round_times
     bound = shared if math.isfinite(shared) else None
     ratio = float(rt.mean()) / bound if rt.size and bound else None
@@ -176,25 +238,39 @@ def summary(r: SimResult, run_id: str = "", run_dir: str = "") -> dict[str, Any]
         "wall_seconds": r.wall_s,
         "seed": cfg.seed,
     }
-    return json_safe({
-        "run_id": run_id,
-        "run_dir": run_dir,
-        "initial_loss": None,
-        "final_loss": None,
-        "loss_floor": None,
-        "steps": r.version,
-        "workers": cfg.workers,
-        "bytes_sent": st.bytes_sent,
-        "bytes_received": st.bytes_received,
-        "wall_seconds": r.virtual_s,
-        "mode": cfg.mode,
-        "transport": "sim",
-        "model": cfg.model.name,
-        "job_state": r.outcome,
-        "dead_workers": sorted(set(cs.declared_dead)),
-        "reassignments": int(r.controller_counters.get("reassignments", 0)),
-        "simulation": sim,
-    })
+    return json_safe(
+        {
+            "run_id": run_id,
+            "run_dir": run_dir,
+            "initial_loss": None,
+            "final_loss": None,
+            "loss_floor": None,
+            "steps": r.version,
+            "workers": cfg.workers,
+            "bytes_sent": st.bytes_sent,
+            "bytes_received": st.bytes_received,
+            "wall_seconds": r.virtual_s,
+            "mode": cfg.mode,
+            "transport": "sim",
+            "model": cfg.model.name,
+            "job_state": r.outcome,
+            "dead_workers": sorted(set(cs.declared_dead)),
+            "reassignments": int(r.controller_counters.get("reassignments", 0)),
+            "strategy": {
+                "strategy": cfg.mode,
+                "codec": cfg.payload.codec,
+                "aggregation": "mean",
+                "attack": None,
+                "wire_bytes": {
+                    adapters.update_kind(cfg.mode): st.bytes_sent,
+                    "params": st.bytes_received,
+                },
+                "dp": {"enabled": False},
+            },
+            "links": r.links,
+            "simulation": sim,
+        }
+    )
 
 
 def json_safe(x: Any) -> Any:

@@ -9,6 +9,8 @@ one event, over the same variates (see `draws`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from dist_llm_train.sim.config import SimConfig
@@ -27,6 +29,18 @@ from dist_llm_train.sim.metrics import Sizes
 from dist_llm_train.sim.network import PathTable, Topology
 
 Row = tuple[list[float], list[float]]  # (normals, uniforms) of one slot for one version
+
+
+@dataclass(frozen=True)
+class FixedLegs:
+    """One version's step costs for every slot, valid when the links do not change over time: the per-event
+    engine then looks numbers up instead of evaluating the delay model per message."""
+
+    ser_in: list[float]  # pull serialisation at the worker's ingress
+    pull_extra: list[float]  # pull propagation + retransmission penalty
+    compute: list[float]
+    push_total: list[float]  # push serialisation + propagation + penalty
+    after_push: list[float]  # reply to the push + the next pull request
 
 
 class StepModel:
@@ -49,8 +63,15 @@ class StepModel:
         """Seconds the PS's egress is busy with one pull started at `start` (only used when shared)."""
         return self.pull_bits / self.topo.ps_rate[self.topo.timeline.index(start)]
 
-    def pull_delivered(self, slots: np.ndarray, start: np.ndarray, egress_done: np.ndarray, service: np.ndarray,
-                       z: np.ndarray, u: np.ndarray) -> np.ndarray:
+    def pull_delivered(
+        self,
+        slots: np.ndarray,
+        start: np.ndarray,
+        egress_done: np.ndarray,
+        service: np.ndarray,
+        z: np.ndarray,
+        u: np.ndarray,
+    ) -> np.ndarray:
         t, d = self.topo, self.topo.down
         g, seg = t.group[slots], t.timeline.index(start)
         ser_in = self.pull_bits / d.rate[g, seg]
@@ -58,11 +79,24 @@ class StepModel:
             service = self.pull_bits / t.ps_rate[seg]
             egress_done = start + service
         done = np.maximum(egress_done, start + ser_in)
-        prop = propagation(d.delay[g, seg], d.jitter[g, seg], d.dist[g, seg], z[:, jitter_col(LEG_PULL)],
-                           u[:, jitter_col(LEG_PULL)])
-        pen = loss_penalty(d.loss[g, seg], self.sizes.pull_bytes, self.mss, t.rtt[g, seg], t.rto[g, seg],
-                           np.maximum(service, ser_in), u[:, loss_col(LEG_PULL)], z[:, loss_col(LEG_PULL)],
-                           self.retries)
+        prop = propagation(
+            d.delay[g, seg],
+            d.jitter[g, seg],
+            d.dist[g, seg],
+            z[:, jitter_col(LEG_PULL)],
+            u[:, jitter_col(LEG_PULL)],
+        )
+        pen = loss_penalty(
+            d.loss[g, seg],
+            self.sizes.pull_bytes,
+            self.mss,
+            t.rtt[g, seg],
+            t.rto[g, seg],
+            np.maximum(service, ser_in),
+            u[:, loss_col(LEG_PULL)],
+            z[:, loss_col(LEG_PULL)],
+            self.retries,
+        )
         return done + prop + pen
 
     def compute_time(self, slots: np.ndarray, z: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -72,31 +106,125 @@ class StepModel:
         t, p = self.topo, self.topo.up
         g, seg = t.group[slots], t.timeline.index(send)
         ser = self.push_bits / p.rate[g, seg]
-        prop = propagation(p.delay[g, seg], p.jitter[g, seg], p.dist[g, seg], z[:, jitter_col(LEG_PUSH)],
-                           u[:, jitter_col(LEG_PUSH)])
-        pen = loss_penalty(p.loss[g, seg], self.sizes.push_bytes, self.mss, t.rtt[g, seg], t.rto[g, seg], ser,
-                           u[:, loss_col(LEG_PUSH)], z[:, loss_col(LEG_PUSH)], self.retries)
+        prop = propagation(
+            p.delay[g, seg],
+            p.jitter[g, seg],
+            p.dist[g, seg],
+            z[:, jitter_col(LEG_PUSH)],
+            u[:, jitter_col(LEG_PUSH)],
+        )
+        pen = loss_penalty(
+            p.loss[g, seg],
+            self.sizes.push_bytes,
+            self.mss,
+            t.rtt[g, seg],
+            t.rto[g, seg],
+            ser,
+            u[:, loss_col(LEG_PUSH)],
+            z[:, loss_col(LEG_PUSH)],
+            self.retries,
+        )
         return send + ser + prop + pen
 
-    def next_request(self, slots: np.ndarray, arrival: np.ndarray, z: np.ndarray, u: np.ndarray) -> np.ndarray:
+    def next_request(
+        self, slots: np.ndarray, arrival: np.ndarray, z: np.ndarray, u: np.ndarray
+    ) -> np.ndarray:
         reply_at = arrival + self._small(self.topo.down, slots, arrival, z, u, LEG_REPLY)
         return reply_at + self._small(self.topo.up, slots, reply_at, z, u, LEG_REQUEST)
 
-    def _small(self, path: PathTable, slots: np.ndarray, at: np.ndarray, z: np.ndarray, u: np.ndarray,
-               leg: int) -> np.ndarray:
+    def _small(
+        self, path: PathTable, slots: np.ndarray, at: np.ndarray, z: np.ndarray, u: np.ndarray, leg: int
+    ) -> np.ndarray:
         t = self.topo
         g, seg = t.group[slots], t.timeline.index(at)
-        prop = propagation(path.delay[g, seg], path.jitter[g, seg], path.dist[g, seg], z[:, jitter_col(leg)],
-                           u[:, jitter_col(leg)])
-        pen = loss_penalty(path.loss[g, seg], self.sizes.small_bytes, self.mss, t.rtt[g, seg], t.rto[g, seg],
-                           np.zeros_like(at), u[:, loss_col(leg)], z[:, loss_col(leg)], self.retries)
+        prop = propagation(
+            path.delay[g, seg],
+            path.jitter[g, seg],
+            path.dist[g, seg],
+            z[:, jitter_col(leg)],
+            u[:, jitter_col(leg)],
+        )
+        pen = loss_penalty(
+            path.loss[g, seg],
+            self.sizes.small_bytes,
+            self.mss,
+            t.rtt[g, seg],
+            t.rto[g, seg],
+            np.zeros_like(at),
+            u[:, loss_col(leg)],
+            z[:, loss_col(leg)],
+            self.retries,
+        )
         return prop + pen
+
+    def fixed_legs(self, z: np.ndarray, u: np.ndarray) -> FixedLegs | None:
+        """Every slot's leg costs for one version's variates; None when a schedule makes them vary in time."""
+        t = self.topo
+        if not t.timeline.single:
+            return None
+        slots = np.arange(z.shape[0])
+        g = t.group[slots]
+        d, p = t.down, t.up
+        ser_in = self.pull_bits / d.rate[g, 0]
+        service = self.pull_bits / t.ps_rate[0]
+        if not self.shared:
+            ser_in = np.maximum(ser_in, service)
+        pull_extra = propagation(
+            d.delay[g, 0],
+            d.jitter[g, 0],
+            d.dist[g, 0],
+            z[:, jitter_col(LEG_PULL)],
+            u[:, jitter_col(LEG_PULL)],
+        ) + loss_penalty(
+            d.loss[g, 0],
+            self.sizes.pull_bytes,
+            self.mss,
+            t.rtt[g, 0],
+            t.rto[g, 0],
+            np.maximum(service, ser_in),
+            u[:, loss_col(LEG_PULL)],
+            z[:, loss_col(LEG_PULL)],
+            self.retries,
+        )
+        ser = self.push_bits / p.rate[g, 0]
+        push_total = (
+            ser
+            + propagation(
+                p.delay[g, 0],
+                p.jitter[g, 0],
+                p.dist[g, 0],
+                z[:, jitter_col(LEG_PUSH)],
+                u[:, jitter_col(LEG_PUSH)],
+            )
+            + loss_penalty(
+                p.loss[g, 0],
+                self.sizes.push_bytes,
+                self.mss,
+                t.rtt[g, 0],
+                t.rto[g, 0],
+                ser,
+                u[:, loss_col(LEG_PUSH)],
+                z[:, loss_col(LEG_PUSH)],
+                self.retries,
+            )
+        )
+        zero = np.zeros(slots.size)
+        after = self._small(d, slots, zero, z, u, LEG_REPLY) + self._small(p, slots, zero, z, u, LEG_REQUEST)
+        return FixedLegs(
+            ser_in.tolist(),
+            pull_extra.tolist(),
+            self.compute_time(slots, z, u).tolist(),
+            push_total.tolist(),
+            after.tolist(),
+        )
 
     # -- scalar ----------------------------------------------------------------------------------------------
     def pull_service_1(self, start: float) -> float:
         return self.pull_bits / self._ps_rate[self.topo.timeline.index_1(start)]
 
-    def pull_delivered_1(self, slot: int, start: float, egress_done: float, service: float, row: Row) -> float:
+    def pull_delivered_1(
+        self, slot: int, start: float, egress_done: float, service: float, row: Row
+    ) -> float:
         z, u = row
         g, seg = self._group[slot], self.topo.timeline.index_1(start)
         delay, jitter, dist, loss, rate = self._down[g][seg]
@@ -106,8 +234,17 @@ class StepModel:
             egress_done = start + service
         done = max(egress_done, start + ser_in)
         prop = propagation_1(delay, jitter, dist, z[jitter_col(LEG_PULL)], u[jitter_col(LEG_PULL)])
-        pen = loss_penalty_1(loss, self.sizes.pull_bytes, self.mss, self._rtt[g][seg], self._rto[g][seg],
-                             max(service, ser_in), u[loss_col(LEG_PULL)], z[loss_col(LEG_PULL)], self.retries)
+        pen = loss_penalty_1(
+            loss,
+            self.sizes.pull_bytes,
+            self.mss,
+            self._rtt[g][seg],
+            self._rto[g][seg],
+            max(service, ser_in),
+            u[loss_col(LEG_PULL)],
+            z[loss_col(LEG_PULL)],
+            self.retries,
+        )
         return done + prop + pen
 
     def compute_time_1(self, slot: int, row: Row) -> float:
@@ -119,22 +256,46 @@ class StepModel:
         delay, jitter, dist, loss, rate = self._up[g][seg]
         ser = self.push_bits / rate
         prop = propagation_1(delay, jitter, dist, z[jitter_col(LEG_PUSH)], u[jitter_col(LEG_PUSH)])
-        pen = loss_penalty_1(loss, self.sizes.push_bytes, self.mss, self._rtt[g][seg], self._rto[g][seg], ser,
-                             u[loss_col(LEG_PUSH)], z[loss_col(LEG_PUSH)], self.retries)
+        pen = loss_penalty_1(
+            loss,
+            self.sizes.push_bytes,
+            self.mss,
+            self._rtt[g][seg],
+            self._rto[g][seg],
+            ser,
+            u[loss_col(LEG_PUSH)],
+            z[loss_col(LEG_PUSH)],
+            self.retries,
+        )
         return send + ser + prop + pen
 
     def next_request_1(self, slot: int, arrival: float, row: Row) -> float:
         reply_at = arrival + self._small_1(self._down, slot, arrival, row, LEG_REPLY)
         return reply_at + self._small_1(self._up, slot, reply_at, row, LEG_REQUEST)
 
-    def _small_1(self, rows: list[list[tuple[float, float, int, float, float]]], slot: int, at: float, row: Row,
-                 leg: int) -> float:
+    def _small_1(
+        self,
+        rows: list[list[tuple[float, float, int, float, float]]],
+        slot: int,
+        at: float,
+        row: Row,
+        leg: int,
+    ) -> float:
         z, u = row
         g, seg = self._group[slot], self.topo.timeline.index_1(at)
         delay, jitter, dist, loss, _ = rows[g][seg]
         prop = propagation_1(delay, jitter, dist, z[jitter_col(leg)], u[jitter_col(leg)])
-        pen = loss_penalty_1(loss, self.sizes.small_bytes, self.mss, self._rtt[g][seg], self._rto[g][seg], 0.0,
-                             u[loss_col(leg)], z[loss_col(leg)], self.retries)
+        pen = loss_penalty_1(
+            loss,
+            self.sizes.small_bytes,
+            self.mss,
+            self._rtt[g][seg],
+            self._rto[g][seg],
+            0.0,
+            u[loss_col(leg)],
+            z[loss_col(leg)],
+            self.retries,
+        )
         return prop + pen
 
 

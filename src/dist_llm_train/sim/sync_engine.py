@@ -11,6 +11,8 @@ operations, which is what makes 10⁴ workers × 10³ rounds fit in seconds.
 
 from __future__ import annotations
 
+import bisect
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +24,7 @@ from dist_llm_train.sim.control import ControlPlane
 from dist_llm_train.sim.draws import VersionDraws
 from dist_llm_train.sim.events import EventQueue
 from dist_llm_train.sim.linkmath import fifo_completion
-from dist_llm_train.sim.metrics import DataStats, Throughput
+from dist_llm_train.sim.metrics import DataStats, TelemetryLog, Throughput
 from dist_llm_train.sim.steps import StepModel
 
 
@@ -36,21 +38,30 @@ class _Round:
     send: np.ndarray
     arrival: np.ndarray
     close: float
-    timed_out: bool
+    how: str
     died_waiting: np.ndarray
 
 
 class SyncRoundEngine:
-    def __init__(self, cfg: SimConfig, queue: EventQueue, control: ControlPlane, steps: StepModel,
-                 draws: VersionDraws, stats: DataStats, throughput: Throughput) -> None:
+    def __init__(
+        self,
+        cfg: SimConfig,
+        queue: EventQueue,
+        control: ControlPlane,
+        steps: StepModel,
+        draws: VersionDraws,
+        stats: DataStats,
+        throughput: Throughput,
+        log: TelemetryLog | None = None,
+    ) -> None:
         self.cfg, self.queue, self.control, self.steps = cfg, queue, control, steps
-        self.draws, self.stats, self.throughput = draws, stats, throughput
+        self.draws, self.stats, self.throughput, self.log = draws, stats, throughput, log
         self.agents = Agents(cfg.capacity)
         self.member = np.zeros(cfg.capacity, dtype=bool)
         self.changes: list[MembershipChange] = []  # after the current round's start
         self.history: list[MembershipChange] = [(-INF, self.member.copy())]
         self.closes: list[float] = []
-        self.late: list[tuple[np.ndarray, np.ndarray]] = []  # (slots, arrival) of pushes after their round
+        self.pending: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []  # after their round closed
         self.version = 0
         self.publish = 0.0
         self.egress_free = 0.0
@@ -94,7 +105,7 @@ class SyncRoundEngine:
             self.outcome = "completed"
         self.end = self.publish
         self._drain(self.end)
-        self._resolve_late(self.end, final=True)
+        self._resolve(self.end, final=True)
 
     def _drain(self, until: float) -> None:
         while self.queue.peek_time() <= until:
@@ -108,7 +119,7 @@ class SyncRoundEngine:
             self.member = self.changes.pop(0)[1]
 
     def _settle(self) -> _Round | None:
-        """Compute the round, process every control event up to its close, repeat until nothing precedes it."""
+        """Compute the round, process the control events up to its close, repeat until none precedes it."""
         while True:
             rnd = self._compute()
             t_next = self.queue.peek_time()
@@ -137,62 +148,137 @@ class SyncRoundEngine:
         send = delivered + compute
         arrival = self.steps.push_arrival(slots, send, z, u)
         ok = arrival < self.agents.death[a]
-        close, timed_out = close_time(arrival[ok], slots[ok], self.member, self.changes, self.cfg.straggler_timeout_s)
-        return _Round(a, start, egress_done, delivered, compute, send, arrival, close, timed_out, died_waiting)
+        close, how = close_time(
+            arrival[ok], slots[ok], self.member, self.changes, self.cfg.straggler_timeout_s
+        )
+        return _Round(a, start, egress_done, delivered, compute, send, arrival, close, how, died_waiting)
 
-    # -- closing a round --------------------------------------------------------------------------------------
+    # -- closing a round ----------------------------------------------------------------------------------
     def _finish(self, rnd: _Round) -> None:
-        ag = self.agents
+        """Account the round. What happens after its close (late deliveries and updates) is counted once
+        its time is known to fall before the end of the run, exactly as the per-event engine stops there."""
+        self._resolve(rnd.close, final=False)
+        ag, st = self.agents, self.stats
         ag.request[rnd.died_waiting] = INF  # died before being served: retired
         took_part = rnd.start < rnd.close
         a = rnd.agents[took_part]
         slots = ag.slot[a]
         death = ag.death[a]
-        start, delivered, send, arrival = (x[took_part] for x in (rnd.start, rnd.delivered, rnd.send, rnd.arrival))
-        got, sent, arrived = delivered < death, send < death, arrival < death
-        st = self.stats
-        st.pulls += int(got.sum())
-        st.bytes_received += int(got.sum()) * self.steps.sizes.pull_bytes
-        st.pushes_sent += int(sent.sum())
-        st.bytes_sent += int(sent.sum()) * self.steps.sizes.push_bytes
-        st.compute_s += float(rnd.compute[took_part][sent].sum())
+        start, delivered, compute, send, arrival = (
+            x[took_part] for x in (rnd.start, rnd.delivered, rnd.compute, rnd.send, rnd.arrival)
+        )
         if took_part.any():
             self.egress_free = float(rnd.egress_done[took_part].max())
+        # Deaths up to the close are known now; later ones are checked when a deferred item is counted.
+        self._count_or_defer("pull", a, delivered, delivered, rnd.close)
+        self._count_or_defer("send", a, send, compute, rnd.close)
+        arrived = arrival < death
         on_time = arrived & (arrival <= rnd.close)
         member_then = self._member_at(slots[on_time], arrival[on_time])
-        accepted = int(np.unique(slots[on_time][member_then]).size)
+        accepted = _distinct(slots[on_time][member_then], self.member.size)
         if accepted:
-            st.outcomes["BUFFERED"] += accepted - 1
-            st.outcomes["APPLIED"] += 1
+            closing = 1 if rnd.how == "push" else 0
+            _add(st.outcomes, "APPLIED", closing)
+            _add(st.outcomes, "BUFFERED", accepted - closing)
             st.staleness_applied[0] += accepted
-        st.outcomes["DUPLICATE"] += int(member_then.sum()) - accepted
-        st.outcomes["PERMISSION_DENIED"] += int((~member_then).sum())
-        late = arrived & (arrival > rnd.close)
-        if late.any():
-            self.late.append((slots[late], arrival[late]))
-        self.throughput.observe(slots[arrived], arrival[arrived] - start[arrived])
-        st.step_time_sum_s += float((arrival[arrived] - start[arrived]).sum())
-        st.steps += int(arrived.sum())
+        _add(st.outcomes, "DUPLICATE", int(member_then.sum()) - accepted)
+        _add(st.outcomes, "PERMISSION_DENIED", int((~member_then).sum()))
+        steps_info = np.column_stack([arrival - start, compute, np.full(a.size, float(self.version))])
+        self._observe(slots[on_time], arrival[on_time], steps_info[on_time])
+        late = arrival > rnd.close
+        self._count_or_defer("arrive", a[late], arrival[late], steps_info[late], rnd.close)
         nxt = np.full(a.size, INF)
         if arrived.any():
             z_all, u_all = self.draws.table(self.version)
             s_ok = slots[arrived]
             nxt[arrived] = self.steps.next_request(s_ok, arrival[arrived], z_all[s_ok], u_all[s_ok])
         ag.request[a] = nxt
-        if rnd.timed_out:
-            st.timed_out_rounds += 1
+        st.timed_out_rounds += rnd.how == "timeout"
         st.updates_per_version.append(accepted)
-        st.members_per_version.append(int(self._member_at(np.arange(self.member.size), np.full(self.member.size,
-                                                                                               rnd.close)).sum()))
+        st.members_per_version.append(int(np.count_nonzero(self._mask_at(rnd.close))))
         self.closes.append(rnd.close)
         self.version += 1
-        agg = self.cfg.aggregation_base_s + self.cfg.aggregation_per_update_s * accepted
-        self.publish = rnd.close + agg
+        self.publish = rnd.close + self.cfg.aggregation_base_s + self.cfg.aggregation_per_update_s * accepted
         st.publish_times.append(self.publish)
-        self._resolve_late(rnd.close, final=False)
         while self.changes and self.changes[0][0] <= rnd.close:
             self.member = self.changes.pop(0)[1]
         self._adopt_changes()
+        self._prune_history()
+
+    def _observe(self, slots: np.ndarray, arrival: np.ndarray, info: np.ndarray) -> None:
+        """Telemetry of updates that reached the PS; `info` columns: step time, compute time, base version."""
+        self.throughput.observe(slots, info[:, 0])
+        self.stats.step_time_sum_s += float(info[:, 0].sum())
+        self.stats.steps += int(slots.size)
+        if self.log is not None:
+            self.log.add(slots, arrival, info[:, 0], info[:, 1], info[:, 2])
+
+    def _count_or_defer(
+        self, kind: str, agents: np.ndarray, times: np.ndarray, values: np.ndarray, close: float
+    ) -> None:
+        now = times <= close
+        if now.any():
+            self._count(kind, agents[now], times[now], values[now])
+        if (~now).any():
+            self.pending.append((kind, agents[~now], times[~now], values[~now]))
+
+    def _count(self, kind: str, agents: np.ndarray, times: np.ndarray, values: np.ndarray) -> None:
+        """Count what agents did at `times`, except what they did not live to do."""
+        alive = times < self.agents.death[agents]
+        agents, times, values = agents[alive], times[alive], values[alive]
+        slots = self.agents.slot[agents]
+        st, sizes = self.stats, self.steps.sizes
+        if kind == "pull":
+            st.pulls += int(slots.size)
+            st.bytes_received += int(slots.size) * sizes.pull_bytes
+        elif kind == "send":
+            st.pushes_sent += int(slots.size)
+            st.bytes_sent += int(slots.size) * sizes.push_bytes
+            st.compute_s += float(values.sum())
+        else:  # an update that arrives after its round closed
+            member = self._member_at(slots, times)
+            complete = times >= self.closes[-1] if self.outcome == "completed" else np.zeros(times.size, bool)
+            _add(st.outcomes, "JOB_COMPLETE", int((member & complete).sum()))
+            _add(st.outcomes, "LATE_DROPPED", int((member & ~complete).sum()))
+            _add(st.outcomes, "PERMISSION_DENIED", int((~member).sum()))
+            self._observe(slots, times, values)
+
+    def _resolve(self, upto: float, final: bool) -> None:
+        """Count deferred happenings up to `upto`; at the end of the run drop what comes later."""
+        due: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
+            "pull": [],
+            "send": [],
+            "arrive": [],
+        }
+        keep = []
+        for kind, agents, times, values in self.pending:
+            now = times <= upto
+            due[kind].append((agents[now], times[now], values[now]))
+            if not final and (~now).any():
+                keep.append((kind, agents[~now], times[~now], values[~now]))
+        self.pending = keep
+        for kind, parts in due.items():
+            if not parts:
+                continue
+            agents, times, values = (np.concatenate(x) for x in zip(*parts, strict=True))
+            order = np.argsort(times, kind="stable")
+            agents, times, values = agents[order], times[order], values[order]
+            slots = self.agents.slot[agents]
+            if kind == "arrive" and np.unique(slots).size < slots.size:
+                for i in range(slots.size):  # one worker twice: its throughput EWMA must see them in order
+                    self._count(kind, agents[i : i + 1], times[i : i + 1], values[i : i + 1])
+            elif agents.size:
+                self._count(kind, agents, times, values)
+
+    def _prune_history(self) -> None:
+        oldest = min((float(t.min()) for _, _, t, _ in self.pending), default=INF)
+        while len(self.history) > 1 and self.history[1][0] <= min(oldest, self.publish):
+            self.history.pop(0)
+
+    def _mask_at(self, t: float) -> np.ndarray:
+        """The membership in force at time `t` (changes at `t` included, as the PS sees them first)."""
+        idx = bisect.bisect_right([c for c, _ in self.history], t) - 1
+        return self.history[max(idx, 0)][1]
 
     def _member_at(self, slots: np.ndarray, times: np.ndarray) -> np.ndarray:
         if slots.size == 0:
@@ -202,23 +288,15 @@ class SyncRoundEngine:
         idx = np.searchsorted(change_times, times, side="right") - 1
         return masks[idx, slots]
 
-    def _resolve_late(self, upto: float, final: bool) -> None:
-        """Outcomes of updates that arrived after their round closed, once the membership then is known."""
-        keep: list[tuple[np.ndarray, np.ndarray]] = []
-        last_close = self.closes[-1] if self.closes else INF
-        for slots, arrival in self.late:
-            due = arrival <= upto
-            if due.any():
-                s, t = slots[due], arrival[due]
-                member = self._member_at(s, t)
-                complete = (t >= last_close) if final and self.outcome == "completed" else np.zeros(t.size, bool)
-                st = self.stats.outcomes
-                st["JOB_COMPLETE"] += int((member & complete).sum())
-                st["LATE_DROPPED"] += int((member & ~complete).sum())
-                st["PERMISSION_DENIED"] += int((~member).sum())
-            if not final and (~due).any():
-                keep.append((slots[~due], arrival[~due]))
-        self.late = keep
-        oldest = min((float(t.min()) for _, t in self.late), default=upto)
-        while len(self.history) > 1 and self.history[1][0] <= min(oldest, self.publish):
-            self.history.pop(0)
+
+def _add(counter: Counter[str], key: str, n: int) -> None:
+    """Count only what happened, so outcome tables list no zeros (as the per-event engine's do not)."""
+    if n:
+        counter[key] += n
+
+
+def _distinct(slots: np.ndarray, capacity: int) -> int:
+    """How many different workers: a mask beats hashing for 10⁴ small integers."""
+    seen = np.zeros(capacity, dtype=bool)
+    seen[slots] = True
+    return int(np.count_nonzero(seen))
