@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash
 # PID 1 of the netem VM (copied into the initramfs as /init by run_in_vm.sh).
 #
 # Why it exists: the guest kernel is Debian's stock one, which has sch_netem; everything else (python, the project's
@@ -30,7 +31,7 @@ done </lib/modules/load_order
 
 P9="trans=virtio,version=9p2000.L,msize=524288"
 mount -t 9p -o "$P9" out /out || fail "cannot mount the output share"
-[ -f /out/job.sh ] && [ -f /out/job.path ] || fail "output share has no job.sh/job.path"
+if [ ! -f /out/job.sh ] || [ ! -f /out/job.path ]; then fail "output share has no job.sh/job.path"; fi
 OUT="$(cat /out/job.path)"
 cut -d' ' -f1 /proc/uptime >/out/boot_seconds
 

@@ -18,4 +18,4 @@ echo "== pytest tests/netem_vm/test_tc_netem_backend.py"
 cd "$REPO"
 # -p no:cacheprovider: the host tree is mounted read-only here. -m netem_vm overrides the default deselection.
 exec "$PY" -m pytest tests/netem_vm/test_tc_netem_backend.py -m netem_vm -p no:cacheprovider \
-  --junitxml="$ART/junit.xml" -q -rs "$@"
+  --junitxml="$ART/junit.xml" --durations=8 -q -rs "$@"

@@ -45,17 +45,22 @@ say() { printf 'netem-vm setup: %s\n' "$*"; }
 give_up() { say "SKIP: $*" >&2; exit 3; }
 
 missing_tools() {
-  local t out=()
+  local t bb out=()
   for t in "${!TOOL_PKG[@]}"; do
     command -v "$t" >/dev/null 2>&1 || [[ -x "/sbin/$t" || -x "/usr/sbin/$t" ]] || out+=("${TOOL_PKG[$t]}")
   done
+  # The initramfs has no libc: a dynamically linked busybox (Debian's plain `busybox`) cannot be PID 1 there.
+  bb="$(command -v busybox 2>/dev/null || true)"
+  if [[ -n "$bb" ]] && [[ "$(LC_ALL=C ldd "$bb" 2>&1 || true)" != *"not a dynamic executable"* ]]; then
+    out+=(busybox-static)
+  fi
   printf '%s\n' "${out[@]}" | sort -u | grep -v '^$' || true
 }
 
 apt_updated=0
 apt_update_once() {
   if [[ $apt_updated -eq 0 ]]; then
-    say "running apt-get update (package lists may be stale)"
+    say "running apt-get update (package lists may be stale)" >&2
     apt-get update -qq || give_up "apt-get update failed"
     apt_updated=1
   fi

@@ -56,6 +56,10 @@ def test_delay_judgement() -> None:
     assert delay_problem(25.8, 0.24, 20.0) is not None  # 5.6 ms off a 20 ms link: beyond max(3 ms, 5 %)
     assert delay_problem(415.0, 0.3, 400.0) is None  # 5 % of 400 is 20 ms
     assert delay_problem(50.0, 0.3, 100.0) is not None
+    # starved: late by up to a further max(7 ms, 5 %), never early; a doubled delay stays out
+    assert delay_problem(54.3, 0.24, 50.0) is not None and delay_problem(54.3, 0.24, 50.0, starved=True) is None
+    assert delay_problem(45.0, 0.24, 50.0, starved=True) is not None
+    assert delay_problem(100.0, 0.24, 50.0, starved=True) is not None
     assert starved(197.3, 25.8) and not starved(102.2, 100.6)
 
 
@@ -73,5 +77,8 @@ def test_rate_verdicts() -> None:
     limited = rate_verdict(9.0, 8.5, 10.0)
     assert limited.ok and limited.kind == "sender-limited"
     assert not rate_verdict(40.0, 39.0, 10.0).ok  # even a fast sender must never exceed the ceiling
+    fast = rate_verdict(130.0, 61.5, 100.0)  # beyond what one emulated CPU carries: ceiling only
+    assert fast.ok and fast.kind == "ceiling-only"
+    assert not rate_verdict(130.0, 125.0, 100.0).ok
     with pytest.raises(ValueError):
         rate_verdict(1.0, 1.0, 0.0)

@@ -16,24 +16,36 @@ RATE_FLOOR = 0.20
 """At most 20 % below it. Widened from 10 % after measuring, honestly: htb with tc's default burst (about one
 MTU) loses tokens whenever its timer fires late, and a TCG guest on a shared host fires timers late all the time.
 A plain `htb rate 10mbit` with default burst, no project code, measured 9.47 Mbit/s in the guest on a quiet host
-and the backend's tree 8.9 on a busy one, while the same class with `burst 32k` measured 9.98. A unit error
+and the backend's tree 8.7-9.1 on a busy one, while the same class with `burst 32k` measured 9.98. A unit error
 (kbit vs kbyte, Mbit vs bit) is still far outside the band."""
+VM_RATE_LIMIT_MBIT = 20.0
+"""Above this the floor is not checked, only the ceiling: one emulated CPU cannot carry a shaped flood that fast
+reliably. The good profile's 100 Mbit/s measured 88.6 on a quiet host but 61.5 and 44.8 on a busy one, and 64 KB
+frames (a tenth of the packets) still gave only 82 — the guest's timers and softirqs, not the shaper, set it."""
 SENDER_HEADROOM = 1.15
 """The flood must reach 1.15x the configured rate for the shaper, not the sender, to be what limits it."""
 DELAY_TOLERANCE_MS = 3.0
 DELAY_TOLERANCE_REL = 0.05
 STARVED_MS = 10.0
 """If user-space RTTs exceed kernel-timestamped ones by more than this, the guest was starved of CPU by the
-host while measuring; its timers (netem's and htb's included) ran late, so the run is repeated, not judged."""
+host while measuring; its timers (netem's and htb's included) ran late, so the run is repeated."""
+STARVED_ALLOWANCE_MS = 7.0
+STARVED_ALLOWANCE_REL = 0.05
+"""Extra delay accepted, above the normal tolerance only, when the guest was starved in every attempt: a late
+timer can only hold a packet longer, never release it early. Measured on a host at load 4.5 on 2 cores: +3.4 to
++5.9 ms on 40-80 ms links whose quiet-host error was +0.8 to +1.6 ms. Doubled delays (a profile applied twice,
+round-trip figures not halved) stay far outside."""
 
 
-def delay_problem(median_ms: float, baseline_ms: float, expected_ms: float) -> str | None:
+def delay_problem(median_ms: float, baseline_ms: float, expected_ms: float, starved: bool = False) -> str | None:
     """Why a median RTT does not match `expected_ms` (after removing the unshaped baseline), or None."""
     tol = max(DELAY_TOLERANCE_MS, DELAY_TOLERANCE_REL * expected_ms)
+    extra = max(STARVED_ALLOWANCE_MS, STARVED_ALLOWANCE_REL * expected_ms) if starved else 0.0
     excess = median_ms - baseline_ms
-    if abs(excess - expected_ms) <= tol:
+    if -tol <= excess - expected_ms <= tol + extra:
         return None
-    return f"median RTT {median_ms:.2f} ms (baseline {baseline_ms:.2f}) vs configured {expected_ms:g} ± {tol:.1f}"
+    return (f"median RTT {median_ms:.2f} ms (baseline {baseline_ms:.2f}) vs configured {expected_ms:g} "
+            f"-{tol:.1f}/+{tol + extra:.1f}")
 
 
 def starved(user_rtt_median_ms: float, net_rtt_median_ms: float) -> bool:
@@ -95,19 +107,22 @@ def expected_round_trip(figures: str, delay_ms: float, loss_pct: float) -> tuple
 @dataclass(frozen=True)
 class RateVerdict:
     ok: bool
-    kind: str  # "measured" (the shaper limited the flow) or "sender-limited" (the emulated CPU did)
+    kind: str  # "measured", "sender-limited" (the emulated CPU could not offer enough) or "ceiling-only"
     reason: str
 
 
-def rate_verdict(sent_mbit: float, got_mbit: float, rate_mbit: float) -> RateVerdict:
-    """Judge a flood: never faster than configured; and, when the sender had headroom, close to configured."""
+def rate_verdict(offered_mbit: float, got_mbit: float, rate_mbit: float) -> RateVerdict:
+    """Judge a flood: never faster than configured; close to configured when the VM can tell (see above)."""
     if rate_mbit <= 0:
         raise ValueError("rate must be positive")
     if got_mbit > rate_mbit * (1 + RATE_CEILING):
         return RateVerdict(False, "measured", f"received {got_mbit:.2f} Mbit/s, above {rate_mbit} + 10 %")
-    if sent_mbit < rate_mbit * SENDER_HEADROOM:
+    if rate_mbit > VM_RATE_LIMIT_MBIT:
+        return RateVerdict(True, "ceiling-only",
+                           f"{rate_mbit} Mbit/s is beyond what the VM carries reliably; only the ceiling is checked")
+    if offered_mbit < rate_mbit * SENDER_HEADROOM:
         return RateVerdict(True, "sender-limited",
-                           f"sender reached only {sent_mbit:.2f} Mbit/s (< {SENDER_HEADROOM}x {rate_mbit}); "
+                           f"sender offered only {offered_mbit:.2f} Mbit/s (< {SENDER_HEADROOM}x {rate_mbit}); "
                            "only the ceiling is checked")
     if got_mbit < rate_mbit * (1 - RATE_FLOOR):
         return RateVerdict(False, "measured", f"received {got_mbit:.2f} Mbit/s, below {rate_mbit} - 20 %")
