@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: install demo test test-slow lint proto bench clean help
+.PHONY: install demo test test-slow lint proto bench bench-quick clean help
 
 help:
 	@echo "make demo    - set up .venv and train a real model locally (controller + PS + workers)"
@@ -41,8 +41,11 @@ proto: install
 	$(BIN)/python scripts/gen_proto.py
 
 bench: install
-	@mkdir -p results
-	$(BIN)/python benchmarks/ps_throughput.py
+	$(BIN)/python benchmarks/run_all.py
+
+# A short version of every benchmark, for CI: same ratios, fewer repeats.
+bench-quick: install
+	$(BIN)/python benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs

@@ -13,6 +13,7 @@ from dist_llm_train.cli.common import console, load_or_exit, setup_logging
 from dist_llm_train.cli.config_cmds import config_app, validate_config
 from dist_llm_train.cli.serve import serve_app
 from dist_llm_train.config import Config
+from dist_llm_train.experiments.cli import run_experiments
 from dist_llm_train.netem.cli import netem_app
 from dist_llm_train.sim.cli import simulate
 
@@ -27,6 +28,7 @@ app.add_typer(netem_app, name="netem")
 app.command("validate-config")(validate_config)
 register_client_commands(app)
 app.command("simulate")(simulate)
+app.command("run-experiments")(run_experiments)
 
 
 def _apply_run_overrides(

@@ -1,8 +1,8 @@
 """Child-process management for embedded mode: start, wait until ready, stop without orphans.
 
 Children run in their own session (so a terminal's Ctrl-C reaches only the launcher, which
-then stops them in order) and carry PR_SET_PDEATHSIG, so even a `kill -9` of the launcher
-takes them down with it.
+then stops them in order) and set PR_SET_PDEATHSIG on themselves at start-up, so even a
+`kill -9` of the launcher takes them down with it.
 """
 
 from __future__ import annotations
@@ -26,10 +26,24 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+PARENT_ENV = "DLT_DIE_WITH_PARENT"
+
+
+def die_with_parent_if_asked() -> None:
+    """Called first thing in a child: ask the kernel for SIGTERM when the launcher dies.
+
+    The child does this itself (not a `preexec_fn`), because a `preexec_fn` makes Python run
+    every at-fork handler in the parent — grpcio's among them, which can hang a launcher
+    that already holds gRPC channels.
+    """
+    parent = os.environ.pop(PARENT_ENV, None)  # popped: grandchildren must not inherit it
+    if parent is None:
+        return
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the launcher died before we asked
+        os._exit(1)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -72,7 +86,7 @@ class ProcessGroup:
     def __init__(self, log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.log_dir = log_dir
         self.children: list[Child] = []
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
 
     def start(self, name: str, argv: Sequence[str]) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +99,6 @@ class ProcessGroup:
             stdin=subprocess.DEVNULL,
             env=self.env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         self.children.append(child)
         log.debug("started %s pid=%d: %s", name, child.pid, " ".join(child.argv))

@@ -36,6 +36,8 @@ class RunOutcome:
     shaped_profile: str | None
     """The profile that actually shaped the links (None: unshaped loopback)."""
     note: str = ""
+    ps_egress_shared: bool = True
+    """Whether all pulls share one shaped PS egress (see physics.LinkModel)."""
 
 
 Progress = Callable[[int, float | None], None]
@@ -53,28 +55,17 @@ class Backend(Protocol):
 def precheck(cfg: Config, workers: int) -> None:
     """Refuse in milliseconds what a worker would otherwise refuse after the services started.
 
-    Uses the real registries (codecs, aggregation rules with their worker-count preconditions), so a name that
-    lands there later passes here at once.
+    Runs the project's own cross-field rules (`training.strategies.validate_training`: codec, aggregation
+    rule and its worker-count precondition, attack, DP, strategy) for `workers` workers. Configs built by
+    `ResolvedGrid.config_for` already passed them; this guards a backend called with any other config.
     """
-    from dist_llm_train.training.aggregation import validate_aggregator
-    from dist_llm_train.training.codecs import get_codec
+    from dist_llm_train.training.strategies import validate_training
 
-    t = cfg.training
+    training = cfg.training.model_copy(update={"num_workers": workers})
     try:
-        get_codec(t.compression, ratio=t.compression_ratio)
+        validate_training(training)
     except ValueError as err:
-        raise CellRefused(f"training.compression: {err}") from None
-    params: dict[str, float] = {}
-    if t.aggregation_rule == "trimmed_mean":
-        params["beta"] = t.trim_ratio
-    if t.aggregation_rule in ("krum", "multi_krum") and t.krum_f is not None:
-        params["f"] = t.krum_f
-    if t.aggregation_rule == "bulyan" and t.bulyan_f is not None:
-        params["f"] = t.bulyan_f
-    try:
-        validate_aggregator(t.aggregation_rule, workers, **params)
-    except ValueError as err:
-        raise CellRefused(f"training.aggregation_rule: {err}") from None
+        raise CellRefused(f"training: {err}") from None
 
 
 def launcher_takes_profile() -> bool:
@@ -85,37 +76,33 @@ def launcher_takes_profile() -> bool:
 
 
 class EmbeddedBackend:
-    """Controller, PS and workers as local processes (the `dist-llm-train run` launcher)."""
+    """Controller, PS and workers as local processes (the `run` launcher), in one child process per cell."""
 
     name = "embedded"
 
     def run(
         self, cell: Cell, cfg: Config, runs_dir: Path, timeout_s: float, progress: Progress
     ) -> RunOutcome:
-        from dist_llm_train.embedded.launcher import EmbeddedRun, RunOptions, Snapshot
+        from dist_llm_train.experiments.cell_process import run_embedded_cell
 
         precheck(cfg, cell.workers)
-        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         shaped: str | None = None
         note = ""
         if cell.profile is not None:
             if launcher_takes_profile():
-                kwargs["profile"] = cell.profile
+                extra["profile"] = cell.profile
                 shaped = cell.profile
             else:
                 note = f"profile {cell.profile} recorded, not applied: the embedded launcher cannot shape yet"
-        opts = RunOptions(config=cfg, workers=cell.workers, runs_dir=runs_dir, timeout_s=timeout_s, **kwargs)
-        run = EmbeddedRun(opts)
-
-        def show(s: Snapshot) -> None:
-            progress(s.version, s.loss)
-
-        summary = run.execute(on_progress=show).to_json()
+        summary = run_embedded_cell(cfg.model_dump(mode="json"), cell.workers, runs_dir, timeout_s, extra,
+                                    progress)
         run_dir = Path(summary["run_dir"])
         written = _read_summary(run_dir)
         if "profile" in written:  # a launcher that shapes reports what it applied: trust it over the request
             shaped = written["profile"] or None
-        return RunOutcome(run_dir, summary, shaped, note)
+        # The userspace shaper relays each worker's PS connection on its own (both directions per worker).
+        return RunOutcome(run_dir, summary, shaped, note, ps_egress_shared=shaped is None)
 
 
 class ComposeBackend:
@@ -134,7 +121,7 @@ class ComposeBackend:
 
 
 SIM_ENTRY = ("dist_llm_train.sim.experiment", "run_cell")
-"""The simulator's hook: run_cell(cfg, workers, profile, runs_dir) -> run folder (metrics.csv, summary.json)."""
+"""The simulator's hook: run_cell(cfg, workers, profile, runs_dir) -> a run folder like an embedded run's."""
 
 
 class SimBackend:
@@ -160,7 +147,10 @@ class SimBackend:
         self, cell: Cell, cfg: Config, runs_dir: Path, timeout_s: float, progress: Progress
     ) -> RunOutcome:
         run_dir = Path(self._run_cell(cfg, workers=cell.workers, profile=cell.profile, runs_dir=runs_dir))
-        return RunOutcome(run_dir, _read_summary(run_dir), cell.profile, "simulated (virtual clock)")
+        summary = _read_summary(run_dir)
+        sim = summary.get("simulation") if isinstance(summary.get("simulation"), dict) else {}
+        shared = bool((sim or {}).get("shared_ps_egress", True))  # the simulator's TransportModel default
+        return RunOutcome(run_dir, summary, cell.profile, "simulated (virtual clock)", shared)
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:

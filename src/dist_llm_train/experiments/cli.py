@@ -39,7 +39,7 @@ class RichReporter:
     def run_started(self, label: str, steps: int) -> None:
         if self.run_task is not None:
             self.progress.remove_task(self.run_task)
-        self.run_task = self.progress.add_task(label, total=steps, info="starting services")
+        self.run_task = self.progress.add_task(label, total=steps, info="starting")
 
     def run_progress(self, version: int, loss: float | None) -> None:
         if self.run_task is not None:

@@ -40,6 +40,7 @@ class RunFigures:
     round_bound_s: float | None = None
     measured_over_bound: float | None = None
     bound_profile: str = "n/a"
+    ps_egress: str = "n/a"
     note: str = ""
 
     def as_row(self) -> dict[str, Any]:
@@ -58,6 +59,7 @@ def compute_figures(
     mode: str,
     shaped_profile: str | None,
     loss_floor: float | None,
+    ps_egress_shared: bool = True,
 ) -> RunFigures:
     """All figures for one run; a figure that cannot be computed stays None and `note` says why."""
     from dist_llm_train.netem.loader import load_profile
@@ -71,7 +73,9 @@ def compute_figures(
     fig.train_wall_s = training_wall_s(rows)
     fig.bytes_sent, fig.bytes_received = total_bytes(rows)
     fig.compute_utilisation = compute_utilisation(rows, workers)
-    if fig.target_loss is None:
+    if all(r.loss is None for r in rows):
+        notes.append("no training loss in the telemetry (simulated runs train nothing)")
+    elif fig.target_loss is None:
         notes.append("target needs the entropy floor, unknown for this corpus")
     else:
         hit = first_hit(loss_series(rows, target.window or default_window(workers)), fig.target_loss)
@@ -85,8 +89,10 @@ def compute_figures(
     else:
         fig.round_measured_s = measure.round_s
         name = shaped_profile or STAND_IN_PROFILE
-        fig.bound_profile = name if shaped_profile else f"{name} (stand-in: loopback unshaped)"
-        fig.round_bound_s = round_bound(measure, link_model(load_profile(name), workers), mode)
+        fig.bound_profile = name if shaped_profile else f"{name} (stand-in: links unshaped)"
+        links = link_model(load_profile(name), workers, ps_egress_shared)
+        fig.ps_egress = "shared" if ps_egress_shared else "per-worker"
+        fig.round_bound_s = round_bound(measure, links, mode)
         if fig.round_bound_s > 0:
             fig.measured_over_bound = measure.round_s / fig.round_bound_s
     fig.note = "; ".join(notes)

@@ -15,6 +15,9 @@ from dist_llm_train.experiments.figures import default_window
 from dist_llm_train.experiments.grid import Target
 from dist_llm_train.experiments.metrics import MetricsError, Series, loss_series, read_metrics
 
+LOG_SPREAD = 20.0
+"""Bars switch to a log axis only when the cells differ by more than this factor (compression grids)."""
+
 if TYPE_CHECKING:
     from dist_llm_train.experiments.report import Group
 
@@ -90,8 +93,10 @@ def _bars(out: Path, groups: Sequence[Group], field: str, name: str, ylabel: str
     ax.set_xticks(positions)
     ax.set_xticklabels([g.label for g in groups], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
-    if log and any(g.stat(field)["mean"] for g in groups):
+    means = [float(m) for g in groups if (m := g.stat(field)["mean"])]
+    if log and means and max(means) / min(means) > LOG_SPREAD:
         ax.set_yscale("log")
+        ax.set_ylim(bottom=min(means) / 3)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / name, dpi=100)
@@ -107,7 +112,7 @@ def write_plots(out: Path, groups: Sequence[Group], target: Target) -> list[str]
     if not groups:
         return []
     written = _curves(out, groups, target)
-    if any(g.ok for g in groups):
+    if any(g.stat("time_to_target_s")["n"] for g in groups):
         written.append(_bars(out, groups, "time_to_target_s", "time_to_target.png", "time to target (s)",
                              1.0, False))
         written.append(_bars(out, groups, "bytes_to_target", "bytes_to_target.png", "MB to target",

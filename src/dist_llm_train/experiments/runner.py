@@ -127,7 +127,7 @@ def execute_one(
         notes.append(f"job {s.get('job_state')}")
     try:
         fig = compute_figures(outcome.run_dir, rg.grid.target, p.cell.workers, mode, outcome.shaped_profile,
-                              s.get("loss_floor"))
+                              s.get("loss_floor"), outcome.ps_egress_shared)
     except (MetricsError, ProfileError, ValueError) as err:
         return finish("error", error=f"figures: {_short(err)}", note="; ".join(notes))
     figures = fig.as_row()
@@ -141,13 +141,16 @@ def run_grid(
     rg: ResolvedGrid,
     out: Path,
     repeats: int | None = None,
-    backend: str = "embedded",
+    backend: str | Backend = "embedded",
     reporter: Reporter | None = None,
 ) -> GridResult:
-    """Run what is missing from `out/runs.csv`, then (re)write summary.json, report.md and the plots."""
+    """Run what is missing from `out/runs.csv`, then (re)write summary.json, report.md and the plots.
+
+    `backend` is a name (see `backends.BACKENDS`) or a `Backend` object (tests, custom drivers).
+    """
     rep = reporter or NullReporter()
-    impl = get_backend(backend)
-    planned = plan(rg, repeats, backend)
+    impl = get_backend(backend) if isinstance(backend, str) else backend
+    planned = plan(rg, repeats, impl.name)
     out.mkdir(parents=True, exist_ok=True)
     store = RunStore(out)
     todo = [p for p in planned if not store.finished(p.key)]
@@ -160,5 +163,5 @@ def run_grid(
         store.put(row)
         rep.run_finished(label, row["status"], row.get("error") or "")
     rows = [store.rows[p.key] for p in planned if p.key in store.rows]
-    write_outputs(rg, out, rows, planned_cells=[p.cell for p in planned], backend=backend)
+    write_outputs(rg, out, rows, planned_cells=[p.cell for p in planned], backend=impl.name)
     return GridResult(out, planned, len(todo), len(planned) - len(todo), rows)

@@ -15,7 +15,7 @@ from typing import Any
 RUN_COLUMNS = [
     "run_key", "cell_id", "repeat", "backend", "status", "error",
     "profile", "strategy", "codec", "aggregation", "attack", "workers", "seed", "extra",
-    "run_seed", "steps", "mode", "shaping", "bound_profile",
+    "run_seed", "steps", "mode", "shaping", "bound_profile", "ps_egress",
     "loss_floor", "target_loss", "initial_loss", "final_loss", "steps_done",
     "wall_s", "train_wall_s", "time_to_target_s", "steps_to_target", "bytes_to_target",
     "bytes_sent", "bytes_received", "compute_utilisation",
