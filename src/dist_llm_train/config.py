@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SchedulerName = Literal["priority", "gale-shapley", "capability"]
-ModeName = Literal["sync", "async"]
+ModeName = Literal["sync", "async", "adaptive", "diloco"]  # training strategies (docs/training_protocol.md)
 TransportName = Literal["grpc", "zmq"]
 OptimizerName = Literal["sgd", "adam"]
 ModelName = Literal["gpt", "lstm", "tiny-lstm", "small-transformer"]
@@ -106,7 +106,7 @@ class TrainingConfig(_Strict):
     compression: str = "none"
     compression_ratio: float = Field(0.01, gt=0, le=1)
     aggregation_rule: str = "mean"
-    trim_ratio: float = Field(0.3, ge=0, lt=1)
+    trim_ratio: float | None = Field(None, ge=0, lt=0.5)  # None: f/n from byzantine_f, else 0.3
     krum_f: int | None = Field(None, ge=0)
     bulyan_f: int | None = Field(None, ge=0)
     sync_window: int = Field(1, ge=1)
@@ -127,12 +127,47 @@ class TrainingConfig(_Strict):
     dirichlet_alpha: float = Field(0.5, gt=0)
     # 64 batches of 16 x 32 tokens: ~33k held-out tokens, so the eval loss has a standard error of ~0.005 nats.
     eval_batches: int = Field(64, ge=1)
+    # --- training strategies (issue 6; docs/training_protocol.md, checks in training/strategies.py) ---
+    strategy: ModeName | None = None  # same as `mode`; one of them is enough
+    adaptive_staleness: bool | None = None  # seed key (also on controller): async -> adaptive
+    min_staleness: int | None = Field(None, ge=0)  # adaptive: the fastest worker's bound
+    max_staleness_multiplier: float | None = Field(None, ge=1)  # adaptive: bounds <= min_staleness x this
+    staleness_scaling: Literal["none", "inverse", "inverse_sqrt"] = "none"
+    diloco_local_steps: int = Field(20, ge=1, le=1_000_000)  # H (paper: 500; scaled for the tiny model)
+    diloco_inner_lr: float | None = Field(None, gt=0, le=10)  # inner AdamW lr; None: learning_rate
+    diloco_outer_lr: float = Field(0.7, gt=0, le=10)
+    diloco_outer_momentum: float = Field(0.9, ge=0, lt=1)
+    error_feedback: bool | None = None  # None: on for topk, off for the other codecs
+    int8_chunk: int = Field(1024, ge=1, le=1 << 24)
+    topk_index: Literal["int32", "delta"] = "delta"  # delta: uint16 index gaps, 6 B per kept value
+    byzantine_f: int | None = Field(None, ge=0)  # f for krum / multi_krum / bulyan, f/n for trimmed_mean
+    multi_krum_m: int | None = Field(None, ge=1)
+    attack: Literal["sign_flip", "gaussian", "alie", "ipm"] | None = None
+    attackers: int = Field(0, ge=0)  # the workers holding the last K shards attack
+    attacker_workers: list[str] = []  # or these workers, by name
+    attack_params: dict[str, float] = {}
+    dp_noise_multiplier: float | None = Field(None, ge=0)
+    dp_clip: float | None = Field(None, gt=0)  # None: gradient_clip_norm
+    dp_mode: Literal["local", "central"] = "local"
+    dp_delta: float = Field(1e-5, gt=0, lt=1)
 
     @property
     def resolved_mode(self) -> ModeName:
+        """The strategy: `strategy`, else `mode`, else the seed's use_async_training (+ adaptive_staleness)."""
+        if self.strategy is not None:
+            return self.strategy
         if self.mode is not None:
-            return self.mode
-        return "async" if self.use_async_training else "sync"
+            return "adaptive" if self.mode == "async" and self.adaptive_staleness else self.mode
+        if self.use_async_training:
+            return "adaptive" if self.adaptive_staleness else "async"
+        return "sync"
+
+    @model_validator(mode="after")
+    def _strategy_preconditions(self) -> TrainingConfig:
+        from dist_llm_train.training.strategies import validate_training  # late: strategies imports this module
+
+        validate_training(self)
+        return self
 
     @property
     def resolved_max_staleness(self) -> int:
@@ -176,6 +211,22 @@ class Config(_Strict):
     tasks: list[TaskSpec] = []
     simulation: SimulationConfig = SimulationConfig()
     network: NetworkConfig = NetworkConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_seed_strategy_keys(cls, data: Any) -> Any:
+        """Seed strategy/DP keys on `controller` feed `training` before either is validated (training wins)."""
+        if not isinstance(data, dict) or not isinstance(data.get("controller"), dict):
+            return data
+        c, t = data["controller"], dict(data.get("training") or {})
+        if not isinstance(data.get("training", {}), dict):
+            return data
+        for key in ("adaptive_staleness", "min_staleness", "max_staleness_multiplier", "enable_differential_privacy"):
+            if key in c and key not in t:
+                t[key] = c[key]
+        if t.get("enable_differential_privacy") and "dp_noise_multiplier" in c and "dp_noise_multiplier" not in t:
+            t["dp_noise_multiplier"] = c["dp_noise_multiplier"]
+        return {**data, "training": t}
 
     @model_validator(mode="after")
     def _merge_seed_controller_keys(self) -> Config:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from dist_llm_train.cli.common import load_or_exit, setup_logging
+from dist_llm_train.cli.serve_shaper import serve_shaper
 
 serve_app = typer.Typer(help="Run one service in the foreground (what each container runs).", no_args_is_help=True)
 
@@ -99,6 +100,17 @@ def serve_worker(
     compute_slowdown: Annotated[float, typer.Option(help="Stretch compute time by this factor (>=1).")] = 1.0,
     token: Annotated[str | None, typer.Option(envvar="DLT_AUTH_TOKEN", help="Shared API token.")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
+    # --- netem (issue 4): per-class URLs through the shaper's relays ----------------------------------------
+    controller_heartbeat_url: Annotated[
+        str | None, typer.Option(help="Heartbeats go here (default: --controller).")] = None,
+    controller_telemetry_url: Annotated[
+        str | None, typer.Option(help="Telemetry goes here (default: --controller).")] = None,
+    ps_address_override: Annotated[
+        str | None, typer.Option(help="Reach the PS at HOST:PORT instead of the assignment's address.")] = None,
+    links_file: Annotated[
+        str | None, typer.Option(help="Shaper ports file: probe the shaped links, report them.")] = None,
+    link_probe_interval: Annotated[float, typer.Option(help="Seconds between link probes.")] = 5.0,
+    # --- end netem ----------------------------------------------------------------------------------------
     log_level: LogOpt = "INFO",
 ) -> None:
     """Run a training worker (needs the [worker] extra: torch)."""
@@ -118,6 +130,15 @@ def serve_worker(
             compute_slowdown=compute_slowdown,
             auth_token=token,
             metrics_port=metrics_port,
+            controller_heartbeat_url=controller_heartbeat_url,
+            controller_telemetry_url=controller_telemetry_url,
+            ps_address_override=ps_address_override,
+            links_file=links_file,
+            link_probe_interval_s=link_probe_interval,
         )
     )
     logging.getLogger(__name__).info("worker exited cleanly")
+
+
+# --- netem (issue 4): the userspace shaper service ---------------------------------------------------------------
+serve_app.command("shaper")(serve_shaper)

@@ -62,6 +62,22 @@ class HeartbeatOut(BaseModel):
     commands: list[str]
 
 
+class LinkReportIn(_Body):
+    """One shaped link as the worker sees it (issue 4): configured vs measured; None = not measured (yet)."""
+
+    link: str = Field(min_length=1, max_length=160)
+    traffic_class: Literal["heartbeat", "task", "telemetry", "ps_sync"]
+    backend: str = Field(min_length=1, max_length=32)
+    configured_rtt_ms: float = Field(ge=0, le=1e6)
+    measured_rtt_ms: float | None = Field(None, ge=0, le=1e7)
+    rtt_samples: int = Field(0, ge=0, le=MAX_INT)
+    configured_rate_mbit: float | None = Field(None, ge=0, le=1e6)
+    measured_rate_mbit: float | None = Field(None, ge=0, le=1e7)
+    configured_loss: float = Field(ge=0, le=1)
+    measured_loss: float | None = Field(None, ge=0, le=1)
+    loss_kind: Literal["modelled", "measured"]
+
+
 class TelemetryIn(_Body):
     job_id: str = Field(min_length=1, max_length=128)
     step: int = Field(ge=0, le=MAX_INT)
@@ -76,6 +92,9 @@ class TelemetryIn(_Body):
     # Optional extras the worker also reports; kept for the run report.
     compute_time_s: float | None = Field(None, ge=0, le=1e9)
     push_outcome: str | None = Field(None, max_length=32)
+    push_time_s: float | None = Field(None, ge=0, le=1e9)
+    push_bytes: int | None = Field(None, ge=0, le=MAX_INT)
+    links: list[LinkReportIn] | None = Field(None, max_length=16, description="Shaped links (netem), if any.")
 
 
 class TaskDoneIn(_Body):

@@ -60,6 +60,8 @@ class ControllerService:
         self.on_change: Callable[[], None] = lambda: None
         self._hb_lock = threading.Lock()
         self.heartbeats = 0
+        # netem (issue 4): each worker's latest shaped-link report, shown by /status; refreshed by telemetry.
+        self.links: dict[str, list[dict[str, Any]]] = {}
         # Workers alive before a restart get a full timeout to reach the new process.
         store.refresh_alive_heartbeats(clock())
 
@@ -125,6 +127,8 @@ class ControllerService:
                 prev = w.throughput_ewma
                 ewma = rec.samples_per_s if prev is None else alpha * rec.samples_per_s + (1 - alpha) * prev
                 self.store.set_throughput(worker_id, ewma)
+        if rec.links is not None:
+            self.links[worker_id] = [link.model_dump() for link in rec.links]
 
     # -- jobs -----------------------------------------------------------------------------
     def submit_job(self, req: JobIn) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 from dist_llm_train.controller.jobs import training_of
 from dist_llm_train.controller.membership import MembershipSync
 from dist_llm_train.controller.service import ControllerService
+from dist_llm_train.training.strategies import strategy_view
 
 
 def _job_rates(svc: ControllerService, job_id: str, holders: set[str]) -> dict[str, float]:
@@ -19,6 +20,7 @@ def _job_rates(svc: ControllerService, job_id: str, holders: set[str]) -> dict[s
         "samples_per_s": float(sum(r["samples_per_s"] or 0.0 for r in current)),
         "bytes_sent": float(sum(r["bytes_sent"] or 0 for r in latest)),
         "bytes_received": float(sum(r["bytes_received"] or 0 for r in latest)),
+        "max_worker_step": float(max((r["step"] or 0 for r in latest), default=0)),  # bounds DP releases
     }
 
 
@@ -68,6 +70,10 @@ def build_status(svc: ControllerService, membership: MembershipSync) -> dict[str
                 "max_staleness": trainings[j.job_id].resolved_max_staleness,
                 "codec": trainings[j.job_id].compression,
                 "aggregation": trainings[j.job_id].aggregation_rule,
+                # training strategies (issue 6): strategy, codec, rule, attack and ε spent so far
+                "strategy": strategy_view(
+                    trainings[j.job_id], int(max(progress[j.job_id][0], rates[j.job_id]["max_worker_step"]))
+                ),
                 "tasks": task_counts[j.job_id],
                 "members": acked.get(j.job_id, []),
                 "membership_synced": j.job_id not in pending,
@@ -101,4 +107,8 @@ def build_status(svc: ControllerService, membership: MembershipSync) -> dict[str
             "ps_notify_failures": membership.failures,
         },
         "ps_notify_last_error": membership.last_error,
+        # netem (issue 4): per shaped link, backend and configured vs measured, from each worker's telemetry.
+        "links": [
+            {"worker": w.name, **link} for w in workers for link in svc.links.get(w.worker_id, [])
+        ],
     }

@@ -22,6 +22,7 @@ from dist_llm_train.config import Config
 from dist_llm_train.embedded.processes import ProcessGroup, cli_command, free_port
 from dist_llm_train.embedded.report import RunSummary, total_bytes, write_report
 from dist_llm_train.paramserver.client import connect
+from dist_llm_train.training.strategies import outer_rounds, strategy_summary
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class RunOptions:
     timeout_s: float = 1800.0
     heartbeat_interval_s: float = 1.0
     worker_slowdowns: dict[int, float] = field(default_factory=dict)
+    # netem (issue 4): shape every link with this profile (None = unshaped loopback); see netem/embedded.py.
+    profile: str | None = None
+    shaping: str = "userspace"
 
 
 @dataclass
@@ -65,6 +69,7 @@ class EmbeddedRun:
         self.controller_url = ""
         self.job_id = ""
         self.workers: list[Any] = []
+        self.shaping: Any = None  # netem.embedded.EmbeddedShaping when --profile is given
 
     # -- start-up -----------------------------------------------------------------
     def _start_paramserver(self) -> None:
@@ -103,13 +108,35 @@ class EmbeddedRun:
         )
         self.procs.wait_ready(child, lambda: httpx.get(f"{self.controller_url}/readyz", timeout=1).is_success)
 
+    # --- netem (issue 4): the shaper child sits between the workers and the controller/PS -------------------
+    def _start_shaper(self) -> None:
+        if self.opts.profile is None:
+            return
+        from dist_llm_train.netem.embedded import EmbeddedShaping
+
+        names = [f"worker-{i}" for i in range(self.opts.workers)]
+        self.shaping = EmbeddedShaping.prepare(self.opts.profile, self.opts.shaping, names, self.controller_url,
+                                               self.ps_address, self.run_dir / "shaper")
+        child = self.procs.start("shaper", cli_command(*self.shaping.shaper_argv()))
+        self.procs.wait_ready(child, self.shaping.ready)
+
     def _start_workers(self) -> None:
         for i in range(self.opts.workers):
-            argv = ["serve", "worker", "--controller", self.controller_url, "--name", f"worker-{i}"]
+            argv = ["serve", "worker", "--name", f"worker-{i}"]
             slowdown = self.opts.worker_slowdowns.get(i)
+            if self.shaping is not None:  # every class through its relay
+                argv += self.shaping.worker_argv(f"worker-{i}")
+                slowdown = slowdown or self.shaping.compute_slowdown(f"worker-{i}")
+            else:
+                argv += ["--controller", self.controller_url]
             if slowdown:
                 argv += ["--compute-slowdown", str(slowdown)]
-            self.workers.append(self.procs.start(f"worker-{i}", cli_command(*argv)))
+            cmd = cli_command(*argv)
+            if self.shaping is not None:
+                # Compute yields to the emulated network: the shaper, controller and PS must not see their
+                # timers starved by training, or the links would be slower than the profile says.
+                cmd = ["nice", "-n", "10", *cmd]
+            self.workers.append(self.procs.start(f"worker-{i}", cmd))
 
     def _wait_for_workers(self, timeout_s: float = 180.0) -> None:
         """Submit only once every worker registered, so the first one up does not take every shard."""
@@ -173,11 +200,12 @@ class EmbeddedRun:
         try:
             self._start_paramserver()
             self._start_controller()
+            self._start_shaper()
             self._start_workers()
             self._wait_for_workers()
             self._submit_job()
             initial_loss, floor = self._evaluate(None)
-            snap = Snapshot(total_steps=self.cfg.training.steps, loss_floor=floor)
+            snap = Snapshot(total_steps=outer_rounds(self.cfg.training), loss_floor=floor)  # diloco: rounds
             ps = connect(self.transport, self.ps_address)
             with httpx.Client(base_url=self.controller_url, timeout=10) as http:
                 deadline = started + self.opts.timeout_s
@@ -192,6 +220,7 @@ class EmbeddedRun:
                         on_progress(snap)
                     time.sleep(0.5)
                 final = ps.pull(self.job_id, "launcher")
+                ps_stats = ps.stats(self.job_id)  # strategies (issue 6): wire bytes per class, per-worker bounds
                 rows = http.get(f"/v1/jobs/{self.job_id}/telemetry").json()
                 rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
                 status = http.get("/status").json()
@@ -217,6 +246,8 @@ class EmbeddedRun:
                 job_state=snap.job_state,
                 dead_workers=[w.get("name", "") for w in status.get("workers", []) if w.get("state") == "dead"],
                 reassignments=int(status.get("counters", {}).get("reassignments", 0)),
+                links=status.get("links", []),
+                strategy=strategy_summary(self.cfg.training, ps_stats[0] if ps_stats else None, rows),
             )
             write_report(self.run_dir, self.cfg, rows, summary)
             return summary

@@ -46,6 +46,8 @@ class RunSummary:
     job_state: str
     dead_workers: list[str] = field(default_factory=list)
     reassignments: int = 0
+    links: list[dict[str, Any]] = field(default_factory=list)  # netem: shaped links, configured vs measured
+    strategy: dict[str, Any] = field(default_factory=dict)  # issue 6: strategy, codec, rule, attack, DP, bytes
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,8 +127,49 @@ def markdown_summary(s: RunSummary) -> str:
         "",
         "![loss](loss.png)",
         "",
+        *strategy_markdown(s.strategy),
     ]
     return "\n".join(lines)
+
+
+# --- training strategies (issue 6) ------------------------------------------------------------------------
+def strategy_markdown(st: dict[str, Any]) -> list[str]:
+    """The strategy section: what ran, wire bytes per class, privacy spent, per-worker acceptance."""
+    if not st:
+        return []
+    dp = st.get("dp", {})
+    wire = st.get("wire_bytes", {})
+    attack = st.get("attack")
+    lines = [
+        "## Strategy",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| strategy | {st.get('strategy')} |",
+        f"| codec (error feedback) | {st.get('codec')} ({'on' if st.get('error_feedback') else 'off'}) |",
+        f"| aggregation | {st.get('aggregation')} {st.get('aggregation_params') or ''} |",
+        f"| attack | {attack if attack else 'none'} |",
+    ]
+    for key, value in wire.items():
+        lines.append(f"| wire bytes: {key} | {value:,} |")
+    if dp.get("enabled"):
+        lines.append(
+            f"| differential privacy | {dp['mode']}, z={dp['noise_multiplier']}, clip={dp['clip']}: "
+            f"ε = {dp['epsilon']:.3g} at δ = {dp['delta']:g} after {dp['releases']} releases |"
+        )
+    else:
+        lines.append("| differential privacy | off |")
+    workers = st.get("workers", [])
+    if workers:
+        lines += ["", "| worker | pushes | accepted | rejected | acceptance | staleness bound | mean staleness |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"| {w['worker_id']} | {w['pushes']} | {w['accepted']} | {w['rejected']} | "
+            f"{w['acceptance_rate']:.0%} | {w['staleness_bound']} | {w['mean_staleness']:.2f} |"
+            for w in workers
+        ]
+    return [*lines, ""]
+# --- end training strategies ---------------------------------------------------------------------------
 
 
 def write_report(run_dir: Path, cfg: Config, rows: list[dict[str, Any]], summary: RunSummary) -> None:

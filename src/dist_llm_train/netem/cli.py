@@ -17,6 +17,7 @@ from rich.table import Table
 
 from dist_llm_train.netem import shell
 from dist_llm_train.netem.backends.base import ShapingBackend, ShapingError, get_backend
+from dist_llm_train.netem.backends.userspace import is_topology_spec
 from dist_llm_train.netem.classes import TRAFFIC_CLASSES
 from dist_llm_train.netem.loader import available_profiles, load_profile
 from dist_llm_train.netem.profile import Profile, ProfileError
@@ -27,10 +28,10 @@ out = Console()
 err = Console(stderr=True)
 
 ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="name, file, or inline JSON/YAML")]
-DevOpt = Annotated[str, typer.Option("--dev", "-d", help="network interface to shape")]
+DevOpt = Annotated[str, typer.Option("--dev", "-d", help="network interface to shape (userspace: topology JSON)")]
 NodeOpt = Annotated[str | None, typer.Option("--node", "-n", help="this node's name (for node overrides)")]
 WorkersOpt = Annotated[str | None, typer.Option("--workers", help="comma-separated worker names, in order")]
-BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="auto, tc_netem or kernel_fallback")]
+BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="auto, tc_netem, kernel_fallback or userspace")]
 DirOpt = Annotated[str | None, typer.Option("--profile-dir", help="extra directory of <name>.yaml profiles")]
 
 
@@ -51,8 +52,10 @@ def _workers(s: str | None) -> list[str] | None:
     return [w.strip() for w in s.split(",") if w.strip()] if s else None
 
 
-def _backend(name: str) -> tuple[ShapingBackend, list[str]]:
+def _backend(name: str, dev: str) -> tuple[ShapingBackend, list[str]]:
     if name == "auto":
+        if is_topology_spec(dev):
+            return get_backend("userspace"), [f"userspace: yes — {dev} is a topology; only relays shape those"]
         from dist_llm_train.netem.backends.auto import choose
 
         return choose(kernel_only=True)
@@ -99,7 +102,7 @@ def apply(profile: ProfileOpt, dev: DevOpt, node: NodeOpt = None, workers: Worke
     """Shape DEV for NODE under PROFILE; prints the backend chosen, why, and every command run."""
     p = _load(profile, profile_dir)
     try:
-        b, reasons = _backend(backend)
+        b, reasons = _backend(backend, dev)
         desc = b.apply(p, node, dev, _workers(workers))
     except ShapingError as e:
         _fail(str(e))
@@ -116,6 +119,9 @@ def apply(profile: ProfileOpt, dev: DevOpt, node: NodeOpt = None, workers: Worke
 
 
 def _state_backend(dev: str) -> ShapingBackend | None:
+    if is_topology_spec(dev):
+        b = get_backend("userspace")
+        return b if b.describe(dev)["applied"] else None
     state = shell.read_state(dev)
     return get_backend(state["backend"]) if state else None
 
@@ -124,10 +130,12 @@ def _state_backend(dev: str) -> ShapingBackend | None:
 def show(dev: DevOpt, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """What is applied on DEV: backend, profile, per-class one-way links, live qdiscs."""
     try:
-        shell.ensure_device(dev)
+        topology = is_topology_spec(dev)
+        if not topology:
+            shell.ensure_device(dev)
         b = _state_backend(dev)
         desc: dict[str, Any] = b.describe(dev) if b else {"dev": dev, "applied": False,
-                                                          "qdiscs": shell.qdisc_snapshot(dev)}
+                                                          "qdiscs": [] if topology else shell.qdisc_snapshot(dev)}
     except ShapingError as e:
         _fail(str(e))
         return
@@ -138,6 +146,9 @@ def show(dev: DevOpt, as_json: Annotated[bool, typer.Option("--json")] = False) 
         out.print(f"{dev}: nothing applied by dist-llm-train; qdiscs {desc['qdiscs']}")
         return
     out.print(f"{dev}: profile {desc['profile']} node {desc['node']} backend {desc['backend']}")
+    if "relays" in desc:
+        _print_relays(desc)
+        return
     table = Table("class", "delay ms", "jitter ms", "loss %", "dup %", "rate Mbit/s")
     for cls in ("default", *TRAFFIC_CLASSES):
         link = desc["egress"][cls]
@@ -148,6 +159,21 @@ def show(dev: DevOpt, as_json: Annotated[bool, typer.Option("--json")] = False) 
     for key in ("ingress", "daemon", "not_emulated", "delay_applied_at"):
         if desc.get(key):
             out.print(f"{key}: {desc[key]}")
+
+
+def _print_relays(desc: dict[str, Any]) -> None:
+    from dist_llm_train.netem.profile import Link
+    from dist_llm_train.netem.topology import summarise
+
+    table = Table("relay", "listen", "target", "up (src→dst)", "down (dst→src)")
+    for r in desc["relays"]:
+        table.add_row(f"{r['link']}/{r['traffic_class']}", r["listen"], r["target"],
+                      summarise(Link.model_validate(r["up"])), summarise(Link.model_validate(r["down"])))
+    out.print(table)
+    for key in ("daemon", "schedule", "not_emulated"):
+        if desc.get(key):
+            out.print(f"{key}: {desc[key]}")
+    out.print("loss: modelled (recovery stalls; TCP cannot lose bytes)")
 
 
 @netem_app.command()

@@ -125,6 +125,14 @@ class Delayer:
         late = asyncio.get_running_loop().time() - due
         self.lateness = min(max(self.lateness + 0.05 * late, 0.0), 0.005)
 
+    def _record_segment(self, started_at: float, index: int) -> None:
+        """Where the schedule is (wall clock), for `describe` and for tests that time the segments."""
+        path = self.config.get("schedule_file")
+        if path:
+            tmp = Path(path).with_name(Path(path).name + ".tmp")
+            tmp.write_text(json.dumps({"started_at": started_at, "segment": index, "at": time.time()}))
+            os.replace(tmp, path)
+
     async def play_schedule(self) -> None:
         """Cycle (or play once) through segments: run each one's tc commands and swap the class shapers."""
         sched = self.config.get("schedule")
@@ -133,11 +141,13 @@ class Delayer:
         segments, cycle = sched["segments"], sched["kind"] == "cycle"
         loop = asyncio.get_running_loop()
         t = loop.time()
+        started_at = time.time()
         while True:
-            for seg in segments:
+            for i, seg in enumerate(segments):
                 for cmd in seg["commands"]:
                     await asyncio.to_thread(subprocess.run, cmd, capture_output=True, check=False, timeout=10)
                 self.load_classes(seg["classes"])
+                self._record_segment(started_at, i)
                 t += seg["duration_s"]
                 await asyncio.sleep(max(0.0, t - loop.time()))
             if not cycle:

@@ -68,8 +68,8 @@ def state_path(dev: str) -> Path:
     return state_dir() / f"{netns_id()}-{dev}.json"
 
 
-def read_state(dev: str) -> dict[str, Any] | None:
-    p = state_path(dev)
+def read_state_file(p: Path) -> dict[str, Any] | None:
+    """A JSON state file, or None when absent; a corrupt one is an error that names it."""
     if not p.is_file():
         return None
     try:
@@ -79,12 +79,20 @@ def read_state(dev: str) -> dict[str, Any] | None:
     return data
 
 
-def write_state(dev: str, state: dict[str, Any]) -> None:
-    p = state_path(dev)
+def write_state_file(p: Path, state: dict[str, Any]) -> None:
+    """Write atomically (temp file + rename), so a crash never leaves half a state file."""
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
+    tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(state, indent=1))
     os.replace(tmp, p)
+
+
+def read_state(dev: str) -> dict[str, Any] | None:
+    return read_state_file(state_path(dev))
+
+
+def write_state(dev: str, state: dict[str, Any]) -> None:
+    write_state_file(state_path(dev), state)
 
 
 def drop_state(dev: str) -> None:

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dist_llm_train.paramserver import wire
 from dist_llm_train.paramserver.metrics import PSMetrics
+from dist_llm_train.paramserver.numerics import keep_freed_vectors
 from dist_llm_train.paramserver.state import ParameterStore, run_store_call
 from dist_llm_train.paramserver.types import ErrorCode, PSError
 from dist_llm_train.proto import paramserver_pb2 as pb
@@ -73,6 +74,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.store = store
         self.metrics = metrics
         self.chunk_bytes = chunk_bytes
+        self._push_latency = metrics.push_latency.labels("grpc")
 
     async def _guard(self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -148,7 +150,31 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         try:
             return await self._guard(context, work)
         finally:
-            self.metrics.push_latency.labels("grpc").observe(time.perf_counter() - started)
+            self._push_latency.observe(time.perf_counter() - started)
+
+    async def PushUnary(
+        self, request: tuple[Any, memoryview], context: grpc.aio.ServicerContext
+    ) -> pb.PushResponse:
+        """Push in one message (see `wire.push_request_deserializer`), applied without a thread hop
+        when small (`run_store_call`). The store runs the same checks as for the stream; what is
+        lost is only the stream's refusal of a bad header before the payload crosses the link."""
+        started = time.perf_counter()
+
+        async def work() -> pb.PushResponse:
+            pb_header, payload = request
+            if pb_header is None:
+                raise PSError(ErrorCode.INVALID_ARGUMENT, "PushRequest is not a valid protobuf message")
+            header = wire.header_from_pb(pb_header)
+            self.metrics.bytes_received.inc(len(payload))
+            result = await run_store_call(
+                self.store.push_cost_bytes(header, len(payload)), self.store.push, header, payload
+            )
+            return wire.result_to_pb(result)
+
+        try:
+            return await self._guard(context, work)
+        finally:
+            self._push_latency.observe(time.perf_counter() - started)
 
     async def SetMembers(
         self, request: pb.SetMembersRequest, context: grpc.aio.ServicerContext
@@ -189,6 +215,11 @@ def method_handlers(servicer: ParameterServerServicer) -> dict[str, grpc.RpcMeth
             request_deserializer=wire.chunk_deserializer(pb.PushChunk),
             response_serializer=pb.PushResponse.SerializeToString,
         ),
+        "PushUnary": grpc.unary_unary_rpc_method_handler(
+            servicer.PushUnary,
+            request_deserializer=wire.push_request_deserializer,
+            response_serializer=pb.PushResponse.SerializeToString,
+        ),
         "SetMembers": grpc.unary_unary_rpc_method_handler(
             servicer.SetMembers,
             request_deserializer=pb.SetMembersRequest.FromString,
@@ -215,6 +246,7 @@ class GrpcServer:
         max_message_bytes: int,
     ) -> None:
         limit = max(max_message_bytes, chunk_bytes) + wire.FRAMING_SLACK
+        keep_freed_vectors()  # the server process churns through vector-sized buffers
         self._server = grpc.aio.server(options=wire.channel_options(limit))
         handlers = method_handlers(ParameterServerServicer(store, metrics, chunk_bytes))
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -5,7 +5,13 @@ validates everything first and only then mutates, so a refused request leaves no
 besides a `rejected_*` counter. The heavy part of a push (decoding and checking a payload
 that may be tens of MB) runs outside the lock; the state change after it is re-validated.
 
-Rounds (sync mode): a round is the set of updates computed on the current version. It opens
+Strategies (`spec.mode`): `sync` and `diloco` work in rounds; `async` and `adaptive` apply
+each update on arrival if it is no staler than the worker's bound (see `staleness.py`).
+DiLoCo's workers push pseudo-gradients and the job's optimizer is the outer one (SGD with
+Nesterov momentum). With central DP (`dp_*` options) a round's updates are clipped and the
+noisy mean replaces the aggregation rule, which must then be `mean`.
+
+Rounds (sync and diloco): a round is the set of updates computed on the current version. It opens
 with its first update and closes when every current member has contributed, when its
 straggler timeout expires (with whoever pushed), or when a membership change leaves no one
 outstanding. Closing aggregates, steps the optimizer and publishes version + 1.
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dist_llm_train.paramserver import validation as v
+from dist_llm_train.paramserver.jobopts import parse_options
 from dist_llm_train.paramserver.numerics import (
     FALLBACK_RULE,
     Aggregator,
@@ -34,6 +41,8 @@ from dist_llm_train.paramserver.numerics import (
 )
 from dist_llm_train.paramserver.observer import NULL_OBSERVER, StoreObserver
 from dist_llm_train.paramserver.optim import ServerOptimizer, make_optimizer
+from dist_llm_train.paramserver.snapshot import JobSnapshot
+from dist_llm_train.paramserver.staleness import step_scale
 from dist_llm_train.paramserver.types import (
     ErrorCode,
     JobSpec,
@@ -47,26 +56,9 @@ from dist_llm_train.paramserver.types import (
 from dist_llm_train.paramserver.waiters import VersionWaiters
 
 log = logging.getLogger(__name__)
+__all__ = ["JobSnapshot", "JobState"]  # JobSnapshot is re-exported: checkpoints and tests import it from here
 
 REPLAY_WINDOW = 1024  # (worker, step) pairs remembered per worker for replay detection
-STALENESS_SCALING = ("none", "inverse")
-
-
-@dataclass
-class JobSnapshot:
-    """Everything a checkpoint holds; arrays are shared references that are never mutated."""
-
-    spec: JobSpec
-    layout: list[TensorSpec]
-    params: np.ndarray
-    version: int
-    members: list[str]
-    open_membership: bool  # True until SetMembers: workers join by pushing
-    counters: dict[str, int]
-    last_loss: float
-    optimizer_arrays: dict[str, np.ndarray]
-    optimizer_scalars: dict[str, float | int]
-    seen_steps: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,7 +95,11 @@ class JobState:
         self.last_loss = 0.0
         self.optimizer: ServerOptimizer = make_optimizer(spec, self.num_params)
         self.aggregator: Aggregator = make_aggregator(spec.aggregation, spec.aggregation_params)
-        self.staleness_scaling = spec.options.get("staleness_scaling", "none")
+        options = parse_options(spec)
+        self.staleness_scaling = options.staleness_scaling
+        self.policy = options.policy(spec)
+        self.central_dp = options.central_dp()
+        self.rounds = spec.mode in v.ROUND_MODES
         self._seen: dict[str, OrderedDict[int, None]] = {}
         self._round: _Round | None = None
         self._clock = clock
@@ -122,8 +118,7 @@ class JobState:
             raise v.invalid(f"params must be a flat vector, got shape {params.shape}")
         v.check_layout(layout, int(params.shape[0]))
         v.check_members(members)
-        if spec.options.get("staleness_scaling", "none") not in STALENESS_SCALING:
-            raise v.invalid(f"spec.options['staleness_scaling'] must be one of {STALENESS_SCALING}")
+        parse_options(spec)
         if not np.isfinite(params).all():
             raise v.invalid("initial params contain NaN or Inf")
         make_optimizer(spec, int(params.shape[0]))
@@ -137,6 +132,7 @@ class JobState:
     def read(self) -> tuple[int, np.ndarray, bool]:
         with self._lock:
             self.counters["pulls"] += 1
+            self.counters["params_bytes_sent"] += 4 * self.num_params
             return self.version, self.params, self.complete
 
     def reached(self, min_version: int) -> bool:
@@ -153,6 +149,7 @@ class JobState:
                 last_loss=self.last_loss,
                 complete=self.complete,
                 num_params=self.num_params,
+                workers=self.policy.stats(),
             )
 
     def same_shape(self, layout: Sequence[TensorSpec], num_params: int) -> bool:
@@ -172,6 +169,9 @@ class JobState:
 
     def precheck(self, header: PushHeader) -> None:
         """What can be refused from the header alone, before the payload is read."""
+        want = v.KIND_OF_MODE[self.spec.mode]
+        if header.kind != want:
+            raise v.invalid(f"a {self.spec.mode} job takes {want} updates, got kind={header.kind!r}")
         with self._lock:
             self.check_member(header.worker_id)
 
@@ -184,9 +184,17 @@ class JobState:
         with self._lock:
             result = self._apply_locked(header, vec)
             self.counters[f"pushes_{result.outcome.value.lower()}"] += 1
+            # Wire bytes per class: every update that arrived, by kind, and its uncompressed size.
+            self.counters[f"bytes_received_{header.kind}"] += len(payload)
+            self.counters[f"raw_bytes_{header.kind}"] += 4 * self.num_params
             if result.outcome in (PushOutcome.APPLIED, PushOutcome.BUFFERED):
                 self.counters["bytes_received"] += len(payload)
+            if result.outcome is not PushOutcome.DUPLICATE:
+                self.policy.record(header.worker_id, result.outcome, result.staleness)
+            bound = self.policy.bound(header.worker_id)
         self._obs.push_outcome(self.spec.job_id, result.outcome)
+        self._obs.worker_push(self.spec.job_id, header.worker_id, result.outcome, bound)
+        self._obs.update_bytes(self.spec.job_id, header.kind, header.codec, len(payload))
         return result
 
     def _apply_locked(self, header: PushHeader, vec: np.ndarray) -> PushResult:
@@ -206,10 +214,9 @@ class JobState:
             raise v.invalid(
                 f"base_version {header.base_version} is ahead of the server's version {self.version}"
             )
-        if self.spec.mode == "sync":
-            result = self._sync_push(header, vec, staleness)
-        else:
-            result = self._async_push(header, vec, staleness)
+        self.policy.observe_push(header.worker_id, self._clock())
+        push = self._sync_push if self.rounds else self._async_push
+        result = push(header, vec, staleness)
         if result.outcome is not PushOutcome.DUPLICATE:
             self._remember(header.worker_id, header.step)
         return result
@@ -254,16 +261,19 @@ class JobState:
         )
 
     def _async_push(self, header: PushHeader, vec: np.ndarray, staleness: int) -> PushResult:
-        if staleness > self.spec.max_staleness:
+        bound = self.policy.bound(header.worker_id, self._clock())
+        if staleness > bound:
             return PushResult(
                 PushOutcome.STALE_REJECTED,
                 self.version,
                 staleness,
-                f"staleness {staleness} > max_staleness {self.spec.max_staleness}; re-pull",
+                f"staleness {staleness} > this worker's bound {bound} ({self.spec.mode}); re-pull",
             )
         self._join(header.worker_id)
-        scale = 1.0 / (1.0 + staleness) if self.staleness_scaling == "inverse" else 1.0
+        scale = step_scale(self.staleness_scaling, staleness)
         self.last_loss = header.loss
+        if self.central_dp is not None:
+            vec = self._private_mean(vec[None, :])
         self._publish(self.optimizer.step(self.params, vec, scale))
         self.counters["updates_aggregated"] += 1
         return PushResult(PushOutcome.APPLIED, self.version, staleness)
@@ -282,7 +292,9 @@ class JobState:
         assert rnd is not None and rnd.updates
         updates = list(rnd.updates.values())
         combined: np.ndarray
-        if len(updates) == 1:  # every rule returns a lone update unchanged
+        if self.central_dp is not None:  # noisy mean of clipped updates replaces the (mean) rule
+            combined = self._private_mean(np.stack(updates))
+        elif len(updates) == 1:  # every rule returns a lone update unchanged
             combined = updates[0]
         else:
             stacked = np.stack(updates)
@@ -299,6 +311,14 @@ class JobState:
         if timed_out:
             self.counters["rounds_timed_out"] += 1
         self._obs.round_closed(self.spec.job_id, self._clock() - rnd.opened_at)
+
+    def _private_mean(self, stacked: np.ndarray) -> np.ndarray:
+        assert self.central_dp is not None
+        clipped_before = self.central_dp.clipped
+        out = self.central_dp.noisy_mean(stacked)
+        self.counters["dp_releases"] += 1
+        self.counters["dp_clipped_updates"] += self.central_dp.clipped - clipped_before
+        return out
 
     def _publish(self, new_params: np.ndarray) -> None:
         self.params = _frozen(new_params.astype(np.float32, copy=False))
@@ -338,7 +358,7 @@ class JobState:
             self.members = list(members)
             self.open_membership = False
             self._obs.members(self.spec.job_id, len(self.members))
-            if self.spec.mode == "sync" and self._round_done():
+            if self.rounds and self._round_done():
                 self._close_round(timed_out=False)
             return self.version, list(self.members)
 

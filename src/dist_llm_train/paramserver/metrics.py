@@ -52,6 +52,24 @@ class PSMetrics(StoreObserver):
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.worker_pushes = Counter(
+            "dlt_ps_worker_pushes",
+            "Pushes by worker and outcome (acceptance rate = applied+buffered over all).",
+            ["job", "worker", "outcome"],
+            registry=r,
+        )
+        self.staleness_bound = Gauge(
+            "dlt_ps_staleness_bound",
+            "Staleness bound each worker's next push is held to (adaptive: from its measured speed).",
+            ["job", "worker"],
+            registry=r,
+        )
+        self.update_bytes_c = Counter(
+            "dlt_ps_update_bytes",
+            "Payload bytes of received updates by kind (gradient, pseudo_gradient) and codec.",
+            ["kind", "codec"],
+            registry=r,
+        )
         for outcome in PushOutcome:
             self.pushes.labels(outcome.value)
 
@@ -67,6 +85,13 @@ class PSMetrics(StoreObserver):
 
     def members(self, job_id: str, count: int) -> None:
         self.members_g.labels(job_id).set(count)
+
+    def worker_push(self, job_id: str, worker_id: str, outcome: PushOutcome, staleness_bound: int) -> None:
+        self.worker_pushes.labels(job_id, worker_id, outcome.value).inc()
+        self.staleness_bound.labels(job_id, worker_id).set(staleness_bound)
+
+    def update_bytes(self, job_id: str, kind: str, codec: str, nbytes: int) -> None:
+        self.update_bytes_c.labels(kind, codec).inc(nbytes)
 
     # transport-level
     def reject(self, reason: str) -> None:

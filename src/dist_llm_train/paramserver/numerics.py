@@ -5,10 +5,14 @@ the PS stays torch-free); this module adapts them to the store's contract: bad i
 `PSError(INVALID_ARGUMENT)`, and a decoded update is a finite flat float32 vector of exactly
 the job's length. The `none` codec keeps a zero-copy fast path here because it is the bulk
 of PS ingest: the registry's generic decode copies the payload twice before checking it.
+The transports keep that path copy-free by handing over aligned views of what they received
+(ZMQ frames as they are, gRPC's unary push with padding; see `wire.encode_push_request`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import platform
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -61,7 +65,10 @@ def _decode(codec: str, meta: dict[str, Any], payload: Buffer, size: int) -> np.
     if codec == "none":  # raw little-endian float32: a view, no copy
         if len(payload) != 4 * size:
             raise ValueError(f"none payload is {len(payload)} bytes; a vector of {size} needs {4 * size}")
-        return np.frombuffer(payload, dtype="<f4")
+        vec = np.frombuffer(payload, dtype="<f4")
+        # A payload at an odd offset in a receive buffer gives a misaligned view, on which BLAS
+        # refuses to work and every later pass runs numpy's slow unaligned loops: one copy is cheaper.
+        return vec if vec.flags.aligned else vec.copy()
     return get_codec(codec).decode(Encoded(bytes(payload), meta), size)
 
 
@@ -86,7 +93,36 @@ def decode_update(codec: str, meta: bytes, payload: Buffer, size: int) -> np.nda
 def all_finite(vec: np.ndarray) -> bool:
     """True when no element is NaN or +-Inf.
 
-    A finite sum proves every element finite (NaN and Inf propagate through addition), and
-    numpy's pairwise sum is one cheap pass with no temporary. Only when the sum is not finite
-    (a bad element, or finite values that overflow float32 together) is the exact check run."""
-    return bool(np.isfinite(vec.sum())) or bool(np.isfinite(vec).all())
+    A finite sum of squares proves every element finite: NaN and Inf propagate through the
+    products and the sum. `np.dot(v, v)` is that sum as one BLAS pass with no temporary, the
+    cheapest full read numpy offers (about 0.14 ms for 4 MB here, against 0.19 ms for
+    `np.isfinite(v).all()` and its 1 MB bool array, and 0.18 ms for the pairwise `sum`).
+    Only when it is not finite (a bad element, or finite values whose squares overflow
+    float32 together) is the exact element-wise check run to tell the two apart."""
+    flat = vec.reshape(-1)
+    if flat.dtype != np.float32 or flat.size == 0:
+        return bool(np.isfinite(flat).all())
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow here is expected, not an error
+        squares = np.dot(flat, flat)
+    return bool(np.isfinite(squares)) or bool(np.isfinite(flat).all())
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
+
+
+def keep_freed_vectors() -> bool:
+    """Make glibc's malloc keep freed parameter-sized blocks for reuse (process-wide, idempotent).
+
+    Every applied push allocates a fresh parameter vector (see `optim`) and drops the received
+    buffer. With glibc's defaults such multi-MB blocks are given back to the kernel when freed
+    (unmapped, or the heap trimmed) and the next one faults every 4 KiB page back in: the
+    gRPC server measured 600-2000 page faults and up to 2 ms per 4 MB push that way. Keeping
+    blocks up to 32 MiB in the heap (and never trimming it) removes that; the price is that the
+    process keeps its peak heap. Vectors over 32 MiB are still mapped per allocation. Returns
+    False, changing nothing, where the C library is not glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+    return bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and ok)

@@ -23,5 +23,11 @@ class StoreObserver:
     def members(self, job_id: str, count: int) -> None:
         pass
 
+    def worker_push(self, job_id: str, worker_id: str, outcome: PushOutcome, staleness_bound: int) -> None:
+        """One worker's push was decided; `staleness_bound` is the bound its next push is held to."""
+
+    def update_bytes(self, job_id: str, kind: str, codec: str, nbytes: int) -> None:
+        """Payload bytes of one received update, by kind (gradient / pseudo_gradient) and codec."""
+
 
 NULL_OBSERVER = StoreObserver()

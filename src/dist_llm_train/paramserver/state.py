@@ -85,6 +85,10 @@ class ParameterStore:
         """The store's clock (monotonic seconds; injectable for tests)."""
         return self._clock()
 
+    def job_state(self, job_id: str) -> JobState:
+        """The live state of one job (read-only use: tests and in-process tools inspect it)."""
+        return self._job(job_id)
+
     def job_ids(self) -> list[str]:
         with self._lock:
             return sorted(self._jobs)
@@ -204,7 +208,7 @@ class ParameterStore:
         aggregate when it closes the round."""
         with self._lock:
             job = self._jobs.get(header.job_id)
-        if job is None or job.spec.mode != "sync":
+        if job is None or not job.rounds:
             return nbytes
         return nbytes + job.round_size() * job.num_params * 4
 

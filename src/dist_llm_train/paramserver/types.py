@@ -59,8 +59,16 @@ class TensorSpec:
 
 @dataclass
 class JobSpec:
+    """A job as the PS sees it. `mode` is the strategy: "sync" | "async" | "adaptive" | "diloco".
+
+    `options` carries strategy extensions as strings (documented in docs/training_protocol.md):
+    `staleness_scaling`, `min_staleness`, `max_staleness_multiplier` (adaptive), `nesterov`
+    (SGD, DiLoCo's outer optimizer), `adam_beta2`, `adam_eps`, and central DP's `dp_noise_multiplier`,
+    `dp_clip`, `dp_seed`.
+    """
+
     job_id: str
-    mode: str = "sync"  # "sync" | "async"
+    mode: str = "sync"
     max_staleness: int = 5
     straggler_timeout_s: float = 30.0
     optimizer: str = "adam"  # "sgd" | "adam"
@@ -109,6 +117,23 @@ class PushResult:
 
 
 @dataclass
+class WorkerStats:
+    """One worker's record on the PS: how many pushes it made, how many were taken, its staleness bound."""
+
+    worker_id: str
+    pushes: int = 0
+    accepted: int = 0  # applied, or buffered into a sync round
+    rejected: int = 0  # STALE_REJECTED or LATE_DROPPED
+    staleness_bound: int = 0  # the bound its next async push is held to (adaptive: from its speed)
+    push_interval_s: float = 0.0  # EWMA of the time between its pushes on the PS clock (0: not measured)
+    mean_staleness: float = 0.0  # over its accepted updates
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.pushes if self.pushes else 0.0
+
+
+@dataclass
 class JobStats:
     job_id: str
     version: int
@@ -118,3 +143,4 @@ class JobStats:
     last_loss: float
     complete: bool
     num_params: int
+    workers: list[WorkerStats] = field(default_factory=list)

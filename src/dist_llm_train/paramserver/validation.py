@@ -17,7 +17,10 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_NAME_LEN = 256
 MAX_MEMBERS = 100_000
 MAX_WAIT_S = 3600.0
-MODES = ("sync", "async")
+MODES = ("sync", "async", "adaptive", "diloco")
+ROUND_MODES = ("sync", "diloco")  # a barrier per version; the others apply each update on arrival
+# The kind of update each strategy's workers push; DiLoCo's are pseudo-gradients (before - after).
+KIND_OF_MODE = {"sync": "gradient", "async": "gradient", "adaptive": "gradient", "diloco": "pseudo_gradient"}
 OPTIMIZERS = ("sgd", "adam")
 KINDS = ("gradient", "pseudo_gradient")
 

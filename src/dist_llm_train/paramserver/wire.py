@@ -13,6 +13,7 @@ from dataclasses import asdict, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from dist_llm_train.paramserver.types import (
     ErrorCode,
@@ -23,6 +24,7 @@ from dist_llm_train.paramserver.types import (
     PushOutcome,
     PushResult,
     TensorSpec,
+    WorkerStats,
 )
 from dist_llm_train.proto import paramserver_pb2 as pb
 
@@ -68,20 +70,80 @@ def encode_data_chunk(data: memoryview | bytes) -> bytes:
     return b"".join((_DATA_TAG, _varint(len(data)), data))
 
 
+def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it) of the varint at `pos`; (-1, pos) if it is cut off or too long."""
+    value = shift = 0
+    end = min(len(raw), pos + 10)
+    while pos < end:
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+    return -1, pos
+
+
 def data_chunk_view(raw: bytes) -> memoryview | None:
     """The payload of a serialized data chunk without copying, or None if `raw` is not one."""
     if raw[:1] != _DATA_TAG:
         return None
-    size = shift = 0
-    pos = 1
-    while pos < len(raw) and pos <= 10:
-        byte = raw[pos]
-        pos += 1
-        size |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return memoryview(raw)[pos:] if len(raw) - pos == size else None
-    return None
+    size, pos = _read_varint(raw, 1)
+    return memoryview(raw)[pos:] if size >= 0 and len(raw) - pos == size else None
+
+
+# `PushRequest{header = 1, data = 2, padding = 3}` for the unary push, built and split the
+# same way. The padding field goes between header and data and places the payload at a
+# multiple of PAYLOAD_ALIGN bytes into the message, so the float32 view the server takes of
+# the received bytes can be aligned: numpy's BLAS dot refuses misaligned arrays and its slow
+# fallback costs ~6x more (0.9 vs 0.14 ms for 4 MB). Receivers ignore the field; a message
+# without it parses the same, and `numerics.decode_update` copies a misaligned payload.
+_HEADER_TAG = b"\x0a"  # field 1, length-delimited
+_PADDING_TAG = b"\x1a"  # field 3, length-delimited
+PAYLOAD_ALIGN = 64
+PUSH_REQUEST_FRAMING = 3 * (1 + 10) + PAYLOAD_ALIGN  # three tags and varint lengths at most, padding
+
+
+def encode_push_request(head: bytes, payload: memoryview | bytes) -> bytes:
+    """Serialized `PushRequest(header=<head>, data=payload, padding=...)`, `head` being a
+    serialized PushHeader, with a single copy of `payload` (protobuf would copy it twice)."""
+    prefix = _HEADER_TAG + _varint(len(head)) + head
+    data_prefix = _DATA_TAG + _varint(len(payload))
+    pad = -(len(prefix) + 2 + len(data_prefix)) % PAYLOAD_ALIGN  # < 128: a one-byte length
+    return b"".join((prefix, _PADDING_TAG, bytes((pad,)), bytes(pad), data_prefix, payload))
+
+
+def _push_request_fields(raw: bytes) -> dict[int, memoryview] | None:
+    """The top-level fields 1 to 3 of a serialized PushRequest as views, or None for anything
+    this fast path does not handle (other fields, repeats, other wire types, bad lengths)."""
+    view = memoryview(raw)
+    found: dict[int, memoryview] = {}
+    pos = 0
+    while pos < len(raw):
+        key, pos = _read_varint(raw, pos)
+        if key not in (0x0A, 0x12, 0x1A) or key >> 3 in found:
+            return None
+        size, pos = _read_varint(raw, pos)
+        if size < 0 or pos + size > len(raw):
+            return None
+        found[key >> 3] = view[pos : pos + size]
+        pos += size
+    return found
+
+
+def push_request_deserializer(raw: bytes) -> tuple[Any, memoryview]:
+    """(pb.PushHeader, payload view) of a serialized PushRequest. The payload is a view of
+    `raw`, not a copy; any encoding the fast path does not cover goes through protobuf.
+    A message protobuf cannot parse gives a None header, for the servicer to refuse."""
+    fields_ = _push_request_fields(raw)
+    try:
+        if fields_ is None:
+            msg = pb.PushRequest.FromString(raw)
+            return msg.header, memoryview(msg.data)
+        header = pb.PushHeader.FromString(fields_[1]) if 1 in fields_ else pb.PushHeader()
+    except DecodeError:
+        return None, memoryview(b"")
+    return header, fields_.get(2, memoryview(b""))
 
 
 def chunk_deserializer(cls: Any) -> Callable[[bytes], Any]:
@@ -192,7 +254,9 @@ def result_to_pb(r: PushResult) -> pb.PushResponse:
 
 
 def stats_to_pb(s: JobStats) -> pb.JobStats:
-    return pb.JobStats(**asdict(s))
+    d = asdict(s)
+    d["workers"] = [pb.WorkerStats(**w) for w in d["workers"]]
+    return pb.JobStats(**d)
 
 
 def stats_from_pb(m: pb.JobStats) -> JobStats:
@@ -205,6 +269,7 @@ def stats_from_pb(m: pb.JobStats) -> JobStats:
         last_loss=m.last_loss,
         complete=m.complete,
         num_params=m.num_params,
+        workers=[WorkerStats(**{f.name: getattr(w, f.name) for f in fields(WorkerStats)}) for w in m.workers],
     )
 
 
@@ -277,4 +342,5 @@ def stats_to_dict(s: JobStats) -> dict[str, Any]:
 
 
 def stats_from_dict(d: dict[str, Any]) -> JobStats:
-    return JobStats(**d)
+    workers = [WorkerStats(**w) for w in d.get("workers", [])]
+    return JobStats(**{**d, "workers": workers})

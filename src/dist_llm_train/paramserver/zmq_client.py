@@ -138,7 +138,8 @@ class ZmqPSClient(PSClient):
         )
 
     def push(self, header: PushHeader, payload: bytes) -> PushResult:
-        reply, _ = self._request("push", {"header": asdict(header)}, [payload])
+        # `vars` is a shallow copy of the flat header; `asdict` deep-copies and costs ~10x more.
+        reply, _ = self._request("push", {"header": dict(vars(header))}, [payload])
         self._count(sent=len(payload))
         return PushResult(
             PushOutcome(reply["outcome"]),

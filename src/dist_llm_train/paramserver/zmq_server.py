@@ -11,7 +11,12 @@ frames are received and sent without copies (`copy=False`, numpy buffers).
 
 Ops: init_job {spec, layout, num_params, members}; pull {job_id, worker_id, min_version,
 wait_timeout_s}; push {header}; set_members {job_id, members}; stats {job_id}.
-Each request runs as its own task, so a pull waiting for a version never blocks others.
+The socket is a plain (blocking-API) ZMQ socket driven by the event loop: its FD wakes
+`_drain`, which receives with NOBLOCK until the queue is empty. A push whose work is small
+enough to run on the loop (`state.INLINE_MAX_BYTES`) is answered right there, without a task
+or a future; every other request runs as its own task, so a pull waiting for a version, or a
+big push in a worker thread, never blocks the others. Against `zmq.asyncio` this halves the
+per-request Python time (~35 us less, measured), which the 4 MB ingest benchmark sees.
 """
 
 from __future__ import annotations
@@ -19,21 +24,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import msgpack
 import numpy as np
 import zmq
-import zmq.asyncio
 
 from dist_llm_train.paramserver import wire
 from dist_llm_train.paramserver.metrics import PSMetrics
-from dist_llm_train.paramserver.state import ParameterStore, run_store_call
-from dist_llm_train.paramserver.types import ErrorCode, PSError
+from dist_llm_train.paramserver.numerics import keep_freed_vectors
+from dist_llm_train.paramserver.state import INLINE_MAX_BYTES, ParameterStore, run_store_call
+from dist_llm_train.paramserver.types import ErrorCode, PSError, PushHeader, PushResult
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 512  # requests being handled at once; beyond this the server stops reading (backpressure)
+DRAIN_BATCH = 64  # requests taken per wake-up before other callbacks get the loop again
+# Plain ints: pyzmq's enum flags cost ~1 us per operation in Python 3.11.
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 Reply = tuple[dict[str, Any], list[Any]]
 
 
@@ -57,6 +67,52 @@ def _str_list(req: dict[str, Any], key: str) -> list[str]:
     return list(items)
 
 
+@dataclass
+class _Request:
+    """One received request, parsed as far as the wire format goes (the store checks the rest)."""
+
+    identity: bytes
+    started: float
+    frames: list[zmq.Frame]  # keeps the zero-copy data frames alive while `data` views them
+    req_id: Any = None
+    op: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
+    data: list[memoryview] = field(default_factory=list)
+    header: PushHeader | None = None  # push only
+    error: PSError | None = None  # set when the request is malformed
+
+    @classmethod
+    def parse(cls, frames: list[zmq.Frame]) -> _Request:
+        req = cls(frames[0].bytes, time.perf_counter(), frames)
+        try:
+            if len(frames) < 3 or len(frames[1].bytes) != 0:
+                raise PSError(
+                    ErrorCode.INVALID_ARGUMENT, "expected [empty delimiter, msgpack request, *data]"
+                )
+            try:
+                args = msgpack.unpackb(frames[2].buffer, raw=False)
+            except (ValueError, msgpack.UnpackException) as err:
+                raise PSError(ErrorCode.INVALID_ARGUMENT, f"request is not valid msgpack: {err}") from None
+            if not isinstance(args, dict):
+                raise PSError(ErrorCode.INVALID_ARGUMENT, "request must be a msgpack map")
+            req.args, req.req_id, req.op = args, args.get("id"), str(args.get("op"))
+            req.data = [f.buffer for f in frames[3:]]
+            if req.op == "push":
+                req.header = wire.header_from_dict(args.get("header"))
+        except PSError as err:
+            req.error = err
+        return req
+
+
+def _push_reply(result: PushResult) -> dict[str, Any]:
+    return {
+        "outcome": result.outcome.value,
+        "version": result.version,
+        "staleness": result.staleness,
+        "message": result.message,
+    }
+
+
 class ZmqServer:
     def __init__(
         self, store: ParameterStore, metrics: PSMetrics, host: str, port: int, max_message_bytes: int
@@ -64,15 +120,17 @@ class ZmqServer:
         self.store = store
         self.metrics = metrics
         self._endpoint_host, self._port = host, port
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
+        keep_freed_vectors()  # the server process churns through vector-sized buffers
+        self._ctx = zmq.Context()
+        self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         # Hard cap against memory abuse: a frame beyond twice the payload limit drops the peer;
         # anything between the limit and the cap gets a RESOURCE_EXHAUSTED reply.
         self._sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes + (1 << 16))
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-        self._loop_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
+        self._push_latency = metrics.push_latency.labels("zmq")
         self.port = 0
 
     async def start(self) -> int:
@@ -81,62 +139,112 @@ class ZmqServer:
         else:
             self._sock.bind(f"tcp://{self._endpoint_host}:{self._port}")
             self.port = self._port
-        self._loop_task = asyncio.create_task(self._serve(), name="zmq-ps-recv")
+        self._loop = asyncio.get_running_loop()
+        self._fd = cast(int, self._sock.getsockopt(zmq.FD))
+        self._loop.add_reader(self._fd, self._drain)
+        self._loop.call_soon(self._drain)
         return self.port
 
-    async def _serve(self) -> None:
-        while True:
-            await self._slots.acquire()
-            frames = await self._sock.recv_multipart(copy=False)
-            task = asyncio.create_task(self._handle(frames))
-            self._tasks.add(task)
-            task.add_done_callback(self._done)
+    def _drain(self) -> None:
+        """Take every queued request. The ZMQ FD only says that the socket's state changed, and
+        any send may consume that signal, so the queue is emptied by asking EVENTS each time; a
+        full batch or the in-flight cap hands the rest to a later call (`_wake`)."""
+        sock = self._sock
+        for _ in range(DRAIN_BATCH):
+            if self._fd < 0 or len(self._tasks) >= MAX_IN_FLIGHT:
+                return
+            try:
+                if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
+                    return
+                frames = sock.recv_multipart(_NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            request = _Request.parse(frames)
+            if self._inline(request):
+                try:
+                    self._reply(request, *self._answer_push(request))
+                except Exception:  # keep draining: one bad request must not stall the queue
+                    log.exception("zmq push handler crashed")
+            else:
+                task = asyncio.create_task(self._handle(request))
+                self._tasks.add(task)
+                task.add_done_callback(self._done)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon(self._drain)
+
+    def _inline(self, request: _Request) -> bool:
+        """A push the store will run on the loop anyway: nothing in it waits, so no task is needed."""
+        if request.header is None or request.error is not None or len(request.data) != 1:
+            return False
+        return self.store.push_cost_bytes(request.header, len(request.data[0])) <= INLINE_MAX_BYTES
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._slots.release()
+        self._wake()  # below the in-flight cap again, and its reply may have taken the FD's signal
         if not task.cancelled() and task.exception() is not None:
             log.error("zmq request handler crashed", exc_info=task.exception())
 
-    async def _handle(self, frames: list[zmq.Frame]) -> None:
-        identity = frames[0].bytes
-        req_id: Any = None
-        started = time.perf_counter()
-        op = ""
+    def _answer_push(self, request: _Request) -> Reply:
         try:
-            if len(frames) < 3 or len(frames[1].bytes) != 0:
-                raise PSError(
-                    ErrorCode.INVALID_ARGUMENT, "expected [empty delimiter, msgpack request, *data]"
-                )
-            try:
-                req = msgpack.unpackb(frames[2].buffer, raw=False)
-            except (ValueError, msgpack.UnpackException) as err:
-                raise PSError(ErrorCode.INVALID_ARGUMENT, f"request is not valid msgpack: {err}") from None
-            if not isinstance(req, dict):
-                raise PSError(ErrorCode.INVALID_ARGUMENT, "request must be a msgpack map")
-            req_id = req.get("id")
-            op = str(req.get("op"))
-            data = [f.buffer for f in frames[3:]]
-            reply, out = await self._dispatch(op, req, data)
-        except PSError as err:
+            return self._push(request), []
+        except Exception as err:
+            return self._error(request, err), []
+
+    async def _handle(self, request: _Request) -> None:
+        try:
+            if request.error is not None:
+                raise request.error
+            reply, out = await self._dispatch(request)
+        except Exception as err:
+            reply, out = self._error(request, err), []
+        self._reply(request, reply, out)
+
+    def _error(self, request: _Request, err: Exception) -> dict[str, Any]:
+        if isinstance(err, PSError):
             self.metrics.reject(err.code.value)
-            reply, out = {"error": err.code.value, "message": err.message}, []
-        except Exception as err:  # a bug must not kill the server loop; report it to the caller
-            log.exception("zmq %s request failed", op)
-            reply, out = {"error": "INTERNAL", "message": f"{type(err).__name__}: {err}"}, []
-        reply["id"] = req_id
-        # Zero-copy only pays for the parameter frame; small frames are cheaper copied.
-        await self._sock.send_multipart([identity, b"", msgpack.packb(reply), *out], copy=not out)
-        if op == "push":
-            self.metrics.push_latency.labels("zmq").observe(time.perf_counter() - started)
+            return {"error": err.code.value, "message": err.message}
+        # A bug must not kill the server loop; report it to the caller.
+        log.error("zmq %s request failed", request.op, exc_info=err)
+        return {"error": "INTERNAL", "message": f"{type(err).__name__}: {err}"}
+
+    def _reply(self, request: _Request, reply: dict[str, Any], out: list[Any]) -> None:
+        reply["id"] = request.req_id
+        parts = [request.identity, b"", msgpack.packb(reply), *out]
+        copy = not out  # zero-copy only pays for the parameter frame; small frames are cheaper copied
+        try:  # a ROUTER never blocks: a reply to a peer that is gone or full is dropped
+            for part in parts[:-1]:
+                self._sock.send(part, _NOBLOCK | _SNDMORE, copy=copy)
+            self._sock.send(parts[-1], _NOBLOCK, copy=copy)
+        except zmq.ZMQError as err:
+            log.warning("zmq reply to %s dropped: %s", request.op, err)
+        if request.op == "push":
+            self._push_latency.observe(time.perf_counter() - request.started)
+
+    def _push(self, request: _Request) -> dict[str, Any]:
+        """The inline push: the same steps as `_dispatch`'s, without awaiting."""
+        header, payload = self._push_args(request)
+        return _push_reply(self.store.push(header, payload))
+
+    def _push_args(self, request: _Request) -> tuple[PushHeader, memoryview]:
+        if request.error is not None:
+            raise request.error
+        header = request.header
+        assert header is not None  # `_Request.parse` sets it for every push it accepts
+        self.store.precheck_push(header)
+        payload = self._one_frame(request.data, "push")
+        self.metrics.bytes_received.inc(len(payload))
+        return header, payload
 
     def _one_frame(self, data: list[memoryview], what: str) -> memoryview:
         if len(data) != 1:
             raise PSError(ErrorCode.INVALID_ARGUMENT, f"{what} needs exactly one data frame, got {len(data)}")
         return data[0]
 
-    async def _dispatch(self, op: str, req: dict[str, Any], data: list[memoryview]) -> Reply:
-        store = self.store
+    async def _dispatch(self, request: _Request) -> Reply:
+        store, op, req, data = self.store, request.op, request.args, request.data
         if op == "pull":
             pulled = await store.pull_async(
                 _arg(req, "job_id", str),
@@ -155,19 +263,11 @@ class ZmqServer:
                 [pulled.params],
             )
         if op == "push":
-            header = wire.header_from_dict(req.get("header"))
-            store.precheck_push(header)
-            payload = self._one_frame(data, "push")
-            self.metrics.bytes_received.inc(len(payload))
+            header, payload = self._push_args(request)
             result = await run_store_call(
                 store.push_cost_bytes(header, len(payload)), store.push, header, payload
             )
-            return {
-                "outcome": result.outcome.value,
-                "version": result.version,
-                "staleness": result.staleness,
-                "message": result.message,
-            }, []
+            return _push_reply(result), []
         if op == "init_job":
             spec = wire.spec_from_dict(req.get("spec"))
             raw = self._one_frame(data, "init_job")
@@ -205,9 +305,9 @@ class ZmqServer:
         )
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._loop is not None and self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._fd = -1
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

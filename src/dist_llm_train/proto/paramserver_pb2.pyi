@@ -167,6 +167,16 @@ class PushChunk(_message.Message):
     data: bytes
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class PushRequest(_message.Message):
+    __slots__ = ("header", "data", "padding")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    data: bytes
+    padding: bytes
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
+
 class PushResponse(_message.Message):
     __slots__ = ("outcome", "version", "staleness", "message")
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
@@ -201,8 +211,26 @@ class StatsRequest(_message.Message):
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
+class WorkerStats(_message.Message):
+    __slots__ = ("worker_id", "pushes", "accepted", "rejected", "staleness_bound", "push_interval_s", "mean_staleness")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_BOUND_FIELD_NUMBER: _ClassVar[int]
+    PUSH_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    MEAN_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    pushes: int
+    accepted: int
+    rejected: int
+    staleness_bound: int
+    push_interval_s: float
+    mean_staleness: float
+    def __init__(self, worker_id: _Optional[str] = ..., pushes: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., push_interval_s: _Optional[float] = ..., mean_staleness: _Optional[float] = ...) -> None: ...
+
 class JobStats(_message.Message):
-    __slots__ = ("job_id", "version", "mode", "members", "counters", "last_loss", "complete", "num_params")
+    __slots__ = ("job_id", "version", "mode", "members", "counters", "last_loss", "complete", "num_params", "workers")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +246,7 @@ class JobStats(_message.Message):
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     version: int
     mode: str
@@ -226,7 +255,8 @@ class JobStats(_message.Message):
     last_loss: float
     complete: bool
     num_params: int
-    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., mode: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ..., counters: _Optional[_Mapping[str, int]] = ..., last_loss: _Optional[float] = ..., complete: _Optional[bool] = ..., num_params: _Optional[int] = ...) -> None: ...
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
+    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., mode: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ..., counters: _Optional[_Mapping[str, int]] = ..., last_loss: _Optional[float] = ..., complete: _Optional[bool] = ..., num_params: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("jobs",)

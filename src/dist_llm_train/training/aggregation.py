@@ -36,18 +36,45 @@ def pairwise_sq_dists(x: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
+def _scores_from_dists(d: np.ndarray, f: int) -> np.ndarray:
+    """Krum scores from a squared-distance matrix (its diagonal is ignored)."""
+    n = d.shape[0]
+    if n == 1:
+        return np.zeros(1)
+    k = min(max(1, n - f - 2), n - 1)
+    masked = d + np.diag(np.full(n, np.inf))
+    # A full sort (not a partition): the k nearest are summed in ascending order, so rows with the
+    # same multiset of distances get bit-identical scores whatever the input order.
+    return np.sort(masked, axis=1)[:, :k].sum(axis=1)
+
+
 def krum_scores(x: np.ndarray, f: int) -> np.ndarray:
     """Each row's sum of squared distances to its n - f - 2 nearest other rows (Blanchard et al., 2017).
 
     At least one neighbour is always used, so a degenerate n - f - 2 = 0 (inside Bulyan's
     shrinking sets) still ranks rows by closeness instead of tying them all at zero.
     """
-    n = x.shape[0]
-    k = max(1, n - f - 2)
-    d = pairwise_sq_dists(x)
-    np.fill_diagonal(d, np.inf)
-    nearest = np.sort(d, axis=1)[:, : min(k, n - 1)]
-    return nearest.sum(axis=1) if n > 1 else np.zeros(1)
+    return _scores_from_dists(pairwise_sq_dists(x), f)
+
+
+def _rank(scores: np.ndarray, x: np.ndarray, rows: list[int] | None = None) -> list[int]:
+    """Indices by ascending score; equal scores ordered by the rows' bytes, so arrival order never matters.
+
+    `scores[i]` belongs to row `rows[i]` of `x` (all rows when None). Only tied rows are read and
+    serialised, which keeps ranking O(n log n) instead of O(n d)."""
+    order = np.argsort(scores, kind="stable")
+    out: list[int] = []
+    i = 0
+    while i < len(order):  # bounded: i advances by at least one each pass
+        j = i + 1
+        while j < len(order) and scores[order[j]] == scores[order[i]]:
+            j += 1
+        group = [int(g) for g in order[i:j]]
+        if len(group) > 1:
+            group.sort(key=lambda r: x[r if rows is None else rows[r]].tobytes())
+        out.extend(group)
+        i = j
+    return out
 
 
 def krum_order(x: np.ndarray, f: int) -> list[int]:
@@ -56,8 +83,7 @@ def krum_order(x: np.ndarray, f: int) -> list[int]:
     Ties (e.g. a mutual-nearest pair when one neighbour counts) are broken by the rows'
     bytes, not their positions, so the rule's output does not depend on arrival order.
     """
-    scores = krum_scores(x, f)
-    return sorted(range(x.shape[0]), key=lambda i: (float(scores[i]), x[i].tobytes()))
+    return _rank(krum_scores(x, f), x)
 
 
 class Aggregator(ABC):
@@ -105,18 +131,20 @@ class Median(Aggregator):
 
 
 class TrimmedMean(Aggregator):
-    """Coordinate-wise mean after dropping the floor(beta·n) largest and smallest values (Yin et al., 2018)."""
+    """Coordinate-wise mean without the floor(beta·n) largest and smallest values (Yin et al., 2018)."""
 
     name = "trimmed_mean"
 
     def __init__(self, beta: float = 0.1) -> None:
         if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < 0.5:
-            raise ValueError(f"trimmed_mean beta (fraction cut from each side) must be in [0, 0.5), got {beta!r}")
+            raise ValueError(
+                f"trimmed_mean beta (fraction cut from each side) must be in [0, 0.5), got {beta!r}"
+            )
         self.beta = float(beta)
 
     def _aggregate(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
-        k = int(np.floor(self.beta * n))
+        k = int(np.floor(self.beta * n + 1e-9))  # beta = f/n must cut exactly f despite float rounding
         return np.sort(x, axis=0)[k : n - k].mean(axis=0, dtype=np.float64)
 
 
@@ -177,20 +205,46 @@ class Bulyan(Aggregator):
     def _aggregate(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
         theta = n - 2 * self.f
+        dists = pairwise_sq_dists(x)  # once: each selection step only takes a sub-matrix of it
         remaining = list(range(n))
         selected: list[int] = []
         for _ in range(theta):  # bounded: theta <= n
-            pick = remaining[krum_order(x[remaining], self.f)[0]]
+            sub = dists[np.ix_(remaining, remaining)]
+            pick = remaining[_rank(_scores_from_dists(sub, self.f), x, remaining)[0]]
             selected.append(pick)
             remaining.remove(pick)
-        s = x[selected].astype(np.float64)
-        beta = theta - 2 * self.f
-        med = np.median(s, axis=0)
-        closest = np.lexsort((s, np.abs(s - med)), axis=0)[:beta]  # ties broken by value, not position
-        return np.take_along_axis(s, closest, axis=0).mean(axis=0)
+        return _closest_to_median_mean(x[selected].astype(np.float64), theta - 2 * self.f)
 
 
-AGGREGATORS: dict[str, type[Aggregator]] = {a.name: a for a in (Mean, Median, TrimmedMean, Krum, MultiKrum, Bulyan)}
+def _closest_to_median_mean(s: np.ndarray, beta: int) -> np.ndarray:
+    """Per coordinate, the mean of the `beta` values closest to the median (ties: the smaller value).
+
+    On a line the values closest to a point are taken outward from it, so after one sort along
+    the rows a two-pointer walk picks them: `beta` vectorised steps over all coordinates at once,
+    each taking the nearer of the two frontier values (the lower one on a tie, as a sort by
+    (distance, value) would). O(rows log rows · d) for the sort, then O(beta · d).
+    """
+    theta, d = s.shape
+    v = np.sort(s, axis=0)
+    mid = theta // 2
+    med = v[mid] if theta % 2 else 0.5 * (v[mid - 1] + v[mid])
+    right = (v < med).sum(axis=0)  # first index at or above the median, per coordinate
+    left = right - 1
+    cols = np.arange(d)
+    total = np.zeros(d)
+    for _ in range(beta):  # bounded: beta <= rows
+        lv = v[np.maximum(left, 0), cols]
+        rv = v[np.minimum(right, theta - 1), cols]
+        take_left = (left >= 0) & ((right >= theta) | (med - lv <= rv - med))
+        total += np.where(take_left, lv, rv)
+        left -= take_left
+        right += ~take_left
+    return total / beta
+
+
+AGGREGATORS: dict[str, type[Aggregator]] = {
+    a.name: a for a in (Mean, Median, TrimmedMean, Krum, MultiKrum, Bulyan)
+}
 
 
 def get_aggregator(name: str, **params: Any) -> Aggregator:

@@ -18,6 +18,7 @@ from typing import Any
 
 from dist_llm_train.config import ConfigError, parse_config
 from dist_llm_train.worker.controller_api import ControllerAPI, ControllerGone, UnknownWorker
+from dist_llm_train.worker.links import WorkerLinks
 from dist_llm_train.worker.metrics import WorkerMetrics
 from dist_llm_train.worker.training_loop import TrainingContext, TrainingOutcome, run_training
 
@@ -37,13 +38,21 @@ class WorkerOptions:
     exit_when_idle_after_job: bool = False
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
+    # netem (issue 4): per-class controller URLs and the PS relay from the shaper; None = direct.
+    controller_heartbeat_url: str | None = None
+    controller_telemetry_url: str | None = None
+    ps_address_override: str | None = None
+    links_file: str | None = None  # the shaper's ports document: enables link probes and `links` telemetry
+    link_probe_interval_s: float = 5.0
 
 
 class WorkerAgent:
     def __init__(self, opts: WorkerOptions) -> None:
         self.opts = opts
         self.stop = threading.Event()
-        self.api = ControllerAPI(opts.controller_url, token=opts.auth_token, stop=self.stop)
+        self.api = ControllerAPI(opts.controller_url, token=opts.auth_token, stop=self.stop,
+                                 heartbeat_url=opts.controller_heartbeat_url,
+                                 telemetry_url=opts.controller_telemetry_url)
         self.worker_id: str | None = None
         self.heartbeat_interval_s = 1.0
         self.state = "idle"
@@ -52,6 +61,8 @@ class WorkerAgent:
         self._telemetry: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.finished_jobs: list[str] = []
         self.metrics = WorkerMetrics()
+        self.links = (WorkerLinks.from_file(opts.links_file, opts.name, self.api, self.metrics.registry,
+                                            opts.link_probe_interval_s) if opts.links_file else None)
 
     async def _register(self) -> None:
         caps = {
@@ -80,6 +91,8 @@ class WorkerAgent:
     async def _telemetry_loop(self) -> None:
         while True:
             record = await self._telemetry.get()
+            if self.links is not None:
+                record = self.links.annotate(record)
             try:
                 assert self.worker_id is not None
                 await self.api.telemetry(self.worker_id, record)
@@ -119,12 +132,15 @@ class WorkerAgent:
             worker_id=self.worker_id,
             config=cfg,
             ps_transport=ps["transport"],
-            ps_address=ps["address"],
+            ps_address=self.opts.ps_address_override or ps["address"],
             shard_ids=self._current_shards(job_id),
             num_shards=tasks[0].num_shards,
             compute_slowdown=self.opts.compute_slowdown,
             members=[str(m) for m in job.get("members", [])],
+            worker_name=self.opts.name,
         )
+        if self.links is not None:
+            self.links.use_paramserver(ctx.ps_transport, ctx.ps_address)
         loop = asyncio.get_running_loop()
         self.state = "training"
         log.info("training job %s on shards %s of %d", job_id, sorted(ctx.shard_ids), ctx.num_shards)
@@ -189,6 +205,8 @@ class WorkerAgent:
             asyncio.create_task(self._heartbeat_loop()),
             asyncio.create_task(self._telemetry_loop()),
         ]
+        if self.links is not None:
+            background.append(asyncio.create_task(self.links.run(self.stop)))
         try:
             while not self.stop.is_set():
                 assert self.worker_id is not None
@@ -218,6 +236,8 @@ class WorkerAgent:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if self.links is not None:
+                self.links.close_paramserver()
             await self.api.aclose()
             log.info("worker %s stopped", self.opts.name)
 

@@ -28,9 +28,9 @@ from dist_llm_train.paramserver.types import (
     PushOutcome,
     PushResult,
 )
-from dist_llm_train.training.codecs import ErrorFeedback, get_codec
 from dist_llm_train.training.data import make_dataset
 from dist_llm_train.training.flat import flatten_params, layout_of
+from dist_llm_train.training.strategies import WorkerStrategy, job_spec_for
 from dist_llm_train.training.trainer import LocalTrainer
 
 log = logging.getLogger(__name__)
@@ -41,26 +41,8 @@ STEP_BASE = 1_000_000
 
 
 def job_spec_from_config(job_id: str, cfg: Config) -> JobSpec:
-    t = cfg.training
-    params: dict[str, float] = {}
-    if t.aggregation_rule == "trimmed_mean":
-        params["beta"] = t.trim_ratio
-    if t.aggregation_rule in ("krum", "multi_krum") and t.krum_f is not None:
-        params["f"] = float(t.krum_f)
-    if t.aggregation_rule == "bulyan" and t.bulyan_f is not None:
-        params["f"] = float(t.bulyan_f)
-    return JobSpec(
-        job_id=job_id,
-        mode=t.resolved_mode,
-        max_staleness=t.resolved_max_staleness,
-        straggler_timeout_s=t.sync_max_wait_s,
-        optimizer=t.optimizer,
-        learning_rate=t.learning_rate,
-        momentum=t.momentum,
-        aggregation=t.aggregation_rule,
-        aggregation_params=params,
-        total_steps=t.steps,
-    )
+    """The PS job for this config: strategy, rule, optimizer and options (see training/strategies.py)."""
+    return job_spec_for(job_id, cfg.training)
 
 
 @dataclass
@@ -75,6 +57,7 @@ class TrainingContext:
     compute_slowdown: float = 1.0
     telemetry_every: int = 1
     members: list[str] = field(default_factory=list)
+    worker_name: str = ""  # attackers may be chosen by name (training.attacker_workers)
 
 
 @dataclass
@@ -117,8 +100,10 @@ def run_training(
     owned = set(ctx.shard_ids)
     spec = job_spec_from_config(ctx.job_id, cfg)
     ps = client or connect(ctx.ps_transport, ctx.ps_address)
-    codec = get_codec(cfg.training.compression, ratio=cfg.training.compression_ratio)
-    feedback = ErrorFeedback(codec) if codec.name == "topk" else None
+    # Strategy, codec + error feedback, attack and local DP: one object, fixed for the job.
+    strategy = WorkerStrategy(
+        cfg.training, worker_name=ctx.worker_name, shard_ids=sorted(ctx.shard_ids), num_shards=ctx.num_shards
+    )
     out = TrainingOutcome()
     step_base = int(time.time() * 1000) * STEP_BASE
     try:
@@ -133,30 +118,34 @@ def run_training(
                 owned |= new
             trainer.set_params(pulled.params)
             t0 = time.perf_counter()
-            grad, loss, n_samples = trainer.compute_gradient()
+            update = strategy.compute(trainer)
+            loss, n_samples = update.loss, update.samples
             compute_s = time.perf_counter() - t0
             if ctx.compute_slowdown > 1.0:
                 # Emulated slow hardware (straggler profiles): stretch the real compute time.
                 stop.wait(compute_s * (ctx.compute_slowdown - 1.0))
-            encoded = feedback.compress(grad) if feedback else codec.encode(grad)
+            encoded = strategy.encode(update.vec)
             header = PushHeader(
                 job_id=ctx.job_id,
                 worker_id=ctx.worker_id,
                 step=step_base + out.steps,
                 base_version=pulled.version,
-                codec=codec.name,
+                codec=strategy.codec.name,
                 codec_meta=msgpack.packb(encoded.meta),
                 payload_bytes=len(encoded.payload),
                 num_samples=n_samples,
                 loss=loss,
+                kind=update.kind,
             )
+            push_t0 = time.perf_counter()  # netem: push timing gives the ps_sync link's measured rate
             result: PushResult = _retry_unavailable(partial(ps.push, header, encoded.payload), stop, "push")
+            push_s = time.perf_counter() - push_t0
             out.outcomes[result.outcome.value] = out.outcomes.get(result.outcome.value, 0) + 1
             out.steps += 1
             if result.outcome is PushOutcome.JOB_COMPLETE:
                 out.job_complete = True
                 break
-            wait_for = pulled.version + 1 if spec.mode == "sync" else 0
+            wait_for = strategy.next_min_version(pulled.version)
             pull_next = partial(
                 ps.pull, ctx.job_id, ctx.worker_id, min_version=wait_for, wait_timeout_s=spec.straggler_timeout_s + 5
             )
@@ -178,6 +167,8 @@ def run_training(
                         "bytes_received": ps.bytes_received,
                         "wall_time": time.time(),
                         "push_outcome": result.outcome.value,
+                        "push_time_s": push_s,
+                        "push_bytes": len(encoded.payload),
                     }
                 )
         out.job_complete = out.job_complete or pulled.job_complete

@@ -154,7 +154,11 @@ class KernelFallbackBackend(KernelBackend):
         if cfg is None:
             return
         base = shell.state_path(dev)
-        cfg_path, pidfile, log = (base.with_suffix(s) for s in (".delayer.json", ".pid", ".log"))
+        cfg_path, pidfile, log, sched = (base.with_suffix(s) for s in (".delayer.json", ".pid", ".log",
+                                                                        ".schedule.json"))
+        if cfg.get("schedule"):
+            cfg["schedule_file"] = str(sched)
+            state["schedule_file"] = str(sched)
         cfg_path.write_text(json.dumps(cfg))
         pidfile.unlink(missing_ok=True)
         with open(log, "ab") as logf:
@@ -189,7 +193,7 @@ class KernelFallbackBackend(KernelBackend):
                 [*ipt, "-F", chain_name(dev)], [*ipt, "-X", chain_name(dev)]]
         for cmd in cmds:
             shell.run(cmd, check=False)
-        for key in ("daemon_config", "daemon_log", "pidfile"):
+        for key in ("daemon_config", "daemon_log", "pidfile", "schedule_file"):
             if state.get(key):
                 Path(state[key]).unlink(missing_ok=True)
         return cmds
@@ -204,6 +208,8 @@ class KernelFallbackBackend(KernelBackend):
             pid = state.get("pid")
             out["daemon"] = {"pid": pid, "alive": bool(pid and _is_our_daemon(pid))} if pid else None
             out["delay_applied_at"] = "ingress (receiver side)"
+            if state.get("schedule_file"):
+                out["schedule"] = shell.read_state_file(Path(state["schedule_file"]))
         return out
 
 

@@ -1,0 +1,94 @@
+"""The worker's side of link fidelity (issue 4): probe its shaped links, report configured vs measured.
+
+Only active when the worker was started behind the shaper (`--links-file`, the shaper's ports document). Every
+`interval_s` it sends one tiny request per traffic class through that class's own relay — GET /healthz for
+heartbeat, task and telemetry, a stats call to the parameter server for ps_sync — and its pushes give the
+ps_sync rate. The `links` list rides on every telemetry record, so the controller's /status can show it; the
+numbers are also `dlt_link_*` gauges on the worker's /metrics. See netem/linkmon.py for what each figure
+means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from dist_llm_train.netem.linkmon import LinkMonitor, Probe
+from dist_llm_train.worker.controller_api import ControllerAPI
+
+log = logging.getLogger(__name__)
+PROBE_JOB = "__dlt_link_probe__"
+PROBE_MAX_MESSAGE_BYTES = 4 << 20
+
+
+class WorkerLinks:
+    def __init__(self, monitor: LinkMonitor, api: ControllerAPI, interval_s: float = 5.0) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"link probe interval must be > 0, got {interval_s}")
+        self.monitor = monitor
+        self.interval_s = interval_s
+        self._probes: dict[str, Probe] = {
+            cls: functools.partial(api.ping, cls)
+            for cls in ("heartbeat", "task", "telemetry")
+            if cls in monitor.links
+        }
+        self._ps: Any = None
+        self._ps_lock = threading.Lock()
+
+    @classmethod
+    def from_file(
+        cls, path: str, node: str, api: ControllerAPI, registry: CollectorRegistry, interval_s: float = 5.0
+    ) -> WorkerLinks:
+        return cls(LinkMonitor.from_file(path, node, registry), api, interval_s)
+
+    def use_paramserver(self, transport: str, address: str) -> None:
+        """Probe ps_sync through `address` (the relay) with a client of its own, separate from training's."""
+        from dist_llm_train.paramserver.client import connect
+
+        self.close_paramserver()
+        with self._ps_lock:
+            # Small messages only; the different limit also gives the probe a connection of its own (gRPC
+            # shares one between channels with identical arguments), so it never waits behind a bulk push.
+            self._ps = connect(transport, address, timeout_s=10.0, max_message_bytes=PROBE_MAX_MESSAGE_BYTES)
+
+        first = [True]
+
+        def stats_rtt() -> float | None:
+            with self._ps_lock:
+                if self._ps is None:
+                    raise RuntimeError("no parameter server client")
+                t0 = time.perf_counter()
+                self._ps.stats(PROBE_JOB)
+                elapsed = time.perf_counter() - t0
+            fresh, first[0] = first[0], False
+            return None if fresh else elapsed  # the first call also set the connection up
+
+        async def probe() -> float | None:
+            return await asyncio.to_thread(stats_rtt)
+
+        self._probes["ps_sync"] = probe
+
+    def close_paramserver(self) -> None:
+        self._probes.pop("ps_sync", None)
+        with self._ps_lock:
+            if self._ps is not None:
+                self._ps.close()
+                self._ps = None
+
+    def annotate(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Feed the record's push timing to the rate estimate and attach the current `links` list."""
+        push_s, push_bytes = record.get("push_time_s"), record.get("push_bytes")
+        if push_s is not None and push_bytes is not None:
+            self.monitor.add_push(int(push_bytes), float(push_s))
+        return {**record, "links": self.monitor.reports()}
+
+    async def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            await self.monitor.probe_once(self._probes)
+            await asyncio.sleep(self.interval_s)

@@ -1,0 +1,79 @@
+"""`dist-llm-train run --profile cellular`: every link shaped by userspace relays, measured by the workers.
+
+The run's summary carries the controller's final /status `links`: per worker and traffic class, the backend,
+the configured round trip and what the worker measured through that class's own relay, the ps_sync rate from
+its pushes, and loss labelled modelled. Tolerances are loose on purpose — a training run loads the machine and
+the measured RTT includes the server's handling — but a missing or unshaped link fails them: unshaped loopback
+is ~1 ms, cellular's heartbeat class 40 ms and its other classes 80 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(400)
+CLASSES = {"heartbeat", "task", "telemetry", "ps_sync"}
+
+
+def _run(tmp_path: Path, *args: str, timeout: float = 380) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dist_llm_train", "run", "--runs-dir", str(tmp_path / "runs"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_run_with_cellular_profile_reports_links(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "--profile", "cellular", "--workers", "2", "--steps", "20", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] >= 20 and summary["final_loss"] < summary["initial_loss"]
+    links = summary["links"]
+    assert {(x["worker"], x["traffic_class"]) for x in links} == {
+        (w, c) for w in ("worker-0", "worker-1") for c in CLASSES
+    }
+    for x in links:
+        assert x["backend"] == "userspace" and x["loss_kind"] == "modelled" and x["measured_loss"] is None
+        expected = 40.0 if x["traffic_class"] == "heartbeat" else 80.0
+        assert x["configured_rtt_ms"] == expected
+        assert x["rtt_samples"] >= 3, x
+        assert abs(x["measured_rtt_ms"] - expected) <= 0.5 * expected + 15, x
+        assert x["configured_loss"] == pytest.approx(
+            0.005 if x["traffic_class"] == "heartbeat" else 0.02, abs=1e-4
+        )
+        if x["traffic_class"] == "ps_sync":
+            assert x["configured_rate_mbit"] == 10.0
+            # Push goodput: below the rate by what the modelled loss stalls cost, never above it by much.
+            assert 4.0 <= x["measured_rate_mbit"] <= 12.0, x
+    hb = statistics.mean(x["measured_rtt_ms"] for x in links if x["traffic_class"] == "heartbeat")
+    bulk = statistics.mean(x["measured_rtt_ms"] for x in links if x["traffic_class"] != "heartbeat")
+    assert hb + 20 < bulk, f"per-class shaping not visible: heartbeat {hb:.1f} ms vs others {bulk:.1f} ms"
+    run_dir = Path(summary["run_dir"])
+    ports = json.loads((run_dir / "shaper" / "topology.json").read_text())
+    assert ports["workers"] == ["worker-0", "worker-1"]
+    assert not (run_dir / "shaper" / "ports.json").exists()  # the shaper stopped and cleaned up
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--profile", "nosuchprofile"), "unknown profile 'nosuchprofile'"),
+        (("--profile", '{"name": "x", "link": {"delay_ms": -1}}'), "link.delay_ms"),
+        (("--profile", "cellular", "--shaping", "kernel"), "--shaping kernel is not available"),
+        (("--profile", "cellular", "--shaping", "tc"), "--shaping must be one of"),
+    ],
+)
+def test_bad_profile_or_shaping_is_refused_before_anything_starts(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    proc = _run(tmp_path, "--workers", "1", "--steps", "1", *args, timeout=60)
+    assert proc.returncode == 2
+    assert message in " ".join(proc.stderr.split()), proc.stderr
+    assert not (tmp_path / "runs").exists()

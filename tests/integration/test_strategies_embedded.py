@@ -1,0 +1,108 @@
+"""One short embedded run per strategy family: real controller, PS and worker processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dist_llm_train.training.dp import epsilon
+
+pytestmark = pytest.mark.timeout(400)
+
+TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2}
+DATA = {"batch_size": 8, "seq_length": 16, "num_samples": 4000, "eval_batches": 8}
+
+
+def run(tmp_path: Path, training: dict[str, Any], *flags: str) -> dict[str, Any]:
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"model": TINY, "training": {**DATA, **training}}))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_llm_train",
+            "run",
+            "--config",
+            str(config),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--json",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=380,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["job_state"] == "completed"
+    assert summary["final_loss"] < summary["initial_loss"] - 0.2
+    assert "## Strategy" in (Path(summary["run_dir"]) / "summary.md").read_text()
+    return summary
+
+
+def test_diloco_pushes_compressed_pseudo_gradients(tmp_path: Path) -> None:
+    s = run(
+        tmp_path,
+        {"diloco_local_steps": 10},
+        "--workers",
+        "2",
+        "--steps",
+        "40",
+        "--strategy",
+        "diloco",
+        "--codec",
+        "topk",
+    )
+    st = s["strategy"]
+    assert (st["strategy"], st["codec"], st["error_feedback"]) == ("diloco", "topk", True)
+    assert s["steps"] == 4  # 40 inner steps / H = 10 -> 4 outer rounds
+    wire = st["wire_bytes"]
+    assert wire["bytes_received_gradient"] == 0
+    assert wire["raw_bytes_pseudo_gradient"] >= 50 * wire["bytes_received_pseudo_gradient"] > 0
+
+
+def test_adaptive_with_int8_and_local_dp(tmp_path: Path) -> None:
+    s = run(
+        tmp_path,
+        {"max_staleness": 2},
+        "--workers",
+        "2",
+        "--steps",
+        "60",
+        "--strategy",
+        "adaptive",
+        "--codec",
+        "int8",
+        "--dp-noise",
+        "0.2",
+        "--dp-clip",
+        "1.0",
+    )
+    st = s["strategy"]
+    assert st["strategy"] == "adaptive" and len(st["workers"]) == 2
+    for w in st["workers"]:
+        assert w["staleness_bound"] >= 2 and 0 < w["acceptance_rate"] <= 1
+    wire = st["wire_bytes"]
+    assert 3.9 < wire["raw_bytes_gradient"] / wire["bytes_received_gradient"] <= 4.0
+    dp = st["dp"]
+    assert dp["enabled"] and dp["releases"] >= 30
+    assert dp["epsilon"] == pytest.approx(epsilon(0.2, dp["releases"], 1e-5))
+
+
+@pytest.mark.slow  # the sync path itself is covered by test_embedded_run; this adds the attacker process
+def test_sync_median_survives_a_sign_flip_attacker(tmp_path: Path) -> None:
+    attack = {"attack": "sign_flip", "attackers": 1, "attack_params": {"scale": 10.0}}
+    s = run(tmp_path, attack, "--workers", "3", "--steps", "40", "--aggregation", "median")
+    st = s["strategy"]
+    assert (
+        st["aggregation"] == "median"
+        and st["attack"]["name"] == "sign_flip"
+        and st["attack"]["attackers"] == 1
+    )

@@ -1,0 +1,207 @@
+"""Strategy keys: seed compatibility, config-time refusals, the PS job they become, CLI flags."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import typer
+
+from dist_llm_train.cli.main import _apply_strategy_overrides
+from dist_llm_train.config import Config, ConfigError, parse_config
+from dist_llm_train.paramserver.jobopts import parse_options
+from dist_llm_train.training.strategies import (
+    aggregation_params,
+    dp_settings,
+    job_spec_for,
+    outer_rounds,
+    strategy_view,
+)
+
+
+def training(**keys: Any) -> Config:
+    return parse_config({"training": keys})
+
+
+@pytest.mark.parametrize(
+    "data,strategy",
+    [
+        ({}, "sync"),
+        ({"training": {"use_async_training": True}}, "async"),
+        ({"controller": {"use_async_training": True}}, "async"),
+        ({"controller": {"use_async_training": True, "adaptive_staleness": True}}, "adaptive"),
+        ({"training": {"mode": "async", "adaptive_staleness": True}}, "adaptive"),
+        ({"training": {"mode": "diloco"}}, "diloco"),
+        ({"training": {"strategy": "adaptive"}}, "adaptive"),
+        ({"training": {"strategy": "sync", "use_async_training": True}}, "sync"),  # explicit strategy wins
+    ],
+)
+def test_seed_keys_resolve_to_a_strategy(data: dict[str, Any], strategy: str) -> None:
+    assert parse_config(data).training.resolved_mode == strategy
+
+
+def test_strategy_and_mode_must_agree() -> None:
+    with pytest.raises(ConfigError, match="disagree"):
+        training(strategy="diloco", mode="async")
+
+
+@pytest.mark.parametrize(
+    "keys,numbers",
+    [
+        ({"aggregation_rule": "krum", "num_workers": 4}, "krum' needs n >= 2f+3 = 5 (f=1) workers, got n=4"),
+        ({"aggregation_rule": "krum", "krum_f": 2, "num_workers": 6}, "2f+3 = 7 (f=2) workers, got n=6"),
+        ({"aggregation_rule": "multi_krum", "byzantine_f": 2, "num_workers": 6}, "2f+3 = 7 (f=2)"),
+        (
+            {"aggregation_rule": "bulyan", "bulyan_f": 1, "num_workers": 6},
+            "bulyan' needs n >= 4f+3 = 7 (f=1)",
+        ),
+        (
+            {"aggregation_rule": "bulyan", "byzantine_f": 2, "num_workers": 10},
+            "4f+3 = 11 (f=2) workers, got n=10",
+        ),
+    ],
+)
+def test_aggregation_preconditions_fail_at_parse_time_with_the_numbers(
+    keys: dict[str, Any], numbers: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        training(**keys)
+    assert numbers in str(err.value)
+    assert "training.num_workers" in str(err.value)
+
+
+def test_aggregation_preconditions_hold_at_the_boundary() -> None:
+    assert training(aggregation_rule="krum", byzantine_f=2, num_workers=7).training.num_workers == 7
+    assert (
+        training(aggregation_rule="bulyan", byzantine_f=2, num_workers=11).training.aggregation_rule
+        == "bulyan"
+    )
+
+
+def test_rule_parameters_come_from_seed_keys_then_byzantine_f() -> None:
+    t = training(aggregation_rule="trimmed_mean", byzantine_f=2, num_workers=7).training
+    assert aggregation_params(t) == {"beta": 2 / 7}
+    t = training(aggregation_rule="trimmed_mean", byzantine_f=2, trim_ratio=0.1, num_workers=7).training
+    assert aggregation_params(t) == {"beta": 0.1}
+    assert aggregation_params(training(aggregation_rule="trimmed_mean").training) == {"beta": 0.3}
+    t = training(aggregation_rule="krum", krum_f=1, byzantine_f=2, num_workers=7).training
+    assert aggregation_params(t) == {"f": 1.0}
+    t = training(aggregation_rule="multi_krum", byzantine_f=2, multi_krum_m=3, num_workers=7).training
+    assert aggregation_params(t) == {"f": 2.0, "m": 3.0}
+
+
+@pytest.mark.parametrize(
+    "keys,message",
+    [
+        ({"compression": "zip"}, "unknown codec 'zip'"),
+        ({"strategy": "async", "aggregation_rule": "median"}, "applies each update on its own"),
+        ({"attack": "sign_flip", "num_workers": 4}, "needs attackers"),
+        ({"attackers": 1, "num_workers": 4}, "no attack is chosen"),
+        ({"attack": "gaussian", "attackers": 4, "num_workers": 4}, "no honest worker"),
+        ({"attack": "ipm", "attackers": 1, "num_workers": 4, "attack_params": {"scale": 2}}, "not ['scale']"),
+        ({"attack": "alie", "attackers": 1, "num_workers": 4, "strategy": "diloco"}, "one pseudo-gradient"),
+        ({"enable_differential_privacy": True}, "epsilon = inf"),
+        ({"dp_noise_multiplier": 1.0}, "enable_differential_privacy is false"),
+        ({"dp_clip": 1.0}, "enable_differential_privacy is false"),
+        (
+            {"enable_differential_privacy": True, "dp_noise_multiplier": 1.0, "gradient_clip_norm": 0},
+            "clip bound",
+        ),
+        (
+            {
+                "enable_differential_privacy": True,
+                "dp_noise_multiplier": 1.0,
+                "dp_mode": "central",
+                "aggregation_rule": "median",
+            },
+            "central DP",
+        ),
+        ({"strategy": "diloco", "diloco_local_steps": 50, "steps": 20}, "not one round fits"),
+    ],
+)
+def test_nonsense_is_refused_at_parse_time(keys: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match="training") as err:
+        training(**keys)
+    assert message in str(err.value)
+
+
+def test_dp_seed_keys_on_the_controller_still_work() -> None:
+    cfg = parse_config(
+        {"controller": {"enable_differential_privacy": True, "dp_noise_multiplier": 1.5}, "training": {}}
+    )
+    dp = dp_settings(cfg.training)
+    assert dp is not None and dp.noise_multiplier == 1.5
+    assert dp.clip == cfg.training.gradient_clip_norm  # the seed's clip norm is the DP bound by default
+    assert dp_settings(training().training) is None
+
+
+def test_diloco_job_uses_the_outer_nesterov_optimizer_and_counts_rounds() -> None:
+    t = training(strategy="diloco", steps=100, diloco_local_steps=25).training
+    spec = job_spec_for("j", t)
+    assert (spec.mode, spec.optimizer, spec.learning_rate, spec.momentum) == ("diloco", "sgd", 0.7, 0.9)
+    assert spec.options["nesterov"] == "true"
+    assert spec.total_steps == outer_rounds(t) == 4
+    assert (
+        job_spec_for("j", training(strategy="diloco", steps=101, diloco_local_steps=25).training).total_steps
+        == 5
+    )
+
+
+def test_adaptive_and_central_dp_travel_as_options_the_ps_accepts() -> None:
+    t = training(
+        strategy="adaptive",
+        max_staleness=3,
+        staleness_scaling="inverse",
+        enable_differential_privacy=True,
+        dp_noise_multiplier=0.8,
+        dp_clip=0.5,
+        dp_mode="central",
+    ).training
+    spec = job_spec_for("j", t)
+    opts = parse_options(spec)
+    assert (opts.min_staleness, opts.max_staleness_multiplier, opts.staleness_scaling) == (3, 10.0, "inverse")
+    assert opts.dp is not None and (opts.dp.noise_multiplier, opts.dp.clip, opts.dp.mode) == (
+        0.8,
+        0.5,
+        "central",
+    )
+    local = job_spec_for("j", training(enable_differential_privacy=True, dp_noise_multiplier=1.0).training)
+    assert "dp_noise_multiplier" not in local.options  # local DP happens on the workers
+
+
+def test_status_view_reports_epsilon_from_the_accountant() -> None:
+    t = training(enable_differential_privacy=True, dp_noise_multiplier=1.0, steps=50).training
+    view = strategy_view(t, releases=10)
+    assert view["dp"]["enabled"] and view["dp"]["releases"] == 10 and view["dp"]["planned_releases"] == 50
+    assert 0 < view["dp"]["epsilon"] < view["dp"]["planned_epsilon"]
+    assert strategy_view(training().training, 10)["dp"] == {"enabled": False}
+
+
+def test_cli_flags_are_validated_together_against_the_worker_count() -> None:
+    cfg = Config()
+    cfg.training.num_workers = 3
+    with pytest.raises(typer.BadParameter, match="2f\\+3 = 5"):
+        _apply_strategy_overrides(cfg, {"aggregation_rule": "krum"})
+    assert cfg.training.aggregation_rule == "mean"  # a refused flag changes nothing
+    cfg.training.num_workers = 7
+    out = _apply_strategy_overrides(
+        cfg,
+        {
+            "strategy": "sync",
+            "compression": "topk",
+            "aggregation_rule": "krum",
+            "byzantine_f": 2,
+            "attack": "sign_flip",
+            "attackers": 2,
+            "dp_noise_multiplier": 1.1,
+            "dp_clip": 0.5,
+        },
+    )
+    t = out.training
+    assert (t.resolved_mode, t.compression, t.aggregation_rule, t.byzantine_f) == ("sync", "topk", "krum", 2)
+    assert (t.attack, t.attackers, t.enable_differential_privacy, t.dp_noise_multiplier) == (
+        "sign_flip",
+        2,
+        True,
+        1.1,
+    )
