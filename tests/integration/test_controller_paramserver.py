@@ -16,7 +16,7 @@ from dist_llm_train.config import ControllerConfig, ParamServerConfig
 from dist_llm_train.controller.app import create_app
 from dist_llm_train.paramserver.client import connect
 from dist_llm_train.paramserver.server import start_server
-from dist_llm_train.paramserver.types import JobSpec, TensorSpec
+from dist_llm_train.paramserver.types import JobSpec, PushHeader, TensorSpec
 
 
 class FakeClock:
@@ -66,6 +66,41 @@ async def test_membership_follows_assignments_and_deaths_on_a_real_ps(transport:
         assert list(report.membership.failed) == [jid]
         assert (await client.get("/status")).json()["counters"]["ps_notify_failures"] >= 1
         assert (await client.get("/readyz")).status_code == 200
+    finally:
+        psc.close()
+        await client.aclose()
+        runtime.close()
+        await ps.stop()
+
+
+async def test_status_shows_the_ps_view_of_each_worker() -> None:
+    """/status reports each worker's staleness bound and acceptance as the PS records them, not only the config."""
+    ps = await start_server(ParamServerConfig(port=0, transport="grpc"), with_metrics=False)
+    clock = FakeClock()
+    app = create_app(ControllerConfig(), "grpc", ps.address, clock=clock, run_background=False)
+    runtime = app.state.runtime
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ctl")
+    psc = connect("grpc", ps.address, timeout_s=5)
+    try:
+        wid = (await client.post("/v1/workers/register", json={"name": "a"})).json()["worker_id"]
+        body = {"name": "j", "config": {"training": {"mode": "async", "max_staleness": 7}}, "num_tasks": 1}
+        jid = (await client.post("/v1/jobs", json=body)).json()["job_id"]
+        await client.get(f"/v1/workers/{wid}/assignments")
+        before = (await client.get("/status")).json()["workers"][0]
+        assert before["staleness_source"] == "config" and before["staleness_bound"] == 7
+
+        spec = JobSpec(job_id=jid, mode="async", max_staleness=7, total_steps=10)
+        await asyncio.to_thread(psc.init_job, spec, [TensorSpec("w", (4,), 0)], np.zeros(4, np.float32), [wid])
+        header = PushHeader(job_id=jid, worker_id=wid, step=1, base_version=0, payload_bytes=16, num_samples=1)
+        await asyncio.to_thread(psc.push, header, np.ones(4, np.float32).tobytes())
+        await asyncio.to_thread(runtime.detector.tick)
+        clock.t += 5.0
+        await client.post(f"/v1/workers/{wid}/heartbeat", json={})
+        await asyncio.to_thread(runtime.detector.tick)
+        after = (await client.get("/status")).json()["workers"][0]
+        assert after["staleness_source"] == "paramserver"
+        assert after["pushes"] == 1 and after["acceptance_rate"] == 1.0
+        assert after["staleness_bound"] == 7
     finally:
         psc.close()
         await client.aclose()

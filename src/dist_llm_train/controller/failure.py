@@ -41,6 +41,7 @@ class FailureDetector:
         dead = self.svc.detect_failures()
         assigned = self.svc.schedule()
         report = TickReport([w.worker_id for w in dead], assigned, self.membership.sync())
+        self.membership.refresh_worker_stats(self.svc.clock())
         self.ticks += 1
         return report
 

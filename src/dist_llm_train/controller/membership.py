@@ -65,6 +65,18 @@ class PSMembershipNotifier:
             except Exception as err:  # closing a broken channel must not mask the real error
                 log.debug("closing PS client failed: %s", err)
 
+    def worker_stats(self, job_id: str) -> list[Any]:
+        """The PS's per-worker record for a job (pushes, acceptance, staleness bound); [] if it has none."""
+        with self._lock:
+            if self._client is None:
+                self._client = self._connect()
+            try:
+                jobs = self._client.stats(job_id)
+            except Exception:
+                self._drop_client()
+                raise
+        return list(jobs[0].workers) if jobs else []
+
     def close(self) -> None:
         with self._lock:
             self._drop_client()
@@ -88,6 +100,8 @@ class MembershipSync:
         self.failures = 0
         self.sends = 0
         self.last_error: str | None = None
+        self._worker_stats: dict[str, dict[str, Any]] = {}
+        self._stats_polled_at = float("-inf")
 
     def pending(self) -> dict[str, list[str]]:
         """Jobs whose PS membership differs from the desired one (what the next sync will send)."""
@@ -130,6 +144,23 @@ class MembershipSync:
         self.last_error = message
         report.failed[job_id] = message
         log.warning("PS membership update for %s failed (will retry): %s", job_id, message)
+
+    def refresh_worker_stats(self, now: float, min_interval_s: float = 2.0) -> None:
+        """Poll the PS for each acknowledged job's per-worker staleness bounds (for /status), at most every 2 s."""
+        fetch = getattr(self.notifier, "worker_stats", None)
+        if fetch is None or now - self._stats_polled_at < min_interval_s:
+            return
+        self._stats_polled_at = now
+        for job_id, members in list(self._acked.items()):
+            if not members:
+                continue
+            try:
+                self._worker_stats[job_id] = {w.worker_id: w for w in fetch(job_id)}
+            except Exception as err:  # the PS being away only makes /status older, never the controller fail
+                log.debug("PS stats for %s unavailable: %s", job_id, err)
+
+    def worker_stats(self, job_id: str, worker_id: str) -> Any | None:
+        return self._worker_stats.get(job_id, {}).get(worker_id)
 
     def acknowledged(self) -> dict[str, list[str]]:
         # No lock: a sync may be waiting on a slow PS, and /status must not wait with it.

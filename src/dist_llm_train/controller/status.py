@@ -24,6 +24,25 @@ def _job_rates(svc: ControllerService, job_id: str, holders: set[str]) -> dict[s
     }
 
 
+def _ps_view(
+    membership: MembershipSync, job_ids: set[str], worker_id: str, trainings: dict[str, Any]
+) -> dict[str, Any]:
+    """The worker's staleness bound and acceptance rate as the PS reports them (adaptive bounds differ per worker);
+    the configured bound stands in until the PS has answered, and `staleness_source` says which it is."""
+    for job_id in sorted(job_ids):
+        ws = membership.worker_stats(job_id, worker_id)
+        if ws is not None:
+            return {
+                "staleness_bound": ws.staleness_bound,
+                "acceptance_rate": ws.acceptance_rate,
+                "pushes": ws.pushes,
+                "mean_staleness": ws.mean_staleness,
+                "staleness_source": "paramserver",
+            }
+    configured = min((trainings[j].resolved_max_staleness for j in job_ids), default=None)
+    return {"staleness_bound": configured, "staleness_source": "config" if configured is not None else None}
+
+
 def build_status(svc: ControllerService, membership: MembershipSync) -> dict[str, Any]:
     now = svc.clock()
     store = svc.store
@@ -90,11 +109,7 @@ def build_status(svc: ControllerService, membership: MembershipSync) -> dict[str
                 "last_heartbeat_age_s": max(0.0, now - w.last_heartbeat),
                 "tasks": tasks_by_worker.get(w.worker_id, []),
                 "throughput_samples_per_s": w.throughput_ewma,
-                # Placeholder until the PS reports per-worker bounds: the tightest bound of its jobs.
-                "staleness_bound": min(
-                    (trainings[j].resolved_max_staleness for j in jobs_by_worker.get(w.worker_id, ())),
-                    default=None,
-                ),
+                **_ps_view(membership, jobs_by_worker.get(w.worker_id, set()), w.worker_id, trainings),
                 "declared": {k: v for k, v in w.capabilities().items() if k != "labels"},
                 "labels": w.labels,
             }
