@@ -313,15 +313,18 @@ class Connection:
         assert self.client.inbound is not None and self.upstream.inbound is not None
         pipes = asyncio.gather(self.client.inbound.run(), self.upstream.inbound.run())
         try:
-            await asyncio.get_running_loop().create_connection(lambda: self.upstream, *relay.target)
-        except OSError as err:
-            log.warning("relay %s: cannot reach %s:%d: %s", relay.name, *relay.target, err)
+            try:
+                await asyncio.get_running_loop().create_connection(lambda: self.upstream, *relay.target)
+            except OSError as err:
+                log.warning("relay %s: cannot reach %s:%d: %s", relay.name, *relay.target, err)
+                pipes.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pipes
+        finally:  # also when the relay closes and cancels this task: no pipe outlives its connection
             pipes.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pipes
-        self.close()
-        with contextlib.suppress(ValueError):
-            relay.conns.remove(self)
+            self.close()
+            with contextlib.suppress(ValueError):
+                relay.conns.remove(self)
 
     def lost(self, endpoint: Endpoint) -> None:
         """A socket closed or was reset: what it sent is still delivered, then EOF; nothing more goes in."""

@@ -11,6 +11,7 @@ import logging
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +71,7 @@ class ControllerAPI:
             "heartbeat": client(heartbeat_url or base_url, "heartbeat"),
             "telemetry": client(telemetry_url or base_url, "telemetry"),
         }
-        self._seen_streams: set[int] = set()
+        self._seen_streams: weakref.WeakSet[Any] = weakref.WeakSet()  # connections a probe has used
         # --- end netem ---------------------------------------------------------------------------------------
         self._max_backoff_s = max_backoff_s
         self._give_up_after_s = give_up_after_s
@@ -88,9 +89,12 @@ class ControllerAPI:
         resp = await self._clients[traffic_class].get("/healthz")
         elapsed = time.perf_counter() - t0
         resp.raise_for_status()
-        stream = id(resp.extensions.get("network_stream"))
-        fresh = stream not in self._seen_streams
-        self._seen_streams.add(stream)
+        stream = resp.extensions.get("network_stream")
+        try:
+            fresh = stream not in self._seen_streams
+            self._seen_streams.add(stream)
+        except TypeError:  # not weak-referenceable: cannot tell, so do not trust the sample
+            return None
         return None if fresh else elapsed
 
     async def _call(self, method: str, path: str, json: Any = None, cls: str = "task") -> httpx.Response:
