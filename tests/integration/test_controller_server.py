@@ -63,3 +63,16 @@ def test_serve_on_port_zero_prints_the_real_port_and_stops_on_sigterm(tmp_path: 
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells who stopped it.
     assert code in (0, -signal.SIGTERM), log_path.read_text()
     assert "Application shutdown complete" in log_path.read_text()
+
+
+def test_listening_socket_lets_asyncio_disable_nagle() -> None:
+    """Regression: with proto 0 asyncio skips TCP_NODELAY and every reply stalls ~40 ms on delayed ACKs."""
+    import socket
+
+    from dist_llm_train.controller.server import bind_listening_socket
+
+    sock = bind_listening_socket("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()

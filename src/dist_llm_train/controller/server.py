@@ -26,14 +26,25 @@ class _Server(uvicorn.Server):
             log.info("controller ready port=%d", self.port)
 
 
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP listening socket whose accepted connections get TCP_NODELAY from asyncio.
+
+    asyncio only disables Nagle on sockets whose `proto` is IPPROTO_TCP; a socket made with
+    proto 0 (the default) silently keeps Nagle, and every response written as headers + body
+    then waits ~40 ms for the client's delayed ACK — measured: 45 ms per request, vs 0.4 ms.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
 def serve(cfg: ControllerConfig, ps_transport: str, ps_address: str) -> None:
     """Blocks until SIGINT/SIGTERM. Port 0 binds a free port first, so the printed one is real."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((cfg.host, cfg.port))
+    sock = bind_listening_socket(cfg.host, cfg.port)
     port = int(sock.getsockname()[1])
     app = create_app(cfg, ps_transport, ps_address)
     config = uvicorn.Config(app, log_level="info", access_log=False, lifespan="on")
