@@ -108,6 +108,18 @@ def test_small_update_goes_unary_and_large_one_streams() -> None:
         tight.close()
 
 
+def test_single_chunk_stream_payload_is_decoded_despite_its_offset() -> None:
+    """One data chunk arrives as a view 5 bytes into the message: misaligned for float32."""
+    with serve() as (address, rec):
+        client = GrpcPSClient(address, 10, chunk_bytes=1 << 20, max_message_bytes=8 << 20, unary_push=False)
+        new_job(client, 1000)
+        rec.methods.clear()
+        assert push(client, 1, np.arange(1000.0)).outcome is PushOutcome.APPLIED
+        assert rec.methods == [STREAM]
+        np.testing.assert_array_equal(client.pull("j", "a").params, -0.5 * np.arange(1000, dtype=np.float32))
+        client.close()
+
+
 def test_server_without_push_unary_gets_the_stream() -> None:
     with serve(with_unary=False) as (address, rec):
         client = GrpcPSClient(address, 10, chunk_bytes=1 << 20, max_message_bytes=8 << 20)

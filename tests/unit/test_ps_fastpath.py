@@ -8,6 +8,7 @@ obvious version of the same thing.
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dist_llm_train.paramserver import wire
-from dist_llm_train.paramserver.numerics import all_finite, decode_update
+from dist_llm_train.paramserver.numerics import all_finite, decode_update, keep_freed_vectors
 from dist_llm_train.paramserver.optim import BLOCK, SGD, Adam
 from dist_llm_train.paramserver.types import ErrorCode, PSError, PushHeader
 from dist_llm_train.proto import paramserver_pb2 as pb
@@ -63,6 +64,12 @@ def test_decode_rejects_nan_without_copying_good_payloads() -> None:
     with pytest.raises(PSError) as err:
         decode_update("none", b"", bytes(bad), N)
     assert err.value.code is ErrorCode.INVALID_ARGUMENT and "NaN" in err.value.message
+
+
+def test_allocator_policy_is_set_on_glibc_and_idempotent() -> None:
+    on_glibc = platform.libc_ver()[0] == "glibc"
+    assert keep_freed_vectors() is on_glibc
+    assert keep_freed_vectors() is on_glibc
 
 
 # -- block-wise optimizers ---------------------------------------------------------------------
