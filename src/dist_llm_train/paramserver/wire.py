@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import grpc
 from google.protobuf.message import DecodeError
 
+from dist_llm_train.netem.classes import DSCP
 from dist_llm_train.paramserver.types import (
     ErrorCode,
     JobSpec,
@@ -46,6 +47,8 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.experimental.tcp_min_read_chunk_size", 1 << 20),
         ("grpc.experimental.tcp_max_read_chunk_size", 16 << 20),
         ("grpc.http2.lookahead_bytes", 32 << 20),
+        # Every PS byte is the ps_sync traffic class: the DSCP mark lets the kernel shaping backends classify it.
+        ("grpc.dscp", DSCP["ps_sync"]),
     ]
 
 

@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from dist_llm_train.netem.classes import tos_byte
 from dist_llm_train.paramserver import wire
 from dist_llm_train.paramserver.client import PSClient, as_float32
 from dist_llm_train.paramserver.types import (
@@ -52,6 +53,7 @@ class ZmqPSClient(PSClient):
         sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.TOS, tos_byte("ps_sync"))  # DSCP mark: the kernel backends shape ps_sync by it
         sock.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
         sock.connect(_endpoint(self.address))
         return sock

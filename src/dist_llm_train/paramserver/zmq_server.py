@@ -33,6 +33,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from dist_llm_train.netem.classes import tos_byte
 from dist_llm_train.paramserver import wire
 from dist_llm_train.paramserver.metrics import PSMetrics
 from dist_llm_train.paramserver.numerics import keep_freed_vectors
@@ -126,6 +127,7 @@ class ZmqServer:
         self._ctx = zmq.Context()
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.TOS, tos_byte("ps_sync"))  # replies are ps_sync traffic too
         # Hard cap against memory abuse: a frame beyond twice the payload limit drops the peer;
         # anything between the limit and the cap gets a RESOURCE_EXHAUSTED reply.
         self._sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes + (1 << 16))
