@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import struct
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from dist_llm_train.experiments.machine import machine_info
 from dist_llm_train.paramserver.client import DEFAULT_MAX_MESSAGE_BYTES, PSClient, connect
 from dist_llm_train.paramserver.grpc_client import GrpcPSClient
 from dist_llm_train.paramserver.state import ParameterStore
@@ -276,22 +276,8 @@ def serial_bound(transport_mb_per_s: float, apply_mb_per_s: float) -> float:
 
 
 def machine() -> dict[str, object]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu,
-        "python": platform.python_version(),
-        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "platform": platform.platform(),
-        "numpy": np.__version__,
-    }
+    info = machine_info()
+    return {**info, "nproc": info["cores"], "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
 def main() -> None:

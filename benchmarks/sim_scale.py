@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dist_llm_train.experiments.machine import machine_info
 from dist_llm_train.sim.config import build_sim_config
 from dist_llm_train.sim.runner import simulate, summary
 
@@ -28,22 +28,8 @@ TARGET_S = 60.0
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "nproc": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
+    info = machine_info()
+    return {**info, "cpu": info["cpu_model"], "nproc": info["cores"], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def measure(
