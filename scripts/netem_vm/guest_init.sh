@@ -37,9 +37,16 @@ cut -d' ' -f1 /proc/uptime >/out/boot_seconds
 
 # cache=loose: the host root is read-only for the VM's lifetime, so caching pages and metadata is safe and makes
 # python imports over 9p several times faster.
+CWD="$(cat /out/job.cwd)"
 mount -t 9p -o "$P9,ro,cache=loose" hostroot /host || fail "cannot mount the host root share"
 [ -d "/host$OUT" ] || fail "output dir $OUT is not visible in the host root share"
-mount --move /out "/host$OUT" || fail "cannot move the output share to $OUT"
+
+# A checkout under /tmp (CI clones can live there) would vanish under the tmpfs mounts below: hold the job's
+# working directory aside first and put it back on top of them.
+KEEP=""
+case "$CWD" in
+  /tmp/*|/var/tmp/*) { mkdir -p /keep && mount -o bind "/host$CWD" /keep; } || fail "cannot hold $CWD aside"; KEEP=1 ;;
+esac
 
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
@@ -50,6 +57,11 @@ mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm
 mount -t tmpfs -o mode=1777 tmpfs /host/tmp
 mount -t tmpfs -o mode=755 tmpfs /host/run       # ip netns keeps its handles in /run/netns
 [ -d /host/var/tmp ] && mount -t tmpfs -o mode=1777 tmpfs /host/var/tmp
+if [ -n "$KEEP" ]; then
+  { mkdir -p "/host$CWD" && mount --move /keep "/host$CWD"; } || fail "cannot re-expose $CWD"
+fi
+# Only now does the writable output share go in place: it may live inside the working directory.
+mount --move /out "/host$OUT" || fail "cannot move the output share to $OUT"
 ip link set lo up
 hostname netem-vm
 

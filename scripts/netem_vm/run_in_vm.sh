@@ -86,6 +86,7 @@ forward=(PATH HOME LANG PYTHONPATH VIRTUAL_ENV "${extra[@]}")
   printf 'exec'; printf ' %q' "$@"; printf '\n'
 } >"$RUN/job.sh"
 printf '%s\n' "$RUN" >"$RUN/job.path"
+printf '%s\n' "$PWD" >"$RUN/job.cwd"  # the guest re-exposes it if a tmpfs (/tmp, /var/tmp) would hide it
 
 # --- boot ------------------------------------------------------------------------------------------------------------
 # etc/sercon-port=0 stops SeaBIOS from writing terminal-reset escapes to the serial console (i.e. your terminal);
