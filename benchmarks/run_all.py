@@ -64,16 +64,28 @@ def discover(only: list[str] | None = None) -> list[Path]:
     return scripts
 
 
+def _literal(source: str, name: str) -> object | None:
+    """A module-level `NAME = <literal>` of a benchmark script, read without importing it."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    return None
+
+
 def quick_args(source: str) -> list[str]:
     """The script's `QUICK_ARGS` literal, else ["--quick"] when it has that option, else nothing."""
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "QUICK_ARGS"
-                                                for t in node.targets):
-            value = ast.literal_eval(node.value)
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError("QUICK_ARGS must be a list of strings")
-            return value
+    value = _literal(source, "QUICK_ARGS")
+    if value is not None:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("QUICK_ARGS must be a list of strings")
+        return value
     return ["--quick"] if '"--quick"' in source else []
+
+
+def result_stem(script: Path) -> str:
+    """Results are `results/<stem>*`; a script whose files carry another name says so in `RESULT_STEM`."""
+    value = _literal(script.read_text(), "RESULT_STEM")
+    return value if isinstance(value, str) else script.stem
 
 
 def build_argv(script: Path, quick: bool, results: Path) -> list[str]:
@@ -102,7 +114,7 @@ def run_one(script: Path, quick: bool, results: Path, timeout_s: float) -> Bench
         except subprocess.TimeoutExpired:
             res.error = f"timed out after {timeout_s:.0f}s"
     res.seconds = time.monotonic() - started
-    fresh = [p for p in sorted(results.glob(f"{script.stem}*")) if p.stat().st_mtime >= started_wall - 1]
+    fresh = [p for p in sorted(results.glob(f"{result_stem(script)}*")) if p.stat().st_mtime >= started_wall - 1]
     res.json_files = [p for p in fresh if p.suffix == ".json"]
     res.md_files = [p for p in fresh if p.suffix == ".md"]
     if res.ok and not res.json_files:

@@ -286,6 +286,11 @@ def write_report(result: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "fidelity.md").write_text("\n".join(lines) + "\n")
 
 
+# For `make bench-quick` (CI): two profiles, one repeat, shorter transfers; same ratios and tolerances.
+QUICK_ARGS = ["--repeats", "1", "--seconds", "1.5", "--profiles", "good,cellular"]
+RESULT_STEM = "fidelity"  # the issue names results/fidelity.md
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--repeats", type=int, default=3)
