@@ -54,7 +54,7 @@ def test_sync_round_is_the_slowest_member_plus_aggregation(tmp_path, engine, sha
         }
     )
     r = simulate(cfg)
-    assert r.outcome == "completed" and r.version == 12
+    assert r.outcome == "completed" and r.version == 12 and r.sizes is not None
     pull = 8 * r.sizes.pull_bytes / rate
     push = 8 * r.sizes.push_bytes / rate
     queue = n * pull if shared else pull
@@ -111,6 +111,7 @@ def test_diloco_round_holds_local_steps_and_pushes_pseudo_gradients(tmp_path, en
     )
     assert r.outcome == "completed" and r.stats.updates_per_version == [3] * 6
     assert set(r.stats.outcomes) == {"APPLIED", "BUFFERED"}  # pseudo-gradients taken, nothing refused
+    assert r.sizes is not None
     pull, push = 8 * r.sizes.pull_bytes / 100e6, 8 * r.sizes.push_bytes / 100e6
     np.testing.assert_allclose(r.round_times[1:], pull + d + 4 * h * k + push + d + 0.05, rtol=1e-9)
 

@@ -1,8 +1,10 @@
 """`dist-llm-train simulate`: the typer command function (mounted by the CLI app).
 
 Settings stack, later wins: SimConfig defaults ← the run config (`--config`, the same file `run` takes) ←
-a `--sim-config` YAML of SimConfig fields ← command-line flags. Bad values exit with status 2 and a message
-naming the field; nothing is written.
+a `--sim-config` YAML of SimConfig fields ← command-line flags. `--from-run DIR` takes the place of `--config`:
+a finished embedded run's config, profile, shaping and measured compute times (`sim.validation`), and the
+output then carries the run's measured round time next to the simulated one. Bad values exit with status 2
+and a message naming the field; nothing is written.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ from dist_llm_train.config import Config, ConfigError, load_config
 from dist_llm_train.sim import runner
 from dist_llm_train.sim.config import SimConfig, SimConfigError, load_sim_overrides, merge_dotted
 from dist_llm_train.sim.report import write_report
+from dist_llm_train.sim.validation import (
+    DEFAULT_ROUNDS,
+    WARMUP_ROUNDS,
+    MeasuredRun,
+    RunFolderError,
+    read_run,
+    sim_config_for_run,
+)
 
 console = Console(stderr=True)
 
@@ -29,6 +39,28 @@ def build_config(config: Path | None, sim_config: Path | None, flags: dict[str, 
     overrides: dict[str, Any] = load_sim_overrides(sim_config) if sim_config is not None else {}
     overrides = merge_dotted(overrides, flags)
     return SimConfig.from_config(base, **overrides)
+
+
+def build_from_run(run: MeasuredRun, sim_config: Path | None, flags: dict[str, Any]) -> SimConfig:
+    """The simulation of a measured run (see `sim.validation`), with a --sim-config file and flags over it."""
+    overrides: dict[str, Any] = load_sim_overrides(sim_config) if sim_config is not None else {}
+    overrides = merge_dotted(overrides, flags)
+    return sim_config_for_run(run, rounds=overrides.pop("rounds", DEFAULT_ROUNDS), **overrides)
+
+
+def measured_block(run: MeasuredRun, result: runner.SimResult) -> dict[str, Any]:
+    """The run's measured round time beside the simulated one (warm-up rounds left out of both)."""
+    times = result.round_times[WARMUP_ROUNDS:]
+    simulated = float(times.mean()) if times.size else None
+    return {
+        "run_dir": str(run.run_dir),
+        "profile": run.profile_name,
+        "shaper": run.shaper,
+        "measured_round_s": run.round_s,
+        "measured_versions": run.versions,
+        "simulated_round_s": simulated,
+        "relative_error": None if simulated is None else (simulated - run.round_s) / run.round_s,
+    }
 
 
 def simulate(
@@ -42,6 +74,10 @@ def simulate(
     mode: Annotated[str | None, typer.Option(help="sync, async, adaptive or diloco.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Run config (YAML/JSON).")] = None,
+    from_run: Annotated[
+        Path | None,
+        typer.Option(help="A finished `run` folder: simulate that job (its profile, shaping, measured compute)."),
+    ] = None,
     sim_config: Annotated[Path | None, typer.Option(help="YAML of SimConfig fields (see docs).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same result.")] = None,
     engine: Annotated[
@@ -93,16 +129,24 @@ def simulate(
         "straggler_timeout_s": straggler_timeout,
         "scheduler": scheduler,
     }
+    measured: MeasuredRun | None = None
     try:
-        cfg = build_config(config, sim_config, flags)
+        if from_run is not None and config is not None:
+            raise SimConfigError("--from-run and --config both name the job: give one of them")
+        if from_run is not None:
+            measured = read_run(from_run)
+            cfg = build_from_run(measured, sim_config, {k: v for k, v in flags.items() if v is not None})
+        else:
+            cfg = build_config(config, sim_config, flags)
         result = runner.simulate(cfg)
-    except (SimConfigError, ConfigError) as err:
+    except (SimConfigError, ConfigError, RunFolderError) as err:
         console.print(f"[red]invalid simulation config[/red]: {err}")
         raise typer.Exit(2) from None
+    extra = {"measured_run": measured_block(measured, result)} if measured is not None else {}
     if report:
-        _, data = write_report(result, runs_dir)
+        _, data = write_report(result, runs_dir, extra=extra)
     else:
-        data = runner.summary(result)
+        data = {**runner.summary(result), **extra}
     if json_out:
         print(json.dumps(data, allow_nan=False))
     else:
@@ -139,6 +183,11 @@ def show(d: dict[str, Any]) -> None:
         ("bytes sent / received", f"{d['bytes_sent']:,} / {d['bytes_received']:,}"),
         ("wall clock", num(s["wall_seconds"], " s")),
     ]
+    m = d.get("measured_run")
+    if m:
+        rows.append(("measured run: round time", num(m["measured_round_s"], " s")))
+        rows.append(("simulated (after warm-up) / error", f"{num(m['simulated_round_s'], ' s')} / "
+                     f"{num(None if m['relative_error'] is None else 100 * m['relative_error'], ' %')}"))
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)

@@ -32,15 +32,38 @@ class _Strict(BaseModel):
 class ComputeModel(_Strict):
     """Time one worker needs for one step, before its slow-down factors.
 
-    `kind`: constant (always `mean_s`), exponential (memoryless, mean `mean_s`) or lognormal (mean `mean_s`,
-    log-space standard deviation `sigma`: the usual shape of measured step times, a floor and a long tail).
-    `speed_sigma` gives each worker a fixed lognormal speed factor (mean 1), i.e. a heterogeneous fleet.
+    `kind`: constant (always `mean_s`), exponential (memoryless, mean `mean_s`), lognormal (mean `mean_s`,
+    log-space standard deviation `sigma`: the usual shape of measured step times, a floor and a long tail) or
+    empirical (resampled from `samples_s`, e.g. a real run's `compute_time_s` column, so a simulation of a
+    measured run is about the network and the round rule, not about a guessed compute distribution; `mean_s`
+    is then the samples' mean). `speed_sigma` gives each worker a fixed lognormal speed factor (mean 1), i.e.
+    a heterogeneous fleet.
     """
 
-    kind: Literal["constant", "exponential", "lognormal"] = "lognormal"
+    kind: Literal["constant", "exponential", "lognormal", "empirical"] = "lognormal"
     mean_s: Positive = 0.05
     sigma: Annotated[float, Field(ge=0, le=5)] = 0.25
     speed_sigma: Annotated[float, Field(ge=0, le=5)] = 0.0
+    samples_s: Annotated[list[Positive], Field(max_length=1_000_000)] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mean_of_samples(cls, data: Any) -> Any:
+        # An empirical model's mean is its samples' mean; set here so every later use of mean_s agrees.
+        if isinstance(data, dict) and data.get("kind") == "empirical":
+            samples = data.get("samples_s")
+            numbers = isinstance(samples, list) and all(isinstance(x, int | float) for x in samples)
+            if numbers and samples and all(x > 0 for x in samples):
+                data = {**data, "mean_s": sum(samples) / len(samples)}
+        return data
+
+    @model_validator(mode="after")
+    def _samples_match_kind(self) -> ComputeModel:
+        if self.kind == "empirical" and not self.samples_s:
+            raise ValueError("samples_s: an empirical compute model needs at least one sample")
+        if self.kind != "empirical" and self.samples_s:
+            raise ValueError(f"samples_s: only used by kind 'empirical' (kind is '{self.kind}')")
+        return self
 
 
 class Kill(_Strict):
@@ -102,12 +125,37 @@ class PayloadModel(_Strict):
 
 
 class TransportModel(_Strict):
-    """TCP constants of the loss model: segment size and Linux's minimum retransmission timeout."""
+    """How links carry messages: which shaper's semantics, and the TCP constants of the loss model.
 
+    `shaper: kernel` (default) is a kernel qdisc on every node's own interface (Compose): a message is one
+    delay draw plus serialisation plus TCP's loss recovery, and all pulls share the PS's egress queue.
+    `shaper: userspace` is the embedded launcher's relays (`netem/relay.py`): each worker's PS connection has
+    its own relay, so there is no shared PS egress (`shared_ps_egress` defaults to false and may not be true),
+    a bulk message leaves in ~5 ms pieces that each draw a delay and are delivered in order, and a lost
+    segment stalls its piece (one RTT, or an RTO near the message's tail) without slowing the rest down.
+    """
+
+    shaper: Literal["kernel", "userspace"] = "kernel"
     mss_bytes: Annotated[int, Field(ge=500, le=65_000)] = 1448
     rto_min_s: Annotated[float, Field(gt=0, le=10)] = 0.2
     max_retries: Annotated[int, Field(ge=1, le=30)] = 15
     shared_ps_egress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _userspace_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("shaper") == "userspace" and "shared_ps_egress" not in data:
+            data = {**data, "shared_ps_egress": False}
+        return data
+
+    @model_validator(mode="after")
+    def _userspace_is_per_worker(self) -> TransportModel:
+        if self.shaper == "userspace" and self.shared_ps_egress:
+            raise ValueError(
+                "shared_ps_egress: the userspace shaper relays each worker's PS connection on its own, "
+                "so there is no shared PS egress (set it false or leave it out)"
+            )
+        return self
 
 
 class SimConfig(_Strict):
@@ -222,6 +270,8 @@ class SimConfig(_Strict):
                 "codec_params": codec_params,
             },
         }
+        if cfg.network.shaping == "userspace":  # the embedded launcher's relays, not a kernel qdisc
+            data["transport"] = {"shaper": "userspace"}
         return build_sim_config(merge_dotted(data, overrides))
 
 

@@ -71,8 +71,9 @@ class VersionDraws:
 class ComputeTime:
     """Time behind one update = base sample × the slot's fixed factors.
 
-    The base is one step (constant / exponential / lognormal, mean `mean_s`), or for DiLoCo the sum of H local
-    steps: H·mean_s, spread as a lognormal whose relative variance is one step's divided by H (the sum of H
+    The base is one step (constant / exponential / lognormal with mean `mean_s`, or empirical: the sample at
+    quantile u of the measured step times, i.e. a bootstrap of a real run), or for DiLoCo the sum of H local
+    steps: H·mean, spread as a lognormal whose relative variance is one step's divided by H (the sum of H
     independent steps; exact in mean and variance, approximate in shape)."""
 
     def __init__(self, model: ComputeModel, factors: np.ndarray, steps: int = 1) -> None:
@@ -80,11 +81,19 @@ class ComputeTime:
         self.factors = factors
         self._factors = factors.tolist()
         self.steps = steps
-        self.mean = model.mean_s * steps
         self.kind = model.kind
         self.sigma = model.sigma
+        self._samples = np.sort(np.asarray(model.samples_s, dtype=np.float64))
+        self._sample_list = self._samples.tolist()
+        one_step = float(self._samples.mean()) if self.kind == "empirical" else model.mean_s
+        self.mean = one_step * steps
         if steps > 1 and model.kind != "constant":
-            rel_var = math.expm1(model.sigma**2) if model.kind == "lognormal" else 1.0
+            if model.kind == "lognormal":
+                rel_var = math.expm1(model.sigma**2)
+            elif model.kind == "empirical":
+                rel_var = float(self._samples.var()) / one_step**2
+            else:
+                rel_var = 1.0
             self.kind, self.sigma = "lognormal", math.sqrt(math.log1p(rel_var / steps))
         self._mu = math.log(self.mean) - self.sigma**2 / 2.0
 
@@ -93,6 +102,9 @@ class ComputeTime:
             return np.full(np.shape(z), self.mean)
         if self.kind == "exponential":
             return -self.mean * np.log1p(-u)
+        if self.kind == "empirical":
+            idx = np.minimum((np.asarray(u) * self._samples.size).astype(np.intp), self._samples.size - 1)
+            return self._samples[idx]
         return np.exp(self._mu + self.sigma * z)
 
     def base_1(self, z: float, u: float) -> float:
@@ -100,6 +112,9 @@ class ComputeTime:
             return self.mean
         if self.kind == "exponential":
             return -self.mean * math.log1p(-u)
+        if self.kind == "empirical":
+            n = len(self._sample_list)
+            return self._sample_list[min(int(u * n), n - 1)]
         return math.exp(self._mu + self.sigma * z)
 
     def sample(self, slots: np.ndarray, z: np.ndarray, u: np.ndarray) -> np.ndarray:

@@ -27,8 +27,10 @@ def new_run_id() -> str:
     return "sim-" + time.strftime("%Y%m%d-%H%M%S")
 
 
-def write_report(result: SimResult, runs_dir: Path, run_id: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """Write `runs_dir/<run_id>/` and return it with the summary written into it."""
+def write_report(
+    result: SimResult, runs_dir: Path, run_id: str | None = None, extra: dict[str, Any] | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Write `runs_dir/<run_id>/` and return it with the summary written into it (`extra` keys added)."""
     rid = run_id or new_run_id()
     run_dir = runs_dir / rid
     n = 1
@@ -36,7 +38,7 @@ def write_report(result: SimResult, runs_dir: Path, run_id: str | None = None) -
         n += 1
         run_dir = runs_dir / f"{rid}-{n}"
     run_dir.mkdir(parents=True)
-    data = summary(result, run_id=run_dir.name, run_dir=str(run_dir))
+    data = {**summary(result, run_id=run_dir.name, run_dir=str(run_dir)), **(extra or {})}
     (run_dir / "config.yaml").write_text(
         yaml.safe_dump(result.config.model_dump(mode="json"), sort_keys=False)
     )
@@ -109,4 +111,13 @@ def markdown(d: dict[str, Any]) -> str:
         "Per-round figures: `rounds.csv`.",
         "",
     ]
+    m = d.get("measured_run")
+    if m:
+        err = m["relative_error"]
+        lines[-3:-3] = [
+            f"| measured run | {m['run_dir']} ({m['profile']}, {m['shaper']} shaping) |",
+            f"| measured round time ({m['measured_versions']} versions) | {_fmt(m['measured_round_s'], ' s')} |",
+            f"| simulated round time after warm-up / error | {_fmt(m['simulated_round_s'], ' s')} / "
+            f"{_fmt(None if err is None else 100 * err, ' %')} |",
+        ]
     return "\n".join(lines)

@@ -206,6 +206,8 @@ def summary(r: SimResult, run_id: str = "", run_dir: str = "") -> dict[str, Any]
     sim = {
         "engine": r.engine,
         "profile": cfg.profile,
+        "shaper": cfg.transport.shaper,
+        "ps_egress": "shared" if cfg.transport.shared_ps_egress else "per-worker",
         "virtual_seconds": r.virtual_s,
         "round_time_s": _stats(r.round_times),
         "updates_per_round": _stats(np.array(st.updates_per_version, dtype=float)),

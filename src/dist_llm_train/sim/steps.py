@@ -4,7 +4,9 @@ pull request reaches the PS at Q → served at S (sync: once the version it need
 egress sends the parameters (a FIFO shared by all pulls, or one per worker) → delivered at D → compute K →
 update sent at T = D + K → arrives at the PS at A → the reply returns and the next pull request reaches the
 PS at Q' = A + reply + request. Every method exists twice, vectorised over a round's workers and scalar for
-one event, over the same variates (see `draws`).
+one event, over the same variates (see `draws`). Under `transport.shaper: userspace` a message's propagation
+and loss recovery are the relay's (`relaymodel`: one lookup at the leg's jitter uniform) instead of the
+kernel path's (`linkmath`: a delay draw plus a retransmission penalty).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dist_llm_train.sim.draws import (
 from dist_llm_train.sim.linkmath import loss_penalty, loss_penalty_1, propagation, propagation_1
 from dist_llm_train.sim.metrics import Sizes
 from dist_llm_train.sim.network import PathTable, Topology
+from dist_llm_train.sim.relaymodel import Path, RelayDelivery
 
 Row = tuple[list[float], list[float]]  # (normals, uniforms) of one slot for one version
 
@@ -57,6 +60,7 @@ class StepModel:
         self._rto = topo.rto.tolist()
         self._up = _rows(topo.up)
         self._down = _rows(topo.down)
+        self.relay = RelayDelivery(topo, self.mss) if cfg.transport.shaper == "userspace" else None
 
     # -- vectorised ------------------------------------------------------------------------------------------
     def pull_service(self, start: np.ndarray) -> np.ndarray:
@@ -79,6 +83,8 @@ class StepModel:
             service = self.pull_bits / t.ps_rate[seg]
             egress_done = start + service
         done = np.maximum(egress_done, start + ser_in)
+        if self.relay is not None:
+            return done + self.relay.extra("down", self.sizes.pull_bytes, g, seg, u[:, jitter_col(LEG_PULL)])
         prop = propagation(
             d.delay[g, seg],
             d.jitter[g, seg],
@@ -106,6 +112,8 @@ class StepModel:
         t, p = self.topo, self.topo.up
         g, seg = t.group[slots], t.timeline.index(send)
         ser = self.push_bits / p.rate[g, seg]
+        if self.relay is not None:
+            return send + ser + self.relay.extra("up", self.sizes.push_bytes, g, seg, u[:, jitter_col(LEG_PUSH)])
         prop = propagation(
             p.delay[g, seg],
             p.jitter[g, seg],
@@ -129,14 +137,17 @@ class StepModel:
     def next_request(
         self, slots: np.ndarray, arrival: np.ndarray, z: np.ndarray, u: np.ndarray
     ) -> np.ndarray:
-        reply_at = arrival + self._small(self.topo.down, slots, arrival, z, u, LEG_REPLY)
-        return reply_at + self._small(self.topo.up, slots, reply_at, z, u, LEG_REQUEST)
+        reply_at = arrival + self._small("down", slots, arrival, z, u, LEG_REPLY)
+        return reply_at + self._small("up", slots, reply_at, z, u, LEG_REQUEST)
 
     def _small(
-        self, path: PathTable, slots: np.ndarray, at: np.ndarray, z: np.ndarray, u: np.ndarray, leg: int
+        self, kind: Path, slots: np.ndarray, at: np.ndarray, z: np.ndarray, u: np.ndarray, leg: int
     ) -> np.ndarray:
         t = self.topo
+        path = t.up if kind == "up" else t.down
         g, seg = t.group[slots], t.timeline.index(at)
+        if self.relay is not None:
+            return self.relay.extra(kind, self.sizes.small_bytes, g, seg, u[:, jitter_col(leg)])
         prop = propagation(
             path.delay[g, seg],
             path.jitter[g, seg],
@@ -169,6 +180,18 @@ class StepModel:
         service = self.pull_bits / t.ps_rate[0]
         if not self.shared:
             ser_in = np.maximum(ser_in, service)
+        if self.relay is not None:
+            seg0 = np.zeros_like(g)
+            ser = self.push_bits / p.rate[g, 0]
+            zero = np.zeros(slots.size)
+            return FixedLegs(
+                ser_in.tolist(),
+                self.relay.extra("down", self.sizes.pull_bytes, g, seg0, u[:, jitter_col(LEG_PULL)]).tolist(),
+                self.compute_time(slots, z, u).tolist(),
+                (ser + self.relay.extra("up", self.sizes.push_bytes, g, seg0, u[:, jitter_col(LEG_PUSH)])).tolist(),
+                (self._small("down", slots, zero, z, u, LEG_REPLY)
+                 + self._small("up", slots, zero, z, u, LEG_REQUEST)).tolist(),
+            )
         pull_extra = propagation(
             d.delay[g, 0],
             d.jitter[g, 0],
@@ -209,7 +232,7 @@ class StepModel:
             )
         )
         zero = np.zeros(slots.size)
-        after = self._small(d, slots, zero, z, u, LEG_REPLY) + self._small(p, slots, zero, z, u, LEG_REQUEST)
+        after = self._small("down", slots, zero, z, u, LEG_REPLY) + self._small("up", slots, zero, z, u, LEG_REQUEST)
         return FixedLegs(
             ser_in.tolist(),
             pull_extra.tolist(),
@@ -233,6 +256,8 @@ class StepModel:
             service = self.pull_bits / self._ps_rate[seg]
             egress_done = start + service
         done = max(egress_done, start + ser_in)
+        if self.relay is not None:
+            return done + self.relay.extra_1("down", self.sizes.pull_bytes, g, seg, u[jitter_col(LEG_PULL)])
         prop = propagation_1(delay, jitter, dist, z[jitter_col(LEG_PULL)], u[jitter_col(LEG_PULL)])
         pen = loss_penalty_1(
             loss,
@@ -255,6 +280,8 @@ class StepModel:
         g, seg = self._group[slot], self.topo.timeline.index_1(send)
         delay, jitter, dist, loss, rate = self._up[g][seg]
         ser = self.push_bits / rate
+        if self.relay is not None:
+            return send + ser + self.relay.extra_1("up", self.sizes.push_bytes, g, seg, u[jitter_col(LEG_PUSH)])
         prop = propagation_1(delay, jitter, dist, z[jitter_col(LEG_PUSH)], u[jitter_col(LEG_PUSH)])
         pen = loss_penalty_1(
             loss,
@@ -270,19 +297,15 @@ class StepModel:
         return send + ser + prop + pen
 
     def next_request_1(self, slot: int, arrival: float, row: Row) -> float:
-        reply_at = arrival + self._small_1(self._down, slot, arrival, row, LEG_REPLY)
-        return reply_at + self._small_1(self._up, slot, reply_at, row, LEG_REQUEST)
+        reply_at = arrival + self._small_1("down", slot, arrival, row, LEG_REPLY)
+        return reply_at + self._small_1("up", slot, reply_at, row, LEG_REQUEST)
 
-    def _small_1(
-        self,
-        rows: list[list[tuple[float, float, int, float, float]]],
-        slot: int,
-        at: float,
-        row: Row,
-        leg: int,
-    ) -> float:
+    def _small_1(self, kind: Path, slot: int, at: float, row: Row, leg: int) -> float:
         z, u = row
         g, seg = self._group[slot], self.topo.timeline.index_1(at)
+        if self.relay is not None:
+            return self.relay.extra_1(kind, self.sizes.small_bytes, g, seg, u[jitter_col(leg)])
+        rows = self._up if kind == "up" else self._down
         delay, jitter, dist, loss, _ = rows[g][seg]
         prop = propagation_1(delay, jitter, dist, z[jitter_col(leg)], u[jitter_col(leg)])
         pen = loss_penalty_1(

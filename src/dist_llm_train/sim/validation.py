@@ -1,0 +1,166 @@
+"""The simulator against a measured run: the same job, its own profile and shaping, its measured compute.
+
+A finished `dist-llm-train run` folder has everything a faithful simulation needs: `config.yaml` (model, so
+payload size; codec; strategy; workers), `shaper/profile.json` (the exact profile its links were shaped with,
+when it was shaped) and `metrics.csv` (each step's measured `compute_time_s`). `sim_config_for_run` turns that
+into a `SimConfig` whose compute is resampled from the measured steps (`compute.kind: empirical`) and whose
+links follow the userspace relays' semantics (`transport.shaper: userspace`, each worker's PS path shaped on
+its own), so that what is left to compare is the network and round model. `validate_run` then compares the
+measured mean round time (`experiments.physics.measure_rounds`, the figure `run-experiments` reports) with the
+simulated one, taken over many virtual rounds so that the simulation's own noise does not enter.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dist_llm_train.config import Config, ConfigError, load_config
+from dist_llm_train.experiments.metrics import MetricsError, Row, read_metrics
+from dist_llm_train.experiments.physics import measure_rounds
+from dist_llm_train.sim.config import SimConfig, SimConfigError
+from dist_llm_train.sim.runner import UNSHAPED, simulate
+
+DEFAULT_ROUNDS = 2000
+WARMUP_ROUNDS = 2  # virtual rounds left out of the simulated mean: the first pulls wait for nothing
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be simulated: a file is missing or unreadable, or it holds too few rounds."""
+
+
+@dataclass(frozen=True)
+class MeasuredRun:
+    """What a run folder says about the job and what it measured."""
+
+    run_dir: Path
+    config: Config
+    workers: int
+    profile: str | None  # path of the profile the shaper applied, or None for unshaped loopback
+    profile_name: str
+    shaper: str  # userspace | none
+    compute_samples_s: list[float]
+    round_s: float
+    versions: int
+
+
+def read_run(run_dir: Path) -> MeasuredRun:
+    """Read a run folder; raises RunFolderError naming the file and what is wrong with it."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"run folder not found: {run_dir}")
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+        rows = read_metrics(run_dir / "metrics.csv")
+    except (ConfigError, MetricsError, OSError) as err:
+        raise RunFolderError(f"{run_dir}: {err}") from None
+    measure = measure_rounds(rows)
+    if measure is None:
+        raise RunFolderError(f"{run_dir}: fewer than two PS versions after every worker joined")
+    workers = len({r.worker for r in rows})
+    profile_file = run_dir / "shaper" / "profile.json"
+    if profile_file.is_file():
+        try:
+            name = str(json.loads(profile_file.read_text()).get("name", profile_file.name))
+        except (ValueError, AttributeError) as err:
+            raise RunFolderError(f"{profile_file}: not a profile: {err}") from None
+        profile, shaper = str(profile_file), "userspace"
+    else:
+        profile, name, shaper = None, UNSHAPED, "none"
+    return MeasuredRun(
+        run_dir=run_dir,
+        config=cfg,
+        workers=workers,
+        profile=profile,
+        profile_name=name,
+        shaper=shaper,
+        compute_samples_s=steady_compute(rows),
+        round_s=measure.round_s,
+        versions=measure.versions,
+    )
+
+
+def steady_compute(rows: list[Row]) -> list[float]:
+    """Every step's compute time except each worker's first (PyTorch's first-call warm-up)."""
+    seen: set[str] = set()
+    out: list[float] = []
+    for r in rows:
+        if r.worker in seen and r.compute_time_s > 0:
+            out.append(r.compute_time_s)
+        seen.add(r.worker)
+    if not out:
+        raise RunFolderError("metrics.csv has no step after each worker's first with a compute time")
+    return out
+
+
+def sim_config_for_run(run: MeasuredRun, rounds: int = DEFAULT_ROUNDS, **overrides: Any) -> SimConfig:
+    """The simulation of `run`: its config, workers, profile and shaping, compute resampled from its steps."""
+    base: dict[str, Any] = {
+        "workers": run.workers,
+        "rounds": rounds,
+        "profile": run.profile if run.profile is not None else UNSHAPED,
+        "compute": {"kind": "empirical", "samples_s": run.compute_samples_s, "speed_sigma": 0.0},
+        "transport.shaper": "userspace" if run.shaper == "userspace" else "kernel",
+        "transport.shared_ps_egress": False,
+    }
+    base.update(overrides)
+    return SimConfig.from_config(run.config, **base)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Measured against simulated mean round time (sync: one round; async: one PS version)."""
+
+    run_dir: str
+    profile: str
+    shaper: str
+    mode: str
+    workers: int
+    compute_mean_s: float
+    measured_round_s: float
+    measured_versions: int
+    simulated_round_s: float
+    simulated_rounds: int
+
+    @property
+    def relative_error(self) -> float:
+        """(simulated − measured) / measured."""
+        return (self.simulated_round_s - self.measured_round_s) / self.measured_round_s
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "relative_error": self.relative_error}
+
+
+def simulated_round_s(cfg: SimConfig) -> tuple[float, int]:
+    """Mean interval between published versions after the warm-up rounds, and how many it averages."""
+    try:
+        result = simulate(cfg)
+    except SimConfigError as err:
+        raise RunFolderError(f"cannot simulate this run: {err}") from None
+    times = result.round_times[WARMUP_ROUNDS:]
+    if times.size == 0:
+        raise RunFolderError(f"the simulation published {result.version} versions ({result.outcome})")
+    return float(np.mean(times)), int(times.size)
+
+
+def validate_run(run_dir: Path, rounds: int = DEFAULT_ROUNDS, **overrides: Any) -> Validation:
+    """Simulate the run in `run_dir` and compare mean round times (see the module docstring)."""
+    run = read_run(run_dir)
+    cfg = sim_config_for_run(run, rounds=rounds, **overrides)
+    sim_round, n = simulated_round_s(cfg)
+    return Validation(
+        run_dir=str(run.run_dir),
+        profile=run.profile_name,
+        shaper=run.shaper,
+        mode=cfg.mode,
+        workers=run.workers,
+        compute_mean_s=float(np.mean(run.compute_samples_s)),
+        measured_round_s=run.round_s,
+        measured_versions=run.versions,
+        simulated_round_s=sim_round,
+        simulated_rounds=n,
+    )
