@@ -56,6 +56,8 @@ def test_run_with_cellular_profile_reports_links(tmp_path: Path) -> None:
     bulk = statistics.mean(x["measured_rtt_ms"] for x in links if x["traffic_class"] != "heartbeat")
     assert hb + 20 < bulk, f"per-class shaping not visible: heartbeat {hb:.1f} ms vs others {bulk:.1f} ms"
     run_dir = Path(summary["run_dir"])
+    assert summary["profile"] == "cellular" and summary["shaping"] == "userspace"
+    assert "profile: cellular" in (run_dir / "config.yaml").read_text()
     ports = json.loads((run_dir / "shaper" / "topology.json").read_text())
     assert ports["workers"] == ["worker-0", "worker-1"]
     assert not (run_dir / "shaper" / "ports.json").exists()  # the shaper stopped and cleaned up

@@ -128,7 +128,7 @@ def test_load_grid_reads_base_config_relative_to_the_grid(tmp_path: Path) -> Non
         load_grid(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("name", ["smoke", "wan_strategies", "compression", "byzantine", "privacy"])
+@pytest.mark.parametrize("name", ["smoke", "wan_strategies", "compression", "byzantine", "privacy", "readme_wan"])
 def test_shipped_grids_load(name: str) -> None:
     rg = load_grid(EXPERIMENTS / f"{name}.yaml")
     cells = rg.expand()

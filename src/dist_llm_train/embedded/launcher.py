@@ -70,6 +70,14 @@ class EmbeddedRun:
         self.job_id = ""
         self.workers: list[Any] = []
         self.shaping: Any = None  # netem.embedded.EmbeddedShaping when --profile is given
+        # One source of truth for what this run's links were: a profile named in the config is applied like
+        # --profile, and --profile is written back into the config the run folder keeps.
+        if opts.profile is None and self.cfg.network.profile:
+            opts.profile = self.cfg.network.profile
+            opts.shaping = self.cfg.network.shaping if self.cfg.network.shaping not in ("none", "auto") else "userspace"
+        if opts.profile is not None:
+            self.cfg.network.profile = opts.profile
+            self.cfg.network.shaping = opts.shaping  # type: ignore[assignment]
 
     # -- start-up -----------------------------------------------------------------
     def _start_paramserver(self) -> None:
@@ -247,6 +255,8 @@ class EmbeddedRun:
                 dead_workers=[w.get("name", "") for w in status.get("workers", []) if w.get("state") == "dead"],
                 reassignments=int(status.get("counters", {}).get("reassignments", 0)),
                 links=status.get("links", []),
+                profile=self.opts.profile,
+                shaping=self.opts.shaping if self.opts.profile else "none",
                 strategy=strategy_summary(self.cfg.training, ps_stats[0] if ps_stats else None, rows),
             )
             write_report(self.run_dir, self.cfg, rows, summary)

@@ -46,6 +46,8 @@ class RunSummary:
     job_state: str
     dead_workers: list[str] = field(default_factory=list)
     reassignments: int = 0
+    profile: str | None = None  # the netem profile every link was shaped with (None: unshaped loopback)
+    shaping: str = "none"
     links: list[dict[str, Any]] = field(default_factory=list)  # netem: shaped links, configured vs measured
     strategy: dict[str, Any] = field(default_factory=dict)  # issue 6: strategy, codec, rule, attack, DP, bytes
 
@@ -113,6 +115,7 @@ def markdown_summary(s: RunSummary) -> str:
         "|---|---|",
         f"| model | {s.model} |",
         f"| mode / transport | {s.mode} / {s.transport} |",
+        f"| links | {s.profile + ' (' + s.shaping + ')' if s.profile else 'unshaped loopback'} |",
         f"| workers | {s.workers} |",
         f"| global steps (PS versions) | {s.steps} |",
         f"| initial eval loss | {s.initial_loss:.4f} |",
