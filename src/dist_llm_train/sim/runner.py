@@ -258,6 +258,9 @@ def summary(r: SimResult, run_id: str = "", run_dir: str = "") -> dict[str, Any]
             "job_state": r.outcome,
             "dead_workers": sorted(set(cs.declared_dead)),
             "reassignments": int(r.controller_counters.get("reassignments", 0)),
+            # Same meaning as a real run's: the profile the (virtual) links had, and which shaper's behaviour.
+            "profile": cfg.profile if cfg.profile not in (None, "", UNSHAPED) else None,
+            "shaping": f"simulated-{cfg.transport.shaper}",
             "strategy": {
                 "strategy": cfg.mode,
                 "codec": cfg.payload.codec,
