@@ -1,7 +1,14 @@
 """kernel_fallback across a veth pair between two namespaces this test creates and deletes.
 
 Tolerances are the issue's: median one-way delay within ±5 % + 1 ms (≥ 200 samples), rate within ±5 %, loss
-inside the 99 % binomial interval (≥ 2,000 packets), and per-class overrides observed.
+inside a binomial interval (≥ 2,000 packets), and per-class overrides observed.
+
+Loss: 10,000 probes, accepted inside the exact binomial interval with 1e-4 total tail mass. The former check
+(2,000 probes, normal-approximation "99 %" interval) failed about 1 run in 100 by construction, and once in
+CI with 6 lost where 20 were expected (P = 2.3e-4). No fault behind it was found: in 98 sessions checked one
+by one under CPU load, probes sent minus probes counted equalled the kernel's DROP-rule counter (less dropped
+stats requests), and 99 sessions had mean 20.0 and variance 16.9 lost (binomial: 19.9). For cellular's
+1.005 % the new band is 0.64-1.42 %, inside the old 0.43-1.58 %: stricter, and a false alarm ~1 run in 10,000.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ def _apply(pair: NetnsPair, profile: str) -> None:
         pair.netem(ns, "apply", "-p", profile, "--dev", dev, "--node", node, "-b", "kernel_fallback")
 
 
+PROBES, PROBE_INTERVAL_S = 10_000, 0.0003
+LOSS_TAIL = 5e-5  # per side
+
+
 def _check_delay(samples: list[float], expected_ms: float) -> None:
     assert len(samples) >= 200
     med = statistics.median(samples)
@@ -51,9 +62,9 @@ def test_fallback_fidelity(pair: NetnsPair, profile: str) -> None:
     links = egress_links(load_profile(profile), "b")
     _apply(pair, profile)
     pair.responder()
-    r = pair.udp(2000, 0.001)
+    r = pair.udp(PROBES, PROBE_INTERVAL_S)  # the responder's first session: its count is this stream's alone
     _check_delay(r["one_way_ms"], links[None].delay_ms)
-    lo, hi = binomial_interval(r["sent"], links[None].loss_pct / 100)
+    lo, hi = binomial_interval(r["sent"], links[None].loss_pct / 100, LOSS_TAIL)
     loss = 1 - r["forward_received"] / r["sent"]
     assert lo <= loss <= hi, f"loss {loss:.4f} outside [{lo:.4f}, {hi:.4f}]"
     if profile == "cellular":  # per-class override: heartbeat sees half the delay of ps_sync

@@ -19,7 +19,8 @@ TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2}
 DATA = {"batch_size": 8, "seq_length": 16, "num_samples": 4000, "eval_batches": 8}
 
 
-def run(tmp_path: Path, training: dict[str, Any], *flags: str) -> dict[str, Any]:
+def run(tmp_path: Path, training: dict[str, Any], *flags: str, min_drop: float = 0.2) -> dict[str, Any]:
+    """Train through the CLI; it must complete and lower the held-out loss by at least `min_drop` nats."""
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump({"model": TINY, "training": {**DATA, **training}}))
     proc = subprocess.run(
@@ -42,7 +43,7 @@ def run(tmp_path: Path, training: dict[str, Any], *flags: str) -> dict[str, Any]
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["job_state"] == "completed"
-    assert summary["final_loss"] < summary["initial_loss"] - 0.2
+    assert summary["final_loss"] < summary["initial_loss"] - min_drop, summary
     assert "## Strategy" in (Path(summary["run_dir"]) / "summary.md").read_text()
     return summary
 
@@ -69,6 +70,10 @@ def test_diloco_pushes_compressed_pseudo_gradients(tmp_path: Path) -> None:
 
 
 def test_adaptive_with_int8_and_local_dp(tmp_path: Path) -> None:
+    """Real worker processes draw DP noise from OS entropy (as in production) and adaptive runs race on real
+    time, so the loss differs run to run: 12 runs (4 idle, 8 beside two CPU-burning processes) lowered it by
+    0.199-0.255 nats (mean 0.232, sd 0.018). The former 0.2 bar failed 1 in 12; 0.1 is ~7 sd below the mean
+    and still says "trains under this noise" (the held-out batches are fixed, so evaluation adds no noise)."""
     s = run(
         tmp_path,
         {"max_staleness": 2},
@@ -84,6 +89,7 @@ def test_adaptive_with_int8_and_local_dp(tmp_path: Path) -> None:
         "0.2",
         "--dp-clip",
         "1.0",
+        min_drop=0.1,
     )
     st = s["strategy"]
     assert st["strategy"] == "adaptive" and len(st["workers"]) == 2

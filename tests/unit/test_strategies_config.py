@@ -165,8 +165,11 @@ def test_adaptive_and_central_dp_travel_as_options_the_ps_accepts() -> None:
         0.5,
         "central",
     )
-    local = job_spec_for("j", training(enable_differential_privacy=True, dp_noise_multiplier=1.0).training)
-    assert "dp_noise_multiplier" not in local.options  # local DP happens on the workers
+    assert opts.dp_seed is None  # a real job: the PS draws its noise from OS entropy
+    assert parse_options(job_spec_for("j", t, dp_seed=7)).dp_seed == 7  # tests and simulations may fix it
+    local_t = training(enable_differential_privacy=True, dp_noise_multiplier=1.0).training
+    local = job_spec_for("j", local_t, dp_seed=7)
+    assert "dp_noise_multiplier" not in local.options and "dp_seed" not in local.options  # on workers
 
 
 def test_status_view_reports_epsilon_from_the_accountant() -> None:

@@ -162,7 +162,8 @@ def test_central_dp_clips_every_update_and_adds_noise_to_the_sum() -> None:
     assert np.linalg.norm(params) == pytest.approx(0.5, rel=1e-4)  # -(clip(a) + 0) / 2, noise negligible
     c = store.stats("j")[0].counters
     assert (c["dp_releases"], c["dp_clipped_updates"]) == (1, 1)
-    noisy = make("sync", options={"dp_noise_multiplier": "2.0", "dp_clip": "1.0"})
+    # Seeded: with OS entropy the std of 8 draws falls outside the band about once in 1,700 runs.
+    noisy = make("sync", options={"dp_noise_multiplier": "2.0", "dp_clip": "1.0", "dp_seed": "11"})
     noisy.set_members("j", ["a"])
     push(noisy, "a", 0, 0, np.zeros(D, np.float32))
     assert 0.5 < float(np.std(noisy.pull("j", "x").params)) < 4.0  # sigma = z * C = 2 on a sum of one

@@ -6,6 +6,10 @@ iptables rule and device inside them along. Shaping is applied with the CLI insi
 user would. Measurements: one-way delay and forward loss from a UDP probe stream (same host, same clock), rate
 from the bytes leaving the shaped sender interface during a saturating paced UDP flood (wire bytes, what htb
 meters).
+
+Forward loss is the responder's count of probes it received, so it is only right for the first probe session
+against a responder: the count is kept per client address, and a later session that happens to get the same
+ephemeral port adds to it (seen: 3,962 "received" of 2,000 sent). Start a responder per loss measurement.
 """
 
 from __future__ import annotations
@@ -94,13 +98,25 @@ class NetnsPair:
     def netem(self, ns: str, *args: str, check: bool = True) -> str:
         return self.exec(ns, PY, "-m", "dist_llm_train.netem", *args, check=check)
 
-    def responder(self, port: int = 7777, seconds: float = 300) -> None:
-        """Probe responder in namespace b."""
+    def responder(self, port: int = 7777, seconds: float = 300, ready_timeout: float = 60.0) -> None:
+        """Probe responder in namespace b; returns once it listens.
+
+        A fixed start-up sleep is not enough on a loaded machine: probes that arrive before the UDP socket is
+        bound are lost (counted as link loss) and the ICMP port-unreachable they trigger fails the client's
+        connected socket. The responder binds its UDP socket before its TCP listener, so a TCP listener on
+        the port means both are up.
+        """
         p = subprocess.Popen(["ip", "netns", "exec", self.ns[1], *RT, PY, "-m", "dist_llm_train.netem", "probe",
                               "--listen", f"{self.ip[1]}:{port}", "--seconds", str(seconds)],
                              env={**os.environ, **self.env})
         self.procs.append(p)
-        time.sleep(1.0)  # interpreter start-up; the probe's own timeouts cover the rest
+        deadline = time.monotonic() + ready_timeout
+        while not self.exec(self.ns[1], "ss", "-Hltn", f"sport = :{port}").strip():
+            if p.poll() is not None:
+                raise RuntimeError(f"probe responder on {self.ip[1]}:{port} exited ({p.returncode})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"probe responder on {self.ip[1]}:{port} not up after {ready_timeout} s")
+            time.sleep(0.05)
 
     def py(self, ns: str, code: str) -> Any:
         return json.loads(self.exec(ns, *RT, PY, "-c", code).strip().splitlines()[-1])
@@ -134,7 +150,16 @@ class NetnsPair:
         return (b1 - b0) * 8 / (t1 - t0) / 1e6
 
 
-def binomial_interval(n: int, p: float, z: float = 2.576) -> tuple[float, float]:
-    """Normal-approximation interval for the observed loss fraction of n packets with true loss p (99 %)."""
-    half = z * (p * (1 - p) / n) ** 0.5
-    return max(0.0, p - half), p + half
+def binomial_interval(n: int, p: float, tail: float = 0.005) -> tuple[float, float]:
+    """Loss fractions [lo, hi] that n packets, each lost independently with probability p, fall outside with
+    probability at most `tail` on each side (0.005: a 99 % interval).
+
+    Exact binomial quantiles (scipy), not the normal approximation this replaced: at ~20 expected losses the
+    count is skewed, and the approximation's "99 %" interval missed 1.02 % of runs (0.19 % low, 0.83 % high).
+    """
+    if n <= 0 or not 0.0 <= p <= 1.0 or not 0.0 < tail < 0.5:
+        raise ValueError(f"need n > 0, 0 <= p <= 1 and 0 < tail < 0.5; got n={n}, p={p}, tail={tail}")
+    from scipy.stats import binom  # test and benchmark helper only: keep scipy off the import path
+
+    lo, hi = binom.ppf(tail, n, p), binom.isf(tail, n, p)  # P(X < lo) <= tail, P(X > hi) <= tail
+    return float(lo) / n, float(hi) / n

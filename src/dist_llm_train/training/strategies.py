@@ -160,8 +160,12 @@ def _validate_attack(t: TrainingConfig, strategy: str) -> None:
         )
 
 
-def job_spec_for(job_id: str, t: TrainingConfig) -> JobSpec:
-    """The PS job for this training config (the worker that creates the job sends it with InitJob)."""
+def job_spec_for(job_id: str, t: TrainingConfig, dp_seed: int | None = None) -> JobSpec:
+    """The PS job for this training config (the worker that creates the job sends it with InitJob).
+
+    `dp_seed` fixes central DP's noise on the PS (the `dp_seed` job option) for tests and in-process
+    simulations; real jobs leave it None so the PS draws noise from OS entropy.
+    """
     strategy = t.resolved_mode
     options: dict[str, str] = {}
     if t.staleness_scaling != "none":
@@ -182,6 +186,8 @@ def job_spec_for(job_id: str, t: TrainingConfig) -> JobSpec:
             "dp_clip": repr(dp.clip),
             "dp_delta": repr(dp.delta),
         }
+        if dp_seed is not None:
+            options["dp_seed"] = str(dp_seed)
     return JobSpec(
         job_id=job_id,
         mode=strategy,
@@ -267,7 +273,13 @@ class WorkerStrategy:
     """What one worker does per step under the job's strategy; built once per job from the config."""
 
     def __init__(
-        self, t: TrainingConfig, *, worker_name: str = "", shard_ids: Sequence[int] = (), num_shards: int = 1
+        self,
+        t: TrainingConfig,
+        *,
+        worker_name: str = "",
+        shard_ids: Sequence[int] = (),
+        num_shards: int = 1,
+        dp_seed: int | None = None,
     ) -> None:
         self.strategy = t.resolved_mode
         self.kind = "pseudo_gradient" if self.strategy == "diloco" else "gradient"
@@ -284,10 +296,13 @@ class WorkerStrategy:
             attack = get_attack(t.attack, t.attack_params, n=t.num_workers, f=attack_count(t))
             self.attacker = Attacker(attack, seed)
         dp = dp_settings(t)
-        # An attacker ignores the protocol, privacy included; central DP happens on the PS. Noise comes
-        # from OS entropy (no seed): a restarted worker must never replay the noise of earlier releases.
+        # An attacker ignores the protocol, privacy included; central DP happens on the PS. A real worker
+        # passes no `dp_seed`, so noise comes from OS entropy: a restarted worker must never replay the
+        # noise of earlier releases. Tests and in-process simulations pass one to make a run repeatable;
+        # each worker then draws from its own stream, derived like the attacker's.
         local = dp is not None and dp.mode == "local" and self.attacker is None
-        self.dp = LocalDP(dp) if local and dp is not None else None
+        noise_seed = None if dp_seed is None else _seed(dp_seed, worker_name, shard_ids)
+        self.dp = LocalDP(dp, noise_seed) if local and dp is not None else None
 
     def compute(self, trainer: LocalTrainer) -> Update:
         """The update to push, computed at the trainer's current parameters."""
@@ -334,13 +349,21 @@ class TrainerSource:
 
 
 def simulate(
-    cfg: Config, step_times: Sequence[float] | None = None, job_id: str = "inprocess"
+    cfg: Config,
+    step_times: Sequence[float] | None = None,
+    job_id: str = "inprocess",
+    dp_seed: int | None = None,
 ) -> tuple[SimResult, list[TrainerSource]]:
     """Train `cfg` with `training.num_workers` simulated workers in this process (no sockets).
 
     Worker i is named `worker-i`, holds shard i and takes `step_times[i]` virtual seconds per
     update (1.0 each by default). Returns the driver's result and the workers' sources (their
     strategies keep attack / DP / error-feedback state for inspection).
+
+    Everything but DP noise is a function of the config (weights, batches, attacks, the virtual
+    clock). DP noise follows production and comes from OS entropy unless `dp_seed` is given; with
+    it, local noise (per worker) and central noise (on the PS) are seeded and a DP run repeats
+    exactly.
     """
     from dist_llm_train.paramserver.inprocess import InProcessCluster, SimMember
     from dist_llm_train.training.data import make_dataset
@@ -356,10 +379,10 @@ def simulate(
     sources = []
     for i in range(n):
         trainer = LocalTrainer(cfg.model, t, dataset, [i], num_shards=n)
-        strategy = WorkerStrategy(t, worker_name=f"worker-{i}", shard_ids=[i], num_shards=n)
+        strategy = WorkerStrategy(t, worker_name=f"worker-{i}", shard_ids=[i], num_shards=n, dp_seed=dp_seed)
         sources.append(TrainerSource(trainer, strategy))
     members = [SimMember(f"worker-{i}", sources[i], times[i]) for i in range(n)]
     model = sources[0].trainer.model
     cluster = InProcessCluster(members)
-    result = cluster.run(job_spec_for(job_id, t), layout_of(model), flatten_params(model))
+    result = cluster.run(job_spec_for(job_id, t, dp_seed), layout_of(model), flatten_params(model))
     return result, sources
