@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from abc import abstractmethod
 from typing import Any
 
 from dist_llm_train.netem import shell
@@ -18,8 +19,9 @@ from dist_llm_train.netem.tctree import clear_commands
 class KernelBackend(ShapingBackend):
     """Template for tc-based backends; subclasses provide `plan` and may add `_start` / `_stop` hooks."""
 
+    @abstractmethod
     def _ifb_for(self, profile: Profile, node: str | None, dev: str, workers: list[str] | None) -> str | None:
-        raise NotImplementedError
+        """The IFB device this backend shapes `dev`'s ingress on, or None when the profile needs none."""
 
     def _start(self, state: dict[str, Any], profile: Profile, node: str | None, dev: str,
                workers: list[str] | None) -> None:
