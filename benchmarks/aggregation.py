@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dist_llm_train.training.aggregation import get_aggregator
+from dist_llm_train.core.aggregation import get_aggregator
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES: dict[str, dict[str, float]] = {

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dist_llm_train.training.codecs import Codec, ErrorFeedback, get_codec
+from dist_llm_train.core.codecs import Codec, ErrorFeedback, get_codec
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.25

@@ -35,17 +35,18 @@ from typing import Any
 import numpy as np
 
 from dist_llm_train.experiments.machine import machine_info
-from dist_llm_train.paramserver.client import DEFAULT_MAX_MESSAGE_BYTES, PSClient, connect
-from dist_llm_train.paramserver.grpc_client import GrpcPSClient
-from dist_llm_train.paramserver.state import ParameterStore
-from dist_llm_train.paramserver.types import JobSpec, PSError, PushHeader, PushOutcome, TensorSpec
+from dist_llm_train.paramserver.transport.client import DEFAULT_MAX_MESSAGE_BYTES, PSClient, connect
+from dist_llm_train.paramserver.transport.grpc_client import GrpcPSClient
+from dist_llm_train.paramserver.job import ParameterStore
+from dist_llm_train.core.job import JobSpec, WireJobSpec
+from dist_llm_train.core.types import PSError, PushHeader, PushOutcome, TensorSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"grpc": 0.5, "zmq": 0.7}
 READY_TIMEOUT_S = 60.0
 # Async mode, plain SGD: every push is decoded, checked and applied as soon as it arrives.
-BENCH_SPEC = JobSpec("bench", mode="async", optimizer="sgd", learning_rate=1e-6, momentum=0.0,
-                     max_staleness=1_000_000, total_steps=10_000_000)  # fmt: skip
+BENCH_SPEC = JobSpec.from_wire(WireJobSpec("bench", mode="async", optimizer="sgd", learning_rate=1e-6, momentum=0.0,
+                     max_staleness=1_000_000, total_steps=10_000_000))  # fmt: skip
 
 SINK = r"""
 import socket, struct, sys
@@ -89,7 +90,7 @@ while True:
 
 BARE_GRPC = r"""
 import asyncio, grpc
-from dist_llm_train.paramserver import wire
+from dist_llm_train.paramserver.transport import wire
 from dist_llm_train.paramserver.numerics import keep_freed_vectors
 from dist_llm_train.proto import paramserver_pb2 as pb
 keep_freed_vectors()  # the same allocator policy as the PS process
@@ -180,9 +181,7 @@ def bench_bare(
             if transport == "grpc":
                 return timed(lambda: client.push(header, payload), count, warmup, budget_s)
             zmq_client: Any = client
-            return timed(
-                lambda: zmq_client._request("push", {"header": {}}, [payload]), count, warmup, budget_s
-            )
+            return timed(lambda: zmq_client._request("push", {"header": {}}, [payload]), count, warmup, budget_s)
     finally:
         proc.kill()
         proc.wait()
@@ -251,9 +250,7 @@ def bench_ps(
             state = {"step": 0, "version": 0}
 
             def send_one() -> None:
-                header = PushHeader(
-                    "bench", "bench", state["step"], state["version"], payload_bytes=len(payload)
-                )
+                header = PushHeader("bench", "bench", state["step"], state["version"], payload_bytes=len(payload))
                 result = client.push(header, payload)
                 if result.outcome is not PushOutcome.APPLIED:
                     raise RuntimeError(f"push not applied: {result}")
@@ -302,12 +299,8 @@ def main() -> None:
         "grpc_stream": lambda: bench_ps(
             "grpc", payload, args.count, args.warmup, args.budget_s, chunk, grpc_unary=False
         ),
-        "grpc_transport_only": lambda: bench_bare(
-            "grpc", payload, args.count, args.warmup, args.budget_s, chunk
-        ),
-        "zmq_transport_only": lambda: bench_bare(
-            "zmq", payload, args.count, args.warmup, args.budget_s, chunk
-        ),
+        "grpc_transport_only": lambda: bench_bare("grpc", payload, args.count, args.warmup, args.budget_s, chunk),
+        "zmq_transport_only": lambda: bench_bare("zmq", payload, args.count, args.warmup, args.budget_s, chunk),
         "ps_apply_only": lambda: bench_apply_only(payload, args.count, args.warmup, args.budget_s),
     }
     rates: dict[str, list[float]] = {name: [] for name in runners}

@@ -32,20 +32,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dist_llm_train.netem.backends.kernel_fallback import KernelFallbackBackend
-from dist_llm_train.netem.backends.tc_netem import probe_netem
-from dist_llm_train.netem.fidelity import PY, RT, NetnsPair, binomial_interval
-from dist_llm_train.netem.loader import load_profile
-from dist_llm_train.netem.resolve import egress_links, ingress_link
-from dist_llm_train.netem.topology import in_series
-from dist_llm_train.netem.userspace_fidelity import delay_ok, measure
+from dist_llm_train.netem.kernel.fallback import KernelFallbackBackend
+from dist_llm_train.netem.kernel.tc_netem import probe_netem
+from dist_llm_train.netem.measure.kernel_fidelity import PY, RT, NetnsPair
+from dist_llm_train.netem.measure.stats import binomial_interval, delay_ok
+from dist_llm_train.netem.measure.userspace_fidelity import measure
+from dist_llm_train.netem.profile.loading import load_profile
+from dist_llm_train.netem.profile.resolve import egress_links, ingress_link
+from dist_llm_train.netem.userspace.topology import in_series
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ["lan", "good", "cellular", "degraded", "satellite", "intercontinental", "brownout", "straggler"]
 TARGETS = {"userspace": 0.5, "kernel_fallback": 0.8}
 EMPTY = json.dumps({"name": "uncapped", "figures": "one_way", "link": {}})
 ONE_MS = json.dumps({"name": "uncapped-1ms", "figures": "one_way", "link": {"delay_ms": 1}})
-RATE_CMD = "from dist_llm_train.netem.probe import measure_tcp_rate as m; print(m({host!r}, {port}, {s}))"
+RATE_CMD = "from dist_llm_train.netem.measure.probe import measure_tcp_rate as m; print(m({host!r}, {port}, {s}))"
 
 
 # -- part 1: uncapped throughput ----------------------------------------------------------------------------
@@ -71,7 +72,7 @@ def _with_relay(pair: NetnsPair, profile: str, seconds: float, tmp: Path) -> flo
             pair.ns[0],
             PY,
             "-m",
-            "dist_llm_train.netem.shaper",
+            "dist_llm_train.netem.userspace.shaper",
             "--profile",
             profile,
             "--topology",

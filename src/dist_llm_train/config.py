@@ -1,22 +1,44 @@
-"""Typed configuration for every part of the system.
+"""Typed configuration for every part of the system, nested by owner.
 
-One pydantic model per config section. The seed project's section names and keys
-(`controller`, `workers`, `model`, `training`, `tasks`, `simulation`, `network`) are
-accepted unchanged so existing configs keep working; new keys sit beside them.
-Unknown keys and wrong types are errors that name the dotted field path.
+One pydantic model per config section (`controller`, `paramserver`, `workers`, `model`,
+`training`, `tasks`, `simulation`, `network`); inside `training`, each part of the algorithm
+is a sub-config owned by its concept (`training.strategy`, `.codec`, `.aggregation`,
+`.attack`, `.dp`). Unknown keys and wrong types are errors that name the dotted field path.
+
+Older configs (the seed project's flat keys such as `use_async_training`, `compression`,
+`aggregation_rule`, `bulyan_f`, `enable_differential_privacy`, also under `controller`) still
+load: `migrate_legacy_keys` moves each to its new path once, in `parse_config`, with one
+`LegacyConfigWarning` naming every move. Runtime code only ever sees the new names.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dist_llm_train.core.aggregation import AggregationConfig, validate_aggregator
+from dist_llm_train.core.attacks import AttackConfig
+from dist_llm_train.core.codecs import CodecConfig
+from dist_llm_train.core.job import JobSpec
+from dist_llm_train.core.privacy import DPSettings, PrivacyConfig, dp_report
+from dist_llm_train.core.strategies import (
+    JobPlan,
+    OptimizerSpec,
+    Strategy,
+    StrategyField,
+    SyncConfig,
+    WorkerLedger,
+    build_strategy,
+)
+from dist_llm_train.core.worker_update import WorkerUpdate
+
 SchedulerName = Literal["priority", "gale-shapley", "capability"]
-ModeName = Literal["sync", "async", "adaptive", "diloco"]  # training strategies (docs/training_protocol.md)
 TransportName = Literal["grpc", "zmq"]
 OptimizerName = Literal["sgd", "adam"]
 ModelName = Literal["gpt", "lstm", "tiny-lstm", "small-transformer"]
@@ -24,6 +46,10 @@ ModelName = Literal["gpt", "lstm", "tiny-lstm", "small-transformer"]
 
 class ConfigError(ValueError):
     """A config file or value is invalid; the message names every bad field path."""
+
+
+class LegacyConfigWarning(UserWarning):
+    """A config used keys from before the nested layout; the message names each key's new path."""
 
 
 class _Strict(BaseModel):
@@ -39,18 +65,9 @@ class ControllerConfig(_Strict):
     heartbeat_miss_limit: int = Field(3, ge=1, le=100)
     telemetry_alpha: float = Field(0.2, gt=0, le=1)
     auth_token: str | None = None
-    # Seed keys kept for compatibility; they feed the training strategy when the
-    # `training` section does not set its own value.
-    use_async_training: bool | None = None
-    max_staleness: int | None = Field(None, ge=0)
-    adaptive_staleness: bool = False
-    min_staleness: int = Field(5, ge=0)
-    max_staleness_multiplier: float = Field(10.0, ge=1)
-    use_zmq: bool = False
+    # Seed keys with no effect on the controller, accepted so the seed's configs load.
     gradient_accumulation_size: int = Field(1, ge=1)
     gradient_clip_norm: float = Field(0.0, ge=0)
-    enable_differential_privacy: bool = False
-    dp_noise_multiplier: float = Field(0.0, ge=0)
 
 
 class ParamServerConfig(_Strict):
@@ -94,28 +111,19 @@ class ModelConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    # Seed keys.
-    learning_rate: float = Field(0.003, gt=0, le=10)
+    """What is trained and how. The algorithm's parts are sub-configs owned by their concept:
+    `strategy` (core.strategies), `codec` (core.codecs), `aggregation` (core.aggregation),
+    `attack` (core.attacks) and `dp` (core.privacy)."""
+
+    learning_rate: float = Field(0.003, gt=0, le=10, description="Local / server learning rate")
     batch_size: int = Field(16, ge=1, le=4096)
     num_epochs: int = Field(1, ge=1)
     num_samples: int = Field(20000, ge=1)
     seq_length: int = Field(32, ge=2, le=4096)
     num_workers: int = Field(2, ge=1, le=1024)
-    use_async_training: bool | None = None
-    max_staleness: int | None = Field(None, ge=0)
-    compression: str = "none"
-    compression_ratio: float = Field(0.01, gt=0, le=1)
-    aggregation_rule: str = "mean"
-    trim_ratio: float | None = Field(None, ge=0, lt=0.5)  # None: f/n from byzantine_f, else 0.3
-    krum_f: int | None = Field(None, ge=0)
-    bulyan_f: int | None = Field(None, ge=0)
     sync_window: int = Field(1, ge=1)
-    sync_max_wait_s: float = Field(30.0, gt=0)
     gradient_clip_norm: float = Field(1.0, ge=0)
-    enable_differential_privacy: bool = False
-    # New keys.
-    steps: int = Field(200, ge=1, le=10_000_000)
-    mode: ModeName | None = None
+    steps: int = Field(200, ge=1, le=10_000_000, description="Worker steps (DiLoCo: inner steps) per worker")
     optimizer: OptimizerName = "adam"
     momentum: float = Field(0.9, ge=0, lt=1)
     seed: int = 0
@@ -127,57 +135,132 @@ class TrainingConfig(_Strict):
     dirichlet_alpha: float = Field(0.5, gt=0)
     # 64 batches of 16 x 32 tokens: ~33k held-out tokens, so the eval loss has a standard error of ~0.005 nats.
     eval_batches: int = Field(64, ge=1)
-    # --- training strategies (issue 6; docs/training_protocol.md, checks in training/strategies.py) ---
-    strategy: ModeName | None = None  # same as `mode`; one of them is enough
-    adaptive_staleness: bool | None = None  # seed key (also on controller): async -> adaptive
-    min_staleness: int | None = Field(None, ge=0)  # adaptive: the fastest worker's bound
-    max_staleness_multiplier: float | None = Field(None, ge=1)  # adaptive: bounds <= min_staleness x this
-    staleness_scaling: Literal["none", "inverse", "inverse_sqrt"] = "none"
-    diloco_local_steps: int = Field(20, ge=1, le=1_000_000)  # H (paper: 500; scaled for the tiny model)
-    diloco_inner_lr: float | None = Field(None, gt=0, le=10)  # inner AdamW lr; None: learning_rate
-    diloco_outer_lr: float = Field(0.7, gt=0, le=10)
-    diloco_outer_momentum: float = Field(0.9, ge=0, lt=1)
-    error_feedback: bool | None = None  # None: on for topk, off for the other codecs
-    int8_chunk: int = Field(1024, ge=1, le=1 << 24)
-    topk_index: Literal["int32", "delta"] = "delta"  # delta: uint16 index gaps, 6 B per kept value
-    byzantine_f: int | None = Field(None, ge=0)  # f for krum / multi_krum / bulyan, f/n for trimmed_mean
-    multi_krum_m: int | None = Field(None, ge=1)
-    attack: Literal["sign_flip", "gaussian", "alie", "ipm"] | None = None
-    attackers: int = Field(0, ge=0)  # the workers holding the last K shards attack
-    attacker_workers: list[str] = []  # or these workers, by name
-    attack_params: dict[str, float] = {}
-    dp_noise_multiplier: float | None = Field(None, ge=0)
-    dp_clip: float | None = Field(None, gt=0)  # None: gradient_clip_norm
-    dp_mode: Literal["local", "central"] = "local"
-    dp_delta: float = Field(1e-5, gt=0, lt=1)
-
-    @property
-    def resolved_mode(self) -> ModeName:
-        """The strategy: `strategy`, else `mode`, else the seed's use_async_training (+ adaptive_staleness)."""
-        if self.strategy is not None:
-            return self.strategy
-        if self.mode is not None:
-            return "adaptive" if self.mode == "async" and self.adaptive_staleness else self.mode
-        if self.use_async_training:
-            return "adaptive" if self.adaptive_staleness else "async"
-        return "sync"
-
-    @model_validator(mode="after")
-    def _strategy_preconditions(self) -> TrainingConfig:
-        from dist_llm_train.training.strategies import validate_training  # late: strategies imports this module
-
-        validate_training(self)
-        return self
-
-    @property
-    def resolved_max_staleness(self) -> int:
-        return 5 if self.max_staleness is None else self.max_staleness
+    strategy: StrategyField = Field(default_factory=SyncConfig, description="The training strategy")
+    codec: CodecConfig = CodecConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    attack: AttackConfig | None = None
+    dp: PrivacyConfig | None = None
 
     @model_validator(mode="after")
     def _text_needs_path(self) -> TrainingConfig:
         if self.data == "text" and not self.text_path:
             raise ValueError("data: text needs text_path")
         return self
+
+    @model_validator(mode="after")
+    def _algorithm_preconditions(self) -> TrainingConfig:
+        """Cross-field rules of the algorithm's parts, with the keys and numbers in the message."""
+        n = self.num_workers
+        try:
+            validate_aggregator(self.aggregation.rule, n, **self.aggregation.params(n))
+        except ValueError as err:
+            raise ValueError(f"{err} (n = training.num_workers)") from None
+        attack = self.attack
+        if attack is not None:
+            if attack.count == 0:
+                raise ValueError(f"attack {attack.name!r} needs attackers: K (the last K shards' workers) or workers")
+            if attack.count >= n:
+                raise ValueError(f"{attack.count} attackers among n={n} workers leaves no honest worker")
+            attack.build(n)
+        try:
+            privacy = self.privacy
+        except ValueError as err:
+            raise ValueError(f"dp: {err}") from None
+        if privacy is not None and privacy.mode == "central" and self.aggregation.rule != "mean":
+            raise ValueError(
+                f"central DP calibrates noise to the mean of clipped updates; aggregation rule "
+                f"{self.aggregation.rule!r} has another sensitivity (use dp.mode: local with robust rules)"
+            )
+        built = attack.build(n) if attack is not None else None
+        plan = JobPlan(
+            num_workers=n,
+            steps=self.steps,
+            aggregation=self.aggregation.rule,
+            attack=attack.name if attack is not None else None,
+            attack_needs_spread=bool(built is not None and built.needs_spread and built.samples > 1),
+        )
+        self.build_strategy().validate(plan)
+        return self
+
+    # -- what the rest of the system derives from it ------------------------------------------
+    def build_strategy(self) -> Strategy:
+        return build_strategy(self.strategy)
+
+    @property
+    def privacy(self) -> DPSettings | None:
+        """Validated DP settings, or None when DP is off."""
+        return None if self.dp is None else self.dp.settings(self.gradient_clip_norm)
+
+    @property
+    def initial_staleness_bound(self) -> int:
+        """The staleness a worker's updates may have before the PS has measured anything (rounds: 0)."""
+        return self.build_strategy().staleness_bound("", WorkerLedger(), None)
+
+    @property
+    def versions(self) -> int:
+        """PS versions the job runs for: its strategy's reading of the step budget."""
+        return self.build_strategy().versions(self.steps)
+
+    def job_spec(self, job_id: str, dp_seed: int | None = None) -> JobSpec:
+        """The PS job for this config (the worker that creates the job sends it with InitJob).
+
+        `dp_seed` fixes central DP's noise on the PS for tests and in-process simulations; real jobs
+        leave it None so the PS draws noise from OS entropy."""
+        strategy = self.build_strategy()
+        privacy = self.privacy
+        central = privacy if privacy is not None and privacy.mode == "central" else None
+        requested = OptimizerSpec(self.optimizer, self.learning_rate, self.momentum)
+        return JobSpec(
+            job_id=job_id,
+            strategy=self.strategy,
+            optimizer=strategy.server_optimizer(requested),
+            aggregation=self.aggregation.rule,
+            aggregation_params=self.aggregation.params(self.num_workers),
+            total_steps=strategy.versions(self.steps),
+            privacy=central,
+            privacy_seed=dp_seed if central is not None else None,
+        )
+
+    def worker_update(
+        self,
+        *,
+        worker_name: str = "",
+        shard_ids: Sequence[int] = (),
+        num_shards: int = 1,
+        dp_seed: int | None = None,
+    ) -> WorkerUpdate:
+        """One worker's update pipeline (strategy, attack, local DP, codec) for this config."""
+        return WorkerUpdate(
+            self.build_strategy(),
+            self.codec,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            attack=self.attack,
+            privacy=self.privacy,
+            worker_name=worker_name,
+            shard_ids=shard_ids,
+            num_shards=num_shards,
+            dp_seed=dp_seed,
+        )
+
+    def describe(self, releases: int) -> dict[str, Any]:
+        """What `/status` and the run report say about the algorithm.
+
+        `releases` is the most updates any one worker has sent so far (it bounds every worker's
+        privacy loss: with local DP each sent update is a release, with central DP each round is)."""
+        strategy = self.build_strategy()
+        return {
+            "strategy": strategy.name,
+            "strategy_params": strategy.describe(),
+            "codec": self.codec.name,
+            "error_feedback": self.codec.uses_error_feedback,
+            "aggregation": self.aggregation.rule,
+            "aggregation_params": self.aggregation.params(self.num_workers),
+            "attack": None
+            if self.attack is None
+            else {"name": self.attack.name, "attackers": self.attack.count, **self.attack.params},
+            "dp": dp_report(self.privacy, releases, strategy.versions(self.steps)),
+        }
 
 
 class TaskSpec(_Strict):
@@ -212,37 +295,161 @@ class Config(_Strict):
     simulation: SimulationConfig = SimulationConfig()
     network: NetworkConfig = NetworkConfig()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _merge_seed_strategy_keys(cls, data: Any) -> Any:
-        """Seed strategy/DP keys on `controller` feed `training` before either is validated (training wins)."""
-        if not isinstance(data, dict) or not isinstance(data.get("controller"), dict):
-            return data
-        c, t = data["controller"], dict(data.get("training") or {})
-        if not isinstance(data.get("training", {}), dict):
-            return data
-        for key in ("adaptive_staleness", "min_staleness", "max_staleness_multiplier", "enable_differential_privacy"):
-            if key in c and key not in t:
-                t[key] = c[key]
-        if t.get("enable_differential_privacy") and "dp_noise_multiplier" in c and "dp_noise_multiplier" not in t:
-            t["dp_noise_multiplier"] = c["dp_noise_multiplier"]
-        return {**data, "training": t}
-
     @model_validator(mode="after")
-    def _merge_seed_controller_keys(self) -> Config:
-        # The seed put async/staleness on the controller; the training section wins when both are set.
-        t, c = self.training, self.controller
-        if t.use_async_training is None and c.use_async_training is not None:
-            t.use_async_training = c.use_async_training
-        if t.max_staleness is None and c.max_staleness is not None:
-            t.max_staleness = c.max_staleness
-        if c.use_zmq and self.paramserver.transport == "grpc" and "transport" not in self.paramserver.model_fields_set:
-            self.paramserver.transport = "zmq"
+    def _unique_worker_names(self) -> Config:
         names = [w.name for w in self.workers]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"workers: duplicate names {dupes}")
         return self
+
+
+# -- the seed's flat keys, moved once to their nested homes --------------------------------------
+# training.<old> -> (sub-config, field). Strategy fields move only when the chosen strategy has them.
+LEGACY_TRAINING_KEYS: dict[str, tuple[str, str]] = {
+    "compression": ("codec", "name"),
+    "compression_ratio": ("codec", "ratio"),
+    "error_feedback": ("codec", "error_feedback"),
+    "int8_chunk": ("codec", "int8_chunk"),
+    "topk_index": ("codec", "topk_index"),
+    "aggregation_rule": ("aggregation", "rule"),
+    "trim_ratio": ("aggregation", "trim_ratio"),
+    "multi_krum_m": ("aggregation", "m"),
+    "max_staleness": ("strategy", "max_staleness"),
+    "min_staleness": ("strategy", "min_staleness"),
+    "max_staleness_multiplier": ("strategy", "max_staleness_multiplier"),
+    "staleness_scaling": ("strategy", "staleness_scaling"),
+    "sync_max_wait_s": ("strategy", "straggler_timeout_s"),
+    "diloco_local_steps": ("strategy", "local_steps"),
+    "diloco_inner_lr": ("strategy", "inner_lr"),
+    "diloco_outer_lr": ("strategy", "outer_lr"),
+    "diloco_outer_momentum": ("strategy", "outer_momentum"),
+    "attackers": ("attack", "attackers"),
+    "attacker_workers": ("attack", "workers"),
+    "attack_params": ("attack", "params"),
+    "dp_noise_multiplier": ("dp", "noise_multiplier"),
+    "dp_clip": ("dp", "clip"),
+    "dp_mode": ("dp", "mode"),
+    "dp_delta": ("dp", "delta"),
+}
+# Seed keys the controller section used to carry for the training strategy.
+_CONTROLLER_TO_TRAINING = (
+    "use_async_training",
+    "max_staleness",
+    "adaptive_staleness",
+    "min_staleness",
+    "max_staleness_multiplier",
+    "enable_differential_privacy",
+    "dp_noise_multiplier",
+)
+_STRATEGY_SELECTORS = ("mode", "use_async_training", "adaptive_staleness")
+_F_KEYS = ("byzantine_f", "krum_f", "bulyan_f")
+
+
+def _legacy_strategy_name(t: dict[str, Any]) -> str | None:
+    """The strategy the seed's selector keys choose, or None when they say nothing."""
+    mode, use_async, adaptive = t.get("mode"), t.get("use_async_training"), t.get("adaptive_staleness")
+    if mode is not None:
+        return "adaptive" if mode == "async" and adaptive else str(mode)
+    if use_async:
+        return "adaptive" if adaptive else "async"
+    if use_async is not None or adaptive is not None:
+        return "sync"
+    return None
+
+
+def migrate_legacy_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Move the seed's flat keys to the nested layout; returns (new data, "old -> new" notes).
+
+    New-style keys win where both are given. The input is not modified."""
+    notes: list[str] = []
+    out = dict(data)
+    controller = dict(out["controller"]) if isinstance(out.get("controller"), dict) else None
+    if not isinstance(out.get("training", {}), dict):
+        return data, notes
+    t = dict(out.get("training") or {})
+    if controller is not None:
+        for key in _CONTROLLER_TO_TRAINING:
+            if key in controller:
+                value = controller.pop(key)
+                if key not in t:
+                    t[key] = value
+                notes.append(f"controller.{key} -> training")
+        if controller.pop("use_zmq", False):
+            ps = dict(out.get("paramserver") or {})
+            ps.setdefault("transport", "zmq")
+            out["paramserver"] = ps
+            notes.append("controller.use_zmq -> paramserver.transport: zmq")
+        out["controller"] = controller
+
+    strategy = t.get("strategy")
+    legacy_name = _legacy_strategy_name(t)  # an explicit `strategy` wins over the seed's async keys
+    legacy_mode = t.get("mode")
+    for key in _STRATEGY_SELECTORS:
+        if key in t:
+            t.pop(key)
+            notes.append(f"training.{key} -> training.strategy.name")
+    if isinstance(strategy, str) or strategy is None:
+        if isinstance(strategy, str) and legacy_mode is not None and legacy_mode != strategy:
+            raise ConfigError(f"training.strategy {strategy!r} and training.mode {legacy_mode!r} disagree; set one")
+        strategy = {"name": strategy or legacy_name or "sync"}
+    elif isinstance(strategy, dict):
+        strategy = dict(strategy)
+    sub: dict[str, dict[str, Any]] = {"strategy": strategy}
+    for name in ("codec", "aggregation", "attack", "dp"):
+        current = t.get(name)
+        sub[name] = dict(current) if isinstance(current, dict) else {}
+    if isinstance(t.get("attack"), str):
+        sub["attack"] = {"name": t.pop("attack")}
+        notes.append("training.attack -> training.attack.name")
+
+    strategy_fields = _strategy_fields(strategy)
+    for old, (owner, new) in LEGACY_TRAINING_KEYS.items():
+        if old not in t:
+            continue
+        value = t.pop(old)
+        if owner == "strategy" and strategy_fields is not None and new not in strategy_fields:
+            notes.append(f"training.{old} dropped (strategy {strategy.get('name')!r} has no {new})")
+            continue
+        sub[owner].setdefault(new, value)
+        notes.append(f"training.{old} -> training.{owner}.{new}")
+    f_given = {k: t.pop(k) for k in _F_KEYS if k in t}
+    if f_given:
+        rule = sub["aggregation"].get("rule", "mean")
+        specific = {"krum": "krum_f", "multi_krum": "krum_f", "bulyan": "bulyan_f"}.get(rule)
+        f = f_given.get(specific) if specific in f_given else f_given.get("byzantine_f")
+        if f is not None:
+            sub["aggregation"].setdefault("f", f)
+        notes.extend(f"training.{k} -> training.aggregation.f" for k in f_given)
+    enabled = t.pop("enable_differential_privacy", None)
+    if enabled is not None:
+        notes.append("training.enable_differential_privacy -> training.dp (present: on)")
+    if not enabled and not isinstance(data.get("training", {}).get("dp"), dict):  # the seed's DP was opt-in
+        if sub["dp"].get("noise_multiplier") or sub["dp"].get("clip") is not None:
+            raise ConfigError(
+                "dp_noise_multiplier / dp_clip are set but enable_differential_privacy is false: "
+                "turn DP on, or drop them"
+            )
+        sub["dp"] = {}
+    elif enabled:
+        sub["dp"].setdefault("noise_multiplier", 0.0)
+
+    if sub["attack"] and "name" not in sub["attack"]:
+        raise ConfigError("attackers / attacker_workers / attack_params are set but no attack is chosen (training.attack)")
+    t["strategy"] = strategy
+    for name in ("codec", "aggregation", "attack", "dp"):
+        if sub[name] or name in t:
+            t[name] = sub[name] or t.get(name)
+    if "training" in out or notes:
+        out["training"] = t
+    return out, notes
+
+
+def _strategy_fields(strategy: dict[str, Any]) -> set[str] | None:
+    try:
+        return set(build_strategy(str(strategy.get("name", "sync"))).config.model_fields)
+    except ValueError:
+        return None  # an unknown name: validation reports it with its path
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -254,8 +461,16 @@ def format_validation_error(err: ValidationError) -> str:
 
 
 def parse_config(data: dict[str, Any] | None) -> Config:
+    """The one place a config mapping becomes a `Config`: legacy keys are migrated here, with one warning."""
+    migrated, notes = migrate_legacy_keys(data or {})
+    if notes:
+        warnings.warn(
+            "config uses legacy keys, read as their new paths: " + "; ".join(notes),
+            LegacyConfigWarning,
+            stacklevel=2,
+        )
     try:
-        return Config.model_validate(data or {})
+        return Config.model_validate(migrated)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
 

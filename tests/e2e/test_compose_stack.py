@@ -25,8 +25,8 @@ from e2e_stack import (
     wait_for,
 )
 
-from dist_llm_train.netem.loader import load_profile
-from dist_llm_train.netem.resolve import egress_links
+from dist_llm_train.netem.profile.loading import load_profile
+from dist_llm_train.netem.profile.resolve import egress_links
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dist_llm_train.config import parse_config
-from dist_llm_train.training.strategies import simulate
+from dist_llm_train.sim.numerics import simulate_training
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -47,7 +47,7 @@ def final_loss(n: int, steps: int, rule: str = "mean", f: int = 0, attack: str |
         name, params = ATTACKS[attack]
         keys |= {"attack": name, "attack_params": params, "attackers": f}
     cfg = parse_config({"model": TINY, "training": keys})
-    result, sources = simulate(cfg)
+    result, sources = simulate_training(cfg)
     return sources[0].trainer.evaluate(np.array(result.params), cfg.training.eval_batches)
 
 

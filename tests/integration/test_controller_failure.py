@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from dist_llm_train.config import ControllerConfig
 from dist_llm_train.controller.app import create_app
 from dist_llm_train.controller.store import SCHEMA_VERSION, Store, StoreError
-from dist_llm_train.paramserver.types import ErrorCode, PSError
+from dist_llm_train.core.types import ErrorCode, PSError
 
 
 class FakeClock:

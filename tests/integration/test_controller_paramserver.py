@@ -14,9 +14,10 @@ import pytest
 
 from dist_llm_train.config import ControllerConfig, ParamServerConfig
 from dist_llm_train.controller.app import create_app
-from dist_llm_train.paramserver.client import connect
+from dist_llm_train.paramserver.transport.client import connect
 from dist_llm_train.paramserver.server import start_server
-from dist_llm_train.paramserver.types import JobSpec, PushHeader, TensorSpec
+from dist_llm_train.core.job import JobSpec, WireJobSpec
+from dist_llm_train.core.types import PushHeader, TensorSpec
 
 
 class FakeClock:
@@ -44,7 +45,7 @@ async def test_membership_follows_assignments_and_deaths_on_a_real_ps(transport:
         report = await asyncio.to_thread(runtime.detector.tick)
         assert report.membership.waiting == [jid]  # no worker has created the job on the PS yet
 
-        spec = JobSpec(job_id=jid, total_steps=10)
+        spec = JobSpec.from_wire(WireJobSpec(job_id=jid, total_steps=10))
         params = np.zeros(4, dtype=np.float32)
         await asyncio.to_thread(psc.init_job, spec, [TensorSpec("w", (4,), 0)], params, [])
         report = await asyncio.to_thread(runtime.detector.tick)
@@ -89,7 +90,7 @@ async def test_status_shows_the_ps_view_of_each_worker() -> None:
         before = (await client.get("/status")).json()["workers"][0]
         assert before["staleness_source"] == "config" and before["staleness_bound"] == 7
 
-        spec = JobSpec(job_id=jid, mode="async", max_staleness=7, total_steps=10)
+        spec = JobSpec.from_wire(WireJobSpec(job_id=jid, mode="async", max_staleness=7, total_steps=10))
         await asyncio.to_thread(psc.init_job, spec, [TensorSpec("w", (4,), 0)], np.zeros(4, np.float32), [wid])
         header = PushHeader(job_id=jid, worker_id=wid, step=1, base_version=0, payload_bytes=16, num_samples=1)
         await asyncio.to_thread(psc.push, header, np.ones(4, np.float32).tobytes())

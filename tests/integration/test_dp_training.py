@@ -1,6 +1,6 @@
 """DP on real training, in process: the clip bound holds on every update, ε comes from the accountant.
 
-DP noise is seeded here (`simulate(..., dp_seed=...)`), so every run of these tests trains exactly the
+DP noise is seeded here (`simulate_training(..., dp_seed=...)`), so every run of these tests trains exactly the
 same model: production draws noise from OS entropy, which once made the loss check fail at random. The
 loss checks compare against the measured loss of the untrained model, with margins several times the
 seed-to-seed spread (measured over 25 seeds: local z=0.3 improves 0.31-0.33 nats, central z=1.0
@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from dist_llm_train.config import Config, parse_config
-from dist_llm_train.training.dp import epsilon
+from dist_llm_train.core.privacy import epsilon
+from dist_llm_train.embedded.report import strategy_summary
+from dist_llm_train.sim.numerics import TrainerSource, simulate_training
 from dist_llm_train.training.flat import flatten_params
 from dist_llm_train.training.models import build_model
-from dist_llm_train.training.strategies import TrainerSource, simulate, strategy_summary
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,7 +43,7 @@ SEED = 0
 
 def run(dp_seed: int = SEED, **keys: Any) -> tuple[Any, Any, float]:
     cfg = parse_config({"model": TINY, "training": {**BASE, **keys}})
-    result, sources = simulate(cfg, dp_seed=dp_seed)
+    result, sources = simulate_training(cfg, dp_seed=dp_seed)
     return (
         cfg,
         (result, sources),
@@ -60,7 +61,7 @@ def untrained_loss(cfg: Config, source: TrainerSource) -> float:
 def test_local_dp_clips_every_update_and_reports_the_accountants_epsilon() -> None:
     cfg, (result, sources), loss = run()
     for src in sources:
-        dp = src.strategy.dp
+        dp = src.pipeline.dp
         assert dp is not None
         assert dp.releases == 60  # one release per sync round
         assert dp.clipped == dp.releases  # every update was longer than the bound ...

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_llm_train.netem.userspace_fidelity import change_point, schedule_timeline
+from dist_llm_train.netem.measure.stats import change_point
+from dist_llm_train.netem.measure.userspace_fidelity import schedule_timeline
 
 pytestmark = pytest.mark.timeout(120)
 BOUNDARIES = (5.0, 7.0, 12.0)  # down, up, down (seconds after the schedule started)
@@ -47,7 +48,7 @@ def test_brownout_userspace() -> None:
 def _fallback_ok() -> tuple[bool, str]:
     if os.geteuid() != 0:
         return False, "needs root"
-    from dist_llm_train.netem.backends.kernel_fallback import KernelFallbackBackend
+    from dist_llm_train.netem.kernel.fallback import KernelFallbackBackend
 
     return KernelFallbackBackend.available()
 
@@ -57,7 +58,7 @@ def test_brownout_kernel_fallback(tmp_path: Path) -> None:
     ok, why = _fallback_ok()
     if not ok:
         pytest.skip(f"kernel_fallback unavailable: {why}")
-    from dist_llm_train.netem.fidelity import PY, NetnsPair
+    from dist_llm_train.netem.measure.kernel_fidelity import PY, NetnsPair
 
     with NetnsPair(
         prefix=f"dltb{os.getpid() % 10000}",
@@ -84,7 +85,7 @@ def test_brownout_kernel_fallback(tmp_path: Path) -> None:
                 pair.ns[0],
                 PY,
                 "-c",
-                f"from dist_llm_train.netem.probe import udp_flood; udp_flood({pair.ip[1]!r}, 7778, 7.5, 14)",
+                f"from dist_llm_train.netem.measure.probe import udp_flood; udp_flood({pair.ip[1]!r}, 7778, 7.5, 14)",
             ]
         )
         pair.procs.append(flood)

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from dist_llm_train.netem.backends.kernel_fallback import KernelFallbackBackend
-from dist_llm_train.netem.fidelity import NetnsPair, binomial_interval, sh
-from dist_llm_train.netem.loader import load_profile
-from dist_llm_train.netem.resolve import egress_links
+from dist_llm_train.netem.kernel.fallback import KernelFallbackBackend
+from dist_llm_train.netem.measure.kernel_fidelity import NetnsPair, sh
+from dist_llm_train.netem.measure.stats import binomial_interval
+from dist_llm_train.netem.profile.loading import load_profile
+from dist_llm_train.netem.profile.resolve import egress_links
 
 ok, why = KernelFallbackBackend.available() if os.geteuid() == 0 else (False, "needs root")
 pytestmark = [pytest.mark.root, pytest.mark.skipif(not ok, reason=f"kernel_fallback unavailable: {why}")]
@@ -97,7 +98,7 @@ def test_clear_removes_everything(pair: NetnsPair) -> None:
 
 def test_failed_apply_leaves_interface_clean(pair: NetnsPair) -> None:
     """tc_netem on a kernel without sch_netem fails half-way: everything before the failure is rolled back."""
-    from dist_llm_train.netem.backends.tc_netem import probe_netem
+    from dist_llm_train.netem.kernel.tc_netem import probe_netem
 
     if probe_netem()[0]:
         pytest.skip("this kernel has netem, so tc_netem does not fail here")

@@ -41,12 +41,12 @@ def test_wheel_contains_profiles_and_loader_finds_them(tmp_path: Path) -> None:
     )
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("dist_llm_train/netem/profiles/"))
+    shipped = sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("dist_llm_train/netem/profile/shipped/"))
     assert shipped == sorted(p.name for p in (ROOT / "deploy" / "netem").glob("*.yaml"))
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = (
-        "import dist_llm_train; from dist_llm_train.netem.loader import available_profiles, load_profile; "
+        "import dist_llm_train; from dist_llm_train.netem.profile.loading import available_profiles, load_profile; "
         "print(load_profile('cellular').name, sorted(available_profiles()), dist_llm_train.__file__)"
     )
     out = subprocess.run(

@@ -14,7 +14,7 @@ from dataclasses import fields
 
 import pytest
 
-from dist_llm_train.netem.userspace_fidelity import DelayLoss, measure
+from dist_llm_train.netem.measure.userspace_fidelity import DelayLoss, measure
 
 pytestmark = pytest.mark.timeout(120)
 PROFILES = ["lan", "good", "cellular", "degraded", "satellite", "intercontinental", "brownout", "straggler"]

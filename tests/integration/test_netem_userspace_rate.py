@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from dist_llm_train.netem.userspace_fidelity import measure
+from dist_llm_train.netem.measure.userspace_fidelity import measure
 
 pytestmark = pytest.mark.timeout(120)
 

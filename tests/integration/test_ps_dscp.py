@@ -23,12 +23,13 @@ SCRIPT = """
 import numpy as np, sys
 from dist_llm_train.config import ParamServerConfig
 from dist_llm_train.paramserver.background import BackgroundServer
-from dist_llm_train.paramserver.client import connect
-from dist_llm_train.paramserver.types import JobSpec, PushHeader, TensorSpec
+from dist_llm_train.paramserver.transport.client import connect
+from dist_llm_train.core.job import JobSpec, WireJobSpec
+from dist_llm_train.core.types import PushHeader, TensorSpec
 transport = sys.argv[1]
 with BackgroundServer(ParamServerConfig(port=0, metrics_port=0, transport=transport), with_metrics=False) as ps:
     c = connect(transport, ps.address, timeout_s=10)
-    c.init_job(JobSpec(job_id="j", mode="async", total_steps=5), [TensorSpec("w", (1024,), 0)],
+    c.init_job(JobSpec.from_wire(WireJobSpec(job_id="j", mode="async", total_steps=5)), [TensorSpec("w", (1024,), 0)],
                np.zeros(1024, np.float32), ["w0"])
     header = PushHeader(job_id="j", worker_id="w0", step=1, base_version=0, payload_bytes=4096)
     c.push(header, np.ones(1024, np.float32).tobytes())
@@ -51,8 +52,13 @@ def test_ps_traffic_is_marked_ps_sync(transport: str) -> None:
         # Count every TCP packet on lo, and separately those marked DSCP 10 (ps_sync).
         _ns(ns, "iptables", "-t", "mangle", "-A", "OUTPUT", "-o", "lo", "-p", "tcp")
         _ns(ns, "iptables", "-t", "mangle", "-A", "OUTPUT", "-o", "lo", "-p", "tcp", "-m", "dscp", "--dscp", "10")
-        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", SCRIPT, transport],
-                             check=True, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", SCRIPT, transport],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.stdout.strip().isdigit()
         counters = _ns(ns, "iptables", "-t", "mangle", "-L", "OUTPUT", "-v", "-x", "-n")
         rows = [line.split() for line in counters.splitlines() if line.strip().startswith(tuple("0123456789"))]

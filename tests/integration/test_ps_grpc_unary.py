@@ -18,14 +18,14 @@ import grpc
 import numpy as np
 import pytest
 
-from dist_llm_train.paramserver import wire
-from dist_llm_train.paramserver.grpc_client import GrpcPSClient
-from dist_llm_train.paramserver.grpc_server import ParameterServerServicer, method_handlers
+from dist_llm_train.paramserver.transport import wire
+from dist_llm_train.paramserver.transport.grpc_client import GrpcPSClient
+from dist_llm_train.paramserver.transport.grpc_server import ParameterServerServicer, method_handlers
 from dist_llm_train.paramserver.metrics import PSMetrics
-from dist_llm_train.paramserver.state import ParameterStore
-from dist_llm_train.paramserver.types import (
+from dist_llm_train.paramserver.job import ParameterStore
+from dist_llm_train.core.job import JobSpec, WireJobSpec
+from dist_llm_train.core.types import (
     ErrorCode,
-    JobSpec,
     PSError,
     PushHeader,
     PushOutcome,
@@ -79,8 +79,10 @@ def serve(*, with_unary: bool = True) -> Iterator[tuple[str, Recorder]]:
 
 
 def new_job(client: GrpcPSClient, n: int, job_id: str = "j") -> None:
-    spec = JobSpec(
-        job_id, mode="async", optimizer="sgd", learning_rate=0.5, momentum=0.0, max_staleness=10, total_steps=99
+    spec = JobSpec.from_wire(
+        WireJobSpec(
+            job_id, mode="async", optimizer="sgd", learning_rate=0.5, momentum=0.0, max_staleness=10, total_steps=99
+        )
     )
     client.init_job(spec, [TensorSpec("w", (n,), 0)], np.zeros(n, np.float32), ["a"])
 

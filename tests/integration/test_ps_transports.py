@@ -20,10 +20,10 @@ import pytest
 
 from dist_llm_train.config import ParamServerConfig
 from dist_llm_train.paramserver.background import BackgroundServer
-from dist_llm_train.paramserver.client import PSClient, connect
-from dist_llm_train.paramserver.types import (
+from dist_llm_train.paramserver.transport.client import PSClient, connect
+from dist_llm_train.core.job import JobSpec, WireJobSpec
+from dist_llm_train.core.types import (
     ErrorCode,
-    JobSpec,
     PSError,
     PushHeader,
     PushOutcome,
@@ -58,7 +58,7 @@ def new_job(
         "momentum": 0.0,
         "total_steps": 100,
     }
-    spec = JobSpec(job_id=f"job-{next(_ids)}", **{**defaults, **spec_kw})
+    spec = JobSpec.from_wire(WireJobSpec(job_id=f"job-{next(_ids)}", **{**defaults, **spec_kw}))
     params = np.linspace(-1, 1, n, dtype=np.float32)
     assert client.init_job(spec, [TensorSpec("w", (n,), 0)], params, members or []).created
     return spec, params
@@ -68,9 +68,7 @@ def push(
     client: PSClient, job_id: str, worker: str, step: int, base: int, update: np.ndarray | bytes, **kw: Any
 ) -> PushOutcome:
     payload = update if isinstance(update, bytes) else np.asarray(update, dtype="<f4").tobytes()
-    header = PushHeader(
-        job_id=job_id, worker_id=worker, step=step, base_version=base, payload_bytes=len(payload), **kw
-    )
+    header = PushHeader(job_id=job_id, worker_id=worker, step=step, base_version=base, payload_bytes=len(payload), **kw)
     return client.push(header, payload).outcome
 
 
@@ -131,9 +129,7 @@ def test_sync_barrier_waits_for_all_three_members(server: BackgroundServer, clie
     grads = {w: np.full(4, i + 1, dtype=np.float32) for i, w in enumerate("abc")}
     assert push(client, spec.job_id, "a", 1, 0, grads["a"]) is PushOutcome.BUFFERED
     assert push(client, spec.job_id, "b", 1, 0, grads["b"]) is PushOutcome.BUFFERED
-    assert (
-        client.pull(spec.job_id, "a", min_version=1, wait_timeout_s=0.05).version == 0
-    )  # times out, returns v0
+    assert client.pull(spec.job_id, "a", min_version=1, wait_timeout_s=0.05).version == 0  # times out, returns v0
     waiter: dict[str, int] = {}
     with connect(server.cfg.transport, server.address) as other:
         t = threading.Thread(target=lambda: waiter.update(v=other.pull(spec.job_id, "a", 1, 20).version))
@@ -266,12 +262,8 @@ def test_bad_push_gets_its_code_and_changes_nothing(client: PSClient, case: tupl
     after = client.pull(spec.job_id, "a")
     assert after.version == before.version and np.array_equal(after.params, before.params)
     after_stats = client.stats(spec.job_id)[0]
-    pushes = {
-        k: v for k, v in after_stats.counters.items() if k.startswith(("pushes_", "updates_", "bytes_"))
-    }
-    assert pushes == {
-        k: v for k, v in before_stats.counters.items() if k.startswith(("pushes_", "updates_", "bytes_"))
-    }
+    pushes = {k: v for k, v in after_stats.counters.items() if k.startswith(("pushes_", "updates_", "bytes_"))}
+    assert pushes == {k: v for k, v in before_stats.counters.items() if k.startswith(("pushes_", "updates_", "bytes_"))}
     assert after_stats.members == before_stats.members
     if code is not ErrorCode.NOT_FOUND:
         assert after_stats.counters[f"rejected_{code.value.lower()}"] == 1
@@ -288,26 +280,28 @@ def test_bad_requests_other_than_push(client: PSClient) -> None:
     layout = [TensorSpec("w", (4,), 0)]
     ok = np.zeros(4, np.float32)
     assert (
-        code_of(client.init_job, JobSpec("bad-mode", mode="bogus"), layout, ok, [])
-        is ErrorCode.INVALID_ARGUMENT
-    )
-    assert code_of(client.init_job, JobSpec("bad/id"), layout, ok, []) is ErrorCode.INVALID_ARGUMENT
-    assert (
-        code_of(client.init_job, JobSpec("nan-init"), layout, np.full(4, np.nan, np.float32), [])
+        code_of(client.init_job, JobSpec.from_wire(WireJobSpec("bad-mode", mode="bogus")), layout, ok, [])
         is ErrorCode.INVALID_ARGUMENT
     )
     assert (
-        code_of(client.init_job, JobSpec("off-layout"), [TensorSpec("w", (5,), 0)], ok, [])
+        code_of(client.init_job, JobSpec.from_wire(WireJobSpec("bad/id")), layout, ok, []) is ErrorCode.INVALID_ARGUMENT
+    )
+    assert (
+        code_of(client.init_job, JobSpec.from_wire(WireJobSpec("nan-init")), layout, np.full(4, np.nan, np.float32), [])
         is ErrorCode.INVALID_ARGUMENT
     )
     assert (
-        code_of(client.init_job, JobSpec("neg-lr", learning_rate=-1.0), layout, ok, [])
+        code_of(client.init_job, JobSpec.from_wire(WireJobSpec("off-layout")), [TensorSpec("w", (5,), 0)], ok, [])
+        is ErrorCode.INVALID_ARGUMENT
+    )
+    assert (
+        code_of(client.init_job, JobSpec.from_wire(WireJobSpec("neg-lr", learning_rate=-1.0)), layout, ok, [])
         is ErrorCode.INVALID_ARGUMENT
     )
     assert (
         code_of(
             client.init_job,
-            JobSpec("big"),
+            JobSpec.from_wire(WireJobSpec("big")),
             [TensorSpec("w", ((MAX_MB << 18) + 1,), 0)],
             np.zeros((MAX_MB << 18) + 1, np.float32),
             [],
@@ -364,12 +358,12 @@ def test_metrics_are_exposed(server: BackgroundServer, client: PSClient) -> None
 def test_checkpoint_on_shutdown_and_resume(tmp_path: Path, transport: str) -> None:
     """A resumed server continues exactly where it stopped: params, Adam state, replay memory."""
     ckpt = tmp_path / "ckpt"
-    cfg = ParamServerConfig(
-        port=0, metrics_port=0, transport=transport, checkpoint_dir=str(ckpt), checkpoint_every=2
-    )
+    cfg = ParamServerConfig(port=0, metrics_port=0, transport=transport, checkpoint_dir=str(ckpt), checkpoint_every=2)
     rng = np.random.default_rng(0)
     grads = [rng.standard_normal(16).astype(np.float32) for _ in range(4)]
-    spec = JobSpec(job_id="resume-me", mode="async", optimizer="adam", learning_rate=0.01, total_steps=50)
+    spec = JobSpec.from_wire(
+        WireJobSpec(job_id="resume-me", mode="async", optimizer="adam", learning_rate=0.01, total_steps=50)
+    )
     layout = [TensorSpec("a", (4, 2), 0), TensorSpec("b", (8,), 8)]
     init = rng.standard_normal(16).astype(np.float32)
     with BackgroundServer(cfg, with_metrics=False) as srv, connect(transport, srv.address) as c:
@@ -410,9 +404,7 @@ def test_grpc_health_and_reflection_answer() -> None:
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         replies = list(
-            stub.ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
-            )
+            stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
         )
         names = {s.name for s in replies[0].list_services_response.service}
         assert {"dist_llm_train.v1.ParameterServer", "grpc.health.v1.Health"} <= names
@@ -438,9 +430,7 @@ def test_plain_generated_grpc_stub_interoperates() -> None:
             straggler_timeout_s=1.0,
             max_staleness=1,
         )
-        header = pb.InitJobHeader(
-            spec=spec, layout=[pb.TensorSpec(name="w", shape=[1000], offset=0)], num_params=1000
-        )
+        header = pb.InitJobHeader(spec=spec, layout=[pb.TensorSpec(name="w", shape=[1000], offset=0)], num_params=1000)
         raw = params.tobytes()
         chunks = [pb.InitJobChunk(header=header)] + [
             pb.InitJobChunk(data=raw[i : i + 1500]) for i in range(0, len(raw), 1500)
@@ -450,9 +440,7 @@ def test_plain_generated_grpc_stub_interoperates() -> None:
         resp = stub.Push(
             iter(
                 [
-                    pb.PushChunk(
-                        header=pb.PushHeader(job_id="plain", worker_id="w", step=1, payload_bytes=len(grad))
-                    ),
+                    pb.PushChunk(header=pb.PushHeader(job_id="plain", worker_id="w", step=1, payload_bytes=len(grad))),
                     pb.PushChunk(data=grad[:10]),
                     pb.PushChunk(data=grad[10:]),
                 ]

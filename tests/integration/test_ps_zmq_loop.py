@@ -20,8 +20,9 @@ import zmq
 from dist_llm_train.config import ParamServerConfig
 from dist_llm_train.paramserver import zmq_server
 from dist_llm_train.paramserver.background import BackgroundServer
-from dist_llm_train.paramserver.client import connect
-from dist_llm_train.paramserver.types import JobSpec, PushHeader, PushOutcome, TensorSpec
+from dist_llm_train.paramserver.transport.client import connect
+from dist_llm_train.core.job import JobSpec, WireJobSpec
+from dist_llm_train.core.types import PushHeader, PushOutcome, TensorSpec
 
 N = 32
 TIMEOUT_MS = 20_000
@@ -35,8 +36,8 @@ def server() -> Iterator[BackgroundServer]:
 
 def new_job(address: str, job_id: str, total_steps: int = 1000) -> None:
     with connect("zmq", address, timeout_s=20) as client:
-        spec = JobSpec(job_id, mode="async", learning_rate=0.1, momentum=0.0, max_staleness=10_000,
-                       total_steps=total_steps)  # fmt: skip
+        spec = JobSpec.from_wire(WireJobSpec(job_id, mode="async", learning_rate=0.1, momentum=0.0, max_staleness=10_000,
+                       total_steps=total_steps))  # fmt: skip
         client.init_job(spec, [TensorSpec("w", (N,), 0)], np.zeros(N, np.float32), [])
 
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from dist_llm_train.config import parse_config
-from dist_llm_train.paramserver.inprocess import SimResult
-from dist_llm_train.training.strategies import simulate
+from dist_llm_train.sim.numerics import TrainingResult, simulate_training
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,19 +23,19 @@ BASE = {
 }
 
 
-def train(**keys: Any) -> tuple[float, SimResult]:
+def train(**keys: Any) -> tuple[float, TrainingResult]:
     cfg = parse_config({"model": TINY, "training": {**BASE, **keys}})
-    result, sources = simulate(cfg)
+    result, sources = simulate_training(cfg)
     return sources[0].trainer.evaluate(np.array(result.params), cfg.training.eval_batches), result
 
 
-def gradient_bytes(result: SimResult) -> int:
+def gradient_bytes(result: TrainingResult) -> int:
     assert result.stats is not None
     return result.stats.counters["bytes_received_gradient"]
 
 
 @pytest.fixture(scope="module")
-def runs() -> dict[str, tuple[float, SimResult]]:
+def runs() -> dict[str, tuple[float, TrainingResult]]:
     topk = {"compression": "topk", "compression_ratio": 0.01}
     return {
         "none": train(),
@@ -47,7 +46,7 @@ def runs() -> dict[str, tuple[float, SimResult]]:
 
 
 def test_topk_with_error_feedback_is_within_5_percent_at_50x_fewer_gradient_bytes(
-    runs: dict[str, tuple[float, SimResult]],
+    runs: dict[str, tuple[float, TrainingResult]],
 ) -> None:
     (plain, plain_run), (ef, ef_run) = runs["none"], runs["topk_ef"]
     assert abs(ef - plain) <= 0.05 * plain, (ef, plain)
@@ -55,13 +54,13 @@ def test_topk_with_error_feedback_is_within_5_percent_at_50x_fewer_gradient_byte
     assert ratio >= 50, ratio  # index bytes included: 6 bytes per kept coordinate at 1 %
 
 
-def test_topk_without_error_feedback_is_measurably_worse(runs: dict[str, tuple[float, SimResult]]) -> None:
+def test_topk_without_error_feedback_is_measurably_worse(runs: dict[str, tuple[float, TrainingResult]]) -> None:
     (ef, ef_run), (no_ef, no_ef_run) = runs["topk_ef"], runs["topk_no_ef"]
     assert gradient_bytes(no_ef_run) == gradient_bytes(ef_run)  # same bytes, only the residual differs
     assert no_ef > ef + 0.1, (no_ef, ef)
 
 
-def test_int8_is_4x_smaller_and_as_good(runs: dict[str, tuple[float, SimResult]]) -> None:
+def test_int8_is_4x_smaller_and_as_good(runs: dict[str, tuple[float, TrainingResult]]) -> None:
     (plain, plain_run), (q, q_run) = runs["none"], runs["int8"]
     assert abs(q - plain) <= 0.05 * plain
     assert 3.9 < gradient_bytes(plain_run) / gradient_bytes(q_run) <= 4.0

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from dist_llm_train.config import parse_config
-from dist_llm_train.paramserver.inprocess import SimResult
-from dist_llm_train.training.strategies import TrainerSource, simulate
+from dist_llm_train.sim.numerics import TrainerSource, TrainingResult, simulate_training
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,15 +23,15 @@ TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2}
 BASE = {"batch_size": 8, "seq_length": 16, "num_samples": 4000, "eval_batches": 16, "num_workers": N}
 
 
-def train(times: list[float] | None = None, **keys: Any) -> tuple[float, SimResult, list[TrainerSource]]:
+def train(times: list[float] | None = None, **keys: Any) -> tuple[float, TrainingResult, list[TrainerSource]]:
     cfg = parse_config({"model": TINY, "training": {**BASE, **keys}})
-    result, sources = simulate(cfg, times)
+    result, sources = simulate_training(cfg, times)
     loss = sources[0].trainer.evaluate(np.array(result.params), cfg.training.eval_batches)
     return loss, result, sources
 
 
 @pytest.fixture(scope="module")
-def sync_run() -> tuple[float, SimResult]:
+def sync_run() -> tuple[float, TrainingResult]:
     loss, result, _ = train(steps=SYNC_STEPS)
     assert loss < 1.85  # it trained: the untrained model is at ~2.8 nats, the corpus floor is 1.746
     return loss, result
@@ -42,13 +41,13 @@ def within(loss: float, reference: float, tol: float) -> bool:
     return abs(loss - reference) <= tol * reference
 
 
-def test_async_matches_sync_on_the_same_samples(sync_run: tuple[float, SimResult]) -> None:
+def test_async_matches_sync_on_the_same_samples(sync_run: tuple[float, TrainingResult]) -> None:
     loss, result, _ = train(steps=SYNC_STEPS * N, strategy="async")
     assert result.version == SYNC_STEPS * N and result.outcomes["APPLIED"] == SYNC_STEPS * N
     assert within(loss, sync_run[0], 0.10), (loss, sync_run[0])
 
 
-def test_adaptive_keeps_a_slow_worker_in_and_matches_sync(sync_run: tuple[float, SimResult]) -> None:
+def test_adaptive_keeps_a_slow_worker_in_and_matches_sync(sync_run: tuple[float, TrainingResult]) -> None:
     times = [1.0, 1.0, 1.0, 4.0]  # worker-3 is 4x slower
     keys = {"steps": SYNC_STEPS * N, "max_staleness": 2}
     loss, result, _ = train(times, strategy="adaptive", **keys)
@@ -63,7 +62,7 @@ def test_adaptive_keeps_a_slow_worker_in_and_matches_sync(sync_run: tuple[float,
     assert adaptive_slow.staleness_bound > fast.staleness_bound
 
 
-def test_diloco_matches_sync_with_20x_fewer_bytes(sync_run: tuple[float, SimResult]) -> None:
+def test_diloco_matches_sync_with_20x_fewer_bytes(sync_run: tuple[float, TrainingResult]) -> None:
     loss, result, _ = train(steps=SYNC_STEPS, strategy="diloco", diloco_local_steps=25)
     assert result.version == SYNC_STEPS // 25
     assert within(loss, sync_run[0], 0.10), (loss, sync_run[0])

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dist_llm_train.training.dp import epsilon
+from dist_llm_train.core.privacy import epsilon
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -9,7 +9,7 @@ import pytest
 
 from dist_llm_train.config import ControllerConfig
 from dist_llm_train.controller.app import create_app
-from dist_llm_train.training.dp import epsilon
+from dist_llm_train.core.privacy import epsilon
 
 
 class Notifier:

@@ -51,7 +51,7 @@ RESULTS: list[dict[str, Any]] = []
 
 def backend_missing() -> str | None:
     """Why the project's tc_netem backend cannot be exercised (None when it can)."""
-    for mod in ("dist_llm_train.netem.backends.tc_netem", "dist_llm_train.netem.__main__"):
+    for mod in ("dist_llm_train.netem.kernel.tc_netem", "dist_llm_train.netem.__main__"):
         try:
             if importlib.util.find_spec(mod) is None:
                 return f"{mod} does not exist yet"
@@ -194,8 +194,8 @@ needs_backend = pytest.mark.skipif(backend_missing() is not None, reason=f"backe
 @needs_backend
 @pytest.mark.parametrize("name", ["good", "cellular", "satellite"])
 def test_profile_on_real_netem(lab: VethLab, baseline: dict[str, float], name: str) -> None:
-    from dist_llm_train.netem.classes import tos_byte
-    from dist_llm_train.netem.loader import load_profile
+    from dist_llm_train.netem.profile.classes import tos_byte
+    from dist_llm_train.netem.profile.loading import load_profile
 
     profile = load_profile(name)
     before = {lab.ns_a: lab.qdiscs(lab.ns_a, lab.dev_a), lab.ns_b: lab.qdiscs(lab.ns_b, lab.dev_b)}
@@ -232,7 +232,7 @@ def test_profile_on_real_netem(lab: VethLab, baseline: dict[str, float], name: s
 @needs_backend
 def test_straggler_ingress_via_ifb(lab: VethLab, baseline: dict[str, float]) -> None:
     """The straggler's `ingress` block puts an IFB on its device: what it RECEIVES is rate-limited too."""
-    from dist_llm_train.netem.loader import load_profile
+    from dist_llm_train.netem.profile.loading import load_profile
 
     profile = load_profile("straggler")
     node = profile.nodes["$last_worker"]

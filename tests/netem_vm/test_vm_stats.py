@@ -1,12 +1,12 @@
-"""The netem VM suite's judgement arithmetic, checked on any machine (no VM, no root, pure maths)."""
+"""The netem VM suite's judgement arithmetic, checked on any machine (no VM, no root, pure maths).
+
+The binomial interval it judges loss with is netem/measure/stats.py's, tested in tests/unit/test_netem_stats.py.
+"""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 from vm_stats import (
-    binomial_interval,
     delay_problem,
     expected_round_trip,
     loss_problem,
@@ -14,32 +14,6 @@ from vm_stats import (
     rate_verdict,
     starved,
 )
-
-
-def exact_tail_masses(n: int, p: float, lo: int, hi: int) -> tuple[float, float]:
-    pmf = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
-    return sum(pmf[:lo]), sum(pmf[hi + 1:])
-
-
-@pytest.mark.parametrize(("n", "p"), [(50, 0.02), (200, 0.1), (300, 0.5), (120, 0.9)])
-def test_binomial_interval_is_the_tightest_with_tails_below_bound(n: int, p: float) -> None:
-    tail = 1e-3
-    lo, hi = binomial_interval(n, p, tail)
-    below, above = exact_tail_masses(n, p, lo, hi)
-    assert below <= tail and above <= tail
-    # one step tighter on either side would put more than `tail` outside
-    assert exact_tail_masses(n, p, lo + 1, hi)[0] > tail
-    assert exact_tail_masses(n, p, lo, hi - 1)[1] > tail
-
-
-def test_binomial_interval_edges_and_bad_input() -> None:
-    assert binomial_interval(2000, 0.0) == (0, 0)
-    assert binomial_interval(10, 1.0) == (10, 10)
-    lo, hi = binomial_interval(2000, 0.02)
-    assert lo < 40 < hi and hi < 2000 * 0.04  # 2 % over 2000: ~40 expected, 4 % is far out
-    for bad in ((-1, 0.1, 1e-6), (10, 1.5, 1e-6), (10, 0.1, 0.0), (10, 0.1, 0.6)):
-        with pytest.raises(ValueError):
-            binomial_interval(*bad)
 
 
 def test_round_trip_figures_split_and_compound_back() -> None:

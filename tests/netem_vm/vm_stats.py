@@ -1,14 +1,16 @@
 """The arithmetic behind the netem VM assertions, kept apart so it can be unit-tested on any machine.
 
-Why a binomial interval for loss: netem drops each packet independently with the configured probability, so the
-number lost out of n is Binomial(n, p). Accepting anything inside the central 1 - 2·tail mass makes a false alarm
-a `tail`-sized event, and a wrong configuration (say 2 % applied as 0.2 %, or applied twice) falls far outside.
+Loss is judged with the project's one exact binomial interval (netem/measure/stats.py, which says why): netem
+drops each packet independently with the configured probability, so a false alarm is a `tail`-sized event and a
+wrong configuration (say 2 % applied as 0.2 %, or applied twice) falls far outside.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from dist_llm_train.netem.measure.stats import binomial_interval
 
 RATE_CEILING = 0.10
 """Never more than 10 % above the configured rate: a shaper that lets more through is simply wrong."""
@@ -55,34 +57,10 @@ def starved(user_rtt_median_ms: float, net_rtt_median_ms: float) -> bool:
 def loss_problem(lost: int, sent: int, loss_pct: float, tail: float = 1e-6) -> str | None:
     """Why `lost` of `sent` is implausible for a `loss_pct` link, or None."""
     lo, hi = binomial_interval(sent, loss_pct / 100.0, tail)
-    if lo <= lost <= hi:
+    if lo <= lost / sent <= hi:  # k/n against lost/n: the same division, so exactly the count comparison
         return None
-    return f"lost {lost}/{sent}; for {loss_pct:.4g} % anything in {lo}..{hi} is plausible (tail {tail:g})"
-
-
-def binomial_interval(n: int, p: float, tail: float = 1e-6) -> tuple[int, int]:
-    """Smallest lo and largest hi with P(X < lo) ≤ tail and P(X > hi) ≤ tail for X ~ Binomial(n, p)."""
-    if n < 0 or not 0.0 <= p <= 1.0 or not 0.0 < tail < 0.5:
-        raise ValueError(f"need n >= 0, 0 <= p <= 1 and 0 < tail < 0.5; got n={n}, p={p}, tail={tail}")
-    if p == 0.0:
-        return 0, 0
-    if p == 1.0:
-        return n, n
-
-    def pmf(k: int) -> float:
-        log = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) \
-            + (n - k) * math.log1p(-p)
-        return math.exp(log)
-
-    lo, acc = 0, 0.0
-    while lo <= n and acc + pmf(lo) <= tail:
-        acc += pmf(lo)
-        lo += 1
-    hi, acc = n, 0.0
-    while hi >= 0 and acc + pmf(hi) <= tail:
-        acc += pmf(hi)
-        hi -= 1
-    return lo, hi
+    plausible = f"{round(lo * sent)}..{round(hi * sent)}"
+    return f"lost {lost}/{sent}; for {loss_pct:.4g} % anything in {plausible} is plausible (tail {tail:g})"
 
 
 def one_way(figures: str, delay_ms: float, loss_pct: float) -> tuple[float, float]:

@@ -8,7 +8,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from dist_llm_train.training.attacks import (
+from dist_llm_train.core.attacks import (
     ALIE,
     IPM,
     Attacker,

@@ -29,14 +29,14 @@ def test_wrong_type_names_the_field_path() -> None:
 
 def test_seed_controller_keys_feed_training() -> None:
     cfg = parse_config({"controller": {"use_async_training": True, "max_staleness": 7, "use_zmq": True}})
-    assert cfg.training.resolved_mode == "async"
-    assert cfg.training.resolved_max_staleness == 7
+    assert cfg.training.strategy.name == "async"
+    assert cfg.training.initial_staleness_bound == 7
     assert cfg.paramserver.transport == "zmq"
 
 
 def test_training_section_wins_over_controller() -> None:
     cfg = parse_config({"controller": {"use_async_training": True}, "training": {"use_async_training": False}})
-    assert cfg.training.resolved_mode == "sync"
+    assert cfg.training.strategy.name == "sync"
 
 
 def test_json_and_yaml_equivalent() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 from dist_llm_train.controller.membership import MembershipSync, PSMembershipNotifier
-from dist_llm_train.paramserver.types import ErrorCode, PSError
+from dist_llm_train.core.types import ErrorCode, PSError
 
 
 class Notifier:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dist_llm_train.training.dp import CentralDP, DPSettings, LocalDP, clip_update, dp_report, epsilon
+from dist_llm_train.core.privacy import CentralDP, DPSettings, LocalDP, clip_update, dp_report, epsilon
 
 
 def library_epsilon(z: float, k: int, delta: float) -> float:

@@ -18,7 +18,7 @@ from dist_llm_train.experiments.metrics import (
     training_wall_s,
 )
 from dist_llm_train.experiments.physics import link_model, measure_rounds, round_bound
-from dist_llm_train.netem.profile import parse_profile
+from dist_llm_train.netem.profile.schema import parse_profile
 
 COLUMNS = ["wall_time", "worker", "step", "ps_version", "loss", "step_time_s", "compute_time_s",
            "samples_per_s", "tokens_per_s", "bytes_sent", "bytes_received", "push_outcome"]

@@ -11,6 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from dist_llm_train.cli.experiments import run_experiments
 from dist_llm_train.config import Config, parse_config
 from dist_llm_train.experiments.backends import (
     BackendUnavailable,
@@ -19,7 +20,6 @@ from dist_llm_train.experiments.backends import (
     get_backend,
     precheck,
 )
-from dist_llm_train.experiments.cli import run_experiments
 from dist_llm_train.experiments.grid import Cell, parse_grid
 from dist_llm_train.experiments.runner import run_grid
 

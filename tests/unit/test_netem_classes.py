@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from dist_llm_train.netem.classes import DSCP, TRAFFIC_CLASSES, class_of_ipv4_packet, mark_socket, tos_byte
+from dist_llm_train.netem.profile.classes import DSCP, TRAFFIC_CLASSES, class_of_ipv4_packet, mark_socket, tos_byte
 
 
 def test_codepoints_distinct_and_nonzero() -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_llm_train.netem.backends.base import ShapingError, get_backend
-from dist_llm_train.netem.loader import available_profiles, load_profile
-from dist_llm_train.netem.tctree import fmt_num, fmt_rate, fmt_time, netem_args
+from dist_llm_train.netem.backends import ShapingError, get_shaping_backend
+from dist_llm_train.netem.kernel.tc_tree import fmt_num, fmt_rate, fmt_time, netem_args
+from dist_llm_train.netem.profile.loading import available_profiles, load_profile
 
 GOLDEN = Path(__file__).parent / "golden"
 PROFILES = sorted(n for n in available_profiles() if n in {
@@ -25,7 +25,7 @@ WORKERS = ["worker-0", "worker-1", "worker-2"]
 @pytest.mark.parametrize("name", PROFILES)
 def test_plan_matches_golden(backend: str, name: str) -> None:
     assert len(PROFILES) == 8
-    cmds = get_backend(backend).plan(load_profile(name), "worker-2", "eth0", WORKERS)
+    cmds = get_shaping_backend(backend).plan(load_profile(name), "worker-2", "eth0", WORKERS)
     text = "\n".join(shlex.join(c) for c in cmds) + "\n"
     path = GOLDEN / f"netem_plan_{backend}_{name}.txt"
     if os.environ.get("DLT_UPDATE_GOLDEN"):
@@ -34,7 +34,7 @@ def test_plan_matches_golden(backend: str, name: str) -> None:
 
 
 def test_tc_netem_plan_shape() -> None:
-    cmds = get_backend("tc_netem").plan(load_profile("cellular"), None, "eth0")
+    cmds = get_shaping_backend("tc_netem").plan(load_profile("cellular"), None, "eth0")
     joined = [shlex.join(c) for c in cmds]
     assert joined[0] == "tc qdisc add dev eth0 root handle 1: htb default 10"
     netem = [c for c in joined if " netem " in c]
@@ -47,7 +47,7 @@ def test_tc_netem_plan_shape() -> None:
 
 
 def test_straggler_gets_ifb_only_on_the_straggler() -> None:
-    b, p = get_backend("tc_netem"), load_profile("straggler")
+    b, p = get_shaping_backend("tc_netem"), load_profile("straggler")
     slow = [shlex.join(c) for c in b.plan(p, "worker-2", "eth0", WORKERS)]
     assert "ip link add name ifb-eth0 type ifb" in slow
     assert any("tc qdisc add dev ifb-eth0 root handle 1: htb" in c for c in slow)
@@ -66,4 +66,4 @@ def test_formatting_never_uses_exponents() -> None:
 
 def test_unknown_backend_is_a_clear_error() -> None:
     with pytest.raises(ShapingError, match="unknown backend 'nope'"):
-        get_backend("nope")
+        get_shaping_backend("nope")

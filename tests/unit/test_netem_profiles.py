@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dist_llm_train.netem.loader import ENV_DIR, available_profiles, load_profile
-from dist_llm_train.netem.profile import GilbertElliottLoss, ProfileError
-from dist_llm_train.netem.resolve import egress_links, ingress_link, one_way_pct, to_one_way
-from dist_llm_train.netem.trace import parse_mahimahi, trace_to_segments
+from dist_llm_train.netem.profile.loading import ENV_DIR, available_profiles, load_profile
+from dist_llm_train.netem.profile.resolve import egress_links, ingress_link, one_way_pct, to_one_way
+from dist_llm_train.netem.profile.schema import GilbertElliottLoss, ProfileError
+from dist_llm_train.netem.profile.trace import parse_mahimahi, trace_to_segments
 
 EXPECTED = {"good", "cellular", "degraded", "brownout", "straggler", "satellite", "lan", "intercontinental"}
 SEED = {  # round-trip seed figures: delay, jitter, loss %, rate

@@ -14,20 +14,20 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from dist_llm_train.netem import relay as rl
-from dist_llm_train.netem.backends.base import REGISTRY, ShapingError, get_backend
-from dist_llm_train.netem.linkmon import LinkMonitor
-from dist_llm_train.netem.loader import load_profile
-from dist_llm_train.netem.profile import Link, ProfileError, RandomLoss
-from dist_llm_train.netem.shaper import ShaperService
-from dist_llm_train.netem.topology import LinkSpec, Topology, directions, in_series, parse_topology
+from dist_llm_train.netem.backends import REGISTRY, ShapingError, choose_shaping_backend, get_shaping_backend
+from dist_llm_train.netem.measure.link_monitor import LinkMonitor
+from dist_llm_train.netem.profile.loading import load_profile
+from dist_llm_train.netem.profile.schema import Link, ProfileError, RandomLoss
+from dist_llm_train.netem.userspace import relay as rl
+from dist_llm_train.netem.userspace.shaper import ShaperService
+from dist_llm_train.netem.userspace.topology import LinkSpec, ShapingTopology, directions, in_series, parse_topology
 
 pytestmark = pytest.mark.timeout(60)
 
 
 # -- topology and composition -----------------------------------------------------------------------------
 def test_star_topology_and_validation_errors_name_the_field() -> None:
-    topo = Topology.star(["w0", "w1"], "127.0.0.1:8000", "127.0.0.1:50051")
+    topo = ShapingTopology.star(["w0", "w1"], "127.0.0.1:8000", "127.0.0.1:50051")
     assert [(lk.src, lk.dst, tuple(lk.classes)) for lk in topo.links][:2] == [
         ("w0", "controller", ("heartbeat", "task", "telemetry")),
         ("w0", "paramserver", ("ps_sync",)),
@@ -55,7 +55,7 @@ def test_in_series_adds_delay_combines_loss_keeps_slower_rate() -> None:
 
 def test_straggler_directions_slow_both_ways_only_for_the_last_worker() -> None:
     p = load_profile("straggler")
-    topo = Topology.star(["w0", "w1"], "127.0.0.1:1", "127.0.0.1:2")
+    topo = ShapingTopology.star(["w0", "w1"], "127.0.0.1:1", "127.0.0.1:2")
     fast_up, fast_down = directions(p, topo, topo.links[1], "ps_sync")
     slow_up, slow_down = directions(p, topo, topo.links[3], "ps_sync")
     assert (fast_up.delay_ms, fast_up.rate_mbit, fast_down.rate_mbit) == (10, 100, 100)
@@ -172,7 +172,7 @@ def test_shaper_service_plays_a_schedule() -> None:
                 },
             }
         )
-        topo = Topology(
+        topo = ShapingTopology(
             workers=["a"],
             targets={"s": "127.0.0.1:9"},
             links=[LinkSpec(src="a", dst="s", classes=["ps_sync"])],
@@ -194,8 +194,8 @@ def test_shaper_service_plays_a_schedule() -> None:
 def test_backend_apply_show_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DLT_NETEM_STATE_DIR", str(tmp_path / "state"))
     topo = tmp_path / "topo.json"
-    topo.write_text(Topology.star(["w0"], "127.0.0.1:9", "127.0.0.1:10").model_dump_json())
-    b = get_backend("userspace")
+    topo.write_text(ShapingTopology.star(["w0"], "127.0.0.1:9", "127.0.0.1:10").model_dump_json())
+    b = get_shaping_backend("userspace")
     plan = b.plan(load_profile("cellular"), None, str(topo))
     assert plan[0][:2] == ["relay", "w0->controller/heartbeat"] and "loss 0.2503% (modelled)" in plan[0][4]
     desc = b.apply(load_profile("cellular"), None, str(topo))
@@ -209,13 +209,13 @@ def test_backend_apply_show_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert ran and ran[0][:2] == ["kill", "-TERM"]
     assert (
         not Path(f"/proc/{desc['daemon']['pid']}/cmdline").exists()
-        or b"netem.shaper" not in Path(f"/proc/{desc['daemon']['pid']}/cmdline").read_bytes()
+        or b"netem.userspace.shaper" not in Path(f"/proc/{desc['daemon']['pid']}/cmdline").read_bytes()
     )
     assert list((tmp_path / "state").iterdir()) == [] and b.clear(str(topo)) == []
 
 
 def test_backend_refuses_an_interface_and_a_bad_topology(tmp_path: Path) -> None:
-    b = get_backend("userspace")
+    b = get_shaping_backend("userspace")
     with pytest.raises(ShapingError, match="shapes a topology, not an interface"):
         b.plan(load_profile("good"), None, "eth0")
     bad = tmp_path / "t.json"
@@ -225,12 +225,10 @@ def test_backend_refuses_an_interface_and_a_bad_topology(tmp_path: Path) -> None
 
 
 def test_auto_falls_back_to_userspace_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dist_llm_train.netem.backends.auto import choose
-
-    get_backend("userspace")
+    get_shaping_backend("userspace")  # registers the built-in backends
     for name in ("tc_netem", "kernel_fallback"):
         monkeypatch.setattr(REGISTRY[name], "available", classmethod(lambda cls: (False, "not here (test)")))
-    backend, reasons = choose()
+    backend, reasons = choose_shaping_backend()
     assert backend.name == "userspace"
     assert [r.split(":")[0] for r in reasons] == ["tc_netem", "kernel_fallback", "userspace"]
     assert reasons[-1].startswith("userspace: yes")
@@ -239,7 +237,7 @@ def test_auto_falls_back_to_userspace_and_says_why(monkeypatch: pytest.MonkeyPat
 # -- the worker-side monitor ------------------------------------------------------------------------------
 def _info(profile: str) -> dict[str, object]:
     async def main() -> dict[str, object]:
-        svc = ShaperService(load_profile(profile), Topology.star(["w0", "w1"], "127.0.0.1:9", "127.0.0.1:10"))
+        svc = ShaperService(load_profile(profile), ShapingTopology.star(["w0", "w1"], "127.0.0.1:9", "127.0.0.1:10"))
         info = await svc.start()
         await svc.close()
         return info

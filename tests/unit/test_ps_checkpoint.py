@@ -12,20 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dist_llm_train.core.job import JobSpec, WireJobSpec
+from dist_llm_train.core.types import PushHeader, TensorSpec
 from dist_llm_train.paramserver import checkpoint as ck
-from dist_llm_train.paramserver.job import JobSnapshot
-from dist_llm_train.paramserver.state import ParameterStore
-from dist_llm_train.paramserver.types import JobSpec, PushHeader, TensorSpec
+from dist_llm_train.paramserver.job import JobSnapshot, ParameterStore
 
 
 def snapshot(version: int, n: int = 6) -> JobSnapshot:
     return JobSnapshot(
-        spec=JobSpec(
-            "job-1",
-            mode="async",
-            optimizer="adam",
-            options={"adam_eps": "1e-7"},
-            aggregation_params={"beta": 0.1},
+        spec=JobSpec.from_wire(
+            WireJobSpec(
+                "job-1",
+                mode="async",
+                optimizer="adam",
+                options={"adam_eps": "1e-7"},
+                aggregation_params={"beta": 0.1},
+            )
         ),
         layout=[TensorSpec("a", (2, 2), 0), TensorSpec("b", (2,), 4)],
         params=np.arange(n, dtype=np.float32) + version,
@@ -114,9 +116,7 @@ KILLER = textwrap.dedent("""
 def test_killed_writer_never_replaces_a_good_checkpoint(tmp_path: Path, where: str) -> None:
     ck.write_checkpoint(tmp_path, snapshot(1))
     script = KILLER.format(tests=str(Path(__file__).parent))
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path), where], capture_output=True, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path), where], capture_output=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert len(leftovers) == 1  # the writer really died mid-way
@@ -151,7 +151,9 @@ def test_checkpointer_coalesces_and_flushes(tmp_path: Path) -> None:
 def test_store_resumes_from_checkpoints(tmp_path: Path) -> None:
     cp = ck.Checkpointer(tmp_path)
     store = ParameterStore(1 << 20, checkpoint_hook=cp.submit, checkpoint_every=2)
-    spec = JobSpec("job-r", mode="async", optimizer="sgd", learning_rate=1.0, momentum=0.5, total_steps=10)
+    spec = JobSpec.from_wire(
+        WireJobSpec("job-r", mode="async", optimizer="sgd", learning_rate=1.0, momentum=0.5, total_steps=10)
+    )
     store.init_job(spec, [TensorSpec("w", (3,), 0)], np.zeros(3, np.float32), ["w"])
     for s in range(4):
         payload = np.ones(3, "<f4").tobytes()

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_llm_train.paramserver import wire
+from dist_llm_train.core.types import ErrorCode, PSError, PushHeader
 from dist_llm_train.paramserver.numerics import all_finite, decode_update, keep_freed_vectors
 from dist_llm_train.paramserver.optim import BLOCK, SGD, Adam
-from dist_llm_train.paramserver.types import ErrorCode, PSError, PushHeader
+from dist_llm_train.paramserver.transport import wire
 from dist_llm_train.proto import paramserver_pb2 as pb
 
 N = 2 * BLOCK + 7  # spans a partial last block

@@ -10,8 +10,8 @@ import sys
 def test_paramserver_imports_without_torch() -> None:
     code = (
         "import json, sys\n"
-        "import dist_llm_train.paramserver.server, dist_llm_train.paramserver.client\n"
-        "import dist_llm_train.paramserver.grpc_client, dist_llm_train.paramserver.zmq_client\n"
+        "import dist_llm_train.paramserver.server, dist_llm_train.paramserver.transport.client\n"
+        "import dist_llm_train.paramserver.transport.grpc_client, dist_llm_train.paramserver.transport.zmq_client\n"
         "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))))\n"
     )
     out = subprocess.run(

@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 
+from dist_llm_train.core.job import JobSpec, WireJobSpec
+from dist_llm_train.core.strategies import OptimizerSpec
+from dist_llm_train.core.types import ErrorCode, PSError
 from dist_llm_train.paramserver.optim import SGD, Adam, make_optimizer
-from dist_llm_train.paramserver.types import ErrorCode, JobSpec, PSError
 
 
 def test_sgd_without_momentum_is_plain_descent() -> None:
@@ -63,15 +65,15 @@ def test_lr_scale_scales_the_step() -> None:
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_state_dict_round_trip_continues_identically(name: str) -> None:
-    spec = JobSpec("j", optimizer=name, learning_rate=0.05, momentum=0.9)
+    spec = JobSpec.from_wire(WireJobSpec("j", optimizer=name, learning_rate=0.05, momentum=0.9))
     rng = np.random.default_rng(1)
     grads = [rng.standard_normal(5).astype(np.float32) for _ in range(4)]
-    a = make_optimizer(spec, 5)
+    a = make_optimizer(spec.optimizer, 5)
     p = np.zeros(5, np.float32)
     for g in grads[:2]:
         p = a.step(p, g)
     arrays, scalars = a.state_dict()
-    b = make_optimizer(spec, 5)
+    b = make_optimizer(spec.optimizer, 5)
     b.load_state_dict({k: x.copy() for k, x in arrays.items()}, dict(scalars))
     pa, pb = p, p.copy()
     for g in grads[2:]:
@@ -92,17 +94,23 @@ def test_step_never_mutates_its_inputs() -> None:
     assert np.array_equal(m_before, m_copy)
 
 
+def spec_of(**wire: object) -> JobSpec:
+    return JobSpec.from_wire(WireJobSpec("j", **wire))  # type: ignore[arg-type]
+
+
 def test_options_are_parsed_and_checked() -> None:
-    opt = make_optimizer(
-        JobSpec("j", optimizer="adam", options={"adam_beta2": "0.99", "adam_eps": "1e-6"}), 2
-    )
+    opt = make_optimizer(spec_of(optimizer="adam", options={"adam_beta2": "0.99", "adam_eps": "1e-6"}).optimizer, 2)
     assert isinstance(opt, Adam) and math.isclose(opt.beta2, 0.99) and math.isclose(opt.eps, 1e-6)
-    assert isinstance(make_optimizer(JobSpec("j", optimizer="sgd", options={"nesterov": "true"}), 2), SGD)
+    sgd = make_optimizer(spec_of(optimizer="sgd", options={"nesterov": "true"}).optimizer, 2)
+    assert isinstance(sgd, SGD) and sgd.nesterov
+    # Bad options are refused where the wire form is parsed, naming the key, before any job exists.
     for options in ({"adam_beta2": "lots"}, {"adam_beta2": "1.5"}, {"adam_eps": "nan"}):
-        with pytest.raises(PSError) as err:
-            make_optimizer(JobSpec("j", optimizer="adam", options=options), 2)
-        assert err.value.code is ErrorCode.INVALID_ARGUMENT
-    with pytest.raises(PSError):
-        make_optimizer(JobSpec("j", optimizer="lion"), 2)
+        with pytest.raises(ValueError, match="adam_"):
+            spec_of(optimizer="adam", options=options)
+    with pytest.raises(ValueError, match="optimizer"):
+        spec_of(optimizer="lion")
+    with pytest.raises(PSError) as err:
+        make_optimizer(OptimizerSpec("lion"), 2)
+    assert err.value.code is ErrorCode.INVALID_ARGUMENT
     with pytest.raises(ValueError, match="shape"):
         Adam(3, 0.1).load_state_dict({"exp_avg": np.zeros(2), "exp_avg_sq": np.zeros(3)}, {"step": 1})

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dist_llm_train.paramserver.job import JobSnapshot
-from dist_llm_train.paramserver.state import ParameterStore
-from dist_llm_train.paramserver.types import ErrorCode, JobSpec, PSError, PushHeader, PushOutcome, TensorSpec
+from dist_llm_train.core.job import JobSpec, WireJobSpec
+from dist_llm_train.core.types import ErrorCode, PSError, PushHeader, PushOutcome, TensorSpec
+from dist_llm_train.paramserver.job import JobSnapshot, ParameterStore
 
 
 class FakeClock:
@@ -31,7 +31,7 @@ def make_store(**kw: Any) -> tuple[ParameterStore, FakeClock]:
 def init(
     store: ParameterStore, job_id: str = "j", n: int = 4, members: list[str] | None = None, **spec_kw: Any
 ) -> np.ndarray:
-    spec = JobSpec(job_id, optimizer="sgd", learning_rate=1.0, momentum=0.0, **spec_kw)
+    spec = JobSpec.from_wire(WireJobSpec(job_id, optimizer="sgd", learning_rate=1.0, momentum=0.0, **spec_kw))
     params = np.zeros(n, np.float32)
     store.init_job(spec, [TensorSpec("w", (n,), 0)], params, members or [])
     return params
@@ -88,9 +88,7 @@ def test_blocking_pull_wakes_when_the_round_closes() -> None:
     init(store, members=["a", "b"])
     push(store, "a", 1, 0)
     result: list[int] = []
-    t = threading.Thread(
-        target=lambda: result.append(store.pull("j", "a", min_version=1, wait_timeout_s=30).version)
-    )
+    t = threading.Thread(target=lambda: result.append(store.pull("j", "a", min_version=1, wait_timeout_s=30).version))
     t.start()
     push(store, "b", 1, 0)
     t.join(timeout=30)
@@ -143,9 +141,10 @@ def test_inverse_staleness_scaling_is_an_option() -> None:
     push(store, "a", 1, 0)  # staleness 0: full step
     push(store, "b", 1, 0)  # staleness 1: half step
     np.testing.assert_allclose(store.pull("j", "a").params, np.full(4, -1.5))
-    with pytest.raises(PSError) as err:
-        init(store, job_id="k", options={"staleness_scaling": "magic"})
-    assert err.value.code is ErrorCode.INVALID_ARGUMENT
+    with pytest.raises(ValueError, match="staleness_scaling"):  # refused where the wire form is parsed
+        init(store, job_id="k", mode="async", options={"staleness_scaling": "magic"})
+    with pytest.raises(ValueError, match="unknown keys"):  # sync has no such field
+        init(store, job_id="k", options={"staleness_scaling": "inverse"})
 
 
 def test_returned_params_are_read_only_and_never_change() -> None:
@@ -196,12 +195,10 @@ def test_members_are_deduplicated_and_validated() -> None:
     assert store.stats("j")[0].members == ["a", "b"]
 
 
-def _push_encoded(
-    store: ParameterStore, worker: str, step: int, base: int, vec: np.ndarray, codec: str
-) -> PushOutcome:
+def _push_encoded(store: ParameterStore, worker: str, step: int, base: int, vec: np.ndarray, codec: str) -> PushOutcome:
     import msgpack
 
-    from dist_llm_train.training.codecs import get_codec
+    from dist_llm_train.core.codecs import get_codec
 
     enc = get_codec(codec, ratio=0.5).encode(vec)
     header = PushHeader(

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dist_llm_train.paramserver import wire
-from dist_llm_train.paramserver.types import ErrorCode, JobSpec, PSError, PushHeader
+from dist_llm_train.core.job import JobSpec, WireJobSpec
+from dist_llm_train.core.types import ErrorCode, PSError, PushHeader
+from dist_llm_train.paramserver.transport import wire
 from dist_llm_train.proto import paramserver_pb2 as pb
 
 
@@ -33,8 +34,8 @@ def test_large_chunk_and_non_data_messages() -> None:
 
 def test_spec_from_dict_checks_names_and_types() -> None:
     spec = wire.spec_from_dict({"job_id": "j", "learning_rate": 1, "aggregation_params": {"f": 1}})
-    assert spec == JobSpec("j", learning_rate=1.0, aggregation_params={"f": 1})
-    assert isinstance(spec.learning_rate, float)
+    assert spec == JobSpec.from_wire(WireJobSpec("j", learning_rate=1.0, aggregation_params={"f": 1}))
+    assert isinstance(spec.optimizer.learning_rate, float)
     for bad in (
         {"job_id": 3},
         {"job_id": "j", "extra": 1},
@@ -50,9 +51,7 @@ def test_spec_from_dict_checks_names_and_types() -> None:
 
 
 def test_header_from_dict() -> None:
-    h = wire.header_from_dict(
-        {"job_id": "j", "worker_id": "w", "step": 1, "base_version": 0, "codec_meta": b"\x80"}
-    )
+    h = wire.header_from_dict({"job_id": "j", "worker_id": "w", "step": 1, "base_version": 0, "codec_meta": b"\x80"})
     assert h == PushHeader("j", "w", 1, 0, codec_meta=b"\x80")
     with pytest.raises(PSError):
         wire.header_from_dict({"job_id": "j", "worker_id": "w", "step": "1", "base_version": 0})

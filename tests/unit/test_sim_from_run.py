@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from dist_llm_train.cli.main import app
 from dist_llm_train.config import Config
 from dist_llm_train.embedded.report import CSV_COLUMNS
-from dist_llm_train.netem.loader import load_profile
+from dist_llm_train.netem.profile.loading import load_profile
 from dist_llm_train.sim.validation import RunFolderError, read_run, sim_config_for_run, validate_run
 
 ROUND_S = 0.5
@@ -93,7 +93,7 @@ def test_a_broken_run_folder_is_refused_with_the_reason(tmp_path, breakage, mess
 def test_cli_simulates_a_run_folder_and_reports_the_measured_round(tmp_path):
     run = make_run(tmp_path)
     runner = CliRunner()
-    out = runner.invoke(app, ["simulate", "--from-run", str(run), "--rounds", "100", "--json",
+    out = runner.invoke(app, ["simulate", "--from-run", str(run), "--steps", "100", "--json",
                               "--runs-dir", str(tmp_path / "sims")])
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout.strip().splitlines()[-1])

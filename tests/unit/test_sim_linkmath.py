@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_llm_train.netem.loader import load_profile
+from dist_llm_train.netem.profile.loading import load_profile
 from dist_llm_train.sim import linkmath as lm
 from dist_llm_train.sim.network import Timeline, Topology
 

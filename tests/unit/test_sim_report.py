@@ -10,8 +10,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from dist_llm_train.cli.simulate import simulate as simulate_command
 from dist_llm_train.embedded.report import RunSummary
-from dist_llm_train.sim.cli import simulate as simulate_command
 from dist_llm_train.sim.config import SimConfigError, build_sim_config, estimate_params
 from dist_llm_train.sim.report import write_report
 from dist_llm_train.sim.runner import simulate
@@ -84,11 +84,11 @@ def test_command_prints_json_and_refuses_bad_flags(tmp_path):
         [
             "--workers",
             "4",
-            "--rounds",
+            "--steps",
             "5",
             "--profile",
             "satellite",
-            "--mode",
+            "--strategy",
             "async",
             "--params",
             "3000",
@@ -101,7 +101,7 @@ def test_command_prints_json_and_refuses_bad_flags(tmp_path):
     data = json.loads(ok.stdout.strip().splitlines()[-1])
     assert data["workers"] == 4 and data["steps"] == 5 and data["mode"] == "async"
     assert (tmp_path / data["run_id"] / "summary.json").is_file()
-    bad = runner.invoke(app, ["--mode", "bogus", "--runs-dir", str(tmp_path / "none")])
+    bad = runner.invoke(app, ["--strategy", "bogus", "--runs-dir", str(tmp_path / "none")])
     assert bad.exit_code == 2 and "mode" in bad.output
     assert not (tmp_path / "none").exists()
 
@@ -137,7 +137,7 @@ def test_the_simulator_never_imports_torch():
     import sys
 
     code = (
-        "import sys, dist_llm_train.sim.cli, dist_llm_train.sim.experiment\n"
+        "import sys, dist_llm_train.cli.simulate, dist_llm_train.sim.experiment\n"
         "from dist_llm_train.sim.config import build_sim_config\n"
         "from dist_llm_train.sim.runner import simulate\n"
         "simulate(build_sim_config({'workers': 2, 'rounds': 2, 'payload': {'params': 100}}))\n"

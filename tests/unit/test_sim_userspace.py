@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
-from dist_llm_train.netem.pacing import DirectionStats, LinkState, Timer, TokenBucket
-from dist_llm_train.netem.profile import Link
-from dist_llm_train.netem.relay import Endpoint, Pipe
+from dist_llm_train.netem.profile.schema import Link
+from dist_llm_train.netem.userspace.relay import DirectionStats, Endpoint, LinkState, Pipe, Timer, TokenBucket
 from dist_llm_train.sim.config import ComputeModel, SimConfig, SimConfigError, build_sim_config
 from dist_llm_train.sim.draws import ComputeTime
 from dist_llm_train.sim.relaymodel import LEVELS, delivery_quantiles, quantum_bytes

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_llm_train.training.codecs import Codec, Encoded, ErrorFeedback, get_codec, top_k_indices
+from dist_llm_train.core.codecs import Codec, Encoded, ErrorFeedback, get_codec, top_k_indices
 
 
 @given(seed=st.integers(0, 2**31), n=st.integers(1, 30_000), ratio=st.floats(1e-4, 1.0), ties=st.booleans())

@@ -1,4 +1,5 @@
-"""Strategy keys: seed compatibility, config-time refusals, the PS job they become, CLI flags."""
+"""Strategy keys: seed compatibility (migrated to the nested layout), config-time refusals, the PS job
+they become (and its wire form), CLI flags."""
 
 from __future__ import annotations
 
@@ -7,16 +8,9 @@ from typing import Any
 import pytest
 import typer
 
-from dist_llm_train.cli.main import _apply_strategy_overrides
+from dist_llm_train.cli.run import apply_training_overrides
 from dist_llm_train.config import Config, ConfigError, parse_config
-from dist_llm_train.paramserver.jobopts import parse_options
-from dist_llm_train.training.strategies import (
-    aggregation_params,
-    dp_settings,
-    job_spec_for,
-    outer_rounds,
-    strategy_view,
-)
+from dist_llm_train.core.job import JobSpec
 
 
 def training(**keys: Any) -> Config:
@@ -37,7 +31,7 @@ def training(**keys: Any) -> Config:
     ],
 )
 def test_seed_keys_resolve_to_a_strategy(data: dict[str, Any], strategy: str) -> None:
-    assert parse_config(data).training.resolved_mode == strategy
+    assert parse_config(data).training.strategy.name == strategy
 
 
 def test_strategy_and_mode_must_agree() -> None:
@@ -73,9 +67,13 @@ def test_aggregation_preconditions_fail_at_parse_time_with_the_numbers(
 def test_aggregation_preconditions_hold_at_the_boundary() -> None:
     assert training(aggregation_rule="krum", byzantine_f=2, num_workers=7).training.num_workers == 7
     assert (
-        training(aggregation_rule="bulyan", byzantine_f=2, num_workers=11).training.aggregation_rule
+        training(aggregation_rule="bulyan", byzantine_f=2, num_workers=11).training.aggregation.rule
         == "bulyan"
     )
+
+
+def aggregation_params(t: Any) -> dict[str, float]:
+    return dict(t.aggregation.params(t.num_workers))
 
 
 def test_rule_parameters_come_from_seed_keys_then_byzantine_f() -> None:
@@ -93,10 +91,11 @@ def test_rule_parameters_come_from_seed_keys_then_byzantine_f() -> None:
 @pytest.mark.parametrize(
     "keys,message",
     [
-        ({"compression": "zip"}, "unknown codec 'zip'"),
+        ({"compression": "zip"}, "training.codec.name"),
         ({"strategy": "async", "aggregation_rule": "median"}, "applies each update on its own"),
         ({"attack": "sign_flip", "num_workers": 4}, "needs attackers"),
         ({"attackers": 1, "num_workers": 4}, "no attack is chosen"),
+        ({"strategy": "bogus"}, "unknown strategy 'bogus'"),
         ({"attack": "gaussian", "attackers": 4, "num_workers": 4}, "no honest worker"),
         ({"attack": "ipm", "attackers": 1, "num_workers": 4, "attack_params": {"scale": 2}}, "not ['scale']"),
         ({"attack": "alie", "attackers": 1, "num_workers": 4, "strategy": "diloco"}, "one pseudo-gradient"),
@@ -120,7 +119,7 @@ def test_rule_parameters_come_from_seed_keys_then_byzantine_f() -> None:
     ],
 )
 def test_nonsense_is_refused_at_parse_time(keys: dict[str, Any], message: str) -> None:
-    with pytest.raises(ConfigError, match="training") as err:
+    with pytest.raises(ConfigError, match="training|attack|enable_differential_privacy") as err:
         training(**keys)
     assert message in str(err.value)
 
@@ -129,22 +128,20 @@ def test_dp_seed_keys_on_the_controller_still_work() -> None:
     cfg = parse_config(
         {"controller": {"enable_differential_privacy": True, "dp_noise_multiplier": 1.5}, "training": {}}
     )
-    dp = dp_settings(cfg.training)
+    dp = cfg.training.privacy
     assert dp is not None and dp.noise_multiplier == 1.5
     assert dp.clip == cfg.training.gradient_clip_norm  # the seed's clip norm is the DP bound by default
-    assert dp_settings(training().training) is None
+    assert training().training.privacy is None
 
 
 def test_diloco_job_uses_the_outer_nesterov_optimizer_and_counts_rounds() -> None:
     t = training(strategy="diloco", steps=100, diloco_local_steps=25).training
-    spec = job_spec_for("j", t)
-    assert (spec.mode, spec.optimizer, spec.learning_rate, spec.momentum) == ("diloco", "sgd", 0.7, 0.9)
-    assert spec.options["nesterov"] == "true"
-    assert spec.total_steps == outer_rounds(t) == 4
-    assert (
-        job_spec_for("j", training(strategy="diloco", steps=101, diloco_local_steps=25).training).total_steps
-        == 5
-    )
+    spec = t.job_spec("j")
+    opt = spec.optimizer
+    assert (spec.mode, opt.name, opt.learning_rate, opt.momentum, opt.nesterov) == ("diloco", "sgd", 0.7, 0.9, True)
+    assert spec.to_wire().options["nesterov"] == "true"
+    assert spec.total_steps == t.versions == 4
+    assert training(strategy="diloco", steps=101, diloco_local_steps=25).training.job_spec("j").total_steps == 5
 
 
 def test_adaptive_and_central_dp_travel_as_options_the_ps_accepts() -> None:
@@ -157,37 +154,41 @@ def test_adaptive_and_central_dp_travel_as_options_the_ps_accepts() -> None:
         dp_clip=0.5,
         dp_mode="central",
     ).training
-    spec = job_spec_for("j", t)
-    opts = parse_options(spec)
-    assert (opts.min_staleness, opts.max_staleness_multiplier, opts.staleness_scaling) == (3, 10.0, "inverse")
-    assert opts.dp is not None and (opts.dp.noise_multiplier, opts.dp.clip, opts.dp.mode) == (
-        0.8,
-        0.5,
-        "central",
+    spec = JobSpec.from_wire(t.job_spec("j").to_wire())  # what the PS parses off the wire
+    strategy = spec.strategy
+    assert strategy.name == "adaptive"
+    assert (strategy.min_staleness, strategy.max_staleness_multiplier, strategy.staleness_scaling) == (  # type: ignore[attr-defined]
+        5,
+        10.0,
+        "inverse",
     )
-    assert opts.dp_seed is None  # a real job: the PS draws its noise from OS entropy
-    assert parse_options(job_spec_for("j", t, dp_seed=7)).dp_seed == 7  # tests and simulations may fix it
+    assert strategy.max_staleness == 3  # type: ignore[attr-defined]
+    dp = spec.privacy
+    assert dp is not None and (dp.noise_multiplier, dp.clip, dp.mode) == (0.8, 0.5, "central")
+    assert spec.privacy_seed is None  # a real job: the PS draws its noise from OS entropy
+    seeded = JobSpec.from_wire(t.job_spec("j", dp_seed=7).to_wire())
+    assert seeded.privacy_seed == 7  # tests and simulations may fix it
     local_t = training(enable_differential_privacy=True, dp_noise_multiplier=1.0).training
-    local = job_spec_for("j", local_t, dp_seed=7)
+    local = local_t.job_spec("j", dp_seed=7).to_wire()
     assert "dp_noise_multiplier" not in local.options and "dp_seed" not in local.options  # on workers
 
 
 def test_status_view_reports_epsilon_from_the_accountant() -> None:
     t = training(enable_differential_privacy=True, dp_noise_multiplier=1.0, steps=50).training
-    view = strategy_view(t, releases=10)
+    view = t.describe(releases=10)
     assert view["dp"]["enabled"] and view["dp"]["releases"] == 10 and view["dp"]["planned_releases"] == 50
     assert 0 < view["dp"]["epsilon"] < view["dp"]["planned_epsilon"]
-    assert strategy_view(training().training, 10)["dp"] == {"enabled": False}
+    assert training().training.describe(10)["dp"] == {"enabled": False}
 
 
 def test_cli_flags_are_validated_together_against_the_worker_count() -> None:
     cfg = Config()
     cfg.training.num_workers = 3
     with pytest.raises(typer.BadParameter, match="2f\\+3 = 5"):
-        _apply_strategy_overrides(cfg, {"aggregation_rule": "krum"})
-    assert cfg.training.aggregation_rule == "mean"  # a refused flag changes nothing
+        apply_training_overrides(cfg, {"aggregation_rule": "krum"})
+    assert cfg.training.aggregation.rule == "mean"  # a refused flag changes nothing
     cfg.training.num_workers = 7
-    out = _apply_strategy_overrides(
+    out = apply_training_overrides(
         cfg,
         {
             "strategy": "sync",
@@ -201,10 +202,6 @@ def test_cli_flags_are_validated_together_against_the_worker_count() -> None:
         },
     )
     t = out.training
-    assert (t.resolved_mode, t.compression, t.aggregation_rule, t.byzantine_f) == ("sync", "topk", "krum", 2)
-    assert (t.attack, t.attackers, t.enable_differential_privacy, t.dp_noise_multiplier) == (
-        "sign_flip",
-        2,
-        True,
-        1.1,
-    )
+    assert (t.strategy.name, t.codec.name, t.aggregation.rule, t.aggregation.f) == ("sync", "topk", "krum", 2)
+    assert t.attack is not None and (t.attack.name, t.attack.attackers) == ("sign_flip", 2)
+    assert t.dp is not None and t.dp.noise_multiplier == 1.1

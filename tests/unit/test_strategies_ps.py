@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_llm_train.paramserver import wire
-from dist_llm_train.paramserver.metrics import PSMetrics
-from dist_llm_train.paramserver.observer import NULL_OBSERVER
-from dist_llm_train.paramserver.staleness import StalenessPolicy, step_scale
-from dist_llm_train.paramserver.state import ParameterStore
-from dist_llm_train.paramserver.types import (
-    JobSpec,
+from dist_llm_train.core.aggregation import Bulyan, krum_order
+from dist_llm_train.core.codecs import get_codec
+from dist_llm_train.core.job import WireJobSpec
+from dist_llm_train.core.strategies import WorkerLedger, build_strategy
+from dist_llm_train.core.strategies.asynchronous import step_scale
+from dist_llm_train.core.types import (
     PSError,
     PushHeader,
     PushOutcome,
     TensorSpec,
     WorkerStats,
 )
-from dist_llm_train.training.aggregation import Bulyan, krum_order
-from dist_llm_train.training.codecs import get_codec
+from dist_llm_train.paramserver.job import NULL_OBSERVER, ParameterStore
+from dist_llm_train.paramserver.metrics import PSMetrics
+from dist_llm_train.paramserver.transport import wire
 
 D = 8
 LAYOUT = [TensorSpec("w", (D,), 0)]
@@ -40,9 +42,9 @@ def make(
     mode: str = "sync", clock: Clock | None = None, observer: PSMetrics | None = None, **kw: object
 ) -> ParameterStore:
     store = ParameterStore(clock=clock or Clock(), observer=observer or NULL_OBSERVER)
-    spec = JobSpec("j", mode=mode, optimizer="sgd", learning_rate=1.0, momentum=0.0, total_steps=10_000)
-    for key, value in kw.items():
-        setattr(spec, key, value)
+    fields: dict[str, object] = {"optimizer": "sgd", "learning_rate": 1.0, "momentum": 0.0, "total_steps": 10_000}
+    spec_wire = WireJobSpec("j", mode=mode, **{**fields, **kw})  # type: ignore[arg-type]
+    spec = wire.spec_from_dict(dataclasses.asdict(spec_wire))  # parsed where a transport parses it
     store.init_job(spec, LAYOUT, np.zeros(D, np.float32), [])
     return store
 
@@ -107,8 +109,8 @@ def test_adaptive_bounds_follow_measured_speed() -> None:
     assert stats["slow"].push_interval_s == pytest.approx(4.0)
     assert stats["slow"].mean_staleness > 3 * stats["f0"].mean_staleness
     assert stats["slow"].acceptance_rate >= 0.75  # a static bound of 2 would refuse every one of its updates
-    static = StalenessPolicy(JobSpec("x", mode="async", max_staleness=2), 2, 10.0)
-    assert static.bound("slow") == 2
+    static = build_strategy({"name": "async", "max_staleness": 2})
+    assert static.staleness_bound("slow", WorkerLedger(), None) == 2
 
 
 def test_async_bound_rejects_and_counts_per_worker() -> None:
@@ -150,7 +152,8 @@ def test_wire_bytes_per_class_and_metrics() -> None:
         reg.get_sample_value("dlt_ps_worker_pushes_total", {"job": "j", "worker": "a", "outcome": "BUFFERED"})
         == 1
     )
-    assert reg.get_sample_value("dlt_ps_staleness_bound", {"job": "j", "worker": "b"}) == 5
+    # a round takes only updates computed on the current version: the bound sync workers are held to is 0
+    assert reg.get_sample_value("dlt_ps_staleness_bound", {"job": "j", "worker": "b"}) == 0
 
 
 def test_central_dp_clips_every_update_and_adds_noise_to_the_sum() -> None:

@@ -1,4 +1,4 @@
-"""Aggregation rules (dist_llm_train.training.aggregation)."""
+"""Aggregation rules (dist_llm_train.core.aggregation)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_llm_train.training.aggregation import (
+from dist_llm_train.core.aggregation import (
     AGGREGATORS,
     get_aggregator,
     krum_scores,

@@ -1,4 +1,4 @@
-"""Update codecs and error feedback (dist_llm_train.training.codecs)."""
+"""Update codecs and error feedback (dist_llm_train.core.codecs)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dist_llm_train.training.codecs import CODECS, Encoded, ErrorFeedback, get_codec
+from dist_llm_train.core.codecs import CODECS, Encoded, ErrorFeedback, get_codec
 
 vectors = hnp.arrays(
     np.float32,

@@ -237,7 +237,7 @@ def test_add_shards_extends_pool_and_validates() -> None:
 def test_numpy_modules_do_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import dist_llm_train.training.codecs, dist_llm_train.training.aggregation, dist_llm_train.training.data\n"
+        "import dist_llm_train.core.codecs, dist_llm_train.core.aggregation, dist_llm_train.training.data\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)

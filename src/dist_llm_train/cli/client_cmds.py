@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-import httpx
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from dist_llm_train.cli.common import console, load_or_exit
+from dist_llm_train.config import format_validation_error
+from dist_llm_train.controller.client import ControllerClient, ControllerUnavailable
+from dist_llm_train.controller.errors import ControllerError
+from dist_llm_train.controller.models import JobIn
 
 ControllerOpt = Annotated[
     str, typer.Option("--controller", envvar="DLT_CONTROLLER", help="Controller base URL.")
@@ -18,22 +23,20 @@ ControllerOpt = Annotated[
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="DLT_AUTH_TOKEN", help="Shared API token.")]
 
 
-def _client(url: str, token: str | None) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=10)
+T = TypeVar("T")
 
 
-def _get(url: str, token: str | None, path: str) -> Any:
+def _ask(url: str, token: str | None, call: Callable[[ControllerClient], T]) -> T:
+    """One call to the controller; if it is away or refuses, one red line and exit code 1."""
     try:
-        with _client(url, token) as http:
-            resp = http.get(path)
-    except httpx.TransportError as err:
-        console.print(f"[red]cannot reach controller at {url}[/red]: {err}")
+        with ControllerClient(url, token=token) as controller:
+            return call(controller)
+    except ControllerUnavailable as err:
+        console.print(f"[red]cannot reach controller at {url}[/red]: {err.__cause__ or err}")
         raise typer.Exit(1) from None
-    if resp.status_code >= 400:
-        console.print(f"[red]{path} -> {resp.status_code}[/red]: {resp.text}")
-        raise typer.Exit(1)
-    return resp.json() if "json" in resp.headers.get("content-type", "") else resp.text
+    except ControllerError as err:
+        console.print(f"[red]refused ({err.status_code})[/red]: {err.message}")
+        raise typer.Exit(1) from None
 
 
 def submit_job(
@@ -46,27 +49,22 @@ def submit_job(
 ) -> None:
     """Submit a training job to a running controller."""
     cfg = load_or_exit(config)
-    body: dict[str, Any] = {
-        "name": name,
-        "priority": priority,
-        "config": {
-            "model": cfg.model.model_dump(mode="json"),
-            "training": cfg.training.model_dump(mode="json", exclude_none=True),
-            "network": cfg.network.model_dump(mode="json", exclude_none=True),
-        },
-    }
-    if num_tasks is not None:
-        body["num_tasks"] = num_tasks
     try:
-        with _client(controller, token) as http:
-            resp = http.post("/v1/jobs", json=body)
-    except httpx.TransportError as err:
-        console.print(f"[red]cannot reach controller at {controller}[/red]: {err}")
+        job = JobIn(
+            name=name,
+            priority=priority,
+            config={
+                "model": cfg.model.model_dump(mode="json"),
+                "training": cfg.training.model_dump(mode="json", exclude_none=True),
+                "network": cfg.network.model_dump(mode="json", exclude_none=True),
+            },
+            num_tasks=num_tasks,
+        )
+    except ValidationError as err:  # checked here by the model the controller would check it with
+        console.print(f"[red]invalid job[/red]: {format_validation_error(err)}")
         raise typer.Exit(1) from None
-    if resp.status_code >= 400:
-        console.print(f"[red]refused ({resp.status_code})[/red]: {resp.text}")
-        raise typer.Exit(1)
-    print(json.dumps(resp.json()))
+    submitted = _ask(controller, token, lambda c: c.submit_job(job))
+    print(json.dumps(submitted.model_dump(mode="json")))
 
 
 def status(
@@ -75,29 +73,27 @@ def status(
     token: TokenOpt = None,
 ) -> None:
     """Show a controller's /status: jobs, workers and links."""
-    data = _get(controller, token, "/status")
+    data = _ask(controller, token, lambda c: c.status())
     if json_out:
-        print(json.dumps(data, indent=2))
+        # exclude_unset: the keys the controller sent, no more (see WorkerStatusOut)
+        print(json.dumps(data.model_dump(mode="json", exclude_unset=True), indent=2))
         return
     jobs = Table(title="jobs")
     for col in ("job_id", "state", "step", "loss", "tokens/s"):
         jobs.add_column(col)
-    for j in data.get("jobs", []):
-        loss = j.get("loss")
+    for j in data.jobs:
         jobs.add_row(
-            str(j.get("job_id")), str(j.get("state")), str(j.get("step")),
-            f"{loss:.4f}" if isinstance(loss, int | float) else "-",
-            f"{float(j.get('tokens_per_s') or 0):,.0f}",
+            j.job_id, j.state, str(j.step),
+            f"{j.loss:.4f}" if j.loss is not None else "-",
+            f"{j.tokens_per_s:,.0f}",
         )
     workers = Table(title="workers")
     for col in ("name", "state", "heartbeat age (s)", "tasks", "throughput"):
         workers.add_column(col)
-    for w in data.get("workers", []):
-        age = w.get("last_heartbeat_age_s")
+    for w in data.workers:
         workers.add_row(
-            str(w.get("name")), str(w.get("state")),
-            f"{age:.1f}" if isinstance(age, int | float) else "-",
-            str(len(w.get("tasks", []))), f"{float(w.get('throughput_ewma') or 0):,.1f}",
+            w.name, w.state, f"{w.last_heartbeat_age_s:.1f}",
+            str(len(w.tasks)), f"{w.throughput_samples_per_s or 0:,.1f}",
         )
     console.print(jobs)
     console.print(workers)
@@ -112,10 +108,10 @@ def metrics(
     """Show a service's Prometheus metrics (dlt_* by default) as a table or JSON."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = _get(controller, token, "/metrics")
+    text = _ask(controller, token, lambda c: c.metrics())
     samples: list[dict[str, Any]] = [
         {"name": s.name, "labels": s.labels, "value": s.value}
-        for fam in text_string_to_metric_families(str(text))
+        for fam in text_string_to_metric_families(text)
         for s in fam.samples
         if s.name.startswith(prefix)
     ]

@@ -21,7 +21,7 @@ def validate_config(path: Annotated[Path, typer.Argument(help="YAML or JSON conf
     except ConfigError as err:
         console.print(f"[red]invalid[/red] {path}: {err}")
         raise typer.Exit(2) from None
-    console.print(f"[green]valid[/green] {path}: mode={cfg.training.resolved_mode} "
+    console.print(f"[green]valid[/green] {path}: strategy={cfg.training.strategy.name} "
                   f"model={cfg.model.name} scheduler={cfg.controller.scheduler} "
                   f"transport={cfg.paramserver.transport}")
 

@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 
 from dist_llm_train.cli.common import load_or_exit, setup_logging
+from dist_llm_train.cli.options import ConfigOpt, LogLevelOpt
 from dist_llm_train.cli.serve_shaper import serve_shaper
 
 serve_app = typer.Typer(help="Run one service in the foreground (what each container runs).", no_args_is_help=True)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML/JSON config file.")]
-LogOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR.")]
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def _with_overrides(section: Section, overrides: dict[str, Any]) -> Section:
+    """A copy of a config section with the given flags set (None: not given); each is validated as it is set."""
+    copy = section.model_copy()
+    try:
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(copy, key, value)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    return copy
 
 
 @serve_app.command("paramserver")
@@ -27,26 +39,18 @@ def serve_paramserver(
     transport: Annotated[str | None, typer.Option(help="grpc or zmq.")] = None,
     checkpoint_dir: Annotated[str | None, typer.Option(help="Checkpoint folder (resume on start).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N versions.")] = None,
-    log_level: LogOpt = "INFO",
+    log_level: LogLevelOpt = "INFO",
 ) -> None:
     """Run the parameter server (numpy only; no torch)."""
     setup_logging(log_level)
-    cfg = load_or_exit(config)
-    ps = cfg.paramserver.model_copy()
-    overrides = {
+    ps = _with_overrides(load_or_exit(config).paramserver, {
         "host": host,
         "port": port,
         "metrics_port": metrics_port,
         "transport": transport,
         "checkpoint_dir": checkpoint_dir,
         "checkpoint_every": checkpoint_every,
-    }
-    try:
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(ps, key, value)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
+    })
     from dist_llm_train.paramserver.server import serve
 
     asyncio.run(serve(ps))
@@ -63,26 +67,18 @@ def serve_controller(
     scheduler: Annotated[str | None, typer.Option(help="priority, gale-shapley or capability.")] = None,
     heartbeat_interval: Annotated[float | None, typer.Option(help="Seconds between worker heartbeats.")] = None,
     miss_limit: Annotated[int | None, typer.Option(help="Missed heartbeats before a worker is dead.")] = None,
-    log_level: LogOpt = "INFO",
+    log_level: LogLevelOpt = "INFO",
 ) -> None:
     """Run the controller (FastAPI + SQLite; no torch)."""
     setup_logging(log_level)
-    cfg = load_or_exit(config)
-    c = cfg.controller.model_copy()
-    overrides = {
+    c = _with_overrides(load_or_exit(config).controller, {
         "host": host,
         "port": port,
         "state_db": state_db,
         "scheduler": scheduler,
         "heartbeat_interval_s": heartbeat_interval,
         "heartbeat_miss_limit": miss_limit,
-    }
-    try:
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(c, key, value)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
+    })
     if ps_transport not in ("grpc", "zmq"):
         raise typer.BadParameter("--ps-transport must be grpc or zmq")
     from dist_llm_train.controller.server import serve
@@ -100,7 +96,7 @@ def serve_worker(
     compute_slowdown: Annotated[float, typer.Option(help="Stretch compute time by this factor (>=1).")] = 1.0,
     token: Annotated[str | None, typer.Option(envvar="DLT_AUTH_TOKEN", help="Shared API token.")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
-    # --- netem (issue 4): per-class URLs through the shaper's relays ----------------------------------------
+    # Per-traffic-class URLs, so each class can go through its own shaped relay.
     controller_heartbeat_url: Annotated[
         str | None, typer.Option(help="Heartbeats go here (default: --controller).")] = None,
     controller_telemetry_url: Annotated[
@@ -110,8 +106,7 @@ def serve_worker(
     links_file: Annotated[
         str | None, typer.Option(help="Shaper ports file: probe the shaped links, report them.")] = None,
     link_probe_interval: Annotated[float, typer.Option(help="Seconds between link probes.")] = 5.0,
-    # --- end netem ----------------------------------------------------------------------------------------
-    log_level: LogOpt = "INFO",
+    log_level: LogLevelOpt = "INFO",
 ) -> None:
     """Run a training worker (needs the [worker] extra: torch)."""
     setup_logging(log_level)
@@ -140,5 +135,4 @@ def serve_worker(
     logging.getLogger(__name__).info("worker exited cleanly")
 
 
-# --- netem (issue 4): the userspace shaper service ---------------------------------------------------------------
 serve_app.command("shaper")(serve_shaper)

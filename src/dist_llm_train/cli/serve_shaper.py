@@ -30,8 +30,8 @@ def serve_shaper(
 ) -> None:
     """Run the userspace shaper (asyncio TCP relays, no root) until SIGTERM."""
     setup_logging(log_level)
-    from dist_llm_train.netem.profile import ProfileError
-    from dist_llm_train.netem.shaper import run
+    from dist_llm_train.netem.profile.schema import ProfileError
+    from dist_llm_train.netem.userspace.shaper import run
 
     try:
         run(profile, topology, ports_out, host, seed, profile_dir)

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +29,7 @@ from dist_llm_train.controller.errors import ControllerError
 from dist_llm_train.controller.failure import FailureDetector
 from dist_llm_train.controller.membership import MembershipNotifier, MembershipSync, PSMembershipNotifier
 from dist_llm_train.controller.metrics import RequestMetricsMiddleware, make_registry
+from dist_llm_train.controller.models import ErrorOut, HealthOut, ReadyOut, StatusOut
 from dist_llm_train.controller.routes import router
 from dist_llm_train.controller.schedulers import get_scheduler
 from dist_llm_train.controller.service import ControllerService, PSEndpoint
@@ -151,20 +152,22 @@ def create_app(
     _install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, latency=latency, max_body_bytes=max_body_bytes)
 
-    @app.get("/status", dependencies=guard, tags=["status"])
-    def status() -> dict[str, Any]:
+    # exclude_unset: a worker's PS-only fields are absent, not null, until the PS has reported on it
+    # (see WorkerStatusOut); every other field is always set by build_status.
+    @app.get("/status", dependencies=guard, tags=["status"], response_model_exclude_unset=True)
+    def status() -> StatusOut:
         """Jobs, workers, scheduler, PS endpoint and counters, as the controller sees them now."""
         return build_status(service, membership)
 
     @app.get("/healthz", tags=["status"])
-    def healthz() -> dict[str, bool]:
-        return {"ok": True}
+    def healthz() -> HealthOut:
+        return HealthOut(ok=True)
 
-    @app.get("/readyz", tags=["status"], responses={503: {"description": "store not usable"}})
-    def readyz() -> JSONResponse:
+    @app.get("/readyz", tags=["status"], responses={503: {"model": ErrorOut, "description": "store not usable"}})
+    def readyz() -> ReadyOut:
         if store.ping():
-            return JSONResponse({"ready": True})
-        return JSONResponse({"detail": "state store is not open"}, status_code=503)
+            return ReadyOut(ready=True)
+        raise ControllerError("state store is not open", status_code=503)
 
     @app.get("/metrics", tags=["status"], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:

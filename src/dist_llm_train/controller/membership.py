@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dist_llm_train.paramserver.types import ErrorCode, PSError
+from dist_llm_train.core.types import ErrorCode, PSError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class PSMembershipNotifier:
         self._lock = threading.Lock()
 
     def _connect(self) -> Any:
-        from dist_llm_train.paramserver.client import connect  # imported late: the PS client is optional here
+        from dist_llm_train.paramserver.transport.client import connect  # imported late: the PS client is optional here
 
         return connect(self.transport, self.address, timeout_s=self.timeout_s)
 

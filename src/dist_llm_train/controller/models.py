@@ -3,6 +3,11 @@
 Every request model forbids unknown keys and non-finite floats, and bounds every number
 and string: bad input is refused with a 4xx that names the field, never stored, and can
 never overflow SQLite's 64-bit integers.
+
+Response models (`...Out`) are what the routes declare and what `controller.client` returns. They ignore
+keys they do not know, so an older client keeps working against a newer controller. Where another module
+owns a shape that changes on its own schedule (a job's config sections, a training strategy's view), the
+field is a `dict[str, Any]` and that module documents it.
 """
 
 from __future__ import annotations
@@ -53,8 +58,11 @@ class RegisterOut(BaseModel):
     heartbeat_miss_limit: int
 
 
+WorkerActivity = Literal["idle", "training"]
+
+
 class HeartbeatIn(_Body):
-    state: Literal["idle", "training"] | None = None
+    state: WorkerActivity | None = None
 
 
 class HeartbeatOut(BaseModel):
@@ -131,12 +139,206 @@ class TaskOut(BaseModel):
     num_shards: int
 
 
+class PSEndpointOut(BaseModel):
+    transport: str
+    address: str
+
+
+class AssignedJobOut(BaseModel):
+    """A job as a worker receives it with its tasks: the config to train with, where the PS is, who else trains."""
+
+    model: dict[str, Any] = Field(description="The job's model section (shape: dist_llm_train.config).")
+    training: dict[str, Any] = Field(description="The job's training section (shape: dist_llm_train.config).")
+    network: dict[str, Any] = Field(description="The job's network section (shape: dist_llm_train.config).")
+    name: str
+    job_id: str
+    paramserver: PSEndpointOut
+    members: list[str] = Field(description="Worker ids the PS should expect in the job's first round.")
+
+
 class AssignmentsOut(BaseModel):
     tasks: list[TaskOut]
-    jobs: dict[str, dict[str, Any]]
+    jobs: dict[str, AssignedJobOut]
 
 
 class OkOut(BaseModel):
     ok: bool
     task_id: str
     state: str
+
+
+class HealthOut(BaseModel):
+    ok: bool
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+
+
+# -- jobs --------------------------------------------------------------------------------------------------
+class JobTaskOut(BaseModel):
+    """One task (data shard) of a job and who holds it."""
+
+    task_id: str
+    shard_id: int
+    state: str
+    worker_id: str | None
+    worker_name: str | None
+    attempts: int
+    last_error: str | None
+
+
+class JobProgressOut(BaseModel):
+    tasks_total: int
+    tasks_pending: int
+    tasks_assigned: int
+    tasks_completed: int
+    step: int = Field(description="The highest PS version any worker reported.")
+    total_steps: int
+    fraction: float
+    loss: float | None = Field(description="Loss of the newest telemetry row; None before the first.")
+
+
+class JobOut(BaseModel):
+    """A job as POST /v1/jobs, GET /v1/jobs/{id} and cancel return it (built by controller.jobs.job_view)."""
+
+    job_id: str
+    name: str
+    state: str
+    priority: int
+    num_tasks: int
+    required_flops: float
+    required_memory_gb: float
+    created_at: float
+    updated_at: float
+    error: str | None
+    config: dict[str, Any] = Field(
+        description="The normalised model, training and network sections (shape: dist_llm_train.config)."
+    )
+    tasks: list[JobTaskOut]
+    progress: JobProgressOut
+
+
+class JobListOut(BaseModel):
+    jobs: list[JobOut]
+
+
+class TelemetryRowOut(BaseModel):
+    """One stored telemetry row: a field per column of the `telemetry` table (controller/schema.py), plus the
+    worker's name. A migration that adds a column adds a field here too."""
+
+    id: int
+    job_id: str
+    worker_id: str
+    step: int
+    ps_version: int
+    loss: float | None
+    step_time_s: float | None
+    compute_time_s: float | None
+    samples_per_s: float | None
+    tokens_per_s: float | None
+    bytes_sent: int | None
+    bytes_received: int | None
+    wall_time: float | None
+    push_outcome: str | None
+    received_at: float
+    worker_name: str | None = Field(description="None if the worker row is gone.")
+
+
+class JobTelemetryOut(BaseModel):
+    job_id: str
+    rows: list[TelemetryRowOut]
+    next_after_id: int = Field(description="Pass as `after_id` to get the next page.")
+
+
+# -- /status -----------------------------------------------------------------------------------------------
+class HeartbeatPolicyOut(BaseModel):
+    interval_s: float
+    miss_limit: int
+    timeout_s: float = Field(description="Silence after which a worker is declared dead.")
+
+
+class JobStatusOut(BaseModel):
+    job_id: str
+    name: str
+    state: str
+    priority: int
+    step: int
+    total_steps: int
+    loss: float | None
+    tokens_per_s: float = Field(description="Sum over the workers that hold the job's tasks now.")
+    samples_per_s: float
+    bytes_sent: float
+    bytes_received: float
+    max_worker_step: float = Field(description="The most steps any worker reported (bounds DP releases).")
+    # mode .. aggregation: the strategy in one word each, for tables and dashboards; `strategy` has the full view.
+    mode: str
+    max_staleness: int | None
+    codec: str
+    aggregation: str
+    strategy: dict[str, Any] = Field(
+        description="The training strategy's own view: strategy, codec, rule, attack, ε spent "
+        "(shape: the training-strategy code)."
+    )
+    tasks: dict[str, int] = Field(description="Task count per state.")
+    members: list[str] = Field(description="Worker ids the PS acknowledged as the job's members.")
+    membership_synced: bool
+    error: str | None
+
+
+class DeclaredCapabilitiesOut(BaseModel):
+    """What the worker declared when it registered."""
+
+    memory_gb: float
+    flops: float
+    bandwidth_mbps: float
+    compute_slowdown: float
+
+
+class WorkerStatusOut(BaseModel):
+    """One worker. `acceptance_rate`, `pushes` and `mean_staleness` are present only once the PS has reported on
+    the worker (`staleness_source == "paramserver"`); until then the configured bound stands in."""
+
+    worker_id: str
+    name: str
+    state: str
+    activity: str
+    last_heartbeat_age_s: float
+    tasks: list[str]
+    throughput_samples_per_s: float | None = Field(description="EWMA of reported samples/s; None before any.")
+    staleness_bound: int | None
+    acceptance_rate: float | None = None
+    pushes: int | None = None
+    mean_staleness: float | None = None
+    staleness_source: Literal["paramserver", "config"] | None
+    declared: DeclaredCapabilitiesOut
+    labels: dict[str, str]
+
+
+class CountersOut(BaseModel):
+    reassignments: int
+    worker_deaths: int
+    heartbeats: int
+    ps_notify_failures: int
+
+
+class LinkStatusOut(LinkReportIn):
+    """A shaped link as its worker last reported it, named by the worker. It extends the report model so a field
+    added to the report shows up here too."""
+
+    model_config = ConfigDict(extra="ignore")  # a response: a client must not refuse a field added later
+
+    worker: str = Field(description="The reporting worker's name.")
+
+
+class StatusOut(BaseModel):
+    """GET /status: jobs, workers, scheduler, PS endpoint, counters and shaped links, as the controller sees them."""
+
+    scheduler: str
+    paramserver: PSEndpointOut
+    heartbeat: HeartbeatPolicyOut
+    jobs: list[JobStatusOut]
+    workers: list[WorkerStatusOut]
+    counters: CountersOut
+    ps_notify_last_error: str | None
+    links: list[LinkStatusOut]

@@ -6,17 +6,22 @@ the occasional fsync) never stall the event loop that serves heartbeats.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, Response
 
 from dist_llm_train.controller.models import (
     ERROR_RESPONSES,
+    AssignedJobOut,
     AssignmentsOut,
     HeartbeatIn,
     HeartbeatOut,
     JobIn,
+    JobListOut,
+    JobOut,
+    JobTelemetryOut,
     OkOut,
+    PSEndpointOut,
     RegisterIn,
     RegisterOut,
     TaskDoneIn,
@@ -65,7 +70,7 @@ def assignments(worker_id: str, request: Request) -> AssignmentsOut:
     """Every task the worker holds, with each job's config and PS endpoint (runs a scheduling pass)."""
     svc = _svc(request)
     held, jobs = svc.assignments(worker_id)
-    ps = {"transport": svc.paramserver.transport, "address": svc.paramserver.address}
+    ps = PSEndpointOut(transport=svc.paramserver.transport, address=svc.paramserver.address)
     # The job's members travel with the assignment so the worker that creates the job on the PS can name them:
     # the very first sync round then waits for everyone, not only for whoever pushed first.
     members = svc.desired_members()
@@ -75,7 +80,7 @@ def assignments(worker_id: str, request: Request) -> AssignmentsOut:
             for t, j in held
         ],
         jobs={
-            jid: {**j.config, "name": j.name, "job_id": jid, "paramserver": ps, "members": members.get(jid, [])}
+            jid: AssignedJobOut(**j.config, name=j.name, job_id=jid, paramserver=ps, members=members.get(jid, []))
             for jid, j in jobs.items()
         },
     )
@@ -94,35 +99,37 @@ def fail_task(task_id: str, body: TaskFailIn, request: Request) -> OkOut:
     return OkOut(ok=True, task_id=task.task_id, state=task.state)
 
 
-@router.post("/jobs", status_code=201, tags=["jobs"])
-def submit_job(body: JobIn, request: Request) -> dict[str, Any]:
+@router.post("/jobs", status_code=201, response_model=JobOut, tags=["jobs"])
+def submit_job(body: JobIn, request: Request) -> JobOut:
     """One task per data shard; the config is validated like a run config (model, training, network)."""
-    return _svc(request).submit_job(body)
+    return JobOut.model_validate(_svc(request).submit_job(body))
 
 
-@router.get("/jobs", tags=["jobs"])
-def list_jobs(request: Request) -> dict[str, Any]:
-    return {"jobs": _svc(request).list_jobs()}
+@router.get("/jobs", response_model=JobListOut, tags=["jobs"])
+def list_jobs(request: Request) -> JobListOut:
+    return JobListOut.model_validate({"jobs": _svc(request).list_jobs()})
 
 
-@router.get("/jobs/{job_id}", tags=["jobs"])
-def get_job(job_id: str, request: Request) -> dict[str, Any]:
-    return _svc(request).describe_job(job_id)
+@router.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
+def get_job(job_id: str, request: Request) -> JobOut:
+    return JobOut.model_validate(_svc(request).describe_job(job_id))
 
 
-@router.post("/jobs/{job_id}/cancel", tags=["jobs"])
-def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"])
+def cancel_job(job_id: str, request: Request) -> JobOut:
     """Idempotent; the job's open tasks are revoked."""
-    return _svc(request).cancel_job(job_id)
+    return JobOut.model_validate(_svc(request).cancel_job(job_id))
 
 
-@router.get("/jobs/{job_id}/telemetry", tags=["jobs"])
+@router.get("/jobs/{job_id}/telemetry", response_model=JobTelemetryOut, tags=["jobs"])
 def job_telemetry(
     job_id: str,
     request: Request,
     after_id: Annotated[int, Query(ge=0, le=2**62)] = 0,
     limit: Annotated[int, Query(ge=1, le=1_000_000)] = 100_000,
-) -> dict[str, Any]:
+) -> JobTelemetryOut:
     """Telemetry rows in arrival order; page with `after_id` = the last row's id."""
     rows = _svc(request).job_telemetry(job_id, after_id, limit)
-    return {"job_id": job_id, "rows": rows, "next_after_id": rows[-1]["id"] if rows else after_id}
+    return JobTelemetryOut.model_validate(
+        {"job_id": job_id, "rows": rows, "next_after_id": rows[-1]["id"] if rows else after_id}
+    )

@@ -1,4 +1,4 @@
-"""GET /status: one document with the truth about jobs, workers, scheduler and PS link."""
+"""GET /status: one document with the truth about jobs, workers, scheduler and PS link (`models.StatusOut`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,17 @@ from typing import Any
 
 from dist_llm_train.controller.jobs import training_of
 from dist_llm_train.controller.membership import MembershipSync
+from dist_llm_train.controller.models import (
+    CountersOut,
+    DeclaredCapabilitiesOut,
+    HeartbeatPolicyOut,
+    JobStatusOut,
+    LinkStatusOut,
+    PSEndpointOut,
+    StatusOut,
+    WorkerStatusOut,
+)
 from dist_llm_train.controller.service import ControllerService
-from dist_llm_train.training.strategies import strategy_view
 
 
 def _job_rates(svc: ControllerService, job_id: str, holders: set[str]) -> dict[str, float]:
@@ -28,7 +37,9 @@ def _ps_view(
     membership: MembershipSync, job_ids: set[str], worker_id: str, trainings: dict[str, Any]
 ) -> dict[str, Any]:
     """The worker's staleness bound and acceptance rate as the PS reports them (adaptive bounds differ per worker);
-    the configured bound stands in until the PS has answered, and `staleness_source` says which it is."""
+    the configured bound stands in until the PS has answered, and `staleness_source` says which it is.
+
+    The keys differ between the two cases; `WorkerStatusOut` leaves the PS-only ones unset, not None."""
     for job_id in sorted(job_ids):
         ws = membership.worker_stats(job_id, worker_id)
         if ws is not None:
@@ -39,11 +50,11 @@ def _ps_view(
                 "mean_staleness": ws.mean_staleness,
                 "staleness_source": "paramserver",
             }
-    configured = min((trainings[j].resolved_max_staleness for j in job_ids), default=None)
+    configured = min((trainings[j].initial_staleness_bound for j in job_ids), default=None)
     return {"staleness_bound": configured, "staleness_source": "config" if configured is not None else None}
 
 
-def build_status(svc: ControllerService, membership: MembershipSync) -> dict[str, Any]:
+def build_status(svc: ControllerService, membership: MembershipSync) -> StatusOut:
     now = svc.clock()
     store = svc.store
     with store.tx():
@@ -67,63 +78,68 @@ def build_status(svc: ControllerService, membership: MembershipSync) -> dict[str
         jobs_by_worker[t.worker_id or ""].add(t.job_id)
     acked = membership.acknowledged()
     pending = membership.pending()
-    return {
-        "scheduler": svc.scheduler.name,
-        "paramserver": {"transport": svc.paramserver.transport, "address": svc.paramserver.address},
-        "heartbeat": {
-            "interval_s": svc.cfg.heartbeat_interval_s,
-            "miss_limit": svc.cfg.heartbeat_miss_limit,
-            "timeout_s": svc.heartbeat_timeout_s,
-        },
-        "jobs": [
-            {
-                "job_id": j.job_id,
-                "name": j.name,
-                "state": j.state,
-                "priority": j.priority,
-                "step": progress[j.job_id][0],
-                "total_steps": trainings[j.job_id].steps,
-                "loss": progress[j.job_id][1],
+    return StatusOut(
+        scheduler=svc.scheduler.name,
+        paramserver=PSEndpointOut(transport=svc.paramserver.transport, address=svc.paramserver.address),
+        heartbeat=HeartbeatPolicyOut(
+            interval_s=svc.cfg.heartbeat_interval_s,
+            miss_limit=svc.cfg.heartbeat_miss_limit,
+            timeout_s=svc.heartbeat_timeout_s,
+        ),
+        jobs=[
+            JobStatusOut(
+                job_id=j.job_id,
+                name=j.name,
+                state=j.state,
+                priority=j.priority,
+                step=progress[j.job_id][0],
+                total_steps=trainings[j.job_id].steps,
+                loss=progress[j.job_id][1],
                 **rates[j.job_id],
-                "mode": trainings[j.job_id].resolved_mode,
-                "max_staleness": trainings[j.job_id].resolved_max_staleness,
-                "codec": trainings[j.job_id].compression,
-                "aggregation": trainings[j.job_id].aggregation_rule,
-                # training strategies (issue 6): strategy, codec, rule, attack and ε spent so far
-                "strategy": strategy_view(
-                    trainings[j.job_id], int(max(progress[j.job_id][0], rates[j.job_id]["max_worker_step"]))
+                mode=trainings[j.job_id].strategy.name,
+                max_staleness=trainings[j.job_id].initial_staleness_bound,
+                codec=trainings[j.job_id].codec.name,
+                aggregation=trainings[j.job_id].aggregation.rule,
+                # strategy, codec, rule, attack and the privacy spent so far
+                strategy=trainings[j.job_id].describe(
+                    int(max(progress[j.job_id][0], rates[j.job_id]["max_worker_step"]))
                 ),
-                "tasks": task_counts[j.job_id],
-                "members": acked.get(j.job_id, []),
-                "membership_synced": j.job_id not in pending,
-                "error": j.error,
-            }
+                tasks=task_counts[j.job_id],
+                members=acked.get(j.job_id, []),
+                membership_synced=j.job_id not in pending,
+                error=j.error,
+            )
             for j in jobs
         ],
-        "workers": [
-            {
-                "worker_id": w.worker_id,
-                "name": w.name,
-                "state": w.state,
-                "activity": w.activity,
-                "last_heartbeat_age_s": max(0.0, now - w.last_heartbeat),
-                "tasks": tasks_by_worker.get(w.worker_id, []),
-                "throughput_samples_per_s": w.throughput_ewma,
+        workers=[
+            WorkerStatusOut(
+                worker_id=w.worker_id,
+                name=w.name,
+                state=w.state,
+                activity=w.activity,
+                last_heartbeat_age_s=max(0.0, now - w.last_heartbeat),
+                tasks=tasks_by_worker.get(w.worker_id, []),
+                throughput_samples_per_s=w.throughput_ewma,
                 **_ps_view(membership, jobs_by_worker.get(w.worker_id, set()), w.worker_id, trainings),
-                "declared": {k: v for k, v in w.capabilities().items() if k != "labels"},
-                "labels": w.labels,
-            }
+                declared=DeclaredCapabilitiesOut(
+                    memory_gb=w.memory_gb,
+                    flops=w.flops,
+                    bandwidth_mbps=w.bandwidth_mbps,
+                    compute_slowdown=w.compute_slowdown,
+                ),
+                labels=w.labels,
+            )
             for w in workers
         ],
-        "counters": {
-            "reassignments": counters.get("reassignments", 0),
-            "worker_deaths": counters.get("worker_deaths", 0),
-            "heartbeats": svc.heartbeats,
-            "ps_notify_failures": membership.failures,
-        },
-        "ps_notify_last_error": membership.last_error,
+        counters=CountersOut(
+            reassignments=counters.get("reassignments", 0),
+            worker_deaths=counters.get("worker_deaths", 0),
+            heartbeats=svc.heartbeats,
+            ps_notify_failures=membership.failures,
+        ),
+        ps_notify_last_error=membership.last_error,
         # netem (issue 4): per shaped link, backend and configured vs measured, from each worker's telemetry.
-        "links": [
-            {"worker": w.name, **link} for w in workers for link in svc.links.get(w.worker_id, [])
+        links=[
+            LinkStatusOut(worker=w.name, **link) for w in workers for link in svc.links.get(w.worker_id, [])
         ],
-    }
+    )

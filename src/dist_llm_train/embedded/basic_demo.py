@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from dist_llm_train.config import Config
+from dist_llm_train.controller.client import AsyncControllerClient, ControllerClient
+from dist_llm_train.controller.models import JobIn, RegisterIn
 from dist_llm_train.embedded.processes import ProcessGroup, cli_command, free_port
 from dist_llm_train.worker.controller_api import ControllerAPI
 
@@ -22,8 +22,8 @@ from dist_llm_train.worker.controller_api import ControllerAPI
 async def _basic_worker(url: str, name: str, stop: asyncio.Event, done: dict[str, int]) -> None:
     api = ControllerAPI(url, give_up_after_s=10)
     try:
-        reply = await api.register(name, {"memory_gb": 8, "flops": 100, "bandwidth_mbps": 100})
-        wid, interval = reply["worker_id"], float(reply["heartbeat_interval_s"])
+        reply = await api.register(RegisterIn(name=name, memory_gb=8, flops=100, bandwidth_mbps=100))
+        wid, interval = reply.worker_id, reply.heartbeat_interval_s
         last_beat = 0.0
         while not stop.is_set():
             if time.monotonic() - last_beat >= interval:
@@ -31,7 +31,7 @@ async def _basic_worker(url: str, name: str, stop: asyncio.Event, done: dict[str
                 last_beat = time.monotonic()
             for task in (await api.assignments(wid)).tasks:
                 await asyncio.sleep(0.05)  # the "work"
-                await api.complete_task(wid, task.task_id)
+                await api.complete_task(task.task_id, worker_id=wid)
                 done[name] = done.get(name, 0) + 1
             await asyncio.sleep(0.1)
     finally:
@@ -43,22 +43,23 @@ async def _drive(url: str, workers: int, tasks: int, timeout_s: float) -> dict[s
     done: dict[str, int] = {}
     runners = [asyncio.create_task(_basic_worker(url, f"basic-{i}", stop, done)) for i in range(workers)]
     started = time.monotonic()
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        body = {"name": "demo-basic", "config": {"training": {"num_workers": workers}}, "num_tasks": tasks}
-        job = (await http.post("/v1/jobs", json=body)).raise_for_status().json()
+    async with AsyncControllerClient(url) as controller:
+        job = await controller.submit_job(
+            JobIn(name="demo-basic", config={"training": {"num_workers": workers}}, num_tasks=tasks)
+        )
         state = "pending"
         while state not in ("completed", "failed", "cancelled") and time.monotonic() - started < timeout_s:
             await asyncio.sleep(0.2)
-            state = (await http.get(f"/v1/jobs/{job['job_id']}")).json()["state"]
-        status = (await http.get("/status")).json()
+            state = (await controller.get_job(job.job_id)).state
+        status = await controller.status()
     stop.set()
     await asyncio.gather(*runners, return_exceptions=True)
     return {
-        "job_id": job["job_id"],
+        "job_id": job.job_id,
         "job_state": state,
         "tasks": tasks,
         "tasks_completed_by_worker": done,
-        "workers_seen": len(status.get("workers", [])),
+        "workers_seen": len(status.workers),
         "seconds": round(time.monotonic() - started, 2),
     }
 
@@ -77,7 +78,8 @@ def run_basic_demo(cfg: Config, workers: int, tasks: int, timeout_s: float = 60.
                 "--state-db", str(run_dir / "controller.db"),
             ),
         )
-        procs.wait_ready(child, lambda: httpx.get(f"{url}/readyz", timeout=1).is_success)
+        with ControllerClient(url, timeout_s=1) as probe:
+            procs.wait_ready(child, lambda: probe.readyz().ready)
         return asyncio.run(_drive(url, workers, tasks, timeout_s))
     finally:
         procs.stop_all()

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from dist_llm_train.config import Config
+from dist_llm_train.controller.client import ControllerClient
+from dist_llm_train.controller.errors import ControllerError
+from dist_llm_train.controller.models import JobIn
 from dist_llm_train.embedded.processes import ProcessGroup, cli_command, free_port
-from dist_llm_train.embedded.report import RunSummary, total_bytes, write_report
-from dist_llm_train.paramserver.client import connect
-from dist_llm_train.training.strategies import outer_rounds, strategy_summary
+from dist_llm_train.embedded.report import RunSummary, strategy_summary, total_bytes, write_report
+from dist_llm_train.paramserver.transport.client import connect
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,14 @@ class EmbeddedRun:
                 "--miss-limit", str(self.cfg.controller.heartbeat_miss_limit),
             ),
         )
-        self.procs.wait_ready(child, lambda: httpx.get(f"{self.controller_url}/readyz", timeout=1).is_success)
+        with ControllerClient(self.controller_url, timeout_s=1) as probe:
+            self.procs.wait_ready(child, lambda: probe.readyz().ready)
 
     # --- netem (issue 4): the shaper child sits between the workers and the controller/PS -------------------
     def _start_shaper(self) -> None:
         if self.opts.profile is None:
             return
-        from dist_llm_train.netem.embedded import EmbeddedShaping
+        from dist_llm_train.netem.userspace.embedded import EmbeddedShaping
 
         names = [f"worker-{i}" for i in range(self.opts.workers)]
         self.shaping = EmbeddedShaping.prepare(self.opts.profile, self.opts.shaping, names, self.controller_url,
@@ -149,48 +150,47 @@ class EmbeddedRun:
     def _wait_for_workers(self, timeout_s: float = 180.0) -> None:
         """Submit only once every worker registered, so the first one up does not take every shard."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            workers = httpx.get(f"{self.controller_url}/status", timeout=5).json().get("workers", [])
-            if sum(1 for w in workers if w.get("state") == "alive") >= self.opts.workers:
-                return
-            exited = [w.name for w in self.workers if not w.alive()]
-            if exited:
-                child = next(w for w in self.workers if w.name == exited[0])
-                raise RuntimeError(f"{child.name} exited during start-up:\n{child.tail()}")
-            time.sleep(0.2)
+        with ControllerClient(self.controller_url, timeout_s=5) as controller:
+            while time.monotonic() < deadline:
+                if sum(1 for w in controller.status().workers if w.state == "alive") >= self.opts.workers:
+                    return
+                exited = [w.name for w in self.workers if not w.alive()]
+                if exited:
+                    child = next(w for w in self.workers if w.name == exited[0])
+                    raise RuntimeError(f"{child.name} exited during start-up:\n{child.tail()}")
+                time.sleep(0.2)
         raise TimeoutError(f"only some of {self.opts.workers} workers registered within {timeout_s:.0f}s")
 
     def _submit_job(self) -> None:
-        body = {
-            "name": f"run-{self.run_id}",
-            "config": {
+        job = JobIn(
+            name=f"run-{self.run_id}",
+            config={
                 "model": self.cfg.model.model_dump(mode="json"),
                 "training": self.cfg.training.model_dump(mode="json", exclude_none=True),
                 "network": self.cfg.network.model_dump(mode="json", exclude_none=True),
             },
-            "num_tasks": self.opts.workers,
-        }
-        resp = httpx.post(f"{self.controller_url}/v1/jobs", json=body, timeout=10)
-        if resp.status_code >= 400:
-            raise RuntimeError(f"job submission refused: {resp.status_code} {resp.text}")
-        self.job_id = resp.json()["job_id"]
+            num_tasks=self.opts.workers,
+        )
+        try:
+            with ControllerClient(self.controller_url) as controller:
+                self.job_id = controller.submit_job(job).job_id
+        except ControllerError as err:  # RuntimeError: what `run` reports as a failed run
+            raise RuntimeError(f"job submission refused: {err.status_code} {err.message}") from err
 
     # -- following the job ----------------------------------------------------------
-    def snapshot(self, http: httpx.Client, ps: Any, snap: Snapshot) -> Snapshot:
+    def snapshot(self, controller: ControllerClient, ps: Any, snap: Snapshot) -> Snapshot:
         stats = ps.stats(self.job_id)
         if stats:
             snap.version = stats[0].version
             snap.loss = stats[0].last_loss if stats[0].version > 0 else snap.loss
-        job = http.get(f"/v1/jobs/{self.job_id}").json()
-        snap.job_state = job.get("state", snap.job_state)
-        status = http.get("/status").json()
-        workers = status.get("workers", [])
-        snap.workers_alive = sum(1 for w in workers if w.get("state") == "alive")
-        snap.workers_dead = sum(1 for w in workers if w.get("state") == "dead")
-        for j in status.get("jobs", []):
-            if j.get("job_id") == self.job_id:
-                snap.tokens_per_s = float(j.get("tokens_per_s") or 0.0)
-                snap.bytes_sent = int(j.get("bytes_sent") or snap.bytes_sent)
+        snap.job_state = controller.get_job(self.job_id).state
+        status = controller.status()
+        snap.workers_alive = sum(1 for w in status.workers if w.state == "alive")
+        snap.workers_dead = sum(1 for w in status.workers if w.state == "dead")
+        for j in status.jobs:
+            if j.job_id == self.job_id:
+                snap.tokens_per_s = j.tokens_per_s
+                snap.bytes_sent = int(j.bytes_sent or snap.bytes_sent)
         return snap
 
     def _evaluate(self, params: Any | None) -> tuple[float, float | None]:
@@ -213,9 +213,9 @@ class EmbeddedRun:
             self._wait_for_workers()
             self._submit_job()
             initial_loss, floor = self._evaluate(None)
-            snap = Snapshot(total_steps=outer_rounds(self.cfg.training), loss_floor=floor)  # diloco: rounds
+            snap = Snapshot(total_steps=self.cfg.training.versions, loss_floor=floor)  # diloco: rounds
             ps = connect(self.transport, self.ps_address)
-            with httpx.Client(base_url=self.controller_url, timeout=10) as http:
+            with ControllerClient(self.controller_url) as controller:
                 deadline = started + self.opts.timeout_s
                 while snap.job_state not in TERMINAL_JOB_STATES:
                     if time.monotonic() > deadline:
@@ -223,15 +223,14 @@ class EmbeddedRun:
                     if not any(w.alive() for w in self.workers):
                         raise RuntimeError("every worker exited before the job finished; see logs in "
                                            f"{self.procs.log_dir}")
-                    snap = self.snapshot(http, ps, snap)
+                    snap = self.snapshot(controller, ps, snap)
                     if on_progress:
                         on_progress(snap)
                     time.sleep(0.5)
                 final = ps.pull(self.job_id, "launcher")
-                ps_stats = ps.stats(self.job_id)  # strategies (issue 6): wire bytes per class, per-worker bounds
-                rows = http.get(f"/v1/jobs/{self.job_id}/telemetry").json()
-                rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
-                status = http.get("/status").json()
+                ps_stats = ps.stats(self.job_id)  # wire bytes per class, per-worker bounds
+                rows = [row.model_dump() for row in controller.job_telemetry(self.job_id).rows]
+                status = controller.status()
             ps.close()
             final_loss, _ = self._evaluate(final.params)
             for r in rows:
@@ -248,13 +247,13 @@ class EmbeddedRun:
                 bytes_sent=sent,
                 bytes_received=received,
                 wall_seconds=time.monotonic() - started,
-                mode=self.cfg.training.resolved_mode,
+                mode=self.cfg.training.strategy.name,
                 transport=self.transport,
                 model=self.cfg.model.name,
                 job_state=snap.job_state,
-                dead_workers=[w.get("name", "") for w in status.get("workers", []) if w.get("state") == "dead"],
-                reassignments=int(status.get("counters", {}).get("reassignments", 0)),
-                links=status.get("links", []),
+                dead_workers=[w.name for w in status.workers if w.state == "dead"],
+                reassignments=status.counters.reassignments,
+                links=[link.model_dump() for link in status.links],
                 profile=self.opts.profile,
                 shaping=self.opts.shaping if self.opts.profile else "none",
                 strategy=strategy_summary(self.cfg.training, ps_stats[0] if ps_stats else None, rows),

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dist_llm_train.config import Config
+from dist_llm_train.config import Config, TrainingConfig
+from dist_llm_train.core.types import JobStats
 
 CSV_COLUMNS = [
     "wall_time",
@@ -135,7 +137,28 @@ def markdown_summary(s: RunSummary) -> str:
     return "\n".join(lines)
 
 
-# --- training strategies (issue 6) ------------------------------------------------------------------------
+# -- the algorithm: what ran, bytes per class, privacy spent, per-worker acceptance --------------------------
+WIRE_BYTE_COUNTERS = (
+    "bytes_received_gradient",
+    "raw_bytes_gradient",
+    "bytes_received_pseudo_gradient",
+    "raw_bytes_pseudo_gradient",
+    "params_bytes_sent",
+)
+
+
+def strategy_summary(t: TrainingConfig, stats: JobStats | None, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run report's strategy section: `TrainingConfig.describe` + wire bytes per class (as the PS
+    counted them) + per-worker acceptance."""
+    releases = max([stats.version if stats else 0, *(int(r.get("step") or 0) for r in rows)])
+    counters = stats.counters if stats is not None else {}
+    workers = [
+        {**asdict(w), "acceptance_rate": w.acceptance_rate} for w in (stats.workers if stats is not None else [])
+    ]
+    wire = {k: int(counters.get(k, 0)) for k in WIRE_BYTE_COUNTERS}
+    return {**t.describe(releases), "wire_bytes": wire, "workers": workers}
+
+
 def strategy_markdown(st: dict[str, Any]) -> list[str]:
     """The strategy section: what ran, wire bytes per class, privacy spent, per-worker acceptance."""
     if not st:
@@ -172,7 +195,6 @@ def strategy_markdown(st: dict[str, Any]) -> list[str]:
             for w in workers
         ]
     return [*lines, ""]
-# --- end training strategies ---------------------------------------------------------------------------
 
 
 def write_report(run_dir: Path, cfg: Config, rows: list[dict[str, Any]], summary: RunSummary) -> None:

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from dist_llm_train.config import Config
+from pydantic import ValidationError
+
+from dist_llm_train.config import Config, TrainingConfig, format_validation_error
 from dist_llm_train.experiments.grid import Cell
 
 BACKENDS = ("embedded", "compose", "sim")
@@ -55,17 +57,16 @@ class Backend(Protocol):
 def precheck(cfg: Config, workers: int) -> None:
     """Refuse in milliseconds what a worker would otherwise refuse after the services started.
 
-    Runs the project's own cross-field rules (`training.strategies.validate_training`: codec, aggregation
-    rule and its worker-count precondition, attack, DP, strategy) for `workers` workers. Configs built by
+    Runs the project's own cross-field rules (`TrainingConfig`'s validators: codec, aggregation rule and
+    its worker-count precondition, attack, DP, strategy) for `workers` workers. Configs built by
     `ResolvedGrid.config_for` already passed them; this guards a backend called with any other config.
     """
-    from dist_llm_train.training.strategies import validate_training
-
-    training = cfg.training.model_copy(update={"num_workers": workers})
+    data = cfg.training.model_dump()
+    data["num_workers"] = workers
     try:
-        validate_training(training)
-    except ValueError as err:
-        raise CellRefused(f"training: {err}") from None
+        TrainingConfig.model_validate(data)
+    except ValidationError as err:
+        raise CellRefused(f"training: {format_validation_error(err)}") from None
 
 
 def launcher_takes_profile() -> bool:

@@ -62,7 +62,7 @@ def compute_figures(
     ps_egress_shared: bool = True,
 ) -> RunFigures:
     """All figures for one run; a figure that cannot be computed stays None and `note` says why."""
-    from dist_llm_train.netem.loader import load_profile
+    from dist_llm_train.netem.profile.loading import load_profile
 
     notes: list[str] = []
     rows = read_metrics(run_dir / "metrics.csv")

@@ -1,7 +1,7 @@
 """An experiment grid: one base config, a few axes, and the cartesian product of their values.
 
 A grid file names *what to vary*, not how to run it. Each axis value is either a bare name (mapped to one
-config key by `axis_keys`, e.g. `strategy: async` sets `training.mode: async`) or a mapping `{name, set}`
+config key by `axis_keys`, e.g. `strategy: async` sets `training.strategy.name: async`) or a mapping `{name, set}`
 whose `set` holds dotted config keys, so one value can change several settings at once (a codec plus its
 ratio, an attack plus how many workers run it). New strategies, codecs and rules therefore work through the
 grid as soon as the config accepts them; until then the cell is *refused* when it runs, and recorded as
@@ -44,10 +44,10 @@ NAMED_AXES = ("strategy", "codec", "aggregation", "attack")
 """Axes whose bare values are written to one config key (see `Grid.axis_keys`)."""
 
 DEFAULT_AXIS_KEYS = {
-    "strategy": "training.mode",
-    "codec": "training.compression",
-    "aggregation": "training.aggregation_rule",
-    "attack": "training.attack",
+    "strategy": "training.strategy.name",
+    "codec": "training.codec.name",
+    "aggregation": "training.aggregation.rule",
+    "attack": "training.attack.name",
 }
 UNSET = "none"
 """A bare `attack: none` or `profile: none` sets nothing: no attack, no shaping."""
@@ -66,7 +66,7 @@ class _Strict(BaseModel):
 def _check_dotted(key: str) -> str:
     parts = key.split(".")
     if len(parts) < 2 or not all(parts):
-        raise ValueError(f"config key {key!r} must be dotted, like training.mode")
+        raise ValueError(f"config key {key!r} must be dotted, like training.strategy.name")
     if parts[0] not in CONFIG_SECTIONS:
         raise ValueError(
             f"config key {key!r}: unknown section {parts[0]!r}; sections: {sorted(CONFIG_SECTIONS)}"
@@ -113,8 +113,8 @@ class Axes(_Strict):
     @field_validator("profile")
     @classmethod
     def _profiles_exist(cls, v: list[str | None] | None) -> list[str | None] | None:
-        from dist_llm_train.netem.loader import load_profile
-        from dist_llm_train.netem.profile import ProfileError
+        from dist_llm_train.netem.profile.loading import load_profile
+        from dist_llm_train.netem.profile.schema import ProfileError
 
         for name in v or []:
             if name is not None and name != UNSET:
@@ -217,6 +217,8 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     for part in parts[:-1]:
         nxt = node.setdefault(part, {})
+        if isinstance(nxt, str):  # a sub-config given by its name alone (`strategy: diloco`)
+            nxt = node[part] = {"name": nxt}
         if not isinstance(nxt, dict):
             raise ConfigError(f"{key}: {part!r} is not a section")
         node = nxt
@@ -257,9 +259,9 @@ def _entries(grid: Grid, axis: str, base: Config) -> list[AxisValue]:
     raw: list[Any] | None = getattr(grid.axes, axis)
     if raw is None:
         current = {
-            "strategy": base.training.resolved_mode,
-            "codec": base.training.compression,
-            "aggregation": base.training.aggregation_rule,
+            "strategy": base.training.strategy.name,
+            "codec": base.training.codec.name,
+            "aggregation": base.training.aggregation.rule,
             "attack": UNSET,
         }[axis]
         return [AxisValue(name=str(current))]

@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_llm_train.experiments.metrics import Row
-from dist_llm_train.netem.classes import TrafficClass
-from dist_llm_train.netem.profile import Link, Profile
-from dist_llm_train.netem.resolve import egress_links, ingress_link, to_one_way
+from dist_llm_train.netem.profile.classes import TrafficClass
+from dist_llm_train.netem.profile.resolve import egress_links, ingress_link, to_one_way
+from dist_llm_train.netem.profile.schema import Link, Profile
 
 PS_NODE = "paramserver"
 TRAFFIC_CLASS: TrafficClass = "ps_sync"

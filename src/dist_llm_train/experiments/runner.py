@@ -20,7 +20,7 @@ from dist_llm_train.experiments.grid import NAMED_AXES, Cell, ResolvedGrid
 from dist_llm_train.experiments.metrics import MetricsError
 from dist_llm_train.experiments.report import write_outputs
 from dist_llm_train.experiments.store import RunStore, run_key
-from dist_llm_train.netem.profile import ProfileError
+from dist_llm_train.netem.profile.schema import ProfileError
 
 SEED_STRIDE = 1000
 """Repeat r of a cell trains with seed + r × SEED_STRIDE: repeats differ in data and init, not only timing."""
@@ -42,6 +42,20 @@ class GridResult:
     executed: int
     skipped: int
     rows: list[dict[str, Any]]
+
+    def status_counts(self) -> dict[str, int]:
+        """Planned runs per status (ok, refused, error), whether they ran in this session or an earlier one."""
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            status = str(row.get("status"))
+            counts[status] = counts.get(status, 0) + 1
+        return counts
+
+    def outcome(self) -> dict[str, Any]:
+        """The grid's outcome as one JSON-able object: where it is, how many runs ran, and how they ended."""
+        counts = self.status_counts()
+        return {"out": str(self.out), "planned": len(self.planned), "executed": self.executed,
+                "skipped": self.skipped, **{s: counts.get(s, 0) for s in ("ok", "refused", "error")}}
 
 
 class Reporter(Protocol):
@@ -106,7 +120,7 @@ def execute_one(
         cfg = rg.config_for(p.cell, seed_offset=p.repeat * SEED_STRIDE)
     except ConfigError as err:
         return finish("refused", error=str(err))
-    row["mode"] = cfg.training.resolved_mode
+    row["mode"] = cfg.training.strategy.name
     try:
         outcome = backend.run(p.cell, cfg, out / "runs", rg.grid.timeout_s, reporter.run_progress)
     except CellRefused as err:

@@ -1,5 +1,5 @@
-"""`python -m dist_llm_train.netem …` runs the netem CLI."""
+"""`python -m dist_llm_train.netem …` runs the netem CLI (`dist-llm-train netem …`) without the rest of the app."""
 
-from dist_llm_train.netem.cli_entry import main
+from dist_llm_train.cli.netem import main
 
 main()

@@ -20,14 +20,14 @@ import os
 import queue
 import threading
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dist_llm_train.core.job import JobSpec
+from dist_llm_train.core.types import TensorSpec
 from dist_llm_train.paramserver.job import JobSnapshot
-from dist_llm_train.paramserver.types import JobSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def checkpoint_path(directory: Path, job_id: str) -> Path:
 def _meta(snap: JobSnapshot) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
-        "spec": asdict(snap.spec),
+        "spec": snap.spec.to_dict(),
         "layout": [{"name": t.name, "shape": list(t.shape), "offset": t.offset} for t in snap.layout],
         "version": snap.version,
         "members": snap.members,
@@ -97,7 +97,7 @@ def read_checkpoint(path: Path) -> JobSnapshot:
             opt = {k[len("opt.") :]: np.array(z[k]) for k in z.files if k.startswith("opt.")}
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"unsupported format_version {meta.get('format_version')}")
-        spec = JobSpec(**meta["spec"])
+        spec = JobSpec.from_dict(meta["spec"])
         layout = [TensorSpec(t["name"], tuple(t["shape"]), t["offset"]) for t in meta["layout"]]
         return JobSnapshot(
             spec=spec,

@@ -1,71 +1,264 @@
-"""One job's parameters and the rules deciding what a push does to them.
+"""The parameter server's job logic: one job's parameters and every rule deciding what a request does.
+
+Read top to bottom: request checks (pure functions, no side effects) → what a job reports to
+metrics (`StoreObserver`) → how pulls wait for a version (`VersionWaiters`) → one job
+(`JobState`) → every job behind one thread-safe API (`ParameterStore`), which both transports
+(gRPC and ZMQ, `paramserver.transport`) call, so their semantics cannot drift.
 
 `JobState` is the only place that changes a job. Every public method takes the job's lock,
 validates everything first and only then mutates, so a refused request leaves no trace
 besides a `rejected_*` counter. The heavy part of a push (decoding and checking a payload
 that may be tens of MB) runs outside the lock; the state change after it is re-validated.
 
-Strategies (`spec.mode`): `sync` and `diloco` work in rounds; `async` and `adaptive` apply
-each update on arrival if it is no staler than the worker's bound (see `staleness.py`).
-DiLoCo's workers push pseudo-gradients and the job's optimizer is the outer one (SGD with
-Nesterov momentum). With central DP (`dp_*` options) a round's updates are clipped and the
-noisy mean replaces the aggregation rule, which must then be `mean`.
-
-Rounds (sync and diloco): a round is the set of updates computed on the current version. It opens
-with its first update and closes when every current member has contributed, when its
-straggler timeout expires (with whoever pushed), or when a membership change leaves no one
-outstanding. Closing aggregates, steps the optimizer and publishes version + 1.
+What a push does and when a version closes belongs to the job's training strategy
+(`core.strategies`): the job asks it for a `VersionRule` (a round barrier for sync and DiLoCo,
+a staleness gate for async and adaptive) and offers the rule a `JobView` — aggregate with the
+job's rule, step the optimizer and publish. Central DP is an aggregation rule wrapping the mean
+(`core.privacy.PrivateMean`), not a branch here. The job itself keeps what every strategy
+shares: versions, members, the optimizer, counters, per-worker records and replay protection.
 With open membership (InitJob without members and no SetMembers yet) a worker joins by
 pushing; pulls never join, so monitors can read parameters without blocking rounds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import re
 import threading
+import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
-from dist_llm_train.paramserver import validation as v
-from dist_llm_train.paramserver.jobopts import parse_options
-from dist_llm_train.paramserver.numerics import (
-    FALLBACK_RULE,
-    Aggregator,
-    Buffer,
-    decode_update,
-    fallback_aggregator,
-    make_aggregator,
-)
-from dist_llm_train.paramserver.observer import NULL_OBSERVER, StoreObserver
-from dist_llm_train.paramserver.optim import ServerOptimizer, make_optimizer
-from dist_llm_train.paramserver.snapshot import JobSnapshot
-from dist_llm_train.paramserver.staleness import step_scale
-from dist_llm_train.paramserver.types import (
+from dist_llm_train.core.aggregation import Aggregator, get_aggregator
+from dist_llm_train.core.job import JobSpec
+from dist_llm_train.core.privacy import private_aggregator
+from dist_llm_train.core.strategies import UPDATE_KINDS, Strategy, VersionRule, WorkerLedger, build_strategy
+from dist_llm_train.core.types import (
     ErrorCode,
-    JobSpec,
+    InitResult,
     JobStats,
     PSError,
+    PulledParams,
     PushHeader,
     PushOutcome,
     PushResult,
     TensorSpec,
 )
-from dist_llm_train.paramserver.waiters import VersionWaiters
+from dist_llm_train.paramserver.numerics import Buffer, decode_update
+from dist_llm_train.paramserver.optim import ServerOptimizer, make_optimizer
 
 log = logging.getLogger(__name__)
-__all__ = ["JobSnapshot", "JobState"]  # JobSnapshot is re-exported: checkpoints and tests import it from here
 
 REPLAY_WINDOW = 1024  # (worker, step) pairs remembered per worker for replay detection
+FALLBACK_RULE = "median"  # for a round the job's rule is not defined for; robust and defined for any n >= 1
 
 
+# -- request checks: each raises PSError(INVALID_ARGUMENT) naming the field, with no side effects ----------
+# Job ids become checkpoint file names, so they are restricted to a filename-safe alphabet.
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+MAX_NAME_LEN = 256
+MAX_MEMBERS = 100_000
+MAX_WAIT_S = 3600.0
+
+
+def invalid(message: str) -> PSError:
+    return PSError(ErrorCode.INVALID_ARGUMENT, message)
+
+
+def check_job_id(job_id: str) -> None:
+    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+        raise invalid(f"job_id {job_id!r} must match {JOB_ID_RE.pattern}")
+
+
+def check_worker_id(worker_id: str, field: str = "worker_id") -> None:
+    if not isinstance(worker_id, str) or not worker_id or len(worker_id) > MAX_NAME_LEN:
+        raise invalid(f"{field} must be a non-empty string of at most {MAX_NAME_LEN} characters")
+
+
+def check_layout(layout: Sequence[TensorSpec], num_params: int) -> None:
+    """Every tensor lies inside the vector, names are unique and tensors do not overlap."""
+    if num_params < 1:
+        raise invalid(f"num_params must be >= 1, got {num_params}")
+    if not layout:
+        raise invalid("layout must name at least one tensor")
+    names: set[str] = set()
+    spans: list[tuple[int, int, str]] = []
+    for t in layout:
+        if not t.name or len(t.name) > MAX_NAME_LEN:
+            raise invalid(f"layout tensor name {t.name!r} must be 1..{MAX_NAME_LEN} characters")
+        if t.name in names:
+            raise invalid(f"layout names tensor {t.name!r} twice")
+        names.add(t.name)
+        if any(d < 0 for d in t.shape):
+            raise invalid(f"layout tensor {t.name!r} has a negative dimension {t.shape}")
+        if t.offset < 0 or t.offset + t.size > num_params:
+            raise invalid(
+                f"layout tensor {t.name!r} [{t.offset}, {t.offset + t.size}) lies outside "
+                f"the {num_params}-element vector"
+            )
+        spans.append((t.offset, t.offset + t.size, t.name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise invalid(f"layout tensors {a!r} and {b!r} overlap")
+
+
+def check_members(members: Iterable[str]) -> list[str]:
+    """Validate and de-duplicate (keeping first-seen order)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for m in members:
+        check_worker_id(m, "members[]")
+        if m not in seen:
+            seen.add(m)
+            out.append(m)
+    if len(out) > MAX_MEMBERS:
+        raise invalid(f"at most {MAX_MEMBERS} members")
+    return out
+
+
+def check_header(h: PushHeader) -> None:
+    check_job_id(h.job_id)
+    check_worker_id(h.worker_id)
+    if h.step < 0:
+        raise invalid(f"step must be >= 0, got {h.step}")
+    if h.base_version < 0:
+        raise invalid(f"base_version must be >= 0, got {h.base_version}")
+    if h.payload_bytes < 0 or h.num_samples < 0:
+        raise invalid("payload_bytes and num_samples must be >= 0")
+    if h.kind not in UPDATE_KINDS:
+        raise invalid(f"kind must be one of {UPDATE_KINDS}, got {h.kind!r}")
+    if not isinstance(h.loss, int | float) or not np.isfinite(h.loss):
+        raise invalid(f"loss must be a finite number, got {h.loss!r}")
+
+
+def check_wait(min_version: int, wait_timeout_s: float) -> float:
+    if min_version < 0:
+        raise invalid(f"min_version must be >= 0, got {min_version}")
+    if not isinstance(wait_timeout_s, int | float) or not np.isfinite(wait_timeout_s) or wait_timeout_s < 0:
+        raise invalid(f"wait_timeout_s must be a finite number >= 0, got {wait_timeout_s!r}")
+    return min(float(wait_timeout_s), MAX_WAIT_S)
+
+
+def build_aggregator(spec: JobSpec) -> Aggregator:
+    """The job's aggregation rule, wrapped by central DP when the job has it."""
+    try:
+        rule = get_aggregator(spec.aggregation, **spec.aggregation_params)
+        if spec.privacy is not None:
+            return private_aggregator(rule, spec.privacy, spec.privacy_seed)
+        return rule
+    except (ValueError, TypeError) as err:
+        raise invalid(f"aggregation: {err}") from None
+
+
+# -- what a job reports as it works (`metrics.PSMetrics` turns it into Prometheus series) -----------------
+class StoreObserver:
+    """No-op base: override what you need. Called with the job lock held, so keep it cheap."""
+
+    def push_outcome(self, job_id: str, outcome: PushOutcome) -> None:
+        pass
+
+    def round_closed(self, job_id: str, seconds: float) -> None:
+        pass
+
+    def version(self, job_id: str, version: int) -> None:
+        pass
+
+    def members(self, job_id: str, count: int) -> None:
+        pass
+
+    def worker_push(self, job_id: str, worker_id: str, outcome: PushOutcome, staleness_bound: int) -> None:
+        """One worker's push was decided; `staleness_bound` is the bound its next push is held to."""
+
+    def update_bytes(self, job_id: str, kind: str, codec: str, nbytes: int) -> None:
+        """Payload bytes of one received update, by kind (gradient / pseudo_gradient) and codec."""
+
+
+NULL_OBSERVER = StoreObserver()
+
+
+# -- waiting for a version -----------------------------------------------------------------------------
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class VersionWaiters:
+    """Wake pulls that wait for a version, whether they block a thread or await on a loop.
+
+    The servers wait with asyncio (a waiting sync worker must not pin an executor thread: a barrier
+    of N workers would starve the pool), while pushes that publish a new version run in executor
+    threads. So publishing notifies both a `threading.Condition` and any registered asyncio futures,
+    each through its own loop's `call_soon_threadsafe`.
+    """
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._cond = threading.Condition(lock)
+        self._futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def notify_locked(self) -> None:
+        """Call with the lock held after the version (or completion) changed."""
+        self._cond.notify_all()
+        futures, self._futures = self._futures, []
+        for loop, fut in futures:
+            with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
+                loop.call_soon_threadsafe(_wake, fut)
+
+    def wait(self, ready: Callable[[], bool], timeout_s: float) -> None:
+        """Block the calling thread until ready() (checked under the lock) or the timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while not ready():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(remaining)
+
+    async def wait_async(self, ready: Callable[[], bool], timeout_s: float) -> None:
+        """Await until ready() or the timeout, without holding a thread."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            fut: asyncio.Future[None] = loop.create_future()
+            with self._lock:
+                if ready():
+                    return
+                self._futures.append((loop, fut))
+            remaining = deadline - loop.time()
+            try:
+                if remaining <= 0:
+                    return
+                await asyncio.wait_for(fut, remaining)
+            except TimeoutError:
+                return
+            finally:
+                with self._lock:
+                    self._futures = [(lp, f) for lp, f in self._futures if f is not fut]
+
+
+# -- one job -------------------------------------------------------------------------------------------
 @dataclass
-class _Round:
-    base_version: int
-    opened_at: float
-    updates: dict[str, np.ndarray] = field(default_factory=dict)
+class JobSnapshot:
+    """What a checkpoint holds: one job at one version. Arrays are shared references never mutated."""
+
+    spec: JobSpec
+    layout: list[TensorSpec]
+    params: np.ndarray
+    version: int
+    members: list[str]
+    open_membership: bool  # True until SetMembers: workers join by pushing
+    counters: dict[str, int]
+    last_loss: float
+    optimizer_arrays: dict[str, np.ndarray]
+    optimizer_scalars: dict[str, float | int]
+    seen_steps: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _frozen(arr: np.ndarray) -> np.ndarray:
@@ -74,6 +267,8 @@ def _frozen(arr: np.ndarray) -> np.ndarray:
 
 
 class JobState:
+    """One job. Implements `core.strategies.JobView` for its strategy's version rule."""
+
     def __init__(
         self,
         spec: JobSpec,
@@ -85,6 +280,8 @@ class JobState:
     ) -> None:
         """Arguments must already be validated (see `validated`); params is copied."""
         self.spec = spec
+        self.strategy: Strategy = build_strategy(spec.strategy)
+        self.rule: VersionRule = self.strategy.version_rule()
         self.layout = list(layout)
         self.num_params = int(params.shape[0])
         self.params = _frozen(np.array(params, dtype=np.float32, copy=True))
@@ -93,15 +290,10 @@ class JobState:
         self.open_membership = not self.members
         self.counters: Counter[str] = Counter()
         self.last_loss = 0.0
-        self.optimizer: ServerOptimizer = make_optimizer(spec, self.num_params)
-        self.aggregator: Aggregator = make_aggregator(spec.aggregation, spec.aggregation_params)
-        options = parse_options(spec)
-        self.staleness_scaling = options.staleness_scaling
-        self.policy = options.policy(spec)
-        self.central_dp = options.central_dp()
-        self.rounds = spec.mode in v.ROUND_MODES
+        self.optimizer: ServerOptimizer = make_optimizer(spec.optimizer, self.num_params)
+        self.aggregator = build_aggregator(spec)
+        self.ledger = WorkerLedger()
         self._seen: dict[str, OrderedDict[int, None]] = {}
-        self._round: _Round | None = None
         self._clock = clock
         self._obs = observer
         self._lock = threading.Lock()
@@ -113,21 +305,25 @@ class JobState:
         spec: JobSpec, layout: Sequence[TensorSpec], params: np.ndarray, members: Sequence[str]
     ) -> None:
         """Raise PSError for anything that would make a bad job; no side effects."""
-        v.check_spec(spec)
+        check_job_id(spec.job_id)
         if params.ndim != 1:
-            raise v.invalid(f"params must be a flat vector, got shape {params.shape}")
-        v.check_layout(layout, int(params.shape[0]))
-        v.check_members(members)
-        parse_options(spec)
+            raise invalid(f"params must be a flat vector, got shape {params.shape}")
+        check_layout(layout, int(params.shape[0]))
+        check_members(members)
         if not np.isfinite(params).all():
-            raise v.invalid("initial params contain NaN or Inf")
-        make_optimizer(spec, int(params.shape[0]))
-        make_aggregator(spec.aggregation, spec.aggregation_params)
+            raise invalid("initial params contain NaN or Inf")
+        make_optimizer(spec.optimizer, int(params.shape[0]))
+        build_aggregator(spec)
 
     # -- reading ---------------------------------------------------------------------
     @property
     def complete(self) -> bool:
         return self.version >= self.spec.total_steps
+
+    @property
+    def rounds(self) -> bool:
+        """Whether pushes buffer towards a version (a round) rather than apply on arrival."""
+        return self.strategy.rounds
 
     def read(self) -> tuple[int, np.ndarray, bool]:
         with self._lock:
@@ -137,6 +333,9 @@ class JobState:
 
     def reached(self, min_version: int) -> bool:
         return self.version >= min_version or self.complete
+
+    def staleness_bound(self, worker_id: str) -> int:
+        return self.strategy.staleness_bound(worker_id, self.ledger, self._clock())
 
     def stats(self) -> JobStats:
         with self._lock:
@@ -149,7 +348,7 @@ class JobState:
                 last_loss=self.last_loss,
                 complete=self.complete,
                 num_params=self.num_params,
-                workers=self.policy.stats(),
+                workers=self.ledger.stats(lambda w: self.strategy.staleness_bound(w, self.ledger, None)),
             )
 
     def same_shape(self, layout: Sequence[TensorSpec], num_params: int) -> bool:
@@ -169,9 +368,9 @@ class JobState:
 
     def precheck(self, header: PushHeader) -> None:
         """What can be refused from the header alone, before the payload is read."""
-        want = v.KIND_OF_MODE[self.spec.mode]
+        want = self.strategy.update_kind
         if header.kind != want:
-            raise v.invalid(f"a {self.spec.mode} job takes {want} updates, got kind={header.kind!r}")
+            raise invalid(f"a {self.spec.mode} job takes {want} updates, got kind={header.kind!r}")
         with self._lock:
             self.check_member(header.worker_id)
 
@@ -182,7 +381,7 @@ class JobState:
         self.precheck(header)
         vec = decode_update(header.codec, header.codec_meta, payload, self.num_params)
         with self._lock:
-            result = self._apply_locked(header, vec)
+            result = self._decide_locked(header, vec)
             self.counters[f"pushes_{result.outcome.value.lower()}"] += 1
             # Wire bytes per class: every update that arrived, by kind, and its uncompressed size.
             self.counters[f"bytes_received_{header.kind}"] += len(payload)
@@ -190,14 +389,14 @@ class JobState:
             if result.outcome in (PushOutcome.APPLIED, PushOutcome.BUFFERED):
                 self.counters["bytes_received"] += len(payload)
             if result.outcome is not PushOutcome.DUPLICATE:
-                self.policy.record(header.worker_id, result.outcome, result.staleness)
-            bound = self.policy.bound(header.worker_id)
+                self.ledger.record(header.worker_id, result.outcome, result.staleness)
+            bound = self.staleness_bound(header.worker_id)
         self._obs.push_outcome(self.spec.job_id, result.outcome)
         self._obs.worker_push(self.spec.job_id, header.worker_id, result.outcome, bound)
         self._obs.update_bytes(self.spec.job_id, header.kind, header.codec, len(payload))
         return result
 
-    def _apply_locked(self, header: PushHeader, vec: np.ndarray) -> PushResult:
+    def _decide_locked(self, header: PushHeader, vec: np.ndarray) -> PushResult:
         self.check_member(header.worker_id)  # membership may have changed while decoding
         staleness = self.version - header.base_version
         if self.complete:
@@ -211,12 +410,12 @@ class JobState:
                 f"step {header.step} of {header.worker_id!r} was already received",
             )
         if staleness < 0:
-            raise v.invalid(
-                f"base_version {header.base_version} is ahead of the server's version {self.version}"
-            )
-        self.policy.observe_push(header.worker_id, self._clock())
-        push = self._sync_push if self.rounds else self._async_push
-        result = push(header, vec, staleness)
+            raise invalid(f"base_version {header.base_version} is ahead of the server's version {self.version}")
+        now = self._clock()
+        self.ledger.observe_push(header.worker_id, now)
+        result = self.rule.on_update(self, header.worker_id, vec, staleness, now)
+        if result.outcome in (PushOutcome.APPLIED, PushOutcome.BUFFERED):
+            self.last_loss = header.loss
         if result.outcome is not PushOutcome.DUPLICATE:
             self._remember(header.worker_id, header.step)
         return result
@@ -227,139 +426,65 @@ class JobState:
         while len(seen) > REPLAY_WINDOW:
             seen.popitem(last=False)
 
-    def _join(self, worker_id: str) -> None:
+    # -- JobView: what the strategy's version rule may do ------------------------------
+    def join(self, worker_id: str) -> None:
         if self.open_membership and worker_id not in self.members:
             self.members.append(worker_id)
             self._obs.members(self.spec.job_id, len(self.members))
 
-    def _sync_push(self, header: PushHeader, vec: np.ndarray, staleness: int) -> PushResult:
-        if staleness > 0:
-            return PushResult(
-                PushOutcome.LATE_DROPPED,
-                self.version,
-                staleness,
-                f"round {header.base_version} already closed; pull version {self.version}",
-            )
-        rnd = self._round
-        if rnd is not None and header.worker_id in rnd.updates:
-            return PushResult(
-                PushOutcome.DUPLICATE,
-                self.version,
-                0,
-                f"{header.worker_id!r} already contributed to round {self.version}",
-            )
-        if rnd is None:
-            rnd = self._round = _Round(self.version, self._clock())
-        rnd.updates[header.worker_id] = vec
-        self.last_loss = header.loss
-        self._join(header.worker_id)
-        if self._round_done():
-            self._close_round(timed_out=False)
-            return PushResult(PushOutcome.APPLIED, self.version, 0, "round closed")
-        return PushResult(
-            PushOutcome.BUFFERED, self.version, 0, f"waiting for {len(self._outstanding())} more member(s)"
-        )
+    def aggregate(self, updates: np.ndarray) -> np.ndarray:
+        if updates.shape[0] == 1 and not self.aggregator.transforms_single:
+            return updates[0]  # every plain rule returns a lone update unchanged: skip the copy
+        before = self.aggregator.counts()
+        try:
+            combined = self.aggregator.aggregate(updates)
+        except ValueError as err:  # e.g. Krum after a straggler timeout left fewer than 2f+3 updates
+            log.warning("job %s: %s; this round uses the %s", self.spec.job_id, err, FALLBACK_RULE)
+            self.counters[f"aggregation_fallback_{FALLBACK_RULE}"] += 1
+            combined = get_aggregator(FALLBACK_RULE).aggregate(updates)
+        for key, value in self.aggregator.counts().items():
+            self.counters[key] += value - before.get(key, 0)
+        return np.asarray(combined, dtype=np.float32)
 
-    def _async_push(self, header: PushHeader, vec: np.ndarray, staleness: int) -> PushResult:
-        bound = self.policy.bound(header.worker_id, self._clock())
-        if staleness > bound:
-            return PushResult(
-                PushOutcome.STALE_REJECTED,
-                self.version,
-                staleness,
-                f"staleness {staleness} > this worker's bound {bound} ({self.spec.mode}); re-pull",
-            )
-        self._join(header.worker_id)
-        scale = step_scale(self.staleness_scaling, staleness)
-        self.last_loss = header.loss
-        if self.central_dp is not None:
-            vec = self._private_mean(vec[None, :])
-        self._publish(self.optimizer.step(self.params, vec, scale))
-        self.counters["updates_aggregated"] += 1
-        return PushResult(PushOutcome.APPLIED, self.version, staleness)
-
-    # -- rounds ----------------------------------------------------------------------
-    def _outstanding(self) -> list[str]:
-        rnd = self._round
-        done = rnd.updates if rnd is not None else {}
-        return [m for m in self.members if m not in done]
-
-    def _round_done(self) -> bool:
-        return self._round is not None and bool(self._round.updates) and not self._outstanding()
-
-    def _close_round(self, timed_out: bool) -> None:
-        rnd = self._round
-        assert rnd is not None and rnd.updates
-        updates = list(rnd.updates.values())
-        combined: np.ndarray
-        if self.central_dp is not None:  # noisy mean of clipped updates replaces the (mean) rule
-            combined = self._private_mean(np.stack(updates))
-        elif len(updates) == 1:  # every rule returns a lone update unchanged
-            combined = updates[0]
-        else:
-            stacked = np.stack(updates)
-            try:
-                combined = self.aggregator.aggregate(stacked)
-            except ValueError as err:
-                log.warning("job %s: %s; this round uses the %s", self.spec.job_id, err, FALLBACK_RULE)
-                self.counters[f"aggregation_fallback_{FALLBACK_RULE}"] += 1
-                combined = fallback_aggregator().aggregate(stacked)
-        self._publish(self.optimizer.step(self.params, np.asarray(combined, dtype=np.float32)))
-        self._round = None
-        self.counters["rounds_closed"] += 1
-        self.counters["updates_aggregated"] += len(updates)
-        if timed_out:
-            self.counters["rounds_timed_out"] += 1
-        self._obs.round_closed(self.spec.job_id, self._clock() - rnd.opened_at)
-
-    def _private_mean(self, stacked: np.ndarray) -> np.ndarray:
-        assert self.central_dp is not None
-        clipped_before = self.central_dp.clipped
-        out = self.central_dp.noisy_mean(stacked)
-        self.counters["dp_releases"] += 1
-        self.counters["dp_clipped_updates"] += self.central_dp.clipped - clipped_before
-        return out
-
-    def _publish(self, new_params: np.ndarray) -> None:
+    def apply(self, update: np.ndarray, count: int, lr_scale: float = 1.0) -> None:
+        new_params = self.optimizer.step(self.params, update, lr_scale)
         self.params = _frozen(new_params.astype(np.float32, copy=False))
         self.version += 1
+        self.counters["updates_aggregated"] += count
         self._obs.version(self.spec.job_id, self.version)
         self.waiters.notify_locked()
         if self.on_version is not None:
             self.on_version(self)
 
+    def round_closed(self, duration_s: float, timed_out: bool) -> None:
+        self.counters["rounds_closed"] += 1
+        if timed_out:
+            self.counters["rounds_timed_out"] += 1
+        self._obs.round_closed(self.spec.job_id, duration_s)
+
+    # -- deadlines and membership ----------------------------------------------------
     def round_size(self) -> int:
-        """Updates buffered in the open sync round (a racy read is fine: it only sizes work)."""
-        rnd = self._round
-        return 0 if rnd is None else len(rnd.updates)
+        """Updates buffered towards the next version (a racy read is fine: it only sizes work)."""
+        return self.rule.pending_updates()
 
     def round_deadline(self) -> float | None:
-        rnd = self._round
-        return None if rnd is None else rnd.opened_at + self.spec.straggler_timeout_s
+        return self.rule.deadline()
 
     def expire(self, now: float) -> bool:
-        """Close the open round if its straggler timeout passed; True when it did."""
+        """Close whatever waited past its deadline (a round's straggler timeout); True when it did."""
         with self._lock:
-            deadline = self.round_deadline()
-            if deadline is None or now < deadline or self._round is None or not self._round.updates:
+            deadline = self.rule.deadline()
+            if deadline is None or now < deadline:
                 return False
-            log.info(
-                "job %s: round %d timed out waiting for %s",
-                self.spec.job_id,
-                self.version,
-                self._outstanding(),
-            )
-            self._close_round(timed_out=True)
-            return True
+            log.info("job %s: round %d timed out", self.spec.job_id, self.version)
+            return self.rule.expire(self, now)
 
-    # -- membership ------------------------------------------------------------------
     def set_members(self, members: list[str]) -> tuple[int, list[str]]:
         with self._lock:
             self.members = list(members)
             self.open_membership = False
             self._obs.members(self.spec.job_id, len(self.members))
-            if self.rounds and self._round_done():
-                self._close_round(timed_out=False)
+            self.rule.members_changed(self, self._clock())
             return self.version, list(self.members)
 
     # -- checkpoints -----------------------------------------------------------------
@@ -395,3 +520,230 @@ class JobState:
             for step in steps[-REPLAY_WINDOW:]:
                 job._remember(worker, step)
         return job
+
+
+# -- every job behind one API ----------------------------------------------------------------------------
+CheckpointHook = Callable[[JobSnapshot], None]
+T = TypeVar("T")
+
+# Store calls touching at most this many bytes run on the event loop itself: numpy needs about
+# a millisecond for them, less than a hop to an executor thread and back costs under load
+# (benchmarks/ps_throughput.py: +20 % ingest for 4 MB pushes). Bigger work goes to a thread so
+# the loop keeps serving other workers; `push_cost_bytes` counts a sync round's buffered updates.
+INLINE_MAX_BYTES = 4 << 20
+
+
+async def run_store_call(nbytes: int, fn: Callable[..., T], *args: object) -> T:
+    """Call a blocking store method from a server coroutine, inline or in a thread by size."""
+    if nbytes <= INLINE_MAX_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+class ParameterStore:
+    def __init__(
+        self,
+        max_payload_bytes: int = 256 << 20,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        observer: StoreObserver = NULL_OBSERVER,
+        checkpoint_hook: CheckpointHook | None = None,
+        checkpoint_every: int = 50,
+    ) -> None:
+        """`checkpoint_hook` receives a snapshot at creation, every `checkpoint_every` versions
+        and at completion; it runs with the job lock held, so it must only enqueue."""
+        self.max_payload_bytes = max_payload_bytes
+        self.checkpoint_every = checkpoint_every
+        self._clock = clock
+        self._obs = observer
+        self._hook = checkpoint_hook
+        self._jobs: dict[str, JobState] = {}
+        self._lock = threading.Lock()  # guards the job table only; each job has its own lock
+
+    # -- jobs ------------------------------------------------------------------------
+    def _job(self, job_id: str) -> JobState:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise PSError(ErrorCode.NOT_FOUND, f"unknown job {job_id!r}")
+        return job
+
+    def now(self) -> float:
+        """The store's clock (monotonic seconds; injectable for tests)."""
+        return self._clock()
+
+    def job_state(self, job_id: str) -> JobState:
+        """The live state of one job (read-only use: tests and in-process tools inspect it)."""
+        return self._job(job_id)
+
+    def job_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._jobs)
+
+    def _check_size(self, nbytes: int, what: str) -> None:
+        if nbytes > self.max_payload_bytes:
+            raise PSError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"{what} is {nbytes} bytes; the server accepts at most {self.max_payload_bytes}",
+            )
+
+    def _attach(self, job: JobState) -> None:
+        job.on_version = self._maybe_checkpoint
+        self._obs.version(job.spec.job_id, job.version)
+        self._obs.members(job.spec.job_id, len(job.members))
+
+    def _maybe_checkpoint(self, job: JobState) -> None:
+        if self._hook is not None and (job.version % self.checkpoint_every == 0 or job.complete):
+            self._hook(job.snapshot_locked())
+
+    def init_job(
+        self, spec: JobSpec, layout: Sequence[TensorSpec], params: np.ndarray, members: Sequence[str]
+    ) -> InitResult:
+        """Create the job, or confirm an identical one exists (created=False). The first
+        InitJob's spec and members win; later calls only have to match layout and length."""
+        check_job_id(spec.job_id)
+        self._check_size(int(params.nbytes), "initial parameter vector")
+        with self._lock:
+            existing = self._jobs.get(spec.job_id)
+        if existing is not None:
+            return self._confirm(existing, layout, params)
+        JobState.validated(spec, layout, params, members)
+        job = JobState(spec, layout, params, check_members(members), self._clock, self._obs)
+        with self._lock:
+            existing = self._jobs.get(spec.job_id)
+            if existing is None:
+                self._jobs[spec.job_id] = job
+        if existing is not None:  # lost a race with an identical InitJob
+            return self._confirm(existing, layout, params)
+        self._attach(job)
+        log.info(
+            "job %s created: %d params, mode=%s, members=%s",
+            spec.job_id,
+            job.num_params,
+            spec.mode,
+            job.members or "open",
+        )
+        if self._hook is not None:
+            self._hook(job.snapshot())
+        return InitResult(created=True, version=0)
+
+    @staticmethod
+    def _confirm(job: JobState, layout: Sequence[TensorSpec], params: np.ndarray) -> InitResult:
+        if not job.same_shape(layout, int(params.shape[0])):
+            raise PSError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"job {job.spec.job_id!r} exists with {job.num_params} params and a different layout",
+            )
+        return InitResult(created=False, version=job.stats().version)
+
+    def restore(self, snap: JobSnapshot) -> None:
+        """Load a checkpointed job (on start-up, before serving)."""
+        job = JobState.restore(snap, self._clock, self._obs)
+        with self._lock:
+            self._jobs[snap.spec.job_id] = job
+        self._attach(job)
+
+    def snapshots(self) -> list[JobSnapshot]:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        return [j.snapshot() for j in jobs]
+
+    # -- pull ------------------------------------------------------------------------
+    def _pulled(self, job: JobState) -> PulledParams:
+        version, params, complete = job.read()
+        return PulledParams(version=version, params=params, layout=list(job.layout), job_complete=complete)
+
+    def pull(
+        self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0
+    ) -> PulledParams:
+        """Current parameters, after waiting (bounded) for `min_version` or completion.
+
+        The returned array is read-only and shared; it is never modified afterwards."""
+        wait = check_wait(min_version, wait_timeout_s)
+        job = self._job(job_id)
+        if wait > 0:
+            job.waiters.wait(lambda: job.reached(min_version), wait)
+        return self._pulled(job)
+
+    async def pull_async(
+        self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0
+    ) -> PulledParams:
+        wait = check_wait(min_version, wait_timeout_s)
+        job = self._job(job_id)
+        if wait > 0:
+            await job.waiters.wait_async(lambda: job.reached(min_version), wait)
+        return self._pulled(job)
+
+    # -- push ------------------------------------------------------------------------
+    def _counted(self, header: PushHeader) -> JobState:
+        check_job_id(header.job_id)
+        return self._job(header.job_id)
+
+    def precheck_push(self, header: PushHeader) -> None:
+        """Refuse what the header alone shows to be bad, before the payload is transferred."""
+        job = self._counted(header)
+        try:
+            check_header(header)
+            self._check_size(header.payload_bytes, "payload")
+            job.precheck(header)
+        except PSError as err:
+            job.count_rejection(err)
+            raise
+
+    def push_cost_bytes(self, header: PushHeader, nbytes: int) -> int:
+        """Bytes of numpy work a push may cause: its payload, plus in sync mode the updates it may
+        aggregate when it closes the round."""
+        with self._lock:
+            job = self._jobs.get(header.job_id)
+        if job is None or not job.rounds:
+            return nbytes
+        return nbytes + job.round_size() * job.num_params * 4
+
+    def note_rejection(self, job_id: str, err: PSError) -> None:
+        """Count a refusal a transport detected itself (e.g. a malformed stream) against the job."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is not None:
+            job.count_rejection(err)
+
+    def push(self, header: PushHeader, payload: Buffer) -> PushResult:
+        job = self._counted(header)
+        try:
+            check_header(header)
+            self._check_size(len(payload), "payload")
+            if header.payload_bytes != len(payload):
+                raise invalid(f"header says payload_bytes={header.payload_bytes}, received {len(payload)}")
+            return job.push(header, payload)
+        except PSError as err:
+            job.count_rejection(err)
+            raise
+
+    # -- membership, rounds, stats ---------------------------------------------------
+    def set_members(self, job_id: str, members: Sequence[str]) -> tuple[int, list[str]]:
+        """Replace the job's members (closing open membership). A sync round that now waits for
+        no one closes at once. Returns (version, members)."""
+        clean = check_members(members)
+        job = self._job(job_id)
+        version, current = job.set_members(clean)
+        log.info("job %s members: %s", job_id, current)
+        return version, current
+
+    def next_deadline(self) -> float | None:
+        """Earliest straggler deadline of any open round (clock time), or None."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        deadlines = [d for d in (j.round_deadline() for j in jobs) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def expire_rounds(self) -> int:
+        """Close every round whose straggler timeout has passed; returns how many closed."""
+        now = self._clock()
+        with self._lock:
+            jobs = list(self._jobs.values())
+        return sum(1 for j in jobs if j.expire(now))
+
+    def stats(self, job_id: str | None = None) -> list[JobStats]:
+        """Stats for one job (empty list if unknown: callers poll before workers create it) or all."""
+        with self._lock:
+            jobs = [self._jobs[j] for j in sorted(self._jobs) if job_id in (None, "", j)]
+        return [j.stats() for j in jobs]

@@ -11,8 +11,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from dist_llm_train.paramserver.observer import StoreObserver
-from dist_llm_train.paramserver.types import PushOutcome
+from dist_llm_train.core.types import PushOutcome
+from dist_llm_train.paramserver.job import StoreObserver
 
 # Push latency spans sub-millisecond tiny updates up to multi-second 100 MB uploads on bad links.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

@@ -1,7 +1,7 @@
-"""The PS's only contact with training maths: decode a pushed update, aggregate a round.
+"""Received bytes to a safe vector: decode a pushed update with the job's codec, and check it.
 
-The registries live in `dist_llm_train.training.codecs` and `.aggregation` (numpy only, so
-the PS stays torch-free); this module adapts them to the store's contract: bad input raises
+The codecs live in `dist_llm_train.core.codecs` (numpy only, so the PS stays torch-free);
+this module adapts them to the store's contract: bad input raises
 `PSError(INVALID_ARGUMENT)`, and a decoded update is a finite flat float32 vector of exactly
 the job's length. The `none` codec keeps a zero-copy fast path here because it is the bulk
 of PS ingest: the registry's generic decode copies the payload twice before checking it.
@@ -13,38 +13,15 @@ from __future__ import annotations
 
 import ctypes
 import platform
-from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 import numpy as np
 
-from dist_llm_train.paramserver.types import ErrorCode, PSError
-from dist_llm_train.training.aggregation import get_aggregator
-from dist_llm_train.training.codecs import Encoded, get_codec
+from dist_llm_train.core.codecs import Encoded, get_codec
+from dist_llm_train.core.types import ErrorCode, PSError
 
 Buffer = bytes | bytearray | memoryview
-FALLBACK_RULE = "median"  # robust and defined for any n >= 1
-
-
-class Aggregator(Protocol):
-    def aggregate(self, updates: np.ndarray) -> np.ndarray:
-        """(n, d) stacked updates -> (d,) combined update."""
-        ...
-
-
-def make_aggregator(name: str, params: Mapping[str, float]) -> Aggregator:
-    """Build the job's aggregation rule; a bad name or parameter is the caller's error."""
-    try:
-        return get_aggregator(name, **params)
-    except (ValueError, TypeError) as err:
-        raise PSError(ErrorCode.INVALID_ARGUMENT, f"aggregation: {err}") from None
-
-
-def fallback_aggregator() -> Aggregator:
-    """For a round the job's rule is not defined for (e.g. Krum after a straggler timeout left
-    fewer than 2f+3 updates): the coordinate-wise median, which stays robust, unlike the mean."""
-    return get_aggregator(FALLBACK_RULE)
 
 
 def _unpack_meta(meta: bytes) -> dict[str, Any]:

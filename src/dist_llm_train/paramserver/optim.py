@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 
-from dist_llm_train.paramserver.types import ErrorCode, JobSpec, PSError
+from dist_llm_train.core.strategies.base import OptimizerSpec
+from dist_llm_train.core.types import ErrorCode, PSError
 
 Scalars = dict[str, float | int]
 BLOCK = 1 << 16  # float32 elements (256 KiB): a block of each operand fits the 2 MiB L2 together
@@ -153,38 +153,10 @@ def _checked(arr: np.ndarray, size: int, name: str) -> np.ndarray:
     return np.asarray(arr, dtype=np.float32)
 
 
-def option_value(options: dict[str, str], key: str, default: Any, kind: type) -> Any:
-    """`options[key]` parsed as `kind` (bool, int or float), or `default` when absent.
-
-    A value that does not parse is PSError(INVALID_ARGUMENT) naming the key."""
-    raw = options.get(key)
-    if raw is None:
-        return default
-    try:
-        if kind is bool:
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1")
-        value = kind(raw)
-    except ValueError:
-        raise PSError(
-            ErrorCode.INVALID_ARGUMENT, f"spec.options[{key!r}]={raw!r} is not a valid {kind.__name__}"
-        ) from None
-    if kind is float and not math.isfinite(value):
-        raise PSError(ErrorCode.INVALID_ARGUMENT, f"spec.options[{key!r}] must be finite")
-    return value
-
-
-def make_optimizer(spec: JobSpec, size: int) -> ServerOptimizer:
-    """Build the job's optimizer. For Adam, `spec.momentum` is beta1; beta2 and eps come from
-    `options` (`adam_beta2`, `adam_eps`); SGD reads `nesterov` ("true"/"false")."""
-    if spec.optimizer == "sgd":
-        nesterov = option_value(spec.options, "nesterov", False, bool)
-        return SGD(size, spec.learning_rate, spec.momentum, nesterov)
-    if spec.optimizer == "adam":
-        beta2 = option_value(spec.options, "adam_beta2", 0.999, float)
-        eps = option_value(spec.options, "adam_eps", 1e-8, float)
-        if not 0.0 <= beta2 < 1.0 or eps <= 0:
-            raise PSError(ErrorCode.INVALID_ARGUMENT, "adam_beta2 must be in [0, 1) and adam_eps > 0")
-        return Adam(size, spec.learning_rate, spec.momentum, beta2, eps)
-    raise PSError(ErrorCode.INVALID_ARGUMENT, f"unknown optimizer {spec.optimizer!r} (sgd, adam)")
+def make_optimizer(spec: OptimizerSpec, size: int) -> ServerOptimizer:
+    """Build the job's optimizer. For Adam, `spec.momentum` is beta1."""
+    if spec.name == "sgd":
+        return SGD(size, spec.learning_rate, spec.momentum, spec.nesterov)
+    if spec.name == "adam":
+        return Adam(size, spec.learning_rate, spec.momentum, spec.adam_beta2, spec.adam_eps)
+    raise PSError(ErrorCode.INVALID_ARGUMENT, f"unknown optimizer {spec.name!r} (sgd, adam)")

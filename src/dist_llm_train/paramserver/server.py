@@ -18,10 +18,10 @@ from typing import Protocol
 
 from dist_llm_train.config import ParamServerConfig
 from dist_llm_train.paramserver.checkpoint import Checkpointer, load_all
-from dist_llm_train.paramserver.grpc_server import GrpcServer
+from dist_llm_train.paramserver.job import ParameterStore
 from dist_llm_train.paramserver.metrics import MetricsHTTPServer, PSMetrics
-from dist_llm_train.paramserver.state import ParameterStore
-from dist_llm_train.paramserver.zmq_server import ZmqServer
+from dist_llm_train.paramserver.transport.grpc_server import GrpcServer
+from dist_llm_train.paramserver.transport.zmq_server import ZmqServer
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
 """Discrete-event simulation of training runs with thousands of virtual workers.
 
-`runner.simulate(SimConfig)` runs one; `cli.simulate` is the `dist-llm-train simulate` command;
-`experiment.run_cell` is the `run-experiments --backend sim` hook. See docs/simulation.md.
+`runner.simulate(SimConfig)` runs one; `request.run_request` resolves files and flags into one and writes its
+report (what `dist-llm-train simulate` calls); `experiment.run_cell` is the `run-experiments --backend sim`
+hook. See docs/simulation.md.
 """

@@ -40,15 +40,8 @@ class ActorEngine:
     ) -> None:
         self.cfg, self.queue, self.control, self.steps = cfg, queue, control, steps
         self.draws, self.stats, self.throughput, self.log = draws, stats, throughput, log
-        self.sync = cfg.mode in adapters.ROUND_MODES  # a barrier per version: pulls wait for the next one
-        options = {}
-        if cfg.mode == "adaptive":
-            options = {
-                "min_staleness": str(cfg.adaptive_min_staleness),
-                "max_staleness_multiplier": repr(cfg.adaptive_multiplier),
-            }
-        spec = adapters.job_spec(cfg.mode, cfg.max_staleness, cfg.straggler_timeout_s, cfg.rounds, options)
-        self.js = adapters.make_job_state(spec, [], queue.clock)
+        self.sync = cfg.strategy.rounds  # a barrier per version: pulls wait for the next one
+        self.js = adapters.make_job_state(adapters.job_spec(cfg), [], queue.clock)
         self.agents = Agents(cfg.capacity)
         self.min_version: dict[int, int] = {}
         self.steps_done: dict[int, int] = {}

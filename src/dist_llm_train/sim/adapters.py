@@ -33,9 +33,11 @@ from dist_llm_train.controller.schedulers import Assignment, Scheduler, TaskView
 from dist_llm_train.controller.schedulers.base import task_order
 from dist_llm_train.controller.service import ControllerService, PSEndpoint
 from dist_llm_train.controller.store import Store
-from dist_llm_train.paramserver import validation
+from dist_llm_train.core.job import JobSpec
+from dist_llm_train.core.strategies import OptimizerSpec
+from dist_llm_train.core.types import PSError, PushHeader, TensorSpec
 from dist_llm_train.paramserver.job import JobState
-from dist_llm_train.paramserver.types import JobSpec, PSError, PushHeader, TensorSpec
+from dist_llm_train.sim.config import SimConfig
 
 JOB_ID = "sim"
 BLOCK = 128
@@ -188,32 +190,13 @@ class SimController:
 
 
 # -- parameter server --------------------------------------------------------------------------------------
-ROUND_MODES: tuple[str, ...] = tuple(validation.ROUND_MODES)
-"""Strategies with a barrier per version (the vectorised engine's domain)."""
-
-
-def update_kind(mode: str) -> str:
-    """What a worker of this strategy pushes: gradient, or DiLoCo's pseudo-gradient."""
-    return validation.KIND_OF_MODE[mode]
-
-
-def job_spec(
-    mode: str,
-    max_staleness: int,
-    straggler_timeout_s: float,
-    total_steps: int,
-    options: dict[str, str] | None = None,
-) -> JobSpec:
+def job_spec(cfg: SimConfig) -> JobSpec:
+    """The simulated job: the run's strategy on a one-parameter vector with plain SGD (the maths is free)."""
     return JobSpec(
         job_id=JOB_ID,
-        mode=mode,
-        max_staleness=max_staleness,
-        straggler_timeout_s=straggler_timeout_s,
-        optimizer="sgd",
-        learning_rate=0.01,
-        momentum=0.0,
-        total_steps=max(1, total_steps),
-        options=dict(options or {}),
+        strategy=cfg.strategy_config,
+        optimizer=OptimizerSpec("sgd", 0.01, 0.0),
+        total_steps=max(1, cfg.rounds),
     )
 
 
@@ -254,7 +237,7 @@ def push(js: JobState, worker_id: str, step: int, base_version: int) -> tuple[st
         base_version=base_version,
         codec="none",
         payload_bytes=len(_PAYLOAD),
-        kind=update_kind(js.spec.mode),
+        kind=js.strategy.update_kind,
     )
     try:
         result = js.push(header, _PAYLOAD)

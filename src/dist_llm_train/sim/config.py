@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dist_llm_train.config import Config, ModelConfig, SchedulerName, SimulationConfig, TrainingConfig
+from dist_llm_train.core.strategies import (
+    STRATEGIES,
+    Strategy,
+    StrategyConfig,
+    build_strategy,
+    parse_strategy_config,
+    strategy_names,
+)
 
 Positive = Annotated[float, Field(gt=0)]
 
@@ -118,7 +126,7 @@ class PayloadModel(_Strict):
 
     @model_validator(mode="after")
     def _known_codec(self) -> PayloadModel:
-        from dist_llm_train.training.codecs import get_codec  # numpy only, like the PS
+        from dist_llm_train.core.codecs import get_codec  # numpy only, like the PS
 
         get_codec(self.codec, ratio=self.codec_ratio, **self.codec_params)  # ValueError names what is wrong
         return self
@@ -167,7 +175,7 @@ class SimConfig(_Strict):
     simulation: SimulationConfig = SimulationConfig()
     workers: Annotated[int, Field(ge=1, le=1_000_000)] = 3
     rounds: Annotated[int, Field(ge=0, le=100_000_000)] = 100
-    mode: Literal["sync", "async", "adaptive", "diloco"] = "sync"
+    mode: str = "sync"  # the strategy's name (core.strategies registry); its fields are the ones below
     profile: str | None = "good"
     scheduler: SchedulerName = "priority"
     heartbeat_miss_limit: Annotated[int, Field(ge=1, le=100)] = 3
@@ -202,10 +210,34 @@ class SimConfig(_Strict):
             )
         return self
 
+    @field_validator("mode")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r}; choose one of {strategy_names()}")
+        return value
+
+    @property
+    def strategy_config(self) -> StrategyConfig:
+        """The strategy's own config from the fields here that it has."""
+        fields = {
+            "max_staleness": self.max_staleness,
+            "min_staleness": self.adaptive_min_staleness,
+            "max_staleness_multiplier": self.adaptive_multiplier,
+            "local_steps": self.local_steps,
+            "straggler_timeout_s": self.straggler_timeout_s,
+        }
+        known = STRATEGIES[self.mode].Config.model_fields
+        return parse_strategy_config({"name": self.mode, **{k: v for k, v in fields.items() if k in known}})
+
+    @property
+    def strategy(self) -> Strategy:
+        return build_strategy(self.strategy_config)
+
     @property
     def steps_per_push(self) -> int:
-        """Local steps behind one update: DiLoCo's H, 1 for every other strategy."""
-        return self.local_steps if self.mode == "diloco" else 1
+        """Local steps behind one update: DiLoCo's H, 1 for a gradient."""
+        return self.strategy.steps_per_update()
 
     @property
     def capacity(self) -> int:
@@ -237,36 +269,40 @@ class SimConfig(_Strict):
         """A simulation of the run `cfg` describes; `overrides` (dotted paths allowed: 'compute.mean_s')."""
         t: TrainingConfig = cfg.training
         c = cfg.controller
-        # Strategy keys live on `training` (newer configs) or `controller` (the seed's); training wins.
-        min_staleness = getattr(t, "min_staleness", None)
-        multiplier = getattr(t, "max_staleness_multiplier", None)
+        strategy = t.strategy
         codec_params: dict[str, int | float | str] = {}
-        if t.compression == "int8" and hasattr(t, "int8_chunk"):
-            codec_params["chunk"] = t.int8_chunk
-        if t.compression == "topk" and hasattr(t, "topk_index"):
-            codec_params["index"] = t.topk_index
+        if t.codec.name == "int8":
+            codec_params["chunk"] = t.codec.int8_chunk
+        if t.codec.name == "topk":
+            codec_params["index"] = t.codec.topk_index
         data: dict[str, Any] = {
             "simulation": cfg.simulation.model_dump(),
             "workers": t.num_workers,
             "rounds": t.steps,
-            "mode": "adaptive" if t.resolved_mode == "async" and c.adaptive_staleness else t.resolved_mode,
+            "mode": strategy.name,
             "profile": cfg.network.profile or "good",
             "scheduler": c.scheduler,
             "heartbeat_miss_limit": c.heartbeat_miss_limit,
             "telemetry_alpha": c.telemetry_alpha,
-            "straggler_timeout_s": t.sync_max_wait_s,
-            "max_staleness": t.resolved_max_staleness,
-            "adaptive_min_staleness": c.min_staleness if min_staleness is None else min_staleness,
-            "adaptive_multiplier": c.max_staleness_multiplier if multiplier is None else multiplier,
-            "local_steps": getattr(t, "diloco_local_steps", 1),
+            "max_staleness": t.initial_staleness_bound,
+            **{
+                sim_key: getattr(strategy, key)
+                for sim_key, key in (
+                    ("straggler_timeout_s", "straggler_timeout_s"),
+                    ("adaptive_min_staleness", "min_staleness"),
+                    ("adaptive_multiplier", "max_staleness_multiplier"),
+                    ("local_steps", "local_steps"),
+                )
+                if hasattr(strategy, key)
+            },
             "batch_size": t.batch_size,
             "seq_length": t.seq_length,
             "seed": t.seed,
             "model": cfg.model.model_dump(),
             "vocab_size": t.vocab_size,
             "payload": {
-                "codec": t.compression,
-                "codec_ratio": t.compression_ratio,
+                "codec": t.codec.name,
+                "codec_ratio": t.codec.ratio,
                 "codec_params": codec_params,
             },
         }

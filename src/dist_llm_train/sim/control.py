@@ -93,7 +93,7 @@ class ControlPlane:
         stalls = np.where(p > 0, rng.geometric(np.where(p > 0, p, 1.0)), 0).tolist()
         for slot in range(n):
             self._come_alive(slot, lives[slot], int(stalls[slot]))
-        self.ctl.submit(self.cfg.num_tasks, {"training": {"mode": self.cfg.mode, "steps": self.cfg.rounds}})
+        self.ctl.submit(self.cfg.num_tasks, {"training": {"strategy": self.cfg.mode, "steps": self.cfg.rounds}})
         for kill in self.cfg.failures.kills:
             self.queue.at(kill.at_s, Kind.DEATH, (kill.worker, None))
         churn = self.cfg.churn

@@ -30,7 +30,7 @@ class Sizes:
 def codec_payload_bytes(
     codec: str, ratio: float, params: int, seed: int = 0, extra: dict[str, int | float | str] | None = None
 ) -> int:
-    from dist_llm_train.training.codecs import get_codec
+    from dist_llm_train.core.codecs import get_codec
 
     n = min(params, _SAMPLE_MAX)
     vec = np.random.default_rng(seed).standard_normal(n).astype(np.float32)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dist_llm_train.netem.classes import TrafficClass
-from dist_llm_train.netem.profile import Link, LinkOverride, Profile
-from dist_llm_train.netem.resolve import egress_links, ingress_link, to_one_way
+from dist_llm_train.netem.profile.classes import TrafficClass
+from dist_llm_train.netem.profile.resolve import egress_links, ingress_link, to_one_way
+from dist_llm_train.netem.profile.schema import Link, LinkOverride, Profile
 from dist_llm_train.sim.linkmath import DIST_CODES
 
 PS_NODE = "paramserver"

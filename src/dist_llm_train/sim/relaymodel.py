@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-from dist_llm_train.netem.pacing import MAX_PIECE_BYTES, QUANTUM_S, RTO_FLOOR_S
+from dist_llm_train.netem.userspace.relay import MAX_PIECE_BYTES, QUANTUM_S, RTO_FLOOR_S
 from dist_llm_train.sim.network import Topology
 
 Path = Literal["up", "down"]

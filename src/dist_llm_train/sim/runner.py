@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from dist_llm_train.netem.loader import load_profile
-from dist_llm_train.netem.profile import ProfileError
-from dist_llm_train.sim import adapters
+from dist_llm_train.core.strategies import STRATEGIES
+from dist_llm_train.netem.profile.loading import load_profile
+from dist_llm_train.netem.profile.schema import ProfileError
 from dist_llm_train.sim.actor_engine import ActorEngine
 from dist_llm_train.sim.config import SimConfig, SimConfigError
 from dist_llm_train.sim.control import ControlPlane, ControlStats
@@ -56,10 +56,11 @@ class SimResult:
 
 
 def choose_engine(cfg: SimConfig) -> str:
-    rounds = cfg.mode in adapters.ROUND_MODES
+    rounds = cfg.strategy.rounds
     if cfg.engine == "vectorised" and not rounds:
+        round_based = sorted(name for name, cls in STRATEGIES.items() if cls.rounds)
         raise SimConfigError(
-            f"engine: vectorised runs round-based strategies only ({', '.join(adapters.ROUND_MODES)}); "
+            f"engine: vectorised runs round-based strategies only ({', '.join(round_based)}); "
             f"{cfg.mode} is simulated per event (exact)"
         )
     if cfg.engine == "exact" or not rounds:
@@ -183,7 +184,7 @@ def physics_bound(r: SimResult) -> dict[str, float | None]:
     `single` is the slowest kind of worker alone on its links; `shared` has its pull wait for every member's
     pull through the PS's egress queue (or its own ingress, whichever is slower), the bound that applies when
     that egress is shaped (the default)."""
-    if r.sizes is None or r.config.mode not in adapters.ROUND_MODES or not r.bound_terms:
+    if r.sizes is None or not r.config.strategy.rounds or not r.bound_terms:
         return {"single_s": None, "shared_s": None, "measured_over_bound": None}
     single = max(sum(t) for t in r.bound_terms)
     queue = r.config.workers * 8.0 * r.sizes.pull_bytes / float(r.link["ps_rate_bps"])
@@ -267,7 +268,7 @@ def summary(r: SimResult, run_id: str = "", run_dir: str = "") -> dict[str, Any]
                 "aggregation": "mean",
                 "attack": None,
                 "wire_bytes": {
-                    adapters.update_kind(cfg.mode): st.bytes_sent,
+                    cfg.strategy.update_kind: st.bytes_sent,
                     "params": st.bytes_received,
                 },
                 "dp": {"enabled": False},

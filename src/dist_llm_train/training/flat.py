@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
-from dist_llm_train.paramserver.types import TensorSpec
+from dist_llm_train.core.types import TensorSpec
 
 
 def layout_of(model: nn.Module) -> list[TensorSpec]:

@@ -55,6 +55,10 @@ class LocalTrainer:
         self._eval_model: torch.nn.Module | None = None
 
     @property
+    def learning_rate(self) -> float:
+        return self.training_cfg.learning_rate
+
+    @property
     def shard_ids(self) -> tuple[int, ...]:
         return self.batches.shard_ids
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dist_llm_train.config import ConfigError, parse_config
+from dist_llm_train.controller.models import AssignedJobOut, RegisterIn, TaskOut, TelemetryIn, WorkerActivity
 from dist_llm_train.worker.controller_api import ControllerAPI, ControllerGone, UnknownWorker
 from dist_llm_train.worker.links import WorkerLinks
 from dist_llm_train.worker.metrics import WorkerMetrics
@@ -55,7 +56,7 @@ class WorkerAgent:
                                  telemetry_url=opts.controller_telemetry_url)
         self.worker_id: str | None = None
         self.heartbeat_interval_s = 1.0
-        self.state = "idle"
+        self.state: WorkerActivity = "idle"
         self._shards: dict[str, set[int]] = {}
         self._shard_lock = threading.Lock()
         self._telemetry: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -65,15 +66,17 @@ class WorkerAgent:
                                             opts.link_probe_interval_s) if opts.links_file else None)
 
     async def _register(self) -> None:
-        caps = {
-            "memory_gb": self.opts.memory_gb,
-            "flops": self.opts.flops,
-            "bandwidth_mbps": self.opts.bandwidth_mbps,
-            "compute_slowdown": self.opts.compute_slowdown,
-        }
-        reply = await self.api.register(self.opts.name, caps)
-        self.worker_id = reply["worker_id"]
-        self.heartbeat_interval_s = float(reply.get("heartbeat_interval_s", 1.0))
+        reply = await self.api.register(
+            RegisterIn(
+                name=self.opts.name,
+                memory_gb=self.opts.memory_gb,
+                flops=self.opts.flops,
+                bandwidth_mbps=self.opts.bandwidth_mbps,
+                compute_slowdown=self.opts.compute_slowdown,
+            )
+        )
+        self.worker_id = reply.worker_id
+        self.heartbeat_interval_s = reply.heartbeat_interval_s
         log.info("registered as %s (%s)", self.opts.name, self.worker_id)
 
     async def _heartbeat_loop(self) -> None:
@@ -95,7 +98,7 @@ class WorkerAgent:
                 record = self.links.annotate(record)
             try:
                 assert self.worker_id is not None
-                await self.api.telemetry(self.worker_id, record)
+                await self.api.telemetry(self.worker_id, TelemetryIn.model_validate(record))
             except Exception as err:
                 log.warning("telemetry dropped: %s", err)
 
@@ -116,27 +119,27 @@ class WorkerAgent:
             self._shards[job_id] = {t.shard_id for t in tasks}
         return [t.task_id for t in tasks]
 
-    async def _train_job(self, job_id: str, job: dict[str, Any], tasks: list[Any]) -> None:
+    async def _train_job(self, job_id: str, job: AssignedJobOut, tasks: list[TaskOut]) -> None:
         assert self.worker_id is not None
         try:
-            cfg = parse_config({k: job[k] for k in ("model", "training", "network") if k in job})
+            cfg = parse_config({"model": job.model, "training": job.training, "network": job.network})
         except ConfigError as err:
             for t in tasks:
-                await self.api.fail_task(self.worker_id, t.task_id, f"bad job config: {err}")
+                await self.api.fail_task(t.task_id, worker_id=self.worker_id, reason=f"bad job config: {err}")
             return
-        ps = job["paramserver"]
+        ps = job.paramserver
         with self._shard_lock:
             self._shards[job_id] = {t.shard_id for t in tasks}
         ctx = TrainingContext(
             job_id=job_id,
             worker_id=self.worker_id,
             config=cfg,
-            ps_transport=ps["transport"],
-            ps_address=self.opts.ps_address_override or ps["address"],
+            ps_transport=ps.transport,
+            ps_address=self.opts.ps_address_override or ps.address,
             shard_ids=self._current_shards(job_id),
             num_shards=tasks[0].num_shards,
             compute_slowdown=self.opts.compute_slowdown,
-            members=[str(m) for m in job.get("members", [])],
+            members=job.members,
             worker_name=self.opts.name,
         )
         if self.links is not None:
@@ -165,17 +168,17 @@ class WorkerAgent:
                 log.exception("training failed")
             reason = "worker shutting down" if self.stop.is_set() else f"{type(err).__name__}: {err}"
             for tid in task_ids:
-                await self._report(self.api.fail_task(self.worker_id, tid, reason))
+                await self._report(self.api.fail_task(tid, worker_id=self.worker_id, reason=reason))
             return
         await self._drain_telemetry()
         if outcome.job_complete:
             for tid in await self._refresh_shards(job_id) or task_ids:
-                await self.api.complete_task(self.worker_id, tid)
+                await self.api.complete_task(tid, worker_id=self.worker_id)
             self.finished_jobs.append(job_id)
             log.info("job %s complete after %d steps", job_id, outcome.steps)
         elif outcome.stopped:
             for tid in task_ids:
-                await self._report(self.api.fail_task(self.worker_id, tid, "worker shutting down"))
+                await self._report(self.api.fail_task(tid, worker_id=self.worker_id, reason="worker shutting down"))
 
     async def _report(self, call: Any) -> None:
         """Report to the controller; while shutting down, give it two seconds, not the full retry budget."""
@@ -221,7 +224,7 @@ class WorkerAgent:
                     raise
                 for late in (t for t in current.tasks if t.job_id in self.finished_jobs):
                     # A dead worker's shard of a job this worker already saw complete: nothing left to train.
-                    await self._report(self.api.complete_task(self.worker_id, late.task_id))
+                    await self._report(self.api.complete_task(late.task_id, worker_id=self.worker_id))
                 pending = [t for t in current.tasks if t.job_id not in self.finished_jobs]
                 if pending:
                     job_id = pending[0].job_id

@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from dist_llm_train.netem.linkmon import LinkMonitor, Probe
+from dist_llm_train.netem.measure.link_monitor import LinkMonitor, Probe
 from dist_llm_train.worker.controller_api import ControllerAPI
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class WorkerLinks:
 
     def use_paramserver(self, transport: str, address: str) -> None:
         """Probe ps_sync through `address` (the relay) with a client of its own, separate from training's."""
-        from dist_llm_train.paramserver.client import connect
+        from dist_llm_train.paramserver.transport.client import connect
 
         self.close_paramserver()
         with self._ps_lock:

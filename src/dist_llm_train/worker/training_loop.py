@@ -18,19 +18,18 @@ from typing import Any
 import msgpack
 
 from dist_llm_train.config import Config
-from dist_llm_train.paramserver.client import PSClient, connect
-from dist_llm_train.paramserver.types import (
+from dist_llm_train.core.job import JobSpec
+from dist_llm_train.core.types import (
     ErrorCode,
-    JobSpec,
     PSError,
     PulledParams,
     PushHeader,
     PushOutcome,
     PushResult,
 )
+from dist_llm_train.paramserver.transport.client import PSClient, connect
 from dist_llm_train.training.data import make_dataset
 from dist_llm_train.training.flat import flatten_params, layout_of
-from dist_llm_train.training.strategies import WorkerStrategy, job_spec_for
 from dist_llm_train.training.trainer import LocalTrainer
 
 log = logging.getLogger(__name__)
@@ -38,11 +37,6 @@ log = logging.getLogger(__name__)
 # A restarted worker keeps its worker id, so its push sequence numbers must never repeat
 # an earlier incarnation's: they start at (start time in ms) * STEP_BASE.
 STEP_BASE = 1_000_000
-
-
-def job_spec_from_config(job_id: str, cfg: Config) -> JobSpec:
-    """The PS job for this config: strategy, rule, optimizer and options (see training/strategies.py)."""
-    return job_spec_for(job_id, cfg.training)
 
 
 @dataclass
@@ -69,6 +63,11 @@ class TrainingOutcome:
     bytes_sent: int = 0
     bytes_received: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
+
+
+def _round_wait_s(spec: JobSpec) -> float:
+    """How long a pull may wait for the next version: the round's straggler timeout and a margin."""
+    return float(getattr(spec.strategy, "straggler_timeout_s", 30.0)) + 5.0
 
 
 def _retry_unavailable(fn: Callable[[], Any], stop: threading.Event, what: str, give_up_s: float = 120.0) -> Any:
@@ -98,11 +97,11 @@ def run_training(
     dataset = make_dataset(cfg.training)
     trainer = LocalTrainer(cfg.model, cfg.training, dataset, sorted(ctx.shard_ids), num_shards=ctx.num_shards)
     owned = set(ctx.shard_ids)
-    spec = job_spec_from_config(ctx.job_id, cfg)
+    spec = cfg.training.job_spec(ctx.job_id)
     ps = client or connect(ctx.ps_transport, ctx.ps_address)
     # Strategy, codec + error feedback, attack and local DP: one object, fixed for the job.
-    strategy = WorkerStrategy(
-        cfg.training, worker_name=ctx.worker_name, shard_ids=sorted(ctx.shard_ids), num_shards=ctx.num_shards
+    strategy = cfg.training.worker_update(
+        worker_name=ctx.worker_name, shard_ids=sorted(ctx.shard_ids), num_shards=ctx.num_shards
     )
     out = TrainingOutcome()
     step_base = int(time.time() * 1000) * STEP_BASE
@@ -147,7 +146,7 @@ def run_training(
                 break
             wait_for = strategy.next_min_version(pulled.version)
             pull_next = partial(
-                ps.pull, ctx.job_id, ctx.worker_id, min_version=wait_for, wait_timeout_s=spec.straggler_timeout_s + 5
+                ps.pull, ctx.job_id, ctx.worker_id, min_version=wait_for, wait_timeout_s=_round_wait_s(spec)
             )
             pulled = _retry_unavailable(pull_next, stop, "pull")
             step_s = time.perf_counter() - t0

@@ -1,0 +1,207 @@
+"""`dist-llm-train run`, `demo-ml` and `demo-basic`: local runs of the real services, with a progress bar.
+
+The work is `embedded.launcher.EmbeddedRun` (and `embedded.basic_demo` for the control plane alone); this
+module turns flags into a `Config`, checks them before any process starts, and shows progress and the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from dist_llm_train.cli.common import console, load_or_exit, setup_logging
+from dist_llm_train.cli.options import (
+    CodecOpt,
+    ConfigOpt,
+    JsonOpt,
+    LogLevelOpt,
+    ModeAliasOpt,
+    StrategyOpt,
+    resolve_alias,
+)
+from dist_llm_train.config import (
+    LEGACY_TRAINING_KEYS,
+    Config,
+    ConfigError,
+    LegacyConfigWarning,
+    TrainingConfig,
+    format_validation_error,
+    migrate_legacy_keys,
+)
+
+WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=64, help="Number of worker processes.")]
+
+# The JSON summary leads with these, so a reader sees the outcome before the bookkeeping.
+HEADLINE_KEYS = ["initial_loss", "final_loss", "loss_floor", "steps", "workers", "bytes_sent", "wall_seconds",
+                 "run_dir"]
+
+
+def apply_training_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
+    """`cfg` with the given `training` flags (None: not given), validated together and against each other.
+
+    Flags use the flat key names (`strategy`, `compression`, `aggregation_rule`, ...); each lands on its
+    nested path through the config's one migration, and wins over what the file set there. One validation,
+    so e.g. `--aggregation krum` is checked against `--workers`; on refusal `cfg` is unchanged.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return cfg
+    current = cfg.training.model_dump(exclude_none=True)
+    if "strategy" in given:
+        # A strategy chosen on the command line replaces the file's, with its own defaults.
+        current.pop("strategy", None)
+    for key in given:
+        owner, field = LEGACY_TRAINING_KEYS.get(key, (None, None))
+        if owner is not None and isinstance(current.get(owner), dict):
+            current[owner].pop(field, None)  # the flag wins over the file's nested value
+    if "dp_noise_multiplier" in given:
+        given["enable_differential_privacy"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LegacyConfigWarning)  # flags are flat by design, not legacy
+        try:
+            migrated, _ = migrate_legacy_keys({"training": current | given})
+            cfg.training = TrainingConfig.model_validate(migrated["training"])
+        except ConfigError as err:
+            raise typer.BadParameter(str(err), param_hint="training flags") from None
+        except ValidationError as err:
+            raise typer.BadParameter(format_validation_error(err), param_hint="training flags") from None
+    return cfg
+
+
+def apply_model_and_transport(cfg: Config, model: str | None, transport: str | None) -> Config:
+    """`cfg` with the model family and the PS transport chosen on the command line (None: not given)."""
+    try:
+        if model is not None:
+            cfg.model.name = model  # type: ignore[assignment]  # validated on assignment
+        if transport is not None:
+            cfg.paramserver.transport = transport  # type: ignore[assignment]
+    except ValueError as err:
+        raise typer.BadParameter(str(err).splitlines()[-1]) from None
+    return cfg
+
+
+def train_with_progress(
+    cfg: Config,
+    workers: int,
+    json_out: bool,
+    runs_dir: Path = Path("runs"),
+    timeout: float = 1800.0,
+    profile: str | None = None,
+    shaping: str = "userspace",
+) -> None:
+    """Run the embedded services to the end under a progress bar; print the summary (or JSON)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dist_llm_train.embedded.launcher import EmbeddedRun, RunOptions, Snapshot
+
+    run = EmbeddedRun(RunOptions(config=cfg, workers=workers, runs_dir=runs_dir, timeout_s=timeout,
+                                 profile=profile, shaping=shaping))
+    columns = (
+        TextColumn("[bold]training[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=json_out, disable=json_out) as progress:
+        bar = progress.add_task("train", total=cfg.training.steps, info="starting services")
+
+        def show(s: Snapshot) -> None:
+            loss = f"{s.loss:.3f}" if s.loss is not None else "-"
+            floor = f"{s.loss_floor:.3f}" if s.loss_floor is not None else "?"
+            info = (
+                f"loss {loss} (floor {floor})  {s.tokens_per_s:,.0f} tok/s  "
+                f"{s.bytes_sent / 1e6:,.1f} MB sent  workers {s.workers_alive} alive / {s.workers_dead} dead"
+            )
+            progress.update(bar, completed=min(s.version, s.total_steps), info=info)
+
+        try:
+            summary = run.execute(on_progress=show)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted; every child process was stopped[/yellow]")
+            raise typer.Exit(130) from None
+        except (RuntimeError, TimeoutError) as err:
+            console.print(f"[red]run failed[/red]: {err}")
+            raise typer.Exit(1) from None
+    if json_out:
+        data = summary.to_json()
+        print(json.dumps({k: data[k] for k in HEADLINE_KEYS} | data))
+    else:
+        floor = f"{summary.loss_floor:.3f}" if summary.loss_floor is not None else "unknown"
+        console.print(
+            f"[green]done[/green] in {summary.wall_seconds:.1f}s: loss {summary.initial_loss:.3f} -> "
+            f"{summary.final_loss:.3f} (floor {floor}), {summary.steps} steps, "
+            f"{summary.bytes_sent / 1e6:.1f} MB sent. Report: {summary.run_dir}/summary.md"
+        )
+
+
+def run(
+    workers: WorkersOpt = 3,
+    steps: Annotated[int | None, typer.Option(min=1, help="Global training steps (PS versions).")] = None,
+    config: ConfigOpt = None,
+    model: Annotated[str | None, typer.Option(help="gpt or lstm (also tiny-lstm, small-transformer).")] = None,
+    strategy: StrategyOpt = None,
+    mode: ModeAliasOpt = None,
+    transport: Annotated[str | None, typer.Option(help="PS transport: grpc or zmq.")] = None,
+    json_out: JsonOpt = False,
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 1800.0,
+    log_level: LogLevelOpt = "WARNING",
+    profile: Annotated[str | None, typer.Option(
+        "--profile", "-p", help="Shape every link with this netem profile (name, file or inline JSON/YAML).")] = None,
+    shaping: Annotated[str, typer.Option(help="userspace (relays, no root) or kernel.")] = "userspace",
+    codec: CodecOpt = None,
+    aggregation: Annotated[str | None, typer.Option(
+        help="mean, median, trimmed_mean, krum, multi_krum or bulyan.")] = None,
+    byzantine_f: Annotated[int | None, typer.Option(min=0, help="Faulty workers the rule must tolerate.")] = None,
+    attack: Annotated[str | None, typer.Option(help="sign_flip, gaussian, alie or ipm (needs --attackers).")] = None,
+    attackers: Annotated[int | None, typer.Option(min=0, help="The last K workers attack.")] = None,
+    dp_noise: Annotated[float | None, typer.Option(help="DP noise multiplier (turns DP on).")] = None,
+    dp_clip: Annotated[float | None, typer.Option(help="DP L2 clip bound per update.")] = None,
+) -> None:
+    """Train for real: controller, PS and workers as local processes on loopback."""
+    setup_logging(log_level)
+    strategy = resolve_alias(strategy, mode, name="--strategy", alias="--mode")
+    cfg = apply_model_and_transport(load_or_exit(config), model, transport)
+    cfg = apply_training_overrides(cfg, {
+        "num_workers": workers, "steps": steps, "strategy": strategy, "compression": codec,
+        "aggregation_rule": aggregation, "byzantine_f": byzantine_f, "attack": attack, "attackers": attackers,
+        "dp_noise_multiplier": dp_noise, "dp_clip": dp_clip,
+    })
+    if profile is not None:  # checked before anything starts
+        from dist_llm_train.netem.profile.schema import ProfileError
+        from dist_llm_train.netem.userspace.embedded import validate
+
+        try:
+            validate(profile, shaping)
+        except ProfileError as err:
+            raise typer.BadParameter(str(err), param_hint="--profile/--shaping") from None
+    train_with_progress(cfg, workers, json_out, runs_dir, timeout, profile, shaping)
+
+
+def demo_ml(
+    config: ConfigOpt = None,
+    workers: WorkersOpt = 3,
+    steps: Annotated[int, typer.Option(min=1, help="Global training steps (PS versions).")] = 150,
+    json_out: JsonOpt = False,
+) -> None:
+    """The seed's ML demo: a real training run (same as `run`)."""
+    cfg = apply_training_overrides(load_or_exit(config), {"num_workers": workers, "steps": steps})
+    train_with_progress(cfg, workers, json_out)
+
+
+def demo_basic(
+    workers: WorkersOpt = 3,
+    tasks: Annotated[int, typer.Option(min=1, max=1000, help="Tasks to submit and see finished.")] = 6,
+    config: ConfigOpt = None,
+) -> None:
+    """The seed's infrastructure demo: workers register, heartbeat, take and finish tasks (no torch)."""
+    from dist_llm_train.embedded.basic_demo import run_basic_demo
+
+    result = run_basic_demo(load_or_exit(config), workers=workers, tasks=tasks)
+    console.print_json(data=result)

@@ -1,0 +1,70 @@
+"""`diloco`: DiLoCo (Douillard et al., 2023, arXiv 2311.08105).
+
+Each worker runs H local AdamW steps from the pulled parameters and pushes the pseudo-gradient
+params_before - params_after; the PS averages a round of them (any aggregation rule) and applies
+SGD with Nesterov momentum, the outer optimizer. `training.steps` is the per-worker budget of
+inner steps, so the job runs ceil(steps / H) rounds and the sample budget matches the other
+strategies' at equal `steps`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from dist_llm_train.core.strategies.base import (
+    HonestUpdate,
+    JobPlan,
+    OptimizerSpec,
+    RoundStrategy,
+    StrategyConfig,
+    Trainer,
+)
+
+
+class DiLoCoConfig(StrategyConfig):
+    name: Literal["diloco"] = "diloco"
+    local_steps: int = Field(20, ge=1, le=1_000_000, description="H: inner steps per round (paper: 500)")
+    inner_lr: float | None = Field(None, gt=0, le=10, description="Inner AdamW lr; None: training.learning_rate")
+    outer_lr: float = Field(0.7, gt=0, le=10, description="Outer SGD (Nesterov) learning rate")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="Outer Nesterov momentum")
+    straggler_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="A round closes with whoever pushed after this many seconds"
+    )
+
+
+class DiLoCo(RoundStrategy):
+    name = "diloco"
+    Config = DiLoCoConfig
+    update_kind = "pseudo_gradient"
+
+    def __init__(self, config: DiLoCoConfig) -> None:
+        super().__init__(config)
+        self.local_steps = config.local_steps
+        self.straggler_timeout_s = config.straggler_timeout_s
+        self.inner_lr = config.inner_lr
+        self.outer = OptimizerSpec("sgd", config.outer_lr, config.outer_momentum, nesterov=True)
+
+    def validate(self, plan: JobPlan) -> None:
+        super().validate(plan)
+        if self.local_steps > plan.steps:
+            raise ValueError(
+                f"diloco local_steps H={self.local_steps} exceeds the inner-step budget steps={plan.steps}: "
+                "not one round fits"
+            )
+        if plan.attack is not None and plan.attack_needs_spread:
+            raise ValueError(
+                f"attack {plan.attack!r} estimates the honest spread from several updates; a diloco attacker "
+                "has one pseudo-gradient per round (use sign_flip, gaussian or ipm)"
+            )
+
+    def steps_per_update(self) -> int:
+        return self.local_steps
+
+    def server_optimizer(self, requested: OptimizerSpec) -> OptimizerSpec:
+        return self.outer
+
+    def compute(self, trainer: Trainer) -> HonestUpdate:
+        lr = self.inner_lr if self.inner_lr is not None else trainer.learning_rate
+        return HonestUpdate(*trainer.local_steps(self.local_steps, lr))

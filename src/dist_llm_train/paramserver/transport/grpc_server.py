@@ -1,0 +1,273 @@
+"""gRPC (`grpc.aio`) transport of the parameter server.
+
+The servicer only moves bytes: it reassembles chunked streams, hands them to the shared
+`ParameterStore`, and turns `PSError` into `context.abort(<status>, message)`. Store calls
+that may crunch numbers run in executor threads so the event loop keeps serving other
+workers' streams; waits for a version are awaited on the loop itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dist_llm_train.core.types import ErrorCode, PSError
+from dist_llm_train.paramserver.job import ParameterStore, run_store_call
+from dist_llm_train.paramserver.metrics import PSMetrics
+from dist_llm_train.paramserver.numerics import keep_freed_vectors
+from dist_llm_train.paramserver.transport import wire
+from dist_llm_train.proto import paramserver_pb2 as pb
+from dist_llm_train.proto import paramserver_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+assert SERVICE_NAME == wire.SERVICE
+
+
+# Streams arrive through `wire.chunk_deserializer`: data chunks as memoryviews, headers as messages.
+def _data_of(msg: Any) -> memoryview | bytes | None:
+    if isinstance(msg, memoryview):
+        return msg
+    return msg.data if msg.WhichOneof("body") == "data" else None
+
+
+async def _first_header(requests: AsyncIterator[Any]) -> Any:
+    first = await anext(aiter(requests), None)
+    if first is None or isinstance(first, memoryview) or first.WhichOneof("body") != "header":
+        raise PSError(ErrorCode.INVALID_ARGUMENT, "the first message of the stream must be the header")
+    return first.header
+
+
+async def _read_data(requests: AsyncIterator[Any], expected: int) -> memoryview | bytes:
+    """The data messages after the header: exactly `expected` bytes, refused as soon as they exceed it."""
+    parts: list[memoryview | bytes] = []
+    total = 0
+    async for msg in requests:
+        data = _data_of(msg)
+        if data is None:
+            raise PSError(ErrorCode.INVALID_ARGUMENT, "only the first message of the stream may be a header")
+        total += len(data)
+        if total > expected:
+            raise PSError(
+                ErrorCode.INVALID_ARGUMENT, f"stream carries more than the {expected} bytes announced"
+            )
+        parts.append(data)
+    if total != expected:
+        raise PSError(
+            ErrorCode.INVALID_ARGUMENT, f"stream carried {total} bytes, header announced {expected}"
+        )
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class ParameterServerServicer(pb_grpc.ParameterServerServicer):
+    def __init__(self, store: ParameterStore, metrics: PSMetrics, chunk_bytes: int) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.chunk_bytes = chunk_bytes
+        self._push_latency = metrics.push_latency.labels("grpc")
+
+    async def _guard(self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await work()
+        except PSError as err:
+            self.metrics.reject(err.code.value)
+            await context.abort(wire.grpc_status(err.code), err.message)
+            raise AssertionError("unreachable: abort raises") from err
+
+    async def InitJob(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.InitJobResponse:
+        async def work() -> pb.InitJobResponse:
+            header = await _first_header(request_iterator)
+            limit = self.store.max_payload_bytes
+            if header.num_params * 4 > limit:
+                raise PSError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"{header.num_params} params exceed the server's {limit}-byte limit",
+                )
+            data = await _read_data(request_iterator, max(header.num_params, 0) * 4)
+            self.metrics.bytes_received.inc(len(data))
+            params = np.frombuffer(data, dtype=wire.FLOAT32)
+            result = await asyncio.to_thread(
+                self.store.init_job,
+                wire.spec_from_pb(header.spec),
+                wire.layout_from_pb(header.layout),
+                params,
+                list(header.members),
+            )
+            return pb.InitJobResponse(created=result.created, version=result.version)
+
+        return await self._guard(context, work)
+
+    async def Pull(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Yields serialized ParamChunks (the handler's serializer passes bytes through)."""
+
+        async def work() -> Any:
+            return await self.store.pull_async(
+                request.job_id, request.worker_id, request.min_version, request.wait_timeout_s
+            )
+
+        pulled = await self._guard(context, work)
+        header = pb.ParamHeader(
+            version=pulled.version,
+            num_params=int(pulled.params.shape[0]),
+            layout=wire.layout_to_pb(pulled.layout),
+            job_complete=pulled.job_complete,
+        )
+        yield pb.ParamChunk(header=header).SerializeToString()
+        view = pulled.params.data.cast("B")
+        step = self.chunk_bytes
+        for start in range(0, len(view), step):
+            chunk = view[start : start + step]
+            yield wire.encode_data_chunk(chunk)
+            self.metrics.bytes_sent.inc(len(chunk))
+
+    async def Push(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.PushResponse:
+        started = time.perf_counter()
+
+        async def work() -> pb.PushResponse:
+            header = wire.header_from_pb(await _first_header(request_iterator))
+            self.store.precheck_push(header)  # refuse before the payload crosses the link
+            try:
+                payload = await _read_data(request_iterator, header.payload_bytes)
+            except PSError as err:
+                self.store.note_rejection(header.job_id, err)
+                raise
+            self.metrics.bytes_received.inc(len(payload))
+            result = await run_store_call(
+                self.store.push_cost_bytes(header, len(payload)), self.store.push, header, payload
+            )
+            return wire.result_to_pb(result)
+
+        try:
+            return await self._guard(context, work)
+        finally:
+            self._push_latency.observe(time.perf_counter() - started)
+
+    async def PushUnary(
+        self, request: tuple[Any, memoryview], context: grpc.aio.ServicerContext
+    ) -> pb.PushResponse:
+        """Push in one message (see `wire.push_request_deserializer`), applied without a thread hop
+        when small (`run_store_call`). The store runs the same checks as for the stream; what is
+        lost is only the stream's refusal of a bad header before the payload crosses the link."""
+        started = time.perf_counter()
+
+        async def work() -> pb.PushResponse:
+            pb_header, payload = request
+            if pb_header is None:
+                raise PSError(ErrorCode.INVALID_ARGUMENT, "PushRequest is not a valid protobuf message")
+            header = wire.header_from_pb(pb_header)
+            self.metrics.bytes_received.inc(len(payload))
+            result = await run_store_call(
+                self.store.push_cost_bytes(header, len(payload)), self.store.push, header, payload
+            )
+            return wire.result_to_pb(result)
+
+        try:
+            return await self._guard(context, work)
+        finally:
+            self._push_latency.observe(time.perf_counter() - started)
+
+    async def SetMembers(
+        self, request: pb.SetMembersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetMembersResponse:
+        async def work() -> pb.SetMembersResponse:
+            version, members = await asyncio.to_thread(
+                self.store.set_members, request.job_id, list(request.members)
+            )
+            return pb.SetMembersResponse(version=version, members=members)
+
+        return await self._guard(context, work)
+
+    async def GetStats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+        async def work() -> pb.StatsResponse:
+            return pb.StatsResponse(
+                jobs=[wire.stats_to_pb(s) for s in self.store.stats(request.job_id or None)]
+            )
+
+        return await self._guard(context, work)
+
+
+def method_handlers(servicer: ParameterServerServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """Like the generated `add_ParameterServerServicer_to_server`, but bulk data bypasses protobuf
+    objects (see `wire.encode_data_chunk`); the messages on the wire are unchanged."""
+    return {
+        "InitJob": grpc.stream_unary_rpc_method_handler(
+            servicer.InitJob,
+            request_deserializer=wire.chunk_deserializer(pb.InitJobChunk),
+            response_serializer=pb.InitJobResponse.SerializeToString,
+        ),
+        "Pull": grpc.unary_stream_rpc_method_handler(
+            servicer.Pull,
+            request_deserializer=pb.PullRequest.FromString,
+            response_serializer=wire.passthrough,
+        ),
+        "Push": grpc.stream_unary_rpc_method_handler(
+            servicer.Push,
+            request_deserializer=wire.chunk_deserializer(pb.PushChunk),
+            response_serializer=pb.PushResponse.SerializeToString,
+        ),
+        "PushUnary": grpc.unary_unary_rpc_method_handler(
+            servicer.PushUnary,
+            request_deserializer=wire.push_request_deserializer,
+            response_serializer=pb.PushResponse.SerializeToString,
+        ),
+        "SetMembers": grpc.unary_unary_rpc_method_handler(
+            servicer.SetMembers,
+            request_deserializer=pb.SetMembersRequest.FromString,
+            response_serializer=pb.SetMembersResponse.SerializeToString,
+        ),
+        "GetStats": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStats,
+            request_deserializer=pb.StatsRequest.FromString,
+            response_serializer=pb.StatsResponse.SerializeToString,
+        ),
+    }
+
+
+class GrpcServer:
+    """The aio server with the PS servicer, the standard health service and reflection."""
+
+    def __init__(
+        self,
+        store: ParameterStore,
+        metrics: PSMetrics,
+        host: str,
+        port: int,
+        chunk_bytes: int,
+        max_message_bytes: int,
+    ) -> None:
+        limit = max(max_message_bytes, chunk_bytes) + wire.FRAMING_SLACK
+        keep_freed_vectors()  # the server process churns through vector-sized buffers
+        self._server = grpc.aio.server(options=wire.channel_options(limit))
+        handlers = method_handlers(ParameterServerServicer(store, metrics, chunk_bytes))
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        self._server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+        )
+        self._address = f"{host}:{port}"
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self._server.add_insecure_port(self._address)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC server to {self._address}")
+        await self._server.start()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)

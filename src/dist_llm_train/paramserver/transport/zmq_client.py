@@ -1,0 +1,163 @@
+"""Blocking ZMQ (DEALER) + msgpack client of the parameter server (wire format: zmq_server.py).
+
+The socket uses ZMQ_IMMEDIATE so a request is never queued for a server that is not
+connected: sending then times out and the call fails with UNAVAILABLE instead of being
+delivered minutes later. After any timeout the socket is replaced, so a late reply to an
+abandoned request can never be mistaken for the answer to the next one (ids guard that too).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from dist_llm_train.core.job import JobSpec
+from dist_llm_train.core.types import (
+    ErrorCode,
+    InitResult,
+    JobStats,
+    PSError,
+    PulledParams,
+    PushHeader,
+    PushOutcome,
+    PushResult,
+    TensorSpec,
+)
+from dist_llm_train.netem.profile.classes import tos_byte
+from dist_llm_train.paramserver.transport import wire
+from dist_llm_train.paramserver.transport.client import PSClient, as_float32
+
+
+def _endpoint(address: str) -> str:
+    return address if "://" in address else f"tcp://{address}"
+
+
+class ZmqPSClient(PSClient):
+    def __init__(self, address: str, timeout_s: float) -> None:
+        super().__init__()
+        self.address = address
+        self.timeout_s = timeout_s
+        self._ctx = zmq.Context()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()  # a ZMQ socket must only be used by one thread at a time
+        self._sock = self._new_socket()
+
+    def _new_socket(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.TOS, tos_byte("ps_sync"))  # DSCP mark: the kernel backends shape ps_sync by it
+        sock.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
+        sock.connect(_endpoint(self.address))
+        return sock
+
+    def _reset(self) -> None:
+        self._sock.close(linger=0)
+        self._sock = self._new_socket()
+
+    def _request(
+        self, op: str, args: dict[str, Any], data: list[Any], wait_s: float = 0.0
+    ) -> tuple[dict[str, Any], list[zmq.Frame]]:
+        with self._lock:
+            req_id = next(self._ids)
+            message = msgpack.packb({"op": op, "id": req_id, **args})
+            try:
+                self._sock.send_multipart([b"", message, *data], copy=False)
+            except zmq.Again:
+                self._reset()
+                raise PSError(
+                    ErrorCode.UNAVAILABLE, f"no connection to the parameter server at {self.address}"
+                ) from None
+            deadline = time.monotonic() + self.timeout_s + wait_s
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                    self._reset()
+                    raise PSError(
+                        ErrorCode.UNAVAILABLE, f"no reply from the parameter server at {self.address} to {op}"
+                    )
+                frames = self._sock.recv_multipart(copy=False)
+                if len(frames) < 2:
+                    continue
+                reply = msgpack.unpackb(frames[1].buffer, raw=False)
+                if isinstance(reply, dict) and reply.get("id") == req_id:
+                    break
+        if "error" in reply:
+            try:
+                code = ErrorCode(reply["error"])
+            except ValueError:
+                code = ErrorCode.INTERNAL
+            raise PSError(code, str(reply.get("message", "")))
+        return reply, list(frames[2:])
+
+    def init_job(
+        self, spec: JobSpec, layout: list[TensorSpec], params: np.ndarray, members: list[str]
+    ) -> InitResult:
+        flat = as_float32(params)
+        reply, _ = self._request(
+            "init_job",
+            {
+                "spec": spec.to_dict(),
+                "layout": wire.layout_to_list(layout),
+                "num_params": int(flat.shape[0]),
+                "members": list(members),
+            },
+            [flat],
+        )
+        self._count(sent=flat.nbytes)
+        return InitResult(created=bool(reply["created"]), version=int(reply["version"]))
+
+    def pull(
+        self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0
+    ) -> PulledParams:
+        reply, frames = self._request(
+            "pull",
+            {
+                "job_id": job_id,
+                "worker_id": worker_id,
+                "min_version": min_version,
+                "wait_timeout_s": float(wait_timeout_s),
+            },
+            [],
+            wait_s=max(wait_timeout_s, 0.0),
+        )
+        if len(frames) != 1 or len(frames[0].buffer) != 4 * int(reply["num_params"]):
+            raise PSError(ErrorCode.INTERNAL, "pull reply does not carry num_params float32 values")
+        params = np.frombuffer(frames[0].buffer, dtype=wire.FLOAT32).copy()
+        self._count(received=params.nbytes)
+        return PulledParams(
+            version=int(reply["version"]),
+            params=params,
+            layout=wire.layout_from_list(reply["layout"]),
+            job_complete=bool(reply["job_complete"]),
+        )
+
+    def push(self, header: PushHeader, payload: bytes) -> PushResult:
+        # `vars` is a shallow copy of the flat header; `asdict` deep-copies and costs ~10x more.
+        reply, _ = self._request("push", {"header": dict(vars(header))}, [payload])
+        self._count(sent=len(payload))
+        return PushResult(
+            PushOutcome(reply["outcome"]),
+            int(reply["version"]),
+            int(reply["staleness"]),
+            str(reply["message"]),
+        )
+
+    def set_members(self, job_id: str, members: list[str]) -> list[str]:
+        reply, _ = self._request("set_members", {"job_id": job_id, "members": list(members)}, [])
+        return [str(m) for m in reply["members"]]
+
+    def stats(self, job_id: str | None = None) -> list[JobStats]:
+        reply, _ = self._request("stats", {"job_id": job_id}, [])
+        return [wire.stats_from_dict(s) for s in reply["jobs"]]
+
+    def close(self) -> None:
+        with self._lock:
+            self._sock.close(linger=0)
+            self._ctx.term()

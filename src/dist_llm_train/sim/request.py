@@ -1,0 +1,91 @@
+"""One simulation as asked for from outside (files and flags), resolved into a `SimConfig`, run, and summarised.
+
+Settings stack, later wins: SimConfig defaults ← the run config (`config`, the same file `dist-llm-train run`
+takes) ← a `sim_config` YAML of SimConfig fields ← `overrides`. `from_run` takes the place of `config`: a
+finished embedded run's config, profile, shaping and measured compute times (`sim.validation`), and the summary
+then carries the run's measured round time next to the simulated one. Bad values raise `SimConfigError`,
+`ConfigError` or `RunFolderError` naming the field before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dist_llm_train.config import Config, load_config
+from dist_llm_train.sim.config import SimConfig, SimConfigError, load_sim_overrides, merge_dotted
+from dist_llm_train.sim.report import write_report
+from dist_llm_train.sim.runner import SimResult, simulate, summary
+from dist_llm_train.sim.validation import (
+    DEFAULT_ROUNDS,
+    WARMUP_ROUNDS,
+    MeasuredRun,
+    read_run,
+    sim_config_for_run,
+)
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    config: Path | None = None
+    sim_config: Path | None = None
+    from_run: Path | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    """SimConfig fields, dotted paths allowed ("compute.mean_s"); a None value means "not given"."""
+
+
+def build_config(config: Path | None, sim_config: Path | None, overrides: Mapping[str, Any]) -> SimConfig:
+    """The SimConfig a run config, a SimConfig file and overrides describe, over the defaults."""
+    base = load_config(config) if config is not None else Config()
+    from_file: dict[str, Any] = load_sim_overrides(sim_config) if sim_config is not None else {}
+    return SimConfig.from_config(base, **merge_dotted(from_file, dict(overrides)))
+
+
+def build_from_run(run: MeasuredRun, sim_config: Path | None, overrides: Mapping[str, Any]) -> SimConfig:
+    """The simulation of a measured run (see `sim.validation`), with a SimConfig file and overrides over it."""
+    from_file: dict[str, Any] = load_sim_overrides(sim_config) if sim_config is not None else {}
+    merged = merge_dotted(from_file, dict(overrides))
+    return sim_config_for_run(run, rounds=merged.pop("rounds", DEFAULT_ROUNDS), **merged)
+
+
+def resolve(request: SimRequest) -> tuple[SimConfig, MeasuredRun | None]:
+    """The validated SimConfig of `request`, and the measured run it reproduces (when `from_run` names one)."""
+    if request.from_run is not None and request.config is not None:
+        raise SimConfigError(
+            "a run folder (--from-run) and a run config (--config) both name the job: give one of them"
+        )
+    if request.from_run is None:
+        return build_config(request.config, request.sim_config, request.overrides), None
+    measured = read_run(request.from_run)
+    return build_from_run(measured, request.sim_config, request.overrides), measured
+
+
+def measured_vs_simulated(run: MeasuredRun, result: SimResult) -> dict[str, Any]:
+    """The run's measured round time beside the simulated one (warm-up rounds left out of both)."""
+    times = result.round_times[WARMUP_ROUNDS:]
+    simulated = float(times.mean()) if times.size else None
+    return {
+        "run_dir": str(run.run_dir),
+        "profile": run.profile_name,
+        "shaper": run.shaper,
+        "measured_round_s": run.round_s,
+        "measured_versions": run.versions,
+        "simulated_round_s": simulated,
+        "relative_error": None if simulated is None else (simulated - run.round_s) / run.round_s,
+    }
+
+
+def run_request(request: SimRequest, runs_dir: Path | None) -> dict[str, Any]:
+    """Resolve, simulate and summarise `request`; the report folder goes under `runs_dir` (None: no folder).
+
+    The summary has a real run's summary keys, plus `measured_run` when the request reproduces one.
+    """
+    cfg, measured = resolve(request)
+    result = simulate(cfg)
+    extra = {"measured_run": measured_vs_simulated(measured, result)} if measured is not None else {}
+    if runs_dir is None:
+        return {**summary(result), **extra}
+    _, data = write_report(result, runs_dir, extra=extra)
+    return data
