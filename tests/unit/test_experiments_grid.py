@@ -30,7 +30,7 @@ def test_cartesian_expansion_and_labels() -> None:
     assert rg.varying_axes(cells) == ["strategy", "codec", "workers", "seed"]
     fp16 = next(c for c in cells if c.labels["codec"] == "fp16" and c.workers == 3 and c.seed == 1)
     cfg = rg.config_for(fp16)
-    assert cfg.training.compression == "fp16"
+    assert cfg.training.codec.name == "fp16"
     assert cfg.training.num_workers == 3 and cfg.training.seed == 1 and cfg.training.steps == 20
 
 
@@ -53,18 +53,18 @@ def test_cell_ids_are_stable_and_depend_only_on_resolved_values() -> None:
     other_base = parse_grid(_grid(base={"training": {"learning_rate": 0.01}})).expand()
     assert not set(a) & {c.cell_id for c in other_base}
     # Renaming a value's label does not change what runs, so the id stays.
-    named = parse_grid(_grid(axes={"strategy": [{"name": "barrier", "set": {"training.mode": "sync"}}],
+    named = parse_grid(_grid(axes={"strategy": [{"name": "barrier", "set": {"training.strategy.name": "sync"}}],
                                    "workers": [2]})).expand()
     plain = parse_grid(_grid(axes={"strategy": ["sync"], "workers": [2]})).expand()
     assert named[0].cell_id == plain[0].cell_id
 
 
 def test_axis_value_mappings_set_several_keys() -> None:
-    rg = parse_grid(_grid(axes={"codec": [{"name": "topk1", "set": {"training.compression": "topk",
-                                                                    "training.compression_ratio": 0.01}}]}))
+    rg = parse_grid(_grid(axes={"codec": [{"name": "topk1", "set": {"training.codec.name": "topk",
+                                                                    "training.codec.ratio": 0.01}}]}))
     (cell,) = rg.expand()
     cfg = rg.config_for(cell)
-    assert (cfg.training.compression, cfg.training.compression_ratio) == ("topk", 0.01)
+    assert (cfg.training.codec.name, cfg.training.codec.ratio) == ("topk", 0.01)
 
 
 def test_refused_values_surface_when_the_cell_config_is_built() -> None:
@@ -73,7 +73,7 @@ def test_refused_values_surface_when_the_cell_config_is_built() -> None:
     (cell,) = rg.expand()
     with pytest.raises(ConfigError) as err:
         rg.config_for(cell)
-    assert "training.mode" in str(err.value) and "training.no_such_key" in str(err.value)
+    assert "training.strategy" in str(err.value) and "training.no_such_key" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -101,14 +101,14 @@ def test_validation_errors_name_the_field(data: dict[str, Any], field: str) -> N
 
 def test_two_axes_may_not_set_the_same_key() -> None:
     data = _grid(axes={"codec": ["fp16"],
-                       "extra": {"zip": [{"name": "z", "set": {"training.compression": "int8"}}]}})
-    with pytest.raises(GridError, match="training.compression"):
+                       "extra": {"zip": [{"name": "z", "set": {"training.codec.name": "int8"}}]}})
+    with pytest.raises(GridError, match="training.codec.name"):
         parse_grid(data)
 
 
 def test_identical_cells_are_an_error() -> None:
     with pytest.raises(GridError, match="identical"):
-        parse_grid(_grid(axes={"strategy": ["sync", {"name": "again", "set": {"training.mode": "sync"}}]}))
+        parse_grid(_grid(axes={"strategy": ["sync", {"name": "again", "set": {"training.strategy.name": "sync"}}]}))
 
 
 def test_load_grid_reads_base_config_relative_to_the_grid(tmp_path: Path) -> None:

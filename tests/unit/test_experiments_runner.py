@@ -38,7 +38,7 @@ class ScriptedBackend:
 
     def run(self, cell: Cell, cfg: Config, runs_dir: Path, timeout_s: float, progress: Any) -> RunOutcome:
         self.calls.append(cell.cell_id)
-        mode = cfg.training.resolved_mode
+        mode = cfg.training.strategy.name
         if mode in self.fail_once:
             self.fail_once.discard(mode)
             raise RuntimeError("every worker exited before the job finished")
@@ -116,7 +116,7 @@ def test_refused_configs_become_rows_without_running(tmp_path: Path) -> None:
     run_grid(grid, tmp_path, backend=backend)
     rows = {r["strategy"]: r for r in _csv_rows(tmp_path)}
     assert rows["diloco-someday"]["status"] == "refused"
-    assert "training.mode" in rows["diloco-someday"]["error"]
+    assert "training.strategy" in rows["diloco-someday"]["error"]
     assert len(backend.calls) == 1
 
 
@@ -135,8 +135,8 @@ def test_precheck_applies_the_project_rules_for_the_cell_worker_count() -> None:
     precheck(cfg, 5)
     with pytest.raises(CellRefused, match="krum"):
         precheck(cfg, 3)  # Krum needs n >= 2f + 3
-    unchecked = cfg.model_copy(update={"training": cfg.training.model_copy(update={"compression": "zip"})})
-    with pytest.raises(CellRefused, match="zip"):
+    unchecked = cfg.model_copy(update={"training": cfg.training.model_copy(update={"codec": {"name": "zip"}})})
+    with pytest.raises(CellRefused, match="codec"):
         precheck(unchecked, 5)
 
 

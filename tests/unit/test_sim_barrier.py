@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dist_llm_train.sim import adapters
+from dist_llm_train.sim.config import SimConfig
 from dist_llm_train.sim.barrier import close_time
 from dist_llm_train.sim.events import VirtualClock
 
@@ -31,7 +32,7 @@ def replay_through_jobstate(members0, pushers, times, changes, timeout):
     the expiry timer after the pushes of its instant (the event order of the per-event engine)."""
     clock = VirtualClock()
     ids = [f"w{i}" for i in range(N)]
-    js = adapters.make_job_state(adapters.job_spec("sync", 5, timeout, 10), [], clock)
+    js = adapters.make_job_state(adapters.job_spec(SimConfig(rounds=10, straggler_timeout_s=timeout)), [], clock)
     adapters.set_members(js, [ids[i] for i in np.nonzero(members0)[0]])
     events = [(t, 0, mask) for t, mask in changes]
     events += [(float(t), 1, int(s)) for s, t in zip(pushers, times, strict=True)]
