@@ -1,8 +1,8 @@
 """Build hook (everything else is in pyproject.toml): ship the netem profiles inside the wheel.
 
 The canonical profiles live in `deploy/netem/*.yaml`, where Compose mounts them and people edit them. A wheel
-has no repo, so building one copies them to `dist_llm_train/netem/profiles/`, the last place the profile
-loader looks (netem/loader.py). Editable installs need no copy: the loader finds the repo's `deploy/netem`
+has no repo, so building one copies them to `dist_llm_train/netem/profile/shipped/`, the last place the profile
+loader looks (netem/profile/loading.py). Editable installs need no copy: the loader finds the repo's `deploy/netem`
 relative to the package. A copy, not a symlink, so it works on every filesystem and in every wheel.
 """
 
@@ -20,7 +20,7 @@ class BuildPyWithProfiles(build_py):
         super().run()
         if getattr(self, "editable_mode", False) or not PROFILES.is_dir():
             return
-        target = Path(self.build_lib) / "dist_llm_train" / "netem" / "profiles"
+        target = Path(self.build_lib) / "dist_llm_train" / "netem" / "profile" / "shipped"
         target.mkdir(parents=True, exist_ok=True)
         for f in sorted(PROFILES.glob("*.yaml")):
             shutil.copy2(f, target / f.name)

@@ -19,10 +19,11 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from dist_llm_train.netem import probe, shell
-from dist_llm_train.netem.backends.base import ShapingError
-from dist_llm_train.netem.loader import load_profile
-from dist_llm_train.netem.resolve import egress_links
+from dist_llm_train.netem.backends import ShapingError
+from dist_llm_train.netem.kernel import shell
+from dist_llm_train.netem.measure import probe
+from dist_llm_train.netem.profile.loading import load_profile
+from dist_llm_train.netem.profile.resolve import egress_links
 
 log = logging.getLogger("dlt-link-exporter")
 

@@ -14,10 +14,10 @@ import pytest
 
 from dist_llm_train.config import ControllerConfig, ParamServerConfig
 from dist_llm_train.controller.app import create_app
-from dist_llm_train.paramserver.transport.client import connect
-from dist_llm_train.paramserver.server import start_server
 from dist_llm_train.core.job import JobSpec, WireJobSpec
 from dist_llm_train.core.types import PushHeader, TensorSpec
+from dist_llm_train.paramserver.server import start_server
+from dist_llm_train.paramserver.transport.client import connect
 
 
 class FakeClock:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dist_llm_train.config import Config, parse_config
-from dist_llm_train.core.privacy import epsilon
+from dist_llm_train.core.privacy import PrivateMean, epsilon
 from dist_llm_train.embedded.report import strategy_summary
 from dist_llm_train.sim.numerics import TrainerSource, simulate_training
 from dist_llm_train.training.flat import flatten_params
@@ -76,8 +76,8 @@ def test_central_dp_clips_on_the_ps_and_noise_lowers_epsilon() -> None:
     cfg, (result, sources), loss = run(dp_mode="central", dp_noise_multiplier=1.0)
     assert result.store is not None and result.stats is not None
     job = result.store.job_state("inprocess")
-    assert job.central_dp is not None
-    assert job.central_dp.max_clipped_norm <= CLIP
+    assert isinstance(job.aggregator, PrivateMean)  # central DP wraps the job's (mean) rule
+    assert job.aggregator.dp.max_clipped_norm <= CLIP
     counters = result.stats.counters
     assert counters["dp_releases"] == 60 and counters["dp_clipped_updates"] == 4 * 60
     noisy = strategy_summary(cfg.training, result.stats, [])["dp"]["epsilon"]

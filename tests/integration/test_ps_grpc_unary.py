@@ -18,11 +18,6 @@ import grpc
 import numpy as np
 import pytest
 
-from dist_llm_train.paramserver.transport import wire
-from dist_llm_train.paramserver.transport.grpc_client import GrpcPSClient
-from dist_llm_train.paramserver.transport.grpc_server import ParameterServerServicer, method_handlers
-from dist_llm_train.paramserver.metrics import PSMetrics
-from dist_llm_train.paramserver.job import ParameterStore
 from dist_llm_train.core.job import JobSpec, WireJobSpec
 from dist_llm_train.core.types import (
     ErrorCode,
@@ -31,6 +26,11 @@ from dist_llm_train.core.types import (
     PushOutcome,
     TensorSpec,
 )
+from dist_llm_train.paramserver.job import ParameterStore
+from dist_llm_train.paramserver.metrics import PSMetrics
+from dist_llm_train.paramserver.transport import wire
+from dist_llm_train.paramserver.transport.grpc_client import GrpcPSClient
+from dist_llm_train.paramserver.transport.grpc_server import ParameterServerServicer, method_handlers
 from dist_llm_train.proto import paramserver_pb2 as pb
 
 UNARY = f"/{wire.SERVICE}/PushUnary"

@@ -7,6 +7,7 @@ servers can be shared.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from collections.abc import Iterator
@@ -19,8 +20,6 @@ import numpy as np
 import pytest
 
 from dist_llm_train.config import ParamServerConfig
-from dist_llm_train.paramserver.background import BackgroundServer
-from dist_llm_train.paramserver.transport.client import PSClient, connect
 from dist_llm_train.core.job import JobSpec, WireJobSpec
 from dist_llm_train.core.types import (
     ErrorCode,
@@ -29,6 +28,10 @@ from dist_llm_train.core.types import (
     PushOutcome,
     TensorSpec,
 )
+from dist_llm_train.paramserver.background import BackgroundServer
+from dist_llm_train.paramserver.transport import wire
+from dist_llm_train.paramserver.transport.client import PSClient, connect
+from dist_llm_train.proto import paramserver_pb2 as pb
 
 TRANSPORTS = ["grpc", "zmq"]
 MAX_MB = 32  # server payload limit: the 20 MB vector fits, a 33 MB update does not
@@ -279,10 +282,15 @@ def test_bad_requests_other_than_push(client: PSClient) -> None:
 
     layout = [TensorSpec("w", (4,), 0)]
     ok = np.zeros(4, np.float32)
-    assert (
-        code_of(client.init_job, JobSpec.from_wire(WireJobSpec("bad-mode", mode="bogus")), layout, ok, [])
-        is ErrorCode.INVALID_ARGUMENT
-    )
+    # A typed JobSpec cannot even be built with an unknown strategy; the server's own parse of the wire
+    # form (both transports share it) refuses it with INVALID_ARGUMENT.
+    with pytest.raises(ValueError, match="unknown strategy 'bogus'"):
+        JobSpec.from_wire(WireJobSpec("bad-mode", mode="bogus"))
+    for parse in (lambda: wire.spec_from_pb(pb.JobSpec(job_id="bad-mode", mode="bogus")),
+                  lambda: wire.spec_from_dict(dataclasses.asdict(WireJobSpec("bad-mode", mode="bogus")))):
+        with pytest.raises(PSError) as err:
+            parse()
+        assert err.value.code is ErrorCode.INVALID_ARGUMENT
     assert (
         code_of(client.init_job, JobSpec.from_wire(WireJobSpec("bad/id")), layout, ok, []) is ErrorCode.INVALID_ARGUMENT
     )

@@ -18,11 +18,11 @@ import pytest
 import zmq
 
 from dist_llm_train.config import ParamServerConfig
-from dist_llm_train.paramserver import zmq_server
-from dist_llm_train.paramserver.background import BackgroundServer
-from dist_llm_train.paramserver.transport.client import connect
 from dist_llm_train.core.job import JobSpec, WireJobSpec
 from dist_llm_train.core.types import PushHeader, PushOutcome, TensorSpec
+from dist_llm_train.paramserver.background import BackgroundServer
+from dist_llm_train.paramserver.transport import zmq_server
+from dist_llm_train.paramserver.transport.client import connect
 
 N = 32
 TIMEOUT_MS = 20_000

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
-
-from dist_llm_train.config import Config, TrainingConfig, format_validation_error
+from dist_llm_train.config import Config, ConfigError, TrainingConfig, migrate_legacy_keys, parse_config
 from dist_llm_train.controller.errors import BadInput
 from dist_llm_train.controller.records import Job, Task
 
@@ -26,9 +24,9 @@ def validate_job_config(raw: dict[str, Any]) -> Config:
         allowed = ", ".join(JOB_CONFIG_SECTIONS)
         raise BadInput(f"config.{extra[0]}: not allowed in a job config (allowed sections: {allowed})")
     try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        parts = format_validation_error(err).split("; ")
+        return parse_config(raw)  # older flat keys are migrated (and warned about) here, like a config file's
+    except ConfigError as err:
+        parts = str(err).split("; ")
         raise BadInput("; ".join(f"config.{p}" for p in parts)) from None
 
 
@@ -41,7 +39,9 @@ def normalised_sections(cfg: Config) -> dict[str, Any]:
 
 
 def training_of(job: Job) -> TrainingConfig:
-    return TrainingConfig.model_validate(job.config.get("training", {}))
+    """A stored job's training section (jobs stored before the nested layout are migrated on read)."""
+    migrated, _ = migrate_legacy_keys({"training": job.config.get("training", {})})
+    return TrainingConfig.model_validate(migrated["training"])
 
 
 def task_view(task: Task, worker_names: dict[str, str]) -> dict[str, Any]:

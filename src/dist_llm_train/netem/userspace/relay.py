@@ -196,8 +196,8 @@ class Pipe:
         self.inflight_bytes = 0
         self.last_due = not_before
         self._data, self._sent, self._space = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        self._sampler_version = -1
-        self._sampler = sampler_for(state.link, rng)
+        self._shaper_version = -1  # the LinkState version `_shaper` draws for; a schedule change bumps it
+        self._shaper = sampler_for(state.link, rng)
 
     def feed(self, data: bytes) -> None:
         self.pending.append((asyncio.get_running_loop().time(), data))
@@ -248,14 +248,14 @@ class Pipe:
 
     def _stall_s(self, nbytes: int) -> float:
         """Modelled recovery time for the segments of this piece the loss model drops (0 when none)."""
-        if self._sampler.loss is None:
+        if self._shaper.loss is None:
             return 0.0
         segs = -(-nbytes // MSS_BYTES)
         backlog = self.pending_bytes // MSS_BYTES
         rtt = self.state.rtt_s
         worst = 0.0
         for k in range(segs):
-            if self._sampler.lost():
+            if self._shaper.lost():
                 self.stats.segments_lost += 1
                 worst = max(worst, rtt if segs - 1 - k + backlog >= 3 else rto_s(rtt))
         self.stats.segments += segs
@@ -276,9 +276,9 @@ class Pipe:
                 self.inflight.append((self.last_due, None))
                 self._sent.set()
                 return
-            if self._sampler_version != self.state.version:
-                self._sampler = sampler_for(self.state.link, self.rng)
-                self._sampler_version = self.state.version
+            if self._shaper_version != self.state.version:
+                self._shaper = sampler_for(self.state.link, self.rng)
+                self._shaper_version = self.state.version
             piece, arrived = self._take(self.state.quantum())
             base = arrived
             rate = self.state.rate_bps
@@ -286,7 +286,7 @@ class Pipe:
                 departs = self.bucket.reserve(len(piece), rate, loop.time())
                 await self.timer.sleep_until(departs)
                 base = max(base, departs)
-            due = max(base + self._sampler.delay_s() + self._stall_s(len(piece)), self.last_due)
+            due = max(base + self._shaper.delay_s() + self._stall_s(len(piece)), self.last_due)
             self.last_due = due
             self.inflight.append((due, piece))
             self.inflight_bytes += len(piece)
