@@ -10,7 +10,7 @@ PYTEST  := $(BIN)/python -m pytest
 help:
 	@echo "make demo    - set up .venv and train a real model locally (controller + PS + workers)"
 	@echo "make test    - set up .venv and run the test suite"
-	@echo "make lint    - ruff + mypy"
+	@echo "make lint    - ruff + mypy + import layers (import-linter)"
 	@echo "make proto   - regenerate gRPC stubs from protos/"
 	@echo "make bench   - run benchmarks, write results/"
 
@@ -36,6 +36,7 @@ test-slow: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy src
+	$(BIN)/lint-imports
 
 proto: install
 	$(BIN)/python scripts/gen_proto.py

@@ -34,12 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from dist_llm_train.experiments.machine import machine_info
-from dist_llm_train.paramserver.transport.client import DEFAULT_MAX_MESSAGE_BYTES, PSClient, connect
-from dist_llm_train.paramserver.transport.grpc_client import GrpcPSClient
-from dist_llm_train.paramserver.job import ParameterStore
 from dist_llm_train.core.job import JobSpec, WireJobSpec
 from dist_llm_train.core.types import PSError, PushHeader, PushOutcome, TensorSpec
+from dist_llm_train.experiments.machine import machine_info
+from dist_llm_train.paramserver.job import ParameterStore
+from dist_llm_train.paramserver.transport.client import DEFAULT_MAX_MESSAGE_BYTES, PSClient, connect
+from dist_llm_train.paramserver.transport.grpc_client import GrpcPSClient
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"grpc": 0.5, "zmq": 0.7}

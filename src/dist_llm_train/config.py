@@ -28,6 +28,7 @@ from dist_llm_train.core.codecs import CodecConfig
 from dist_llm_train.core.job import JobSpec
 from dist_llm_train.core.privacy import DPSettings, PrivacyConfig, dp_report
 from dist_llm_train.core.strategies import (
+    DEFAULT_STRATEGY,
     JobPlan,
     OptimizerSpec,
     Strategy,
@@ -35,6 +36,7 @@ from dist_llm_train.core.strategies import (
     SyncConfig,
     WorkerLedger,
     build_strategy,
+    legacy_strategy_name,
 )
 from dist_llm_train.core.worker_update import WorkerUpdate
 
@@ -346,18 +348,6 @@ _STRATEGY_SELECTORS = ("mode", "use_async_training", "adaptive_staleness")
 _F_KEYS = ("byzantine_f", "krum_f", "bulyan_f")
 
 
-def _legacy_strategy_name(t: dict[str, Any]) -> str | None:
-    """The strategy the seed's selector keys choose, or None when they say nothing."""
-    mode, use_async, adaptive = t.get("mode"), t.get("use_async_training"), t.get("adaptive_staleness")
-    if mode is not None:
-        return "adaptive" if mode == "async" and adaptive else str(mode)
-    if use_async:
-        return "adaptive" if adaptive else "async"
-    if use_async is not None or adaptive is not None:
-        return "sync"
-    return None
-
-
 def migrate_legacy_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Move the seed's flat keys to the nested layout; returns (new data, "old -> new" notes).
 
@@ -368,6 +358,7 @@ def migrate_legacy_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     if not isinstance(out.get("training", {}), dict):
         return data, notes
     t = dict(out.get("training") or {})
+    dp_given_new_style = isinstance(t.get("dp"), dict)
     if controller is not None:
         for key in _CONTROLLER_TO_TRAINING:
             if key in controller:
@@ -383,7 +374,8 @@ def migrate_legacy_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]
         out["controller"] = controller
 
     strategy = t.get("strategy")
-    legacy_name = _legacy_strategy_name(t)  # an explicit `strategy` wins over the seed's async keys
+    # an explicit `strategy` wins over the seed's async keys
+    legacy_name = legacy_strategy_name(t.get("mode"), t.get("use_async_training"), t.get("adaptive_staleness"))
     legacy_mode = t.get("mode")
     for key in _STRATEGY_SELECTORS:
         if key in t:
@@ -392,7 +384,7 @@ def migrate_legacy_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     if isinstance(strategy, str) or strategy is None:
         if isinstance(strategy, str) and legacy_mode is not None and legacy_mode != strategy:
             raise ConfigError(f"training.strategy {strategy!r} and training.mode {legacy_mode!r} disagree; set one")
-        strategy = {"name": strategy or legacy_name or "sync"}
+        strategy = {"name": strategy or legacy_name or DEFAULT_STRATEGY}
     elif isinstance(strategy, dict):
         strategy = dict(strategy)
     sub: dict[str, dict[str, Any]] = {"strategy": strategy}
@@ -424,7 +416,7 @@ def migrate_legacy_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     enabled = t.pop("enable_differential_privacy", None)
     if enabled is not None:
         notes.append("training.enable_differential_privacy -> training.dp (present: on)")
-    if not enabled and not isinstance(data.get("training", {}).get("dp"), dict):  # the seed's DP was opt-in
+    if not enabled and not dp_given_new_style:  # the seed's DP was opt-in
         if sub["dp"].get("noise_multiplier") or sub["dp"].get("clip") is not None:
             raise ConfigError(
                 "dp_noise_multiplier / dp_clip are set but enable_differential_privacy is false: "
@@ -435,7 +427,9 @@ def migrate_legacy_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]
         sub["dp"].setdefault("noise_multiplier", 0.0)
 
     if sub["attack"] and "name" not in sub["attack"]:
-        raise ConfigError("attackers / attacker_workers / attack_params are set but no attack is chosen (training.attack)")
+        raise ConfigError(
+            "attackers / attacker_workers / attack_params are set but no attack is chosen (training.attack)"
+        )
     t["strategy"] = strategy
     for name in ("codec", "aggregation", "attack", "dp"):
         if sub[name] or name in t:
@@ -447,7 +441,7 @@ def migrate_legacy_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]
 
 def _strategy_fields(strategy: dict[str, Any]) -> set[str] | None:
     try:
-        return set(build_strategy(str(strategy.get("name", "sync"))).config.model_fields)
+        return set(build_strategy(str(strategy.get("name", DEFAULT_STRATEGY))).config.model_fields)
     except ValueError:
         return None  # an unknown name: validation reports it with its path
 
@@ -475,8 +469,8 @@ def parse_config(data: dict[str, Any] | None) -> Config:
         raise ConfigError(format_validation_error(err)) from None
 
 
-def load_config_text(text: str) -> Config:
-    """Parse YAML or JSON text (JSON is valid YAML, but JSON errors read better)."""
+def parse_config_text(text: str) -> dict[str, Any]:
+    """YAML or JSON text as a mapping of sections (JSON is valid YAML, but JSON errors read better)."""
     stripped = text.lstrip()
     try:
         data = json.loads(text) if stripped.startswith("{") else yaml.safe_load(text)
@@ -484,16 +478,23 @@ def load_config_text(text: str) -> Config:
         raise ConfigError(f"cannot parse config: {err}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError("config must be a mapping of sections (controller, training, ...)")
-    return parse_config(data)
+    return data or {}
 
 
-def load_config(path: str | Path | None) -> Config:
-    if path is None:
-        return Config()
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping as written (before migration and validation)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    return load_config_text(p.read_text())
+    return parse_config_text(p.read_text())
+
+
+def load_config_text(text: str) -> Config:
+    return parse_config(parse_config_text(text))
+
+
+def load_config(path: str | Path | None) -> Config:
+    return Config() if path is None else parse_config(read_config_mapping(path))
 
 
 def config_json_schema() -> dict[str, Any]:

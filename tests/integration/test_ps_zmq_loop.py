@@ -36,8 +36,10 @@ def server() -> Iterator[BackgroundServer]:
 
 def new_job(address: str, job_id: str, total_steps: int = 1000) -> None:
     with connect("zmq", address, timeout_s=20) as client:
-        spec = JobSpec.from_wire(WireJobSpec(job_id, mode="async", learning_rate=0.1, momentum=0.0, max_staleness=10_000,
-                       total_steps=total_steps))  # fmt: skip
+        wire_spec = WireJobSpec(
+            job_id, mode="async", learning_rate=0.1, momentum=0.0, max_staleness=10_000, total_steps=total_steps
+        )
+        spec = JobSpec.from_wire(wire_spec)
         client.init_job(spec, [TensorSpec("w", (N,), 0)], np.zeros(N, np.float32), [])
 
 

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dist_llm_train.sim import adapters
-from dist_llm_train.sim.config import SimConfig
 from dist_llm_train.sim.barrier import close_time
+from dist_llm_train.sim.config import SimConfig
 from dist_llm_train.sim.events import VirtualClock
 
 N = 6

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -32,7 +32,9 @@ from dist_llm_train.config import (
     TrainingConfig,
     format_validation_error,
     migrate_legacy_keys,
+    read_config_mapping,
 )
+from dist_llm_train.core.strategies import build_strategy
 
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=64, help="Number of worker processes.")]
 
@@ -41,28 +43,41 @@ HEADLINE_KEYS = ["initial_loss", "final_loss", "loss_floor", "steps", "workers",
                  "run_dir"]
 
 
-def apply_training_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
+def apply_training_overrides(
+    cfg: Config, overrides: dict[str, object], file_training: dict[str, Any] | None = None
+) -> Config:
     """`cfg` with the given `training` flags (None: not given), validated together and against each other.
 
     Flags use the flat key names (`strategy`, `compression`, `aggregation_rule`, ...); each lands on its
-    nested path through the config's one migration, and wins over what the file set there. One validation,
-    so e.g. `--aggregation krum` is checked against `--workers`; on refusal `cfg` is unchanged.
+    nested path through the config's one migration, and wins over what the file set there. `file_training`
+    is the config file's `training` mapping as written: with it, the file's settings for the strategy a flag
+    chooses (e.g. the seed's `diloco_local_steps` beside `--strategy diloco`) still apply. One validation, so
+    e.g. `--aggregation krum` is checked against `--workers`; on refusal `cfg` is unchanged.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
     if not given:
         return cfg
-    current = cfg.training.model_dump(exclude_none=True)
+    current = dict(file_training) if file_training is not None else cfg.training.model_dump(exclude_none=True)
     if "strategy" in given:
-        # A strategy chosen on the command line replaces the file's, with its own defaults.
-        current.pop("strategy", None)
+        # A strategy chosen on the command line replaces the file's; the file's settings that the chosen
+        # strategy also has carry over.
+        for selector in ("mode", "use_async_training", "adaptive_staleness"):
+            current.pop(selector, None)
+        previous = current.pop("strategy", None)
+        try:
+            fields = build_strategy(str(given["strategy"])).config.model_fields
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--strategy") from None
+        kept = {k: v for k, v in previous.items() if k in fields and k != "name"} if isinstance(previous, dict) else {}
+        given["strategy"] = {**kept, "name": given["strategy"]}
     for key in given:
         owner, field = LEGACY_TRAINING_KEYS.get(key, (None, None))
         if owner is not None and isinstance(current.get(owner), dict):
-            current[owner].pop(field, None)  # the flag wins over the file's nested value
+            current[owner] = {k: v for k, v in current[owner].items() if k != field}  # the flag wins
     if "dp_noise_multiplier" in given:
         given["enable_differential_privacy"] = True
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", LegacyConfigWarning)  # flags are flat by design, not legacy
+        warnings.simplefilter("ignore", LegacyConfigWarning)  # flags are flat by design; the file warned already
         try:
             migrated, _ = migrate_legacy_keys({"training": current | given})
             cfg.training = TrainingConfig.model_validate(migrated["training"])
@@ -168,11 +183,12 @@ def run(
     setup_logging(log_level)
     strategy = resolve_alias(strategy, mode, name="--strategy", alias="--mode")
     cfg = apply_model_and_transport(load_or_exit(config), model, transport)
+    file_training = read_config_mapping(config).get("training") if config is not None else None
     cfg = apply_training_overrides(cfg, {
         "num_workers": workers, "steps": steps, "strategy": strategy, "compression": codec,
         "aggregation_rule": aggregation, "byzantine_f": byzantine_f, "attack": attack, "attackers": attackers,
         "dp_noise_multiplier": dp_noise, "dp_clip": dp_clip,
-    })
+    }, file_training if isinstance(file_training, dict) else None)
     if profile is not None:  # checked before anything starts
         from dist_llm_train.netem.profile.schema import ProfileError
         from dist_llm_train.netem.userspace.embedded import validate

@@ -18,7 +18,7 @@ from dist_llm_train.cli.common import setup_logging
 def serve_shaper(
     profile: Annotated[str, typer.Option("--profile", "-p", help="Profile name, file, or inline JSON/YAML.")],
     topology: Annotated[
-        Path, typer.Option(help="Topology JSON: workers, targets, links (netem/topology.py).")
+        Path, typer.Option(help="Topology JSON: workers, targets, links (netem/userspace/topology.py).")
     ],
     ports_out: Annotated[
         Path | None, typer.Option(help="Write bound ports and configured links here.")

@@ -71,7 +71,7 @@ class HeartbeatOut(BaseModel):
 
 
 class LinkReportIn(_Body):
-    """One shaped link as the worker sees it (issue 4): configured vs measured; None = not measured (yet)."""
+    """One shaped link as the worker sees it: configured vs measured; None = not measured (yet)."""
 
     link: str = Field(min_length=1, max_length=160)
     traffic_class: Literal["heartbeat", "task", "telemetry", "ps_sync"]

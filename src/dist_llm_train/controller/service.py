@@ -60,7 +60,7 @@ class ControllerService:
         self.on_change: Callable[[], None] = lambda: None
         self._hb_lock = threading.Lock()
         self.heartbeats = 0
-        # netem (issue 4): each worker's latest shaped-link report, shown by /status; refreshed by telemetry.
+        # netem: each worker's latest shaped-link report, shown by /status; refreshed by telemetry.
         self.links: dict[str, list[dict[str, Any]]] = {}
         # Workers alive before a restart get a full timeout to reach the new process.
         store.refresh_alive_heartbeats(clock())

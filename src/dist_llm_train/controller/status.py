@@ -138,7 +138,7 @@ def build_status(svc: ControllerService, membership: MembershipSync) -> StatusOu
             ps_notify_failures=membership.failures,
         ),
         ps_notify_last_error=membership.last_error,
-        # netem (issue 4): per shaped link, backend and configured vs measured, from each worker's telemetry.
+        # netem: per shaped link, backend and configured vs measured, from each worker's telemetry.
         links=[
             LinkStatusOut(worker=w.name, **link) for w in workers for link in svc.links.get(w.worker_id, [])
         ],

@@ -17,7 +17,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from dist_llm_train.core.privacy import DPSettings
-from dist_llm_train.core.strategies import StrategyConfig, SyncConfig, build_strategy, parse_strategy_config
+from dist_llm_train.core.strategies import (
+    DEFAULT_STRATEGY,
+    StrategyConfig,
+    SyncConfig,
+    build_strategy,
+    parse_strategy_config,
+)
 from dist_llm_train.core.strategies.base import OptimizerSpec
 
 OPTIMIZERS = ("sgd", "adam")
@@ -32,7 +38,7 @@ class WireJobSpec:
     """The job fields on the wire, one to one with the proto message (`mode` is the strategy's name)."""
 
     job_id: str
-    mode: str = "sync"
+    mode: str = DEFAULT_STRATEGY
     max_staleness: int = 5
     straggler_timeout_s: float = 30.0
     optimizer: str = "adam"

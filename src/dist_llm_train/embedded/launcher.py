@@ -37,7 +37,7 @@ class RunOptions:
     timeout_s: float = 1800.0
     heartbeat_interval_s: float = 1.0
     worker_slowdowns: dict[int, float] = field(default_factory=dict)
-    # netem (issue 4): shape every link with this profile (None = unshaped loopback); see netem/embedded.py.
+    # netem: shape every link with this profile (None = unshaped loopback); see netem/userspace/embedded.py.
     profile: str | None = None
     shaping: str = "userspace"
 
@@ -117,7 +117,7 @@ class EmbeddedRun:
         with ControllerClient(self.controller_url, timeout_s=1) as probe:
             self.procs.wait_ready(child, lambda: probe.readyz().ready)
 
-    # --- netem (issue 4): the shaper child sits between the workers and the controller/PS -------------------
+    # --- netem: the shaper child sits between the workers and the controller/PS -------------------
     def _start_shaper(self) -> None:
         if self.opts.profile is None:
             return

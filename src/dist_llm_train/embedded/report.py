@@ -51,7 +51,7 @@ class RunSummary:
     profile: str | None = None  # the netem profile every link was shaped with (None: unshaped loopback)
     shaping: str = "none"
     links: list[dict[str, Any]] = field(default_factory=list)  # netem: shaped links, configured vs measured
-    strategy: dict[str, Any] = field(default_factory=dict)  # issue 6: strategy, codec, rule, attack, DP, bytes
+    strategy: dict[str, Any] = field(default_factory=dict)  # strategy, codec, rule, attack, DP, bytes
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dist_llm_train.core.strategies import STRATEGIES
 from dist_llm_train.experiments.metrics import Row
 from dist_llm_train.netem.profile.classes import TrafficClass
 from dist_llm_train.netem.profile.resolve import egress_links, ingress_link, to_one_way
@@ -22,8 +23,6 @@ from dist_llm_train.netem.profile.schema import Link, Profile
 
 PS_NODE = "paramserver"
 TRAFFIC_CLASS: TrafficClass = "ps_sync"
-ASYNC_MODES = frozenset({"async", "adaptive"})
-"""Modes whose PS version advances per push, not per round of all members."""
 
 
 def worker_names(n: int) -> list[str]:
@@ -184,7 +183,8 @@ def round_bound(m: RoundMeasure, links: LinkModel, mode: str) -> float:
         return lk.rtt_s + up + _xfer(m.down_bytes.get(w, 0.0), lk.down_bps)
 
     nets = {w: net(w) for w in names}
-    if mode in ASYNC_MODES:
+    strategy = STRATEGIES.get(mode)
+    if strategy is not None and not strategy.rounds:  # the PS version advances per push, not per round
         rate = sum(1.0 / max(m.worker_compute_s.get(w, 0.0) + nets[w], 1e-12) for w in names)
         ps_share = _xfer(sum(m.down_bytes.get(w, 0.0) for w in names) / len(names), links.ps_egress_bps)
         return max(1.0 / rate, ps_share) if links.ps_egress_shared else 1.0 / rate

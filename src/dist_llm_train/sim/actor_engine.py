@@ -12,13 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from dist_llm_train.sim import adapters
-from dist_llm_train.sim.agents import Agents
-from dist_llm_train.sim.config import SimConfig
-from dist_llm_train.sim.control import ControlPlane
-from dist_llm_train.sim.draws import VersionDraws
-from dist_llm_train.sim.events import EventQueue, Kind
-from dist_llm_train.sim.metrics import DataStats, TelemetryLog, Throughput
-from dist_llm_train.sim.steps import FixedLegs, Row, StepModel
+from dist_llm_train.sim.engine import Engine, Outcome
+from dist_llm_train.sim.events import Kind
+from dist_llm_train.sim.steps import FixedLegs, Row
 
 Step = Row | tuple[FixedLegs, int]
 """What a step carries between its events: the slot's raw variates, or its precomputed legs."""
@@ -26,33 +22,24 @@ Step = Row | tuple[FixedLegs, int]
 _CONTROL = {Kind.DEATH, Kind.REJOIN, Kind.JOIN, Kind.HB_STALL, Kind.HB_RESUME, Kind.TICK, Kind.LEARN}
 
 
-class ActorEngine:
-    def __init__(
-        self,
-        cfg: SimConfig,
-        queue: EventQueue,
-        control: ControlPlane,
-        steps: StepModel,
-        draws: VersionDraws,
-        stats: DataStats,
-        throughput: Throughput,
-        log: TelemetryLog | None = None,
-    ) -> None:
-        self.cfg, self.queue, self.control, self.steps = cfg, queue, control, steps
-        self.draws, self.stats, self.throughput, self.log = draws, stats, throughput, log
-        self.sync = cfg.strategy.rounds  # a barrier per version: pulls wait for the next one
-        self.js = adapters.make_job_state(adapters.job_spec(cfg), [], queue.clock)
-        self.agents = Agents(cfg.capacity)
+class ActorEngine(Engine):
+    def _set_up(self) -> None:
+        self.sync = self.cfg.strategy.rounds  # a barrier per version: pulls wait for the next one
+        self.js = adapters.make_job_state(adapters.job_spec(self.cfg), [], self.queue.clock)
         self.min_version: dict[int, int] = {}
         self.steps_done: dict[int, int] = {}
         self.waiting: list[int] = []
-        self.published = 0
-        self.egress_free = 0.0
         self.aggregated = 0
         self.expiry_for: int | None = None
         self._fixed: dict[int, FixedLegs | None] = {}
-        self.end: float | None = None
-        self.outcome = "running"
+        self._handlers: dict[Kind, Callable[[Any], None]] = {
+            Kind.PULL_REQUEST: self._pull_request,
+            Kind.PULL_DONE: self._pull_done,
+            Kind.COMPUTE_DONE: self._compute_done,
+            Kind.PUSH_ARRIVE: self._push_arrive,
+            Kind.EXPIRE: self._expire,
+            Kind.PUBLISH: self._publish,
+        }
 
     # -- DataPlane ------------------------------------------------------------------------------------------
     def on_members(self, slots: list[int]) -> None:
@@ -62,46 +49,30 @@ class ActorEngine:
         if self.js.version != before:
             self._closed()
 
-    def on_death(self, slot: int) -> None:
-        self.agents.kill(slot, self.queue.clock.now)
-
     def activate(self, slot: int, first_request_at: float) -> None:
+        """Each life of a worker is an actor, set going by its first pull request."""
         a = self.agents.spawn(slot, first_request_at)
         self.min_version[a] = 0
         self.queue.at(first_request_at, Kind.PULL_REQUEST, a)
 
-    def deactivate(self, slot: int) -> None:
-        self.agents.halt(slot, self.queue.clock.now)
-
-    def telemetry(self) -> dict[int, float]:
-        return self.throughput.take()
-
     # -- driving --------------------------------------------------------------------------------------------
-    def run(self) -> None:
+    def _advance(self) -> Outcome | None:
+        """Handle the next event, unless there is none or it falls past the virtual time limit."""
         q = self.queue
-        handlers: dict[Kind, Callable[[Any], None]] = {
-            Kind.PULL_REQUEST: self._pull_request,
-            Kind.PULL_DONE: self._pull_done,
-            Kind.COMPUTE_DONE: self._compute_done,
-            Kind.PUSH_ARRIVE: self._push_arrive,
-            Kind.EXPIRE: self._expire,
-            Kind.PUBLISH: self._publish,
-        }
-        while self.published < self.cfg.rounds:
-            if not len(q):
-                self.outcome = "stalled"
-                break
-            if q.peek_time() > self.cfg.max_virtual_s:
-                self.outcome = "time_limit"
-                break
-            _, kind, _, data = q.pop()
-            if kind in _CONTROL:
-                self.control.handle(kind, data)
-            else:
-                handlers[kind](data)
+        if not len(q):
+            return "stalled"
+        if q.peek_time() > self.cfg.max_virtual_s:
+            return "time_limit"
+        _, kind, _, data = q.pop()
+        if kind in _CONTROL:
+            self.control.handle(kind, data)
         else:
-            self.outcome = "completed"
-        self.end = self.stats.publish_times[-1] if self.stats.publish_times else q.clock.now
+            self._handlers[kind](data)
+        return None
+
+    def _wind_up(self) -> float:
+        """Nothing is held back, so the run ends at its last publish (or where the events stopped)."""
+        return self.stats.publish_times[-1] if self.stats.publish_times else self.queue.clock.now
 
     # -- a worker's step ------------------------------------------------------------------------------------
     def _pull_request(self, a: int) -> None:
@@ -146,8 +117,7 @@ class ActorEngine:
         now = self.queue.clock.now
         if now >= self.agents.death[a]:
             return
-        self.stats.pulls += 1
-        self.stats.bytes_received += self.steps.sizes.pull_bytes
+        self._count_pulls(1)
         if isinstance(row[0], FixedLegs):
             compute = row[0].compute[row[1]]
         else:
@@ -159,9 +129,7 @@ class ActorEngine:
         now = self.queue.clock.now
         if now >= self.agents.death[a]:
             return
-        self.stats.pushes_sent += 1
-        self.stats.bytes_sent += self.steps.sizes.push_bytes
-        self.stats.compute_s += compute
+        self._count_pushes(1, compute)
         if isinstance(row[0], FixedLegs):
             arrival = now + row[0].push_total[row[1]]
         else:
@@ -181,11 +149,7 @@ class ActorEngine:
             self.js, self.control.worker_id[slot] or "", a * 1_000_000 + step, v
         )
         self.stats.add_outcome(outcome, staleness)
-        self.throughput.observe_1(slot, now - start)
-        if self.log is not None:
-            self.log.add_1(slot, now, now - start, compute, v)
-        self.stats.step_time_sum_s += now - start
-        self.stats.steps += 1
+        self._observe_update(slot, now, now - start, compute, v)
         if self.js.version != before:
             self._closed()
         elif self.sync and outcome == "BUFFERED":
@@ -214,9 +178,7 @@ class ActorEngine:
         total = adapters.updates_aggregated(self.js)
         updates, self.aggregated = total - self.aggregated, total
         now = self.queue.clock.now
-        st = self.stats
-        st.updates_per_version.append(updates)
-        st.members_per_version.append(len(self.js.members))
+        self._record_close(updates, len(self.js.members))
         if self.sync:
             agg = self.cfg.aggregation_base_s + self.cfg.aggregation_per_update_s * updates
             self.queue.at(now + agg, Kind.PUBLISH, self.js.version)
@@ -224,8 +186,7 @@ class ActorEngine:
             self._publish(self.js.version)
 
     def _publish(self, version: Any) -> None:
-        self.published = int(version)
-        self.stats.publish_times.append(self.queue.clock.now)
+        self._record_publish(int(version), self.queue.clock.now)
         if not self.waiting:
             return
         ready = sorted(self.waiting, key=lambda a: (int(self.agents.slot[a]), a))

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dist_llm_train.config import Config, ModelConfig, SchedulerName, SimulationConfig, TrainingConfig
 from dist_llm_train.core.strategies import (
+    DEFAULT_STRATEGY,
     STRATEGIES,
     Strategy,
     StrategyConfig,
@@ -137,7 +138,7 @@ class TransportModel(_Strict):
 
     `shaper: kernel` (default) is a kernel qdisc on every node's own interface (Compose): a message is one
     delay draw plus serialisation plus TCP's loss recovery, and all pulls share the PS's egress queue.
-    `shaper: userspace` is the embedded launcher's relays (`netem/relay.py`): each worker's PS connection has
+    `shaper: userspace` is the embedded launcher's relays (`netem/userspace/relay.py`): each worker's PS connection has
     its own relay, so there is no shared PS egress (`shared_ps_egress` defaults to false and may not be true),
     a bulk message leaves in ~5 ms pieces that each draw a delay and are delivered in order, and a lost
     segment stalls its piece (one RTT, or an RTO near the message's tail) without slowing the rest down.
@@ -175,7 +176,7 @@ class SimConfig(_Strict):
     simulation: SimulationConfig = SimulationConfig()
     workers: Annotated[int, Field(ge=1, le=1_000_000)] = 3
     rounds: Annotated[int, Field(ge=0, le=100_000_000)] = 100
-    mode: str = "sync"  # the strategy's name (core.strategies registry); its fields are the ones below
+    mode: str = DEFAULT_STRATEGY  # the strategy's name (core.strategies registry); its fields are the ones below
     profile: str | None = "good"
     scheduler: SchedulerName = "priority"
     heartbeat_miss_limit: Annotated[int, Field(ge=1, le=100)] = 3

@@ -1,4 +1,4 @@
-"""How long a message takes through the userspace relay (`netem/relay.py`), as one inverse-CDF lookup.
+"""How long a message takes through the userspace relay (`netem/userspace/relay.py`), as one inverse-CDF lookup.
 
 The embedded launcher shapes links with relays, and a relay does not treat a message like a kernel qdisc
 does: it cuts the byte stream into pieces of ~5 ms at the link rate (`pacing.QUANTUM_S`), draws a delay for
@@ -9,7 +9,7 @@ segments follow it), and delivers pieces in order. The last byte of a message th
 
 where T_end is when its last piece leaves the bottleneck and piece j left τ_j earlier. Pieces are independent,
 so M has a closed-form CDF, P(M ≤ m) = Π_j E[F_d(m + τ_j − stall_j)], with F_d the CDF of one piece's delay,
-max(0, delay + jitter·J) for J the relay's standardised distribution (`delayer.ClassShaper`: normal, uniform
+max(0, delay + jitter·J) for J the relay's standardised distribution (`netem.sampling.LinkSampler`: normal, uniform
 ±√3, Pareto(3) standardised, paretonormal as a ¼–¾ mixture). A table of M's quantiles per (path, size, node
 group, schedule segment) is built on first use, and every message then costs one interpolation at a uniform
 variate — the same arithmetic in numpy (a round at once) and in Python floats (one event), so both engines

@@ -20,6 +20,7 @@ from dist_llm_train.sim.config import SimConfig, SimConfigError
 from dist_llm_train.sim.control import ControlPlane, ControlStats
 from dist_llm_train.sim.dataplane import NoDataPlane
 from dist_llm_train.sim.draws import ComputeTime, VersionDraws, slot_factors
+from dist_llm_train.sim.engine import Engine
 from dist_llm_train.sim.events import EventQueue, VirtualClock
 from dist_llm_train.sim.metrics import DataStats, Sizes, TelemetryLog, Throughput, message_sizes
 from dist_llm_train.sim.network import Topology
@@ -116,7 +117,7 @@ def _simulate(cfg: SimConfig, log: TelemetryLog | None) -> SimResult:
             steps = StepModel(cfg, topo, sizes, ComputeTime(cfg.compute, factors, cfg.steps_per_push))
             draws = VersionDraws(cfg.seed, cfg.capacity)
             thr = Throughput(cfg.capacity, cfg.telemetry_alpha, cfg.batch_size, cfg.scheduler == "capability")
-            cls = SyncRoundEngine if engine_name == "vectorised" else ActorEngine
+            cls: type[Engine] = SyncRoundEngine if engine_name == "vectorised" else ActorEngine
             engine = cls(cfg, queue, control, steps, draws, stats, thr, log)
             control.start(engine)
             engine.run()

@@ -17,15 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dist_llm_train.sim.agents import INF, Agents
+from dist_llm_train.sim.agents import INF
 from dist_llm_train.sim.barrier import MembershipChange, close_time
-from dist_llm_train.sim.config import SimConfig
-from dist_llm_train.sim.control import ControlPlane
-from dist_llm_train.sim.draws import VersionDraws
-from dist_llm_train.sim.events import EventQueue
+from dist_llm_train.sim.engine import Engine, Outcome
 from dist_llm_train.sim.linkmath import fifo_completion
-from dist_llm_train.sim.metrics import DataStats, TelemetryLog, Throughput
-from dist_llm_train.sim.steps import StepModel
 
 
 @dataclass
@@ -42,31 +37,13 @@ class _Round:
     died_waiting: np.ndarray
 
 
-class SyncRoundEngine:
-    def __init__(
-        self,
-        cfg: SimConfig,
-        queue: EventQueue,
-        control: ControlPlane,
-        steps: StepModel,
-        draws: VersionDraws,
-        stats: DataStats,
-        throughput: Throughput,
-        log: TelemetryLog | None = None,
-    ) -> None:
-        self.cfg, self.queue, self.control, self.steps = cfg, queue, control, steps
-        self.draws, self.stats, self.throughput, self.log = draws, stats, throughput, log
-        self.agents = Agents(cfg.capacity)
-        self.member = np.zeros(cfg.capacity, dtype=bool)
+class SyncRoundEngine(Engine):
+    def _set_up(self) -> None:
+        self.member = np.zeros(self.cfg.capacity, dtype=bool)
         self.changes: list[MembershipChange] = []  # after the current round's start
         self.history: list[MembershipChange] = [(-INF, self.member.copy())]
         self.closes: list[float] = []
         self.pending: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []  # after their round closed
-        self.version = 0
-        self.publish = 0.0
-        self.egress_free = 0.0
-        self.end: float | None = None
-        self.outcome = "running"
 
     # -- DataPlane ------------------------------------------------------------------------------------------
     def on_members(self, slots: list[int]) -> None:
@@ -76,36 +53,28 @@ class SyncRoundEngine:
         self.changes.append(change)
         self.history.append(change)
 
-    def on_death(self, slot: int) -> None:
-        self.agents.kill(slot, self.queue.clock.now)
-
-    def activate(self, slot: int, first_request_at: float) -> None:
-        self.agents.spawn(slot, first_request_at)
-
-    def deactivate(self, slot: int) -> None:
-        self.agents.halt(slot, self.queue.clock.now)
-
-    def telemetry(self) -> dict[int, float]:
-        return self.throughput.take()
-
     # -- driving --------------------------------------------------------------------------------------------
-    def run(self) -> None:
+    def _start(self) -> None:
+        """Registrations and membership at time zero are the first round's starting point."""
         self._drain(0.0)
         self._adopt_changes()
-        for _ in range(self.cfg.rounds):
-            rnd = self._settle()
-            if rnd is None:
-                self.outcome = "stalled"
-                break
-            self._finish(rnd)
-            if self.publish > self.cfg.max_virtual_s:
-                self.outcome = "time_limit"
-                break
-        else:
-            self.outcome = "completed"
-        self.end = self.publish
-        self._drain(self.end)
-        self._resolve(self.end, final=True)
+
+    def _advance(self) -> Outcome | None:
+        """Play one round to its publish, unless no round can close or it published past the time limit."""
+        rnd = self._settle()
+        if rnd is None:
+            return "stalled"
+        self._finish(rnd)
+        if self.published_at > self.cfg.max_virtual_s:
+            return "time_limit"
+        return None
+
+    def _wind_up(self) -> float:
+        """The run ends at the last publish; count what was deferred up to then and drop the rest."""
+        end = self.published_at
+        self._drain(end)
+        self._resolve(end, final=True)
+        return end
 
     def _drain(self, until: float) -> None:
         while self.queue.peek_time() <= until:
@@ -114,7 +83,7 @@ class SyncRoundEngine:
 
     def _adopt_changes(self) -> None:
         """Membership changes before the round starts become its starting membership."""
-        start = self.publish
+        start = self.published_at
         while self.changes and self.changes[0][0] <= start:
             self.member = self.changes.pop(0)[1]
 
@@ -133,13 +102,13 @@ class SyncRoundEngine:
     def _compute(self) -> _Round:
         a = self.agents.runnable()
         slots = self.agents.slot[a]
-        start = np.maximum(self.publish, self.agents.request[a])
+        start = np.maximum(self.published_at, self.agents.request[a])
         alive_at_start = start < self.agents.death[a]
         died_waiting = a[~alive_at_start]
         a, slots, start = a[alive_at_start], slots[alive_at_start], start[alive_at_start]
         order = np.lexsort((slots, start))
         a, slots, start = a[order], slots[order], start[order]
-        z_all, u_all = self.draws.table(self.version)
+        z_all, u_all = self.draws.table(self.published)
         z, u = z_all[slots], u_all[slots]
         service = self.steps.pull_service(start)
         egress_done = fifo_completion(start, service, self.egress_free)
@@ -183,35 +152,29 @@ class SyncRoundEngine:
             st.staleness_applied[0] += accepted
         _add(st.outcomes, "DUPLICATE", int(member_then.sum()) - accepted)
         _add(st.outcomes, "PERMISSION_DENIED", int((~member_then).sum()))
-        steps_info = np.column_stack([arrival - start, compute, np.full(a.size, float(self.version))])
+        steps_info = np.column_stack([arrival - start, compute, np.full(a.size, float(self.published))])
         self._observe(slots[on_time], arrival[on_time], steps_info[on_time])
         late = arrival > rnd.close
         self._count_or_defer("arrive", a[late], arrival[late], steps_info[late], rnd.close)
         nxt = np.full(a.size, INF)
         if arrived.any():
-            z_all, u_all = self.draws.table(self.version)
+            z_all, u_all = self.draws.table(self.published)
             s_ok = slots[arrived]
             nxt[arrived] = self.steps.next_request(s_ok, arrival[arrived], z_all[s_ok], u_all[s_ok])
         ag.request[a] = nxt
         st.timed_out_rounds += rnd.how == "timeout"
-        st.updates_per_version.append(accepted)
-        st.members_per_version.append(int(np.count_nonzero(self._mask_at(rnd.close))))
+        self._record_close(accepted, int(np.count_nonzero(self._mask_at(rnd.close))))
         self.closes.append(rnd.close)
-        self.version += 1
-        self.publish = rnd.close + self.cfg.aggregation_base_s + self.cfg.aggregation_per_update_s * accepted
-        st.publish_times.append(self.publish)
+        publish_at = rnd.close + self.cfg.aggregation_base_s + self.cfg.aggregation_per_update_s * accepted
+        self._record_publish(self.published + 1, publish_at)
         while self.changes and self.changes[0][0] <= rnd.close:
             self.member = self.changes.pop(0)[1]
         self._adopt_changes()
         self._prune_history()
 
     def _observe(self, slots: np.ndarray, arrival: np.ndarray, info: np.ndarray) -> None:
-        """Telemetry of updates that reached the PS; `info` columns: step time, compute time, base version."""
-        self.throughput.observe(slots, info[:, 0])
-        self.stats.step_time_sum_s += float(info[:, 0].sum())
-        self.stats.steps += int(slots.size)
-        if self.log is not None:
-            self.log.add(slots, arrival, info[:, 0], info[:, 1], info[:, 2])
+        """Updates that reached the PS; `info` columns: step time, compute time, base version."""
+        self._observe_updates(slots, arrival, info[:, 0], info[:, 1], info[:, 2])
 
     def _count_or_defer(
         self, kind: str, agents: np.ndarray, times: np.ndarray, values: np.ndarray, close: float
@@ -227,14 +190,11 @@ class SyncRoundEngine:
         alive = times < self.agents.death[agents]
         agents, times, values = agents[alive], times[alive], values[alive]
         slots = self.agents.slot[agents]
-        st, sizes = self.stats, self.steps.sizes
+        st = self.stats
         if kind == "pull":
-            st.pulls += int(slots.size)
-            st.bytes_received += int(slots.size) * sizes.pull_bytes
+            self._count_pulls(int(slots.size))
         elif kind == "send":
-            st.pushes_sent += int(slots.size)
-            st.bytes_sent += int(slots.size) * sizes.push_bytes
-            st.compute_s += float(values.sum())
+            self._count_pushes(int(slots.size), float(values.sum()))
         else:  # an update that arrives after its round closed
             member = self._member_at(slots, times)
             complete = times >= self.closes[-1] if self.outcome == "completed" else np.zeros(times.size, bool)
@@ -272,7 +232,7 @@ class SyncRoundEngine:
 
     def _prune_history(self) -> None:
         oldest = min((float(t.min()) for _, _, t, _ in self.pending), default=INF)
-        while len(self.history) > 1 and self.history[1][0] <= min(oldest, self.publish):
+        while len(self.history) > 1 and self.history[1][0] <= min(oldest, self.published_at):
             self.history.pop(0)
 
     def _mask_at(self, t: float) -> np.ndarray:

@@ -39,7 +39,7 @@ class WorkerOptions:
     exit_when_idle_after_job: bool = False
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
-    # netem (issue 4): per-class controller URLs and the PS relay from the shaper; None = direct.
+    # netem: per-class controller URLs and the PS relay from the shaper; None = direct.
     controller_heartbeat_url: str | None = None
     controller_telemetry_url: str | None = None
     ps_address_override: str | None = None

@@ -1,10 +1,10 @@
-"""The worker's side of link fidelity (issue 4): probe its shaped links, report configured vs measured.
+"""The worker's side of link fidelity: probe its shaped links, report configured vs measured.
 
 Only active when the worker was started behind the shaper (`--links-file`, the shaper's ports document). Every
 `interval_s` it sends one tiny request per traffic class through that class's own relay — GET /healthz for
 heartbeat, task and telemetry, a stats call to the parameter server for ps_sync — and its pushes give the
 ps_sync rate. The `links` list rides on every telemetry record, so the controller's /status can show it; the
-numbers are also `dlt_link_*` gauges on the worker's /metrics. See netem/linkmon.py for what each figure
+numbers are also `dlt_link_*` gauges on the worker's /metrics. See netem/measure/link_monitor.py for what each figure
 means.
 """
 

@@ -34,6 +34,7 @@ from dist_llm_train.core.strategies.diloco import DiLoCo, DiLoCoConfig
 from dist_llm_train.core.strategies.sync import Sync, SyncConfig
 
 __all__ = [
+    "DEFAULT_STRATEGY",
     "STRATEGIES",
     "UPDATE_KINDS",
     "Adaptive",
@@ -59,6 +60,7 @@ __all__ = [
     "VersionRule",
     "WorkerLedger",
     "build_strategy",
+    "legacy_strategy_name",
     "parse_strategy_config",
     "register",
     "strategy_names",
@@ -83,8 +85,25 @@ for _builtin in (Sync, Async, Adaptive, DiLoCo):
     register(_builtin)
 
 
+DEFAULT_STRATEGY = Sync.name
+
+
 def strategy_names() -> list[str]:
     return sorted(STRATEGIES)
+
+
+def legacy_strategy_name(mode: Any, use_async_training: Any, adaptive_staleness: Any) -> str | None:
+    """The strategy the seed project's selector keys chose, or None when they say nothing.
+
+    The seed had `mode` (a name) or `use_async_training`, and `adaptive_staleness` turned async
+    into per-worker bounds; `config.migrate_legacy_keys` reads old configs through this."""
+    if mode is not None:
+        return Adaptive.name if mode == Async.name and adaptive_staleness else str(mode)
+    if use_async_training:
+        return Adaptive.name if adaptive_staleness else Async.name
+    if use_async_training is not None or adaptive_staleness is not None:
+        return Sync.name
+    return None
 
 
 def parse_strategy_config(value: Any) -> StrategyConfig:
@@ -95,7 +114,7 @@ def parse_strategy_config(value: Any) -> StrategyConfig:
         value = {"name": value}
     if not isinstance(value, dict):
         raise ValueError(f"a strategy is a name or a mapping with `name`, got {type(value).__name__}")
-    name = value.get("name", "sync")
+    name = value.get("name", DEFAULT_STRATEGY)
     cls = STRATEGIES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ValueError(f"unknown strategy {name!r}; choose one of {strategy_names()}")

@@ -1,0 +1,147 @@
+"""The engine contract: what simulates training on the virtual clock, under the control plane.
+
+Two engines implement it. `actor_engine.ActorEngine` makes every message an event against the real
+`JobState` (any strategy); `sync_engine.SyncRoundEngine` computes a round-based strategy's rounds whole, in
+numpy. Both are the control plane's `DataPlane`, run until the job has its versions, nothing is left that
+could publish one or virtual time runs out, and count what happened in the same `DataStats`, `Throughput`
+and `TelemetryLog`. That shared part lives here; each engine's file holds how it advances time and how it
+applies the PS's rules.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import numpy as np
+
+from dist_llm_train.sim.agents import Agents
+from dist_llm_train.sim.config import SimConfig
+from dist_llm_train.sim.control import ControlPlane
+from dist_llm_train.sim.dataplane import DataPlane
+from dist_llm_train.sim.draws import VersionDraws
+from dist_llm_train.sim.events import EventQueue
+from dist_llm_train.sim.metrics import DataStats, TelemetryLog, Throughput
+from dist_llm_train.sim.steps import StepModel
+
+Outcome = Literal["running", "completed", "stalled", "time_limit"]
+"""How a run ended ("running" until it has): the job has its versions, nothing is left that could publish one,
+or virtual time ran out."""
+
+
+class Engine(DataPlane, ABC):
+    """Simulates the data plane (pulls, compute, pushes, the PS's versions) of one job.
+
+    An engine implements `_set_up` (its own state), `on_members` (how it applies a membership change),
+    `_advance` (one unit of progress: an event, a round) and `_wind_up` (what is still open when the run
+    ends); `run` drives them.
+    """
+
+    def __init__(
+        self,
+        cfg: SimConfig,
+        queue: EventQueue,
+        control: ControlPlane,
+        steps: StepModel,
+        draws: VersionDraws,
+        stats: DataStats,
+        throughput: Throughput,
+        log: TelemetryLog | None = None,
+    ) -> None:
+        self.cfg, self.queue, self.control, self.steps = cfg, queue, control, steps
+        self.draws, self.stats, self.throughput, self.log = draws, stats, throughput, log
+        self.agents = Agents(cfg.capacity)
+        self.published = 0  # the newest version workers can pull
+        self.published_at = 0.0
+        self.egress_free = 0.0  # when the PS's shared egress queue has sent everything queued so far
+        self.end: float | None = None
+        self.outcome: Outcome = "running"
+        self._set_up()
+
+    @abstractmethod
+    def _set_up(self) -> None:
+        """The engine's own state, on top of the shared wiring above (which it may read)."""
+
+    # -- DataPlane ------------------------------------------------------------------------------------------
+    @abstractmethod
+    def on_members(self, slots: list[int]) -> None: ...
+
+    def on_death(self, slot: int) -> None:
+        self.agents.kill(slot, self.queue.clock.now)
+
+    def activate(self, slot: int, first_request_at: float) -> None:
+        # The new life's first pull request time is all a round-at-a-time engine needs to know.
+        self.agents.spawn(slot, first_request_at)
+
+    def deactivate(self, slot: int) -> None:
+        self.agents.halt(slot, self.queue.clock.now)
+
+    def telemetry(self) -> dict[int, float]:
+        return self.throughput.take()
+
+    # -- driving --------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Advance until the job has published its versions or `_advance` says it cannot go on."""
+        self._start()
+        while self.published < self.cfg.rounds:
+            stopped = self._advance()
+            if stopped is not None:
+                self.outcome = stopped
+                break
+        else:
+            self.outcome = "completed"
+        # `_wind_up` may depend on the outcome (an update after the last version meets a completed job).
+        self.end = self._wind_up()
+
+    def _start(self) -> None:
+        """Called once before the first `_advance`; by default there is nothing to prepare."""
+
+    @abstractmethod
+    def _advance(self) -> Outcome | None:
+        """Make one unit of progress; return why the run stops ("stalled", "time_limit") or None."""
+
+    @abstractmethod
+    def _wind_up(self) -> float:
+        """Settle what is still open now that the run has stopped, and return its end in virtual time."""
+
+    # -- what both count ------------------------------------------------------------------------------------
+    def _count_pulls(self, n: int) -> None:
+        """`n` workers received the parameters."""
+        self.stats.pulls += n
+        self.stats.bytes_received += n * self.steps.sizes.pull_bytes
+
+    def _count_pushes(self, n: int, compute_s: float) -> None:
+        """`n` workers sent an update after computing for `compute_s` seconds between them."""
+        self.stats.pushes_sent += n
+        self.stats.bytes_sent += n * self.steps.sizes.push_bytes
+        self.stats.compute_s += compute_s
+
+    def _observe_update(self, slot: int, at: float, step_time: float, compute: float, version: int) -> None:
+        """An update reached the PS at `at`: its worker's throughput, step time and telemetry row.
+
+        The per-event engine observes millions of single updates, hence a scalar twin of `_observe_updates`."""
+        self.throughput.observe_1(slot, step_time)
+        if self.log is not None:
+            self.log.add_1(slot, at, step_time, compute, version)
+        self.stats.step_time_sum_s += step_time
+        self.stats.steps += 1
+
+    def _observe_updates(
+        self, slots: np.ndarray, at: np.ndarray, step_time: np.ndarray, compute: np.ndarray, version: np.ndarray
+    ) -> None:
+        """Updates that reached the PS, one per element (see `_observe_update`)."""
+        self.throughput.observe(slots, step_time)
+        self.stats.step_time_sum_s += float(step_time.sum())
+        self.stats.steps += int(slots.size)
+        if self.log is not None:
+            self.log.add(slots, at, step_time, compute, version)
+
+    def _record_close(self, updates: int, members: int) -> None:
+        """The PS closed a version that aggregated `updates` updates while the job had `members` members."""
+        self.stats.updates_per_version.append(updates)
+        self.stats.members_per_version.append(members)
+
+    def _record_publish(self, version: int, at: float) -> None:
+        """The PS published `version` at `at`: pulls may now take it."""
+        self.published, self.published_at = version, at
+        self.stats.publish_times.append(at)
