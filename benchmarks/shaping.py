@@ -8,9 +8,9 @@ ratio compares runs that saw the same machine load; the median of the repeats is
 
 Part 2 — fidelity for every profile × backend: median one-way delay (±5 % + 1 ms), loss (99 % binomial
 interval; *modelled* for userspace), rate (±5 %, rates ≥ 1 Mbit/s). Userspace is measured on loopback through
-a real shaper process (netem/measure/userspace_fidelity.py); kernel_fallback across a veth pair (netem/measure/kernel_fidelity.py),
-like the tests; tc_netem only where the kernel has sch_netem (it is verified under qemu:
-`make test-netem-vm`).
+a real shaper process (netem/measure/userspace_fidelity.py); kernel_fallback across a veth pair
+(netem/measure/kernel_fidelity.py), like the tests; tc_netem only where the kernel has sch_netem (it is verified
+under qemu: `make test-netem-vm`).
 
     sudo .venv/bin/python benchmarks/shaping.py [--repeats 3] [--seconds 3] [--profiles good,cellular]
 

@@ -18,7 +18,6 @@ from typing import Any
 import msgpack
 
 from dist_llm_train.config import Config
-from dist_llm_train.core.job import JobSpec
 from dist_llm_train.core.types import (
     ErrorCode,
     PSError,
@@ -65,11 +64,6 @@ class TrainingOutcome:
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
-def _round_wait_s(spec: JobSpec) -> float:
-    """How long a pull may wait for the next version: the round's straggler timeout and a margin."""
-    return float(getattr(spec.strategy, "straggler_timeout_s", 30.0)) + 5.0
-
-
 def _retry_unavailable(fn: Callable[[], Any], stop: threading.Event, what: str, give_up_s: float = 120.0) -> Any:
     """Call fn, retrying with backoff while the PS is unreachable (e.g. restarting from a checkpoint)."""
     delay, waited = 0.1, 0.0
@@ -99,8 +93,8 @@ def run_training(
     owned = set(ctx.shard_ids)
     spec = cfg.training.job_spec(ctx.job_id)
     ps = client or connect(ctx.ps_transport, ctx.ps_address)
-    # Strategy, codec + error feedback, attack and local DP: one object, fixed for the job.
-    strategy = cfg.training.worker_update(
+    # Strategy, attack, local DP, codec + error feedback: one pipeline, fixed for the job.
+    pipeline = cfg.training.worker_update(
         worker_name=ctx.worker_name, shard_ids=sorted(ctx.shard_ids), num_shards=ctx.num_shards
     )
     out = TrainingOutcome()
@@ -117,19 +111,19 @@ def run_training(
                 owned |= new
             trainer.set_params(pulled.params)
             t0 = time.perf_counter()
-            update = strategy.compute(trainer)
+            update = pipeline.compute(trainer)
             loss, n_samples = update.loss, update.samples
             compute_s = time.perf_counter() - t0
             if ctx.compute_slowdown > 1.0:
                 # Emulated slow hardware (straggler profiles): stretch the real compute time.
                 stop.wait(compute_s * (ctx.compute_slowdown - 1.0))
-            encoded = strategy.encode(update.vec)
+            encoded = pipeline.encode(update.vec)
             header = PushHeader(
                 job_id=ctx.job_id,
                 worker_id=ctx.worker_id,
                 step=step_base + out.steps,
                 base_version=pulled.version,
-                codec=strategy.codec.name,
+                codec=pipeline.codec.name,
                 codec_meta=msgpack.packb(encoded.meta),
                 payload_bytes=len(encoded.payload),
                 num_samples=n_samples,
@@ -144,9 +138,9 @@ def run_training(
             if result.outcome is PushOutcome.JOB_COMPLETE:
                 out.job_complete = True
                 break
-            wait_for = strategy.next_min_version(pulled.version)
+            wait_for = pipeline.next_min_version(pulled.version)
             pull_next = partial(
-                ps.pull, ctx.job_id, ctx.worker_id, min_version=wait_for, wait_timeout_s=_round_wait_s(spec)
+                ps.pull, ctx.job_id, ctx.worker_id, min_version=wait_for, wait_timeout_s=pipeline.strategy.pull_wait_s()
             )
             pulled = _retry_unavailable(pull_next, stop, "pull")
             step_s = time.perf_counter() - t0

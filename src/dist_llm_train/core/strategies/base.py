@@ -101,7 +101,7 @@ class HonestUpdate:
 
 # -- what the PS offers a version rule ----------------------------------------------------------
 class JobView(Protocol):
-    """The parts of a PS job a `VersionRule` may read and change (implemented by `paramserver.job.Job`)."""
+    """The parts of a PS job a `VersionRule` may read and change (implemented by `paramserver.job.JobState`)."""
 
     @property
     def version(self) -> int: ...
@@ -299,6 +299,10 @@ class Strategy(ABC):
         """Version to wait for before the next pull; 0 pulls at once."""
         return 0
 
+    def pull_wait_s(self) -> float:
+        """How long that pull may wait on the PS for the version (0: it does not wait)."""
+        return 0.0
+
     # PS time
     @abstractmethod
     def version_rule(self) -> VersionRule:
@@ -322,6 +326,10 @@ class RoundStrategy(Strategy):
 
     def next_min_version(self, base_version: int) -> int:
         return base_version + 1
+
+    def pull_wait_s(self) -> float:
+        # A round closes within its straggler timeout; the margin covers closing it and the transfer.
+        return self.straggler_timeout_s + 5.0
 
     def version_rule(self) -> VersionRule:
         return RoundBarrier(self.straggler_timeout_s)
