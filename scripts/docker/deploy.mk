@@ -7,7 +7,7 @@ PROFILE ?= good
 WORKERS ?= 3
 JOB     ?= default
 DEPLOY_COMPOSE  := docker compose -f deploy/docker-compose.yml
-DEPLOY_JOB_FILE := $(if $(filter default,$(JOB)),examples/submit_job.yaml,$(JOB))
+DEPLOY_JOB_FILE := $(if $(filter default,$(JOB)),deploy/jobs/default.yaml,$(JOB))
 DEPLOY_URL      := http://127.0.0.1:$(or $(DLT_CONTROLLER_PORT),8000)
 DEPLOY_ENV      := PROFILE=$(PROFILE) WORKERS=$(WORKERS)
 

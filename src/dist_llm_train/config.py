@@ -37,6 +37,7 @@ from dist_llm_train.core.strategies import (
     WorkerLedger,
     build_strategy,
     legacy_strategy_name,
+    strategy_fields,
 )
 from dist_llm_train.core.worker_update import WorkerUpdate
 
@@ -441,7 +442,7 @@ def migrate_legacy_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]
 
 def _strategy_fields(strategy: dict[str, Any]) -> set[str] | None:
     try:
-        return set(build_strategy(str(strategy.get("name", DEFAULT_STRATEGY))).config.model_fields)
+        return strategy_fields(str(strategy.get("name", DEFAULT_STRATEGY)))
     except ValueError:
         return None  # an unknown name: validation reports it with its path
 

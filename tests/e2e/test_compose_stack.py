@@ -40,7 +40,7 @@ JOB = {
     "num_tasks": 2,
     "config": {
         "model": {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32},
-        "training": {"mode": "sync", "steps": 100000, "num_workers": 2, "learning_rate": 0.01,
+        "training": {"strategy": "sync", "steps": 100000, "num_workers": 2, "learning_rate": 0.01,
                      "batch_size": 16, "seq_length": 32},
     },
 }

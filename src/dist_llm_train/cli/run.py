@@ -34,7 +34,7 @@ from dist_llm_train.config import (
     migrate_legacy_keys,
     read_config_mapping,
 )
-from dist_llm_train.core.strategies import build_strategy
+from dist_llm_train.core.strategies import strategy_fields
 
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=64, help="Number of worker processes.")]
 
@@ -65,7 +65,7 @@ def apply_training_overrides(
             current.pop(selector, None)
         previous = current.pop("strategy", None)
         try:
-            fields = build_strategy(str(given["strategy"])).config.model_fields
+            fields = strategy_fields(str(given["strategy"]))
         except ValueError as err:
             raise typer.BadParameter(str(err), param_hint="--strategy") from None
         kept = {k: v for k, v in previous.items() if k in fields and k != "name"} if isinstance(previous, dict) else {}

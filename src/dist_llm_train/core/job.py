@@ -21,8 +21,8 @@ from dist_llm_train.core.strategies import (
     DEFAULT_STRATEGY,
     StrategyConfig,
     SyncConfig,
-    build_strategy,
     parse_strategy_config,
+    strategy_fields,
 )
 from dist_llm_train.core.strategies.base import OptimizerSpec
 
@@ -103,7 +103,7 @@ class JobSpec:
     def from_wire(cls, w: WireJobSpec) -> JobSpec:
         """Parse and check the wire form; ValueError naming the field for anything unknown or out of range."""
         strategy = _strategy_from_wire(w)
-        known = set(strategy.model_fields) - {"name", *_DEDICATED_FIELDS}
+        known = strategy_fields(strategy.name) - {"name", *_DEDICATED_FIELDS}
         known |= {*OPTIMIZER_OPTIONS, *PRIVACY_OPTIONS}
         unknown = sorted(set(w.options) - known)
         if unknown:
@@ -162,11 +162,11 @@ class JobSpec:
 
 def _strategy_from_wire(w: WireJobSpec) -> StrategyConfig:
     try:
-        probe = build_strategy(w.mode).config  # the strategy's field names
+        names = strategy_fields(w.mode)
     except ValueError as err:
         raise ValueError(f"spec.mode: {err}") from None
     data: dict[str, Any] = {"name": w.mode}
-    for name in probe.model_fields:
+    for name in sorted(names):
         if name in _DEDICATED_FIELDS:
             data[name] = getattr(w, name)
         elif name != "name" and name in w.options:

@@ -63,6 +63,7 @@ __all__ = [
     "legacy_strategy_name",
     "parse_strategy_config",
     "register",
+    "strategy_fields",
     "strategy_names",
 ]
 
@@ -104,6 +105,14 @@ def legacy_strategy_name(mode: Any, use_async_training: Any, adaptive_staleness:
     if use_async_training is not None or adaptive_staleness is not None:
         return Sync.name
     return None
+
+
+def strategy_fields(name: str) -> set[str]:
+    """The config fields of the strategy called `name` (`name` included); ValueError for an unknown name."""
+    cls = STRATEGIES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {strategy_names()}")
+    return set(cls.Config.model_fields)
 
 
 def parse_strategy_config(value: Any) -> StrategyConfig:
