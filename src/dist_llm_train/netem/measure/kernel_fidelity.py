@@ -44,6 +44,7 @@ class NetnsPair:
     subnet: str = "10.77.0"
     env: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    offered_mbit: float | None = None  # what the last `flood_rate` really offered (see there)
 
     @property
     def ns(self) -> tuple[str, str]:
@@ -139,6 +140,10 @@ class NetnsPair:
     def flood_rate(self, rate_mbit: float, seconds: float = 3.0, port: int = 7778) -> float:
         """Wire rate (Mbit/s) leaving a's interface while offering 1.5× `rate_mbit`, after 1.5 s of queue fill.
 
+        `offered_mbit` is set to what the flood really offered over the same window (headers included): a
+        sender held back by a busy CPU can offer less than the link's rate, and then the wire rate says
+        nothing about the shaper beyond "it passed what it got".
+
         The flood and the byte counter's sampler run in one real-time process inside namespace a; each sample
         is stamped right after its read, and the window opens 1.5 s after the flood really started. Timed from
         here instead (a fixed sleep, counters read through `ip` subprocesses, a flooder without real-time
@@ -147,31 +152,32 @@ class NetnsPair:
         """
         out = self.py(self.ns[0], _FLOOD_SAMPLER.format(dev=self.dev[0], host=self.ip[1], port=port,
                                                         mbit=rate_mbit * 1.5, seconds=seconds + 1.5))
-        window = [(t, b) for t, b in out["samples"] if t >= out["start"] + 1.5]
+        window = [(t, b, n) for t, b, n in out["samples"] if t >= out["start"] + 1.5]
         if len(window) < 2:
             raise RuntimeError(f"flood sampler returned {len(window)} samples after the warm-up")
-        (t0, b0), (t1, b1) = window[0], window[-1]
+        (t0, b0, n0), (t1, b1, n1) = window[0], window[-1]
+        self.offered_mbit = (n1 - n0) * (out["size"] + 42) * 8 / (t1 - t0) / 1e6
         return (b1 - b0) * 8 / (t1 - t0) / 1e6
 
 
 _FLOOD_SAMPLER = """
 import json, threading, time
 from dist_llm_train.netem.measure.probe import udp_flood
-samples, stop = [], threading.Event()
+samples, stop, sent = [], threading.Event(), [0]
 
 def sample():
     while not stop.is_set():
         with open("/sys/class/net/{dev}/statistics/tx_bytes") as f:
             value = int(f.read())
-        samples.append((time.monotonic(), value))  # stamped right after the read: a consistent pair
+        samples.append((time.monotonic(), value, sent[0]))  # stamped right after the read: a consistent pair
         stop.wait(0.05)
 
 sampler = threading.Thread(target=sample)
 start = time.monotonic()
 sampler.start()
-udp_flood({host!r}, {port}, {mbit}, {seconds})
+udp_flood({host!r}, {port}, {mbit}, {seconds}, size=1400, progress=sent)
 stop.set()
 sampler.join()
-print(json.dumps({{"start": start, "samples": samples}}))
+print(json.dumps({{"start": start, "samples": samples, "size": 1400}}))
 """
 

@@ -166,8 +166,11 @@ def measure_tcp_rate(host: str, port: int, duration_s: float = 3.0,
 
 
 def udp_flood(host: str, port: int, rate_mbit: float, duration_s: float, size: int = 1400,
-              traffic_class: TrafficClass | None = None) -> int:
-    """Offer `rate_mbit` of UDP for `duration_s` (paced in 1 ms slices); returns datagrams handed to the kernel."""
+              traffic_class: TrafficClass | None = None, progress: list[int] | None = None) -> int:
+    """Offer `rate_mbit` of UDP for `duration_s` (paced in 1 ms slices); returns datagrams handed to the kernel.
+
+    `progress`, when given, holds one number that the flood keeps equal to the datagrams sent so far, so a
+    sampler in another thread can tell what was really offered (a busy CPU can hold the pacing back)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     if traffic_class:
         mark_socket(sock, traffic_class)
@@ -183,6 +186,8 @@ def udp_flood(host: str, port: int, rate_mbit: float, duration_s: float, size: i
                 with contextlib.suppress(OSError):  # queue full: the shaper drops, which is the point
                     sock.send(payload)
                 sent += 1
+            if progress is not None:
+                progress[0] = sent
             time.sleep(0.001)
     finally:
         sock.close()
