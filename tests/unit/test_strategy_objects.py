@@ -116,3 +116,10 @@ def test_every_shipped_example_still_loads(path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LegacyConfigWarning)
         load_config(path)
+
+
+def test_strategy_configs_refuse_non_finite_values_but_take_long_timeouts() -> None:
+    # The simulator runs rounds with a straggler timeout of 10^6 s ("never"); infinity is refused.
+    assert build_strategy({"name": "sync", "straggler_timeout_s": 1e6}).config.straggler_timeout_s == 1e6  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="straggler_timeout_s"):
+        build_strategy({"name": "sync", "straggler_timeout_s": float("inf")})

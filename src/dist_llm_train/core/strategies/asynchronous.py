@@ -37,7 +37,7 @@ def step_scale(kind: StalenessScaling, staleness: int) -> float:
 
 class AsyncConfig(StrategyConfig):
     name: Literal["async"] = "async"
-    max_staleness: int = Field(5, ge=0, le=1_000_000, description="Oldest base version (in versions) applied")
+    max_staleness: int = Field(5, ge=0, description="Oldest base version (in versions) applied")
     staleness_scaling: StalenessScaling = Field("none", description="Learning-rate scaling of stale updates")
 
 

@@ -45,7 +45,7 @@ UPDATE_KINDS: tuple[UpdateKind, ...] = ("gradient", "pseudo_gradient")
 class StrategyConfig(BaseModel):
     """A strategy's own settings. Subclasses narrow `name` to a Literal and add their fields (with docs)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
 
