@@ -11,6 +11,11 @@ stats requests), and 99 sessions had mean 20.0 and variance 16.9 lost (binomial:
 1.005 % the new band is 0.64-1.42 %, inside the old 0.43-1.58 %: stricter, and a false alarm ~1 run in 10,000.
 Rate is sampled by the flooding process itself (`NetnsPair.flood_rate`): timed from the test process, a loaded
 machine once read good's 100 Mbit/s as 85.
+
+Delay and rate pass through the userspace NFQUEUE delayer and the probes through a Python responder, so they
+need the CPU: when the virtual machine's host takes it away (CPU steal, seen at 9-40 % on 2026-12-03, when this
+test read 53 Mbit/s for 100, a 44.5 ms median for 40 and 0.56 % loss for 0.1 %, old code and new alike), nothing
+here can be judged, and the test skips saying how much was stolen and what it read.
 """
 
 from __future__ import annotations
@@ -60,23 +65,39 @@ def _check_delay(samples: list[float], expected_ms: float) -> None:
     assert abs(med - expected_ms) <= 0.05 * expected_ms + 1.0, f"median {med:.2f} ms vs {expected_ms} ms"
 
 
+MAX_STEAL = 0.05  # of the machine's CPU time: above it the delayer's timing says more about the host than the code
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(all, stolen) CPU ticks since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields), fields[7] if len(fields) > 7 else 0
+
+
 @pytest.mark.parametrize("profile", ["cellular", "good"])
 def test_fallback_fidelity(pair: NetnsPair, profile: str) -> None:
     links = egress_links(load_profile(profile), "b")
     _apply(pair, profile)
     pair.responder()
+    total0, stolen0 = cpu_ticks()
     r = pair.udp(PROBES, PROBE_INTERVAL_S)  # the responder's first session: its count is this stream's alone
-    _check_delay(r["one_way_ms"], links[None].delay_ms)
     lo, hi = binomial_interval(r["sent"], links[None].loss_pct / 100, LOSS_TAIL)
     loss = 1 - r["forward_received"] / r["sent"]
-    assert lo <= loss <= hi, f"loss {loss:.4f} outside [{lo:.4f}, {hi:.4f}]"
+    timed = [(r["one_way_ms"], links[None].delay_ms)]
     if profile == "cellular":  # per-class override: heartbeat sees half the delay of ps_sync
         hb, ps = pair.udp(300, 0.002, "heartbeat"), pair.udp(300, 0.002, "ps_sync")
-        _check_delay(hb["one_way_ms"], links["heartbeat"].delay_ms)
-        _check_delay(ps["one_way_ms"], links["ps_sync"].delay_ms)
+        timed += [(hb["one_way_ms"], links["heartbeat"].delay_ms), (ps["one_way_ms"], links["ps_sync"].delay_ms)]
     rate = links[None].rate_mbit
     assert rate is not None
     measured = pair.flood_rate(rate)
+    total1, stolen1 = cpu_ticks()
+    steal = (stolen1 - stolen0) / max(1, total1 - total0)
+    if steal > MAX_STEAL:
+        pytest.skip(f"not judged: the host stole {steal:.0%} of the CPU while this was measured (read loss "
+                    f"{loss:.2%} for {links[None].loss_pct}%, {measured:.1f} Mbit/s for {rate})")
+    assert lo <= loss <= hi, f"loss {loss:.4f} outside [{lo:.4f}, {hi:.4f}]"
+    for samples, expected in timed:
+        _check_delay(samples, expected)
     offered = pair.offered_mbit
     assert offered is not None
     # Never above the configured rate; at least 95 % of it, or of what the sender managed to offer when a busy
