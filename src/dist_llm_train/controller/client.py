@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -236,7 +237,7 @@ def _read_reply(call: _Call[T], response: httpx.Response) -> T:
     raise error(message) if error is not None else ControllerError(message, status_code=status)
 
 
-class _BaseControllerClient(Generic[HttpClient]):
+class _BaseControllerClient(Generic[HttpClient], ABC):
     """What both clients share: where each traffic class goes, the token, and the per-class httpx clients."""
 
     def __init__(
@@ -258,8 +259,9 @@ class _BaseControllerClient(Generic[HttpClient]):
     def _url_for(self, traffic_class: ControllerTrafficClass) -> str:
         return self._class_urls.get(traffic_class, self.base_url)
 
+    @abstractmethod
     def _open(self, traffic_class: ControllerTrafficClass) -> HttpClient:
-        raise NotImplementedError
+        """A new httpx client for `traffic_class` (sync or async: the subclass decides)."""
 
     def _http(self, traffic_class: ControllerTrafficClass) -> HttpClient:
         """The httpx client (one connection pool) that carries `traffic_class`."""
