@@ -15,7 +15,7 @@ machine once read good's 100 Mbit/s as 85.
 Delay and rate pass through the userspace NFQUEUE delayer and the probes through a Python responder, so they
 need the CPU: when the virtual machine's host takes it away (CPU steal, seen at 9-40 % on 2026-12-03, when this
 test read 53 Mbit/s for 100, a 44.5 ms median for 40 and 0.56 % loss for 0.1 %, old code and new alike), nothing
-here can be judged, and the test skips saying how much was stolen and what it read.
+here can be judged, and the test skips saying how much was stolen and what it read (`cpu_steal`, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,21 +66,11 @@ def _check_delay(samples: list[float], expected_ms: float) -> None:
     assert abs(med - expected_ms) <= 0.05 * expected_ms + 1.0, f"median {med:.2f} ms vs {expected_ms} ms"
 
 
-MAX_STEAL = 0.05  # of the machine's CPU time: above it the delayer's timing says more about the host than the code
-
-
-def cpu_ticks() -> tuple[int, int]:
-    """(all, stolen) CPU ticks since boot, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields), fields[7] if len(fields) > 7 else 0
-
-
 @pytest.mark.parametrize("profile", ["cellular", "good"])
-def test_fallback_fidelity(pair: NetnsPair, profile: str) -> None:
+def test_fallback_fidelity(pair: NetnsPair, profile: str, cpu_steal: Any) -> None:
     links = egress_links(load_profile(profile), "b")
     _apply(pair, profile)
     pair.responder()
-    total0, stolen0 = cpu_ticks()
     r = pair.udp(PROBES, PROBE_INTERVAL_S)  # the responder's first session: its count is this stream's alone
     lo, hi = binomial_interval(r["sent"], links[None].loss_pct / 100, LOSS_TAIL)
     loss = 1 - r["forward_received"] / r["sent"]
@@ -90,11 +81,7 @@ def test_fallback_fidelity(pair: NetnsPair, profile: str) -> None:
     rate = links[None].rate_mbit
     assert rate is not None
     measured = pair.flood_rate(rate)
-    total1, stolen1 = cpu_ticks()
-    steal = (stolen1 - stolen0) / max(1, total1 - total0)
-    if steal > MAX_STEAL:
-        pytest.skip(f"not judged: the host stole {steal:.0%} of the CPU while this was measured (read loss "
-                    f"{loss:.2%} for {links[None].loss_pct}%, {measured:.1f} Mbit/s for {rate})")
+    cpu_steal.skip_if_stolen(f"loss {loss:.2%} for {links[None].loss_pct}%, {measured:.1f} Mbit/s for {rate}")
     assert lo <= loss <= hi, f"loss {loss:.4f} outside [{lo:.4f}, {hi:.4f}]"
     for samples, expected in timed:
         _check_delay(samples, expected)

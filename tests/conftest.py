@@ -1,0 +1,46 @@
+"""Shared fixtures.
+
+`cpu_steal`: timing-fidelity tests (shaped delay, rate, loss through userspace code) measure what this machine's
+CPU can deliver. On a virtual machine the host may take that CPU away (steal time in /proc/stat): 9-40 % was
+seen on 2026-12-03 while such tests ran, and they then read e.g. 12.7 ms for 10 ms, old code and new alike.
+A test judges its figures only when the host left it the CPU, and otherwise skips saying how much was stolen
+and what it read, so a skip is visible in the summary (`-ra`) rather than a failure at random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+MAX_STEAL = 0.05  # of all CPU time since the test started: above it, timing says more about the host than the code
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(all, stolen) CPU ticks since boot, from /proc/stat (0 stolen where the kernel does not report it)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 1, 0
+    return sum(fields), fields[7] if len(fields) > 7 else 0
+
+
+class StealMeter:
+    """CPU steal since it was made: the share of CPU time the VM's host took away."""
+
+    def __init__(self) -> None:
+        self.total0, self.stolen0 = cpu_ticks()
+
+    def fraction(self) -> float:
+        total, stolen = cpu_ticks()
+        return (stolen - self.stolen0) / max(1, total - self.total0)
+
+    def skip_if_stolen(self, read: str, max_steal: float = MAX_STEAL) -> None:
+        steal = self.fraction()
+        if steal > max_steal:
+            pytest.skip(f"not judged: the host stole {steal:.0%} of the CPU while this was measured ({read})")
+
+
+@pytest.fixture
+def cpu_steal() -> StealMeter:
+    return StealMeter()
