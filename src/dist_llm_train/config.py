@@ -158,13 +158,13 @@ class TrainingConfig(_Strict):
             validate_aggregator(self.aggregation.rule, n, **self.aggregation.params(n))
         except ValueError as err:
             raise ValueError(f"{err} (n = training.num_workers)") from None
-        attack = self.attack
+        attack, built = self.attack, None
         if attack is not None:
             if attack.count == 0:
                 raise ValueError(f"attack {attack.name!r} needs attackers: K (the last K shards' workers) or workers")
             if attack.count >= n:
                 raise ValueError(f"{attack.count} attackers among n={n} workers leaves no honest worker")
-            attack.build(n)
+            built = attack.build(n)  # its parameters are checked here
         try:
             privacy = self.privacy
         except ValueError as err:
@@ -174,12 +174,11 @@ class TrainingConfig(_Strict):
                 f"central DP calibrates noise to the mean of clipped updates; aggregation rule "
                 f"{self.aggregation.rule!r} has another sensitivity (use dp.mode: local with robust rules)"
             )
-        built = attack.build(n) if attack is not None else None
         plan = JobPlan(
             num_workers=n,
             steps=self.steps,
             aggregation=self.aggregation.rule,
-            attack=attack.name if attack is not None else None,
+            attack=built.name if built is not None else None,
             attack_needs_spread=bool(built is not None and built.needs_spread and built.samples > 1),
         )
         self.build_strategy().validate(plan)
@@ -345,7 +344,7 @@ _CONTROLLER_TO_TRAINING = (
     "enable_differential_privacy",
     "dp_noise_multiplier",
 )
-_STRATEGY_SELECTORS = ("mode", "use_async_training", "adaptive_staleness")
+LEGACY_STRATEGY_SELECTORS = ("mode", "use_async_training", "adaptive_staleness")
 _F_KEYS = ("byzantine_f", "krum_f", "bulyan_f")
 
 
@@ -378,7 +377,7 @@ def migrate_legacy_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     # an explicit `strategy` wins over the seed's async keys
     legacy_name = legacy_strategy_name(t.get("mode"), t.get("use_async_training"), t.get("adaptive_staleness"))
     legacy_mode = t.get("mode")
-    for key in _STRATEGY_SELECTORS:
+    for key in LEGACY_STRATEGY_SELECTORS:
         if key in t:
             t.pop(key)
             notes.append(f"training.{key} -> training.strategy.name")

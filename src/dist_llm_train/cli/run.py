@@ -25,6 +25,7 @@ from dist_llm_train.cli.options import (
     resolve_alias,
 )
 from dist_llm_train.config import (
+    LEGACY_STRATEGY_SELECTORS,
     LEGACY_TRAINING_KEYS,
     Config,
     ConfigError,
@@ -61,7 +62,7 @@ def apply_training_overrides(
     if "strategy" in given:
         # A strategy chosen on the command line replaces the file's; the file's settings that the chosen
         # strategy also has carry over.
-        for selector in ("mode", "use_async_training", "adaptive_staleness"):
+        for selector in LEGACY_STRATEGY_SELECTORS:
             current.pop(selector, None)
         previous = current.pop("strategy", None)
         try:
