@@ -25,7 +25,10 @@ _CONTROL = {Kind.DEATH, Kind.REJOIN, Kind.JOIN, Kind.HB_STALL, Kind.HB_RESUME, K
 class ActorEngine(Engine):
     def _set_up(self) -> None:
         self.sync = self.cfg.strategy.rounds  # a barrier per version: pulls wait for the next one
-        self.js = adapters.make_job_state(adapters.job_spec(self.cfg), [], self.queue.clock)
+        if self.numerics is None:
+            self.numerics = adapters.FreeNumerics(self.cfg)
+        self.maths = self.numerics
+        self.js = self.maths.job_state(self.queue.clock)
         self.min_version: dict[int, int] = {}
         self.steps_done: dict[int, int] = {}
         self.waiting: list[int] = []
@@ -52,6 +55,7 @@ class ActorEngine(Engine):
     def activate(self, slot: int, first_request_at: float) -> None:
         """Each life of a worker is an actor, set going by its first pull request."""
         a = self.agents.spawn(slot, first_request_at)
+        self.maths.begin_life(a, slot)
         self.min_version[a] = 0
         self.queue.at(first_request_at, Kind.PULL_REQUEST, a)
 
@@ -78,6 +82,7 @@ class ActorEngine(Engine):
     def _pull_request(self, a: int) -> None:
         now = self.queue.clock.now
         if now >= self.agents.stop[a]:
+            self.maths.end_life(a)
             return
         aggregating = self.js.version > self.published
         if self.sync and (aggregating or self.published < self.min_version[a]):
@@ -96,6 +101,7 @@ class ActorEngine(Engine):
 
     def _serve(self, a: int, start: float) -> None:
         if start >= self.agents.death[a]:
+            self.maths.end_life(a)
             return
         slot = int(self.agents.slot[a])
         v = self.published
@@ -110,12 +116,16 @@ class ActorEngine(Engine):
         else:
             row = self.draws.row(v, slot)
             delivered = self.steps.pull_delivered_1(slot, start, done, service, row)
+        # The update depends only on the parameters served now; computing it here rather than at delivery
+        # gives the same numbers (each worker's state is its own) with one less thing to hold in flight.
+        self.maths.pulled(self.js, a, v)
         self.queue.at(delivered, Kind.PULL_DONE, (a, v, start, row))
 
     def _pull_done(self, data: tuple[int, int, float, Step]) -> None:
         a, v, start, row = data
         now = self.queue.clock.now
         if now >= self.agents.death[a]:
+            self.maths.end_life(a)
             return
         self._count_pulls(1)
         if isinstance(row[0], FixedLegs):
@@ -128,6 +138,7 @@ class ActorEngine(Engine):
         a, v, start, row, compute = data
         now = self.queue.clock.now
         if now >= self.agents.death[a]:
+            self.maths.end_life(a)
             return
         self._count_pushes(1, compute)
         if isinstance(row[0], FixedLegs):
@@ -140,16 +151,17 @@ class ActorEngine(Engine):
         a, v, start, row, compute = data
         now = self.queue.clock.now
         if now >= self.agents.death[a]:
+            self.maths.end_life(a)
             return
         slot = int(self.agents.slot[a])
         step = self.steps_done.get(a, 0) + 1
         self.steps_done[a] = step
         before = self.js.version
-        outcome, staleness = adapters.push(
-            self.js, self.control.worker_id[slot] or "", a * 1_000_000 + step, v
+        outcome, staleness = self.maths.push(
+            self.js, self.control.worker_id[slot] or "", a * 1_000_000 + step, a, v
         )
         self.stats.add_outcome(outcome, staleness)
-        self._observe_update(slot, now, now - start, compute, v)
+        self._observe_update(slot, now, now - start, compute, v, self.maths.loss(a))
         if self.js.version != before:
             self._closed()
         elif self.sync and outcome == "BUFFERED":

@@ -246,6 +246,31 @@ def push(js: JobState, worker_id: str, step: int, base_version: int) -> tuple[st
     return result.outcome.value, result.staleness
 
 
+class FreeNumerics:
+    """`engine.Numerics` on a one-parameter job: the PS's rules decide every update's fate, the maths is free."""
+
+    def __init__(self, cfg: SimConfig) -> None:
+        self.spec = job_spec(cfg)
+
+    def job_state(self, clock: Callable[[], float]) -> JobState:
+        return make_job_state(self.spec, [], clock)
+
+    def begin_life(self, agent: int, slot: int) -> None:
+        pass
+
+    def pulled(self, js: JobState, agent: int, version: int) -> None:
+        pass
+
+    def push(self, js: JobState, worker_id: str, step: int, agent: int, base_version: int) -> tuple[str, int]:
+        return push(js, worker_id, step, base_version)
+
+    def loss(self, agent: int) -> float:
+        return float("nan")
+
+    def end_life(self, agent: int) -> None:
+        pass
+
+
 def set_members(js: JobState, members: list[str]) -> None:
     js.set_members(list(members))
     js.members = FastMembers(js.members)

@@ -11,7 +11,8 @@ applies the PS's rules.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
@@ -24,9 +25,44 @@ from dist_llm_train.sim.events import EventQueue
 from dist_llm_train.sim.metrics import DataStats, TelemetryLog, Throughput
 from dist_llm_train.sim.steps import StepModel
 
+if TYPE_CHECKING:
+    from dist_llm_train.paramserver.job import JobState
+
 Outcome = Literal["running", "completed", "stalled", "time_limit"]
 """How a run ended ("running" until it has): the job has its versions, nothing is left that could publish one,
 or virtual time ran out."""
+
+
+class Numerics(Protocol):
+    """What an update is made of. The per-event engine asks it for the PS's job and for every update.
+
+    `adapters.FreeNumerics` is a one-parameter job whose maths is free (only the PS's rules and the timing
+    matter: 10⁴ workers are affordable); `training.RealNumerics` trains the real model, so every update is
+    the real worker pipeline's output on the parameters it pulled and the PS applies it for real."""
+
+    def job_state(self, clock: Callable[[], float]) -> JobState:
+        """A fresh job (no members yet) on the simulated PS."""
+        ...
+
+    def begin_life(self, agent: int, slot: int) -> None:
+        """Worker `slot` starts a new life as `agent` (a fresh process: fresh local state)."""
+        ...
+
+    def pulled(self, js: JobState, agent: int, version: int) -> None:
+        """`agent` pulled `version` (the job's current one) and computes its update from it."""
+        ...
+
+    def push(self, js: JobState, worker_id: str, step: int, agent: int, base_version: int) -> tuple[str, int]:
+        """`agent`'s update arrives at the PS: (outcome name or error code, staleness)."""
+        ...
+
+    def loss(self, agent: int) -> float:
+        """The training loss of `agent`'s latest update (NaN when nothing is trained)."""
+        ...
+
+    def end_life(self, agent: int) -> None:
+        """`agent` died or lost its task with an update unsent: forget what it holds."""
+        ...
 
 
 class Engine(DataPlane, ABC):
@@ -47,8 +83,10 @@ class Engine(DataPlane, ABC):
         stats: DataStats,
         throughput: Throughput,
         log: TelemetryLog | None = None,
+        numerics: Numerics | None = None,
     ) -> None:
         self.cfg, self.queue, self.control, self.steps = cfg, queue, control, steps
+        self.numerics = numerics
         self.draws, self.stats, self.throughput, self.log = draws, stats, throughput, log
         self.agents = Agents(cfg.capacity)
         self.published = 0  # the newest version workers can pull
@@ -116,13 +154,15 @@ class Engine(DataPlane, ABC):
         self.stats.bytes_sent += n * self.steps.sizes.push_bytes
         self.stats.compute_s += compute_s
 
-    def _observe_update(self, slot: int, at: float, step_time: float, compute: float, version: int) -> None:
+    def _observe_update(
+        self, slot: int, at: float, step_time: float, compute: float, version: int, loss: float = float("nan")
+    ) -> None:
         """An update reached the PS at `at`: its worker's throughput, step time and telemetry row.
 
         The per-event engine observes millions of single updates, hence a scalar twin of `_observe_updates`."""
         self.throughput.observe_1(slot, step_time)
         if self.log is not None:
-            self.log.add_1(slot, at, step_time, compute, version)
+            self.log.add_1(slot, at, step_time, compute, version, loss)
         self.stats.step_time_sum_s += step_time
         self.stats.steps += 1
 

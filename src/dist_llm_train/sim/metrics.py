@@ -121,7 +121,7 @@ class TelemetryLog:
         self.max_rows = max_rows
         self.truncated = False
         self._parts: list[tuple[np.ndarray, ...]] = []
-        self._scalars: list[tuple[int, float, float, float, float]] = []
+        self._scalars: list[tuple[int, float, float, float, float, float]] = []
         self._n = 0
 
     def _room(self, n: int) -> bool:
@@ -140,11 +140,15 @@ class TelemetryLog:
         version: np.ndarray,
     ) -> None:
         if slots.size and self._room(int(slots.size)):
-            self._parts.append((slots.astype(np.int64), at, step_time, compute, version.astype(np.int64)))
+            no_loss = np.full(slots.size, np.nan)
+            self._parts.append((slots.astype(np.int64), at, step_time, compute, version.astype(np.int64), no_loss))
 
-    def add_1(self, slot: int, at: float, step_time: float, compute: float, version: int) -> None:
+    def add_1(
+        self, slot: int, at: float, step_time: float, compute: float, version: int, loss: float = float("nan")
+    ) -> None:
+        """One update; `loss` is its training loss when the simulation trains (NaN: nothing trained)."""
         if self._room(1):
-            self._scalars.append((slot, at, step_time, compute, float(version)))
+            self._scalars.append((slot, at, step_time, compute, float(version), loss))
 
     def rows(self, sizes: Sizes, name: Callable[[int], str]) -> list[dict[str, object]]:
         """Rows in time order with each worker's cumulative step count and byte counters."""
@@ -152,11 +156,11 @@ class TelemetryLog:
         if self._scalars:
             arr = np.array(self._scalars)
             cols.append(
-                (arr[:, 0].astype(np.int64), arr[:, 1], arr[:, 2], arr[:, 3], arr[:, 4].astype(np.int64))
+                (arr[:, 0].astype(np.int64), arr[:, 1], arr[:, 2], arr[:, 3], arr[:, 4].astype(np.int64), arr[:, 5])
             )
         if not cols:
             return []
-        slots, at, step_time, compute, version = (np.concatenate(c) for c in zip(*cols, strict=True))
+        slots, at, step_time, compute, version, loss = (np.concatenate(c) for c in zip(*cols, strict=True))
         order = np.argsort(at, kind="stable")
         steps: Counter[int] = Counter()
         out: list[dict[str, object]] = []
@@ -170,7 +174,7 @@ class TelemetryLog:
                     "worker": name(s),
                     "step": k,
                     "ps_version": int(version[i]),
-                    "loss": "",
+                    "loss": "" if np.isnan(loss[i]) else float(loss[i]),
                     "step_time_s": float(step_time[i]),
                     "compute_time_s": float(compute[i]),
                     "samples_per_s": "",
