@@ -279,7 +279,7 @@ class SimConfig(_Strict):
         data: dict[str, Any] = {
             "simulation": cfg.simulation.model_dump(),
             "workers": t.num_workers,
-            "rounds": t.steps,
+            "rounds": t.versions,  # PS versions: DiLoCo publishes one per H local steps
             "mode": strategy.name,
             "profile": cfg.network.profile or "good",
             "scheduler": c.scheduler,
