@@ -125,11 +125,16 @@ def test_experiment_cell_leaves_a_run_folder_like_an_embedded_run(tmp_path):
         "push_outcomes"
     ].get("BUFFERED", 0)
     times = [float(r["wall_time"]) for r in rows]
-    assert times == sorted(times) and all(r["loss"] == "" for r in rows)
+    # A 3-worker cell trains (real numerics): every row carries its update's training loss.
+    assert times == sorted(times) and all(float(r["loss"]) > 0 for r in rows)
+    assert summary["simulation"]["numerics"] == "real" and summary["final_loss"] < summary["initial_loss"]
     last = {r["worker"]: r for r in rows}
     assert sum(int(r["bytes_sent"]) for r in last.values()) == summary["bytes_sent"]
-    unshaped = run_cell(cfg, workers=3, profile=None, runs_dir=tmp_path)
-    assert json.loads((unshaped / "summary.json").read_text())["simulation"]["profile"] is None
+    unshaped = run_cell(cfg, workers=3, profile=None, runs_dir=tmp_path, train=False)
+    free = json.loads((unshaped / "summary.json").read_text())
+    assert free["simulation"]["profile"] is None and free["simulation"]["numerics"] == "free"
+    with (unshaped / "metrics.csv").open() as f:
+        assert all(r["loss"] == "" for r in csv.DictReader(f))
 
 
 def test_the_simulator_never_imports_torch():

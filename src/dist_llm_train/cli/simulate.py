@@ -6,17 +6,22 @@ status 2 and a message naming the field; nothing is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dist_llm_train.cli.common import console
 from dist_llm_train.cli.options import CodecOpt, ConfigOpt, JsonOpt, ModeAliasOpt, StrategyOpt, resolve_alias
 from dist_llm_train.config import ConfigError
+from dist_llm_train.experiments.grid import Target
 from dist_llm_train.sim.config import SimConfigError
+from dist_llm_train.sim.report import DEFAULT_TARGET
 from dist_llm_train.sim.request import SimRequest, run_request
 from dist_llm_train.sim.validation import RunFolderError
 
@@ -69,8 +74,21 @@ def simulate(
     scheduler: Annotated[str | None, typer.Option(help="priority, gale-shapley or capability.")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where the report folder goes.")] = Path("runs"),
     report: Annotated[bool, typer.Option(help="Write the report folder.")] = True,
+    train: Annotated[
+        bool,
+        typer.Option(
+            "--train",
+            help="Real numerics: train the real model with the real strategy, codec, rule and PS on the virtual "
+            "clock (loss vs step / wall / bytes, time to target, loss.png). Up to a few dozen workers.",
+        ),
+    ] = False,
+    target_loss: Annotated[
+        float | None, typer.Option(min=0.0, help="--train: target loss (default: entropy floor + 0.10 nats).")
+    ] = None,
 ) -> None:
-    """Simulate a run with thousands of virtual workers: virtual clock, real scheduler and PS rules."""
+    """Simulate a run with thousands of virtual workers: virtual clock, real scheduler and PS rules.
+
+    With --train the model really trains while time comes from the virtual clock."""
     steps = resolve_alias(steps, rounds, name="--steps", alias="--rounds")
     strategy = resolve_alias(strategy, mode, name="--strategy", alias="--mode")
     overrides = {
@@ -94,9 +112,15 @@ def simulate(
         "straggler_timeout_s": straggler_timeout,
         "scheduler": scheduler,
     }
-    request = SimRequest(config=config, sim_config=sim_config, from_run=from_run, overrides=overrides)
+    if target_loss is not None and not train:
+        console.print("[red]invalid simulation config[/red]: --target-loss needs --train (nothing else trains)")
+        raise typer.Exit(2)
+    target = Target(loss=target_loss) if target_loss is not None else DEFAULT_TARGET
+    request = SimRequest(config=config, sim_config=sim_config, from_run=from_run, overrides=overrides,
+                         train=train, target=target)
     try:
-        data = run_request(request, runs_dir if report else None)
+        with _progress(enabled=train and not json_out) as on_version:
+            data = run_request(request, runs_dir if report else None, progress=on_version)
     except (SimConfigError, ConfigError, RunFolderError) as err:
         console.print(f"[red]invalid simulation config[/red]: {err}")
         raise typer.Exit(2) from None
@@ -106,6 +130,23 @@ def simulate(
         console.print(summary_table(data))
         if data.get("run_dir"):
             console.print(f"report: {data['run_dir']}/summary.md")
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[int, float], None] | None]:
+    """A progress bar over the simulated PS's versions while a trained simulation runs."""
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("simulating (real numerics)"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("versions", total=None, loss="-")
+
+        def on_version(version: int, loss: float) -> None:
+            bar.update(task, completed=version, loss=f"{loss:.3f}")
+
+        yield on_version
 
 
 def _figure(x: Any, unit: str = "") -> str:
@@ -139,6 +180,12 @@ def summary_table(d: dict[str, Any]) -> Table:
         ("bytes sent / received", f"{d['bytes_sent']:,} / {d['bytes_received']:,}"),
         ("wall clock", _figure(s["wall_seconds"], " s")),
     ]
+    if s.get("numerics") == "real":
+        tg = d.get("target") or {}
+        rows.insert(1, ("eval loss initial / final / floor",
+                        f"{_figure(d['initial_loss'])} / {_figure(d['final_loss'])} / {_figure(d['loss_floor'])}"))
+        rows.insert(2, ("time / bytes to target " + (f"({_figure(tg.get('loss'))})" if tg else ""),
+                        f"{_figure(tg.get('time_s'), ' s')} / {_figure(tg.get('bytes'))}"))
     m = d.get("measured_run")
     if m:
         error_pct = None if m["relative_error"] is None else 100 * m["relative_error"]

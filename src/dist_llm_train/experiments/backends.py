@@ -150,8 +150,10 @@ class SimBackend:
         run_dir = Path(self._run_cell(cfg, workers=cell.workers, profile=cell.profile, runs_dir=runs_dir))
         summary = _read_summary(run_dir)
         sim = summary.get("simulation") if isinstance(summary.get("simulation"), dict) else {}
-        shared = bool((sim or {}).get("shared_ps_egress", True))  # the simulator's TransportModel default
-        return RunOutcome(run_dir, summary, cell.profile, "simulated (virtual clock)", shared)
+        shared = (sim or {}).get("ps_egress", "shared") == "shared"  # as the simulated links had it
+        numerics = (sim or {}).get("numerics", "free")
+        note = "simulated (virtual clock, real numerics)" if numerics == "real" else "simulated (virtual clock, timing only)"
+        return RunOutcome(run_dir, summary, cell.profile, note, shared)
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:

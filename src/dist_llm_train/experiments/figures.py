@@ -74,7 +74,7 @@ def compute_figures(
     fig.bytes_sent, fig.bytes_received = total_bytes(rows)
     fig.compute_utilisation = compute_utilisation(rows, workers)
     if all(r.loss is None for r in rows):
-        notes.append("no training loss in the telemetry (simulated runs train nothing)")
+        notes.append("no training loss in the telemetry (simulated for timing only: free numerics)")
     elif fig.target_loss is None:
         notes.append("target needs the entropy floor, unknown for this corpus")
     else:

@@ -1,9 +1,11 @@
 """The report folder a simulation leaves, shaped like a real run's: config, summary.json, summary.md, a CSV.
 
 The CSV is per round (`rounds.csv`: version, publish time, round time, updates, members). A real run's
-per-update `metrics.csv` (same columns, loss empty: nothing is trained) is written only when the simulation
-kept telemetry (`simulate(cfg, telemetry=True)`, as experiment cells do): at 10⁴ workers × 10³ rounds it
-would be 10⁷ lines.
+per-update `metrics.csv` (same columns; loss empty unless the run trained) is written only when the simulation
+kept telemetry (`simulate(cfg, telemetry=True)`, as experiment cells and trained runs do): at 10⁴ workers × 10³
+rounds it would be 10⁷ lines. A trained run (real numerics) adds `loss.png` (loss against PS version, virtual
+wall clock and bytes) and a `target` block: when and after how many bytes the windowed training loss first
+reached the target, computed by the same code as `run-experiments`' figures.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any
 import yaml
 
 from dist_llm_train.embedded.report import CSV_COLUMNS
+from dist_llm_train.experiments.figures import compute_figures, default_window
+from dist_llm_train.experiments.grid import Target
+from dist_llm_train.experiments.metrics import MetricsError, Series, loss_series, read_metrics
 from dist_llm_train.sim.network import worker_name
 from dist_llm_train.sim.runner import SimResult, summary
 
@@ -27,10 +32,19 @@ def new_run_id() -> str:
     return "sim-" + time.strftime("%Y%m%d-%H%M%S")
 
 
+DEFAULT_TARGET = Target(floor_plus=0.10)
+
+
 def write_report(
-    result: SimResult, runs_dir: Path, run_id: str | None = None, extra: dict[str, Any] | None = None
+    result: SimResult,
+    runs_dir: Path,
+    run_id: str | None = None,
+    extra: dict[str, Any] | None = None,
+    target: Target = DEFAULT_TARGET,
 ) -> tuple[Path, dict[str, Any]]:
-    """Write `runs_dir/<run_id>/` and return it with the summary written into it (`extra` keys added)."""
+    """Write `runs_dir/<run_id>/` and return it with the summary written into it (`extra` keys added).
+
+    `target` is the loss a trained run is measured against (ignored when nothing was trained)."""
     rid = run_id or new_run_id()
     run_dir = runs_dir / rid
     n = 1
@@ -42,8 +56,7 @@ def write_report(
     (run_dir / "config.yaml").write_text(
         yaml.safe_dump(result.config.model_dump(mode="json"), sort_keys=False)
     )
-    (run_dir / "summary.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    (run_dir / "summary.md").write_text(markdown(data))
+
     with (run_dir / "rounds.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(ROUND_COLUMNS)
@@ -59,7 +72,67 @@ def write_report(
             dw = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             dw.writeheader()
             dw.writerows(rows)
+    if result.trained is not None:
+        data["target"] = target_figures(run_dir, data, target)
+        plot_training(run_dir / "loss.png", data, target)
+    (run_dir / "summary.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    (run_dir / "summary.md").write_text(markdown(data))
     return run_dir, data
+
+
+def target_figures(run_dir: Path, data: dict[str, Any], target: Target) -> dict[str, Any]:
+    """Time, bytes and versions to the target loss, from the run's `metrics.csv` (as `run-experiments` does)."""
+    fig = compute_figures(run_dir, target, int(data["workers"]), str(data["mode"]), data.get("profile"),
+                          data.get("loss_floor"))
+    return {
+        "rule": target.describe(),
+        "loss": fig.target_loss,
+        "time_s": fig.time_to_target_s,
+        "bytes": fig.bytes_to_target,
+        "versions": fig.steps_to_target,
+        "compute_utilisation": fig.compute_utilisation,
+        "note": fig.note,
+    }
+
+
+def _series(run_dir: Path, workers: int, target: Target) -> Series | None:
+    try:
+        rows = read_metrics(run_dir / "metrics.csv")
+    except MetricsError:
+        return None
+    series = loss_series(rows, target.window or default_window(workers))
+    return series if series.loss else None
+
+
+def plot_training(path: Path, data: dict[str, Any], target: Target) -> None:
+    """Windowed training loss against PS version, virtual wall clock and bytes, with floor and target lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = _series(path.parent, int(data["workers"]), target)
+    if series is None:
+        return
+    panels = (("step", "PS version"), ("wall_s", "virtual wall clock (s)"), ("bytes", "bytes sent + received"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    goal = data.get("target", {}).get("loss")
+    for ax, (attr, label) in zip(axes, panels, strict=True):
+        ax.plot(getattr(series, attr), series.loss, label="training loss (windowed)")
+        if data.get("loss_floor") is not None:
+            ax.axhline(data["loss_floor"], color="grey", linestyle="--", label="entropy floor")
+        if goal is not None:
+            ax.axhline(goal, color="red", linestyle=":", label="target")
+        ax.set_xlabel(label)
+        if attr == "bytes":
+            ax.set_xscale("log")
+    axes[0].set_ylabel("cross-entropy (nats)")
+    axes[0].legend()
+    s = data["simulation"]
+    fig.suptitle(f"simulated: {data['workers']} workers, {data['mode']}, {s['profile']} (real numerics)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _fmt(x: object, unit: str = "") -> str:
@@ -79,7 +152,7 @@ def markdown(d: dict[str, Any]) -> str:
     lines = [
         f"# Simulation {d['run_id']}",
         "",
-        "Virtual time, no sockets, no torch: see docs/simulation.md for the models behind every figure.",
+        "Virtual time, no sockets: see docs/simulation.md for the models behind every figure.",
         "",
         "| figure | value |",
         "|---|---|",
@@ -111,6 +184,20 @@ def markdown(d: dict[str, Any]) -> str:
         "Per-round figures: `rounds.csv`.",
         "",
     ]
+    if s.get("numerics") == "real":
+        tg = d.get("target", {})
+        floor = d.get("loss_floor")
+        lines[4:4] = [
+            "Real numerics: the model trained on the virtual clock (`simulate --train`).",
+            "",
+        ]
+        lines[-3:-3] = [
+            f"| eval loss initial / final | {_fmt(d['initial_loss'])} / {_fmt(d['final_loss'])} |",
+            f"| loss floor (entropy rate) | {_fmt(floor)} |",
+            f"| target ({tg.get('rule', '-')}) | {_fmt(tg.get('loss'))} |",
+            f"| time / bytes / versions to target | {_fmt(tg.get('time_s'), ' s')} / {_fmt(tg.get('bytes'))} / "
+            f"{_fmt(tg.get('versions'))} |",
+        ]
     m = d.get("measured_run")
     if m:
         err = m["relative_error"]
@@ -120,4 +207,6 @@ def markdown(d: dict[str, Any]) -> str:
             f"| simulated round time after warm-up / error | {_fmt(m['simulated_round_s'], ' s')} / "
             f"{_fmt(None if err is None else 100 * err, ' %')} |",
         ]
+    if s.get("numerics") == "real":
+        lines += ["![loss](loss.png)", ""]
     return "\n".join(lines)

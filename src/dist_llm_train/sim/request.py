@@ -3,21 +3,26 @@
 Settings stack, later wins: SimConfig defaults ← the run config (`config`, the same file `dist-llm-train run`
 takes) ← a `sim_config` YAML of SimConfig fields ← `overrides`. `from_run` takes the place of `config`: a
 finished embedded run's config, profile, shaping and measured compute times (`sim.validation`), and the summary
-then carries the run's measured round time next to the simulated one. Bad values raise `SimConfigError`,
-`ConfigError` or `RunFolderError` naming the field before anything is written.
+then carries the run's measured round time next to the simulated one. `train` trains the real model on the
+virtual clock (`sim.training`): the job of the run config (or of the run folder, for as many versions as it
+ran) with the simulation's workers, strategy and links. Bad values raise `SimConfigError`, `ConfigError` or
+`RunFolderError` naming the field before anything is written.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dist_llm_train.config import Config, load_config
+from dist_llm_train.experiments.grid import Target
 from dist_llm_train.sim.config import SimConfig, SimConfigError, load_sim_overrides, merge_dotted
-from dist_llm_train.sim.report import write_report
+from dist_llm_train.sim.report import DEFAULT_TARGET, write_report
 from dist_llm_train.sim.runner import SimResult, simulate, summary
+from dist_llm_train.sim.training import Progress, simulate_trained
 from dist_llm_train.sim.validation import (
     DEFAULT_ROUNDS,
     WARMUP_ROUNDS,
@@ -34,6 +39,10 @@ class SimRequest:
     from_run: Path | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
     """SimConfig fields, dotted paths allowed ("compute.mean_s"); a None value means "not given"."""
+    train: bool = False
+    """Real numerics: train the model on the virtual clock (a few dozen workers), not only the timing."""
+    target: Target = DEFAULT_TARGET
+    """The loss a trained run is measured against."""
 
 
 def build_config(config: Path | None, sim_config: Path | None, overrides: Mapping[str, Any]) -> SimConfig:
@@ -43,11 +52,23 @@ def build_config(config: Path | None, sim_config: Path | None, overrides: Mappin
     return SimConfig.from_config(base, **merge_dotted(from_file, dict(overrides)))
 
 
-def build_from_run(run: MeasuredRun, sim_config: Path | None, overrides: Mapping[str, Any]) -> SimConfig:
-    """The simulation of a measured run (see `sim.validation`), with a SimConfig file and overrides over it."""
+def build_from_run(
+    run: MeasuredRun, sim_config: Path | None, overrides: Mapping[str, Any], train: bool = False
+) -> SimConfig:
+    """The simulation of a measured run (see `sim.validation`), with a SimConfig file and overrides over it.
+
+    Timing alone runs DEFAULT_ROUNDS rounds (a long mean); a trained simulation runs the job's own versions."""
     from_file: dict[str, Any] = load_sim_overrides(sim_config) if sim_config is not None else {}
     merged = merge_dotted(from_file, dict(overrides))
-    return sim_config_for_run(run, rounds=merged.pop("rounds", DEFAULT_ROUNDS), **merged)
+    rounds = merged.pop("rounds", run.config.training.versions if train else DEFAULT_ROUNDS)
+    return sim_config_for_run(run, rounds=rounds, **merged)
+
+
+def base_config(request: SimRequest) -> Config:
+    """The run config a request names (its file, the run folder's, or the defaults)."""
+    if request.from_run is not None:
+        return read_run(request.from_run).config
+    return load_config(request.config) if request.config is not None else Config()
 
 
 def resolve(request: SimRequest) -> tuple[SimConfig, MeasuredRun | None]:
@@ -59,7 +80,7 @@ def resolve(request: SimRequest) -> tuple[SimConfig, MeasuredRun | None]:
     if request.from_run is None:
         return build_config(request.config, request.sim_config, request.overrides), None
     measured = read_run(request.from_run)
-    return build_from_run(measured, request.sim_config, request.overrides), measured
+    return build_from_run(measured, request.sim_config, request.overrides, request.train), measured
 
 
 def measured_vs_simulated(run: MeasuredRun, result: SimResult) -> dict[str, Any]:
@@ -77,15 +98,23 @@ def measured_vs_simulated(run: MeasuredRun, result: SimResult) -> dict[str, Any]
     }
 
 
-def run_request(request: SimRequest, runs_dir: Path | None) -> dict[str, Any]:
+def run_request(
+    request: SimRequest, runs_dir: Path | None, progress: Progress | None = None
+) -> dict[str, Any]:
     """Resolve, simulate and summarise `request`; the report folder goes under `runs_dir` (None: no folder).
 
-    The summary has a real run's summary keys, plus `measured_run` when the request reproduces one.
+    The summary has a real run's summary keys, plus `measured_run` when the request reproduces one. A
+    trained request calls `progress(version, loss)` at every version the simulated PS publishes.
     """
     cfg, measured = resolve(request)
-    result = simulate(cfg)
+    result = simulate_trained(base_config(request), cfg, progress=progress) if request.train else simulate(cfg)
     extra = {"measured_run": measured_vs_simulated(measured, result)} if measured is not None else {}
+    if runs_dir is None and result.trained is not None:
+        # The target figures are read from a metrics.csv: write the folder somewhere that then goes away.
+        with tempfile.TemporaryDirectory() as tmp:
+            _, data = write_report(result, Path(tmp), extra=extra, target=request.target)
+        return {**data, "run_id": "", "run_dir": ""}
     if runs_dir is None:
         return {**summary(result), **extra}
-    _, data = write_report(result, runs_dir, extra=extra)
+    _, data = write_report(result, runs_dir, extra=extra, target=request.target)
     return data
