@@ -4,8 +4,9 @@ Every cell is first run for real (`run-experiments`' embedded backend: controlle
 every link shaped by the userspace relays), then simulated from its run folder with real numerics
 (`sim.validation.validate_trained`: the same config, profile file, shaper semantics and measured compute
 times). Three figures are compared, simulated against measured: mean round time (one PS version; within
-10 %), time to the target loss (within 15 %) and final eval loss (within 2 %). Every cell is reported,
-misses included, with the machine it ran on.
+10 %), time to the target loss counted from the end of start-up (within 15 %; start-up — every worker's first,
+warm-up update — is not modelled) and final eval loss (within 2 %). Every cell is reported, misses included,
+with the machine it ran on.
 
     python benchmarks/sim_validation.py                  # the full table (~30 min on 2 cores)
     python benchmarks/sim_validation.py --quick          # cellular × sync and good × diloco
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import tempfile
 import time
@@ -35,22 +37,22 @@ DOC = ROOT / "docs" / "simulation.md"
 BEGIN, END = "<!-- sim-validation:begin -->", "<!-- sim-validation:end -->"
 PROFILES = ["good", "cellular", "satellite", "straggler"]
 WORKERS = 3
-TARGET = Target(floor_plus=0.25)
-"""Loose enough that async (one small step per version) reaches it within its versions on every profile."""
-
-STRATEGIES: dict[str, tuple[int, dict[str, Any]]] = {
-    # name: (per-worker step budget, training settings)
-    "sync": (60, {"training.strategy.name": "sync"}),
-    "async": (180, {"training.strategy.name": "async", "training.strategy.max_staleness": 5}),
-    "diloco": (150, {"training.strategy.name": "diloco", "training.strategy.local_steps": 10}),
+STRATEGIES: dict[str, tuple[int, dict[str, Any], Target]] = {
+    # name: (per-worker step budget, training settings, target). Sync and DiLoCo get within 0.10 nats of the
+    # floor well inside their versions; async moves one worker's step per version, so its target is looser.
+    "sync": (60, {"training.strategy.name": "sync"}, Target(floor_plus=0.10)),
+    "async": (180, {"training.strategy.name": "async", "training.strategy.max_staleness": 5},
+              Target(floor_plus=0.25)),
+    "diloco": (150, {"training.strategy.name": "diloco", "training.strategy.local_steps": 10},
+               Target(floor_plus=0.10)),
 }
 QUICK = [("cellular", "sync"), ("good", "diloco")]
 
 
 def run_cell(profile: str, strategy: str, out: Path) -> dict[str, Any]:
-    steps, settings = STRATEGIES[strategy]
+    steps, settings, target = STRATEGIES[strategy]
     grid = parse_grid({
-        "name": f"val-{profile}-{strategy}", "steps": steps, "target": TARGET.model_dump(exclude_none=True),
+        "name": f"val-{profile}-{strategy}", "steps": steps, "target": target.model_dump(exclude_none=True),
         "axes": {"profile": [profile], "strategy": [{"name": strategy, "set": settings}],
                  "workers": [WORKERS]},
         "timeout_s": 1800,
@@ -62,7 +64,7 @@ def run_cell(profile: str, strategy: str, out: Path) -> dict[str, Any]:
     if row.get("status") != "ok" or not row.get("run_dir"):
         return {**base, "error": f"embedded run failed: {row.get('error')}"}
     try:
-        v = validate_trained(Path(str(row["run_dir"])), cell_out / "sim", target=TARGET)
+        v = validate_trained(Path(str(row["run_dir"])), cell_out / "sim", target=target)
     except RunFolderError as err:
         return {**base, "error": str(err)}
     return {**base, **v.as_dict()}
@@ -77,8 +79,8 @@ def _num(x: float | None, fmt: str = "{:.3f}") -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| profile | strategy | versions | round measured / simulated (s) | error | time to target "
-            "measured / simulated (s) | error | final eval loss measured / simulated | error | within |\n"
+    head = ("| profile | strategy | versions | round measured / simulated (s) | error | time to target after "
+            "start-up, measured / simulated (s) | error | final eval loss measured / simulated | error | within |\n"
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     lines = [head]
     for r in rows:
@@ -99,10 +101,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 def report(rows: list[dict[str, Any]], info: dict[str, Any], wall_s: float) -> str:
     ok = sum(1 for r in rows if "error" not in r and not r["misses"])
     tol = ", ".join(f"{k} {100 * v:.0f} %" for k, v in TOLERANCES.items())
+    targets = ", ".join(f"{name} floor + {t.floor_plus}" for name, (_, _, t) in STRATEGIES.items())
     return "\n".join([
-        f"{WORKERS} workers per cell, target = entropy floor + {TARGET.floor_plus} nats; tolerances: {tol}. "
+        f"{WORKERS} workers per cell; target (nats above the entropy floor): {targets}; tolerances: {tol}. "
         f"{ok} of {len(rows)} cells within every tolerance. Generated by `python benchmarks/sim_validation.py` "
-        f"in {wall_s / 60:.0f} min on {describe_machine(info)}. n/r: target not reached.",
+        f"in {wall_s / 60:.0f} min on {describe_machine(info)}, load average {os.getloadavg()[0]:.1f} at the "
+        "end. n/r: target not reached within the run's versions (on both sides: not a miss).",
         "",
         table(rows),
     ])

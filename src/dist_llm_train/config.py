@@ -1,7 +1,7 @@
 """Typed configuration for every part of the system, nested by owner.
 
 One pydantic model per config section (`controller`, `paramserver`, `workers`, `model`,
-`training`, `tasks`, `simulation`, `network`); inside `training`, each part of the algorithm
+`training`, `tasks`, `simulation`, `network`, `availability`); inside `training`, each part of the algorithm
 is a sub-config owned by its concept (`training.strategy`, `.codec`, `.aggregation`,
 `.attack`, `.dp`). Unknown keys and wrong types are errors that name the dotted field path.
 
@@ -24,6 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dist_llm_train.core.aggregation import AggregationConfig, validate_aggregator
 from dist_llm_train.core.attacks import AttackConfig
+from dist_llm_train.core.availability import (
+    AvailabilityTrace,
+    GeneratorSpec,
+    Session,
+    TraceError,
+    build_trace,
+    generate,
+    parse_csv,
+    parse_mapping,
+)
 from dist_llm_train.core.codecs import CodecConfig
 from dist_llm_train.core.job import JobSpec
 from dist_llm_train.core.privacy import DPSettings, PrivacyConfig, dp_report
@@ -287,6 +297,93 @@ class NetworkConfig(_Strict):
     netem_profile: dict[str, Any] | None = None
 
 
+class AvailabilityConfig(_Strict):
+    """Churn of transient workers: when each worker is there (docs/simulation.md, "Churn of transient workers").
+
+    Exactly one of `trace` (a file: CSV rows `worker,join_s,leave_s`, or YAML `sessions:`), `sessions` (the
+    same rows inline) or `generator` (`{kind: exponential | diurnal | preemption, ..., seed}`). Times are
+    seconds after the job starts; the simulator and `dist-llm-train run` both apply it."""
+
+    trace: str | None = None
+    sessions: list[Session] | None = None
+    generator: GeneratorSpec | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AvailabilityConfig:
+        given = [k for k in ("trace", "sessions", "generator") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of trace, sessions or generator (got {given or 'none'})")
+        return self
+
+    def resolve(self, workers: int) -> AvailabilityTrace:
+        """The trace for a run of `workers` workers; a bad row raises ConfigError naming it."""
+        try:
+            if self.trace is not None:
+                return read_trace(self.trace, workers)
+            if self.sessions is not None:
+                labels = [f"availability.sessions.{i}" for i in range(len(self.sessions))]
+                return build_trace([s.model_dump() for s in self.sessions], workers, labels, "inline sessions")
+            assert self.generator is not None
+            return generate(self.generator, workers)
+        except TraceError as err:
+            raise ConfigError(f"availability: {err}") from None
+
+
+def read_trace(path: str | Path, workers: int) -> AvailabilityTrace:
+    """A trace file: `.csv` rows, or YAML/JSON sessions (a file holding an availability section with a
+    generator is generated)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TraceError(f"trace file not found: {p}")
+    text = p.read_text()
+    if p.suffix.lower() == ".csv":
+        return parse_csv(text, workers, source=str(p))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise TraceError(f"{p}: cannot parse: {err}") from None
+    section = _availability_section(data)
+    if section is not None:
+        if section.trace is not None:
+            raise TraceError(f"{p}: names another trace file ({section.trace}); point at that file")
+        try:
+            return section.resolve(workers)
+        except ConfigError as err:
+            raise TraceError(f"{p}: {err}") from None
+    try:
+        return parse_mapping(data, workers, source=str(p))
+    except TraceError as err:
+        raise TraceError(f"{p}: {err}") from None
+
+
+def _availability_section(data: Any) -> AvailabilityConfig | None:
+    """The availability section a YAML file holds (as a run config's `availability:` or on its own), if any."""
+    if isinstance(data, dict) and isinstance(data.get("availability"), dict):
+        data = data["availability"]
+    if isinstance(data, dict) and "generator" in data:
+        try:
+            return AvailabilityConfig.model_validate(data)
+        except ValidationError as err:
+            raise TraceError(format_validation_error(err)) from None
+    return None
+
+
+def load_availability_file(path: str | Path) -> AvailabilityConfig:
+    """What `--availability FILE` means: a generator section in the file is used as such (so the run's config
+    records the generator), anything else is a trace file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"availability file not found: {p}")
+    if p.suffix.lower() != ".csv":
+        try:
+            section = _availability_section(yaml.safe_load(p.read_text()))
+        except (yaml.YAMLError, TraceError) as err:
+            raise ConfigError(f"{p}: {err}") from None
+        if section is not None:
+            return section
+    return AvailabilityConfig(trace=str(p))
+
+
 class Config(_Strict):
     controller: ControllerConfig = ControllerConfig()
     paramserver: ParamServerConfig = ParamServerConfig()
@@ -296,6 +393,7 @@ class Config(_Strict):
     tasks: list[TaskSpec] = []
     simulation: SimulationConfig = SimulationConfig()
     network: NetworkConfig = NetworkConfig()
+    availability: AvailabilityConfig | None = None
 
     @model_validator(mode="after")
     def _unique_worker_names(self) -> Config:

@@ -36,7 +36,8 @@ TOLERANCE = 0.15
 
 # Two workers in the default suite (~45 s): with three, five processes share two cores and on `good` (0.13 s
 # rounds, 100 Mbit/s through one Python relay process) CPU contention the simulator does not model shows up.
-TARGET = Target(floor_plus=0.25)  # as benchmarks/sim_validation.py
+SYNC_TARGET = Target(floor_plus=0.25)  # reached after ~15 s of a 40-round cellular run
+DILOCO_TARGET = Target(floor_plus=0.10)  # as benchmarks/sim_validation.py: reached mid-run, not in round 2
 CASES = [
     pytest.param("cellular", 2, 40, id="cellular-2w"),
     pytest.param("good", 2, 20, id="good-2w"),
@@ -59,8 +60,8 @@ def run_embedded(tmp_path: Path, profile: str, workers: int, steps: int, *config
     return Path(summary["run_dir"])
 
 
-def assert_trained_within_tolerances(run_dir: Path, scratch: Path) -> None:
-    v = validate_trained(run_dir, scratch, target=TARGET)
+def assert_trained_within_tolerances(run_dir: Path, scratch: Path, target: Target) -> None:
+    v = validate_trained(run_dir, scratch, target=target)
     print(json.dumps(v.as_dict()))
     assert v.measured["time_to_target_s"] is not None, "the real run must reach the target for this check"
     assert v.misses() == [], v.as_dict()
@@ -83,12 +84,12 @@ def test_simulated_round_time_is_within_15_percent_of_measured(tmp_path, profile
                                                       "transport.shared_ps_egress": True})
         assert kernel.relative_error > 2 * TOLERANCE, kernel.as_dict()
     if (profile, workers) == ("cellular", 2):  # one of the two trained validation cells
-        assert_trained_within_tolerances(run_dir, tmp_path / "sim")
+        assert_trained_within_tolerances(run_dir, tmp_path / "sim", SYNC_TARGET)
 
 
 def test_diloco_on_good_trains_like_the_real_run(tmp_path: Path) -> None:
-    """The other trained cell: DiLoCo (H = 5) on `good`, two workers, 12 versions."""
+    """The other trained cell: DiLoCo (H = 5) on `good`, two workers, 20 versions."""
     cfg = tmp_path / "diloco.yaml"
     cfg.write_text(yaml.safe_dump({"training": {"strategy": {"name": "diloco", "local_steps": 5}}}))
-    run_dir = run_embedded(tmp_path, "good", 2, 60, "--config", str(cfg), mode="diloco")
-    assert_trained_within_tolerances(run_dir, tmp_path / "sim")
+    run_dir = run_embedded(tmp_path, "good", 2, 100, "--config", str(cfg), mode="diloco")
+    assert_trained_within_tolerances(run_dir, tmp_path / "sim", DILOCO_TARGET)

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dist_llm_train.controller.schedulers import SCHEDULERS, TaskView, WorkerView, get_scheduler
+from dist_llm_train.controller.schedulers.base import balanced_assign, greedy_round, task_order
 from dist_llm_train.controller.schedulers.capability import estimated_throughput
 from dist_llm_train.controller.schedulers.gale_shapley import (
     _round,
@@ -14,6 +15,7 @@ from dist_llm_train.controller.schedulers.gale_shapley import (
     task_preference,
     worker_preference,
 )
+from dist_llm_train.controller.schedulers.priority import declared_capability
 
 
 def w(name: str, flops: float = 100, load: int = 0, memory: float = 16, bw: float = 1000, slow: float = 1.0):
@@ -215,3 +217,86 @@ def test_each_gale_shapley_round_is_stable(tasks: list[TaskView], workers: list[
             holder = held_by.get(wk.worker_id)
             worker_prefers = holder is None or worker_preference(task) < worker_preference(by_id[holder])
             assert not (task_prefers and worker_prefers), f"blocking pair ({task.task_id}, {wk.worker_id})"
+
+
+def _plain_balanced_assign(tasks, workers, match_round):  # type: ignore[no-untyped-def]
+    """The load rule as first written: every task's candidates worked out on their own, every round."""
+    loads = {x.worker_id: x.load for x in workers}
+    remaining = sorted(tasks, key=task_order)
+    out = []
+    while remaining:
+        candidates = {}
+        for task in remaining:
+            fitting = [x for x in workers if x.fits(task)]
+            if fitting:
+                low = min(loads[x.worker_id] for x in fitting)
+                candidates[task.task_id] = [x for x in fitting if loads[x.worker_id] == low]
+        placeable = [x for x in remaining if x.task_id in candidates]
+        pairs = match_round(placeable, candidates) if placeable else []
+        if not pairs:
+            break
+        for task_id, worker_id in pairs:
+            loads[worker_id] += 1
+            out.append((task_id, worker_id))
+        placed = {p[0] for p in pairs}
+        remaining = [x for x in remaining if x.task_id not in placed]
+    return out
+
+
+def _plain_greedy_round(score):  # type: ignore[no-untyped-def]
+    """Each task, in priority order, scans its unused candidates for the best score (then name)."""
+
+    def match(tasks, candidates):  # type: ignore[no-untyped-def]
+        used: set[str] = set()
+        pairs = []
+        for task in sorted(tasks, key=task_order):
+            free = [x for x in candidates[task.task_id] if x.worker_id not in used]
+            if free:
+                best = min(free, key=lambda x: (tuple(-v for v in score(x)), x.name))
+                used.add(best.worker_id)
+                pairs.append((task.task_id, best.worker_id))
+        return pairs
+
+    return match
+
+
+# Many like tasks and workers whose scores and names tie: what the shared candidate lists and the sorted
+# greedy scan must get exactly as the plain definitions do (the simulator's first pass is 10⁵ × 10⁵).
+tied_workers_st = st.lists(
+    st.builds(
+        lambda i, name, flops, mem, load: WorkerView(f"w{i}", name, mem, flops, 1000.0, 1.0, load),
+        st.integers(0, 1000),
+        st.sampled_from(["a", "b", "c"]),
+        st.sampled_from([10.0, 100.0]),
+        st.sampled_from([4.0, 16.0, 64.0]),
+        st.integers(0, 2),
+    ),
+    max_size=25,
+    unique_by=lambda x: x.worker_id,
+)
+like_tasks_st = st.lists(
+    st.builds(
+        lambda i, pr, mem: TaskView(f"t{i}", "j", pr, 0.0, mem, i),
+        st.integers(0, 1000),
+        st.integers(0, 1),
+        st.sampled_from([0.0, 8.0, 32.0]),
+    ),
+    max_size=40,
+    unique_by=lambda x: x.task_id,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(tasks_st, like_tasks_st), st.one_of(workers_st, tied_workers_st))
+def test_balanced_greedy_equals_the_plain_definition(tasks: list[TaskView], workers: list[WorkerView]) -> None:
+    telemetry = {x.worker_id: x.flops / 7 for x in workers[:2]}
+    speed = estimated_throughput(workers, telemetry)
+    for score in (declared_capability, lambda x: (speed[x.worker_id], x.bandwidth_mbps)):
+        want = _plain_balanced_assign(tasks, workers, _plain_greedy_round(score))
+        assert balanced_assign(tasks, workers, greedy_round(score)) == want
+    assert get_scheduler("priority").assign(tasks, workers, telemetry) == _plain_balanced_assign(
+        tasks, workers, _plain_greedy_round(declared_capability)
+    )
+    assert get_scheduler("gale-shapley").assign(tasks, workers, telemetry) == _plain_balanced_assign(
+        tasks, workers, _round
+    )

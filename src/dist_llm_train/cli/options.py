@@ -25,6 +25,26 @@ ModeAliasOpt = Annotated[
 CodecOpt = Annotated[str | None, typer.Option("--codec", help="Update codec: none, fp16, int8 or topk.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object last, on stdout.")]
 LogLevelOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+AvailabilityOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--availability",
+        help="Transient workers: a trace (CSV or YAML rows worker, join_s, leave_s) or a YAML with an "
+        "availability generator (exponential, diurnal, preemption). See docs/simulation.md.",
+    ),
+]
+
+
+def load_availability_or_exit(path: Path | None) -> dict[str, object] | None:
+    """`--availability FILE` as an `availability` config mapping (None: not given); a bad file exits 2."""
+    if path is None:
+        return None
+    from dist_llm_train.config import ConfigError, load_availability_file
+
+    try:
+        return load_availability_file(path).model_dump(mode="json", exclude_none=True)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint="--availability") from None
 
 
 def resolve_alias(value: T | None, alias_value: T | None, *, name: str, alias: str) -> T | None:

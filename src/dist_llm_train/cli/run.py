@@ -16,17 +16,20 @@ from pydantic import ValidationError
 
 from dist_llm_train.cli.common import console, load_or_exit, setup_logging
 from dist_llm_train.cli.options import (
+    AvailabilityOpt,
     CodecOpt,
     ConfigOpt,
     JsonOpt,
     LogLevelOpt,
     ModeAliasOpt,
     StrategyOpt,
+    load_availability_or_exit,
     resolve_alias,
 )
 from dist_llm_train.config import (
     LEGACY_STRATEGY_SELECTORS,
     LEGACY_TRAINING_KEYS,
+    AvailabilityConfig,
     Config,
     ConfigError,
     LegacyConfigWarning,
@@ -86,6 +89,19 @@ def apply_training_overrides(
             raise typer.BadParameter(str(err), param_hint="training flags") from None
         except ValidationError as err:
             raise typer.BadParameter(format_validation_error(err), param_hint="training flags") from None
+    return cfg
+
+
+def apply_availability(cfg: Config, given: dict[str, Any] | None, workers: int) -> Config:
+    """`cfg` with the `--availability` section (None: the config's own, if any), its trace checked against
+    `workers` before any process starts (a bad row or an unknown worker exits 2, naming the row)."""
+    if given is not None:
+        cfg.availability = AvailabilityConfig.model_validate(given)
+    if cfg.availability is not None:
+        try:
+            cfg.availability.resolve(workers)
+        except ConfigError as err:
+            raise typer.BadParameter(str(err), param_hint="--availability / availability:") from None
     return cfg
 
 
@@ -154,6 +170,10 @@ def train_with_progress(
             f"{summary.final_loss:.3f} (floor {floor}), {summary.steps} steps, "
             f"{summary.bytes_sent / 1e6:.1f} MB sent. Report: {summary.run_dir}/summary.md"
         )
+        av = summary.availability
+        if av:
+            goodput = "-" if av.get("goodput") is None else f"{av['goodput']:.1%}"
+            console.print(f"availability: {av['leaves']} leaves, {av['joins']} joins applied; goodput {goodput}")
 
 
 def run(
@@ -179,6 +199,7 @@ def run(
     attackers: Annotated[int | None, typer.Option(min=0, help="The last K workers attack.")] = None,
     dp_noise: Annotated[float | None, typer.Option(help="DP noise multiplier (turns DP on).")] = None,
     dp_clip: Annotated[float | None, typer.Option(help="DP L2 clip bound per update.")] = None,
+    availability: AvailabilityOpt = None,
 ) -> None:
     """Train for real: controller, PS and workers as local processes on loopback."""
     setup_logging(log_level)
@@ -198,6 +219,7 @@ def run(
             validate(profile, shaping)
         except ProfileError as err:
             raise typer.BadParameter(str(err), param_hint="--profile/--shaping") from None
+    cfg = apply_availability(cfg, load_availability_or_exit(availability), workers)
     train_with_progress(cfg, workers, json_out, runs_dir, timeout, profile, shaping)
 
 

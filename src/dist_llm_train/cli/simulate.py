@@ -17,12 +17,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dist_llm_train.cli.common import console
-from dist_llm_train.cli.options import CodecOpt, ConfigOpt, JsonOpt, ModeAliasOpt, StrategyOpt, resolve_alias
+from dist_llm_train.cli.options import (
+    AvailabilityOpt,
+    CodecOpt,
+    ConfigOpt,
+    JsonOpt,
+    ModeAliasOpt,
+    StrategyOpt,
+    load_availability_or_exit,
+    resolve_alias,
+)
 from dist_llm_train.config import ConfigError
 from dist_llm_train.experiments.grid import Target
 from dist_llm_train.sim.config import SimConfigError
 from dist_llm_train.sim.report import DEFAULT_TARGET
 from dist_llm_train.sim.request import SimRequest, run_request
+from dist_llm_train.sim.surrogate import SurrogateError
 from dist_llm_train.sim.validation import RunFolderError
 
 
@@ -83,8 +93,18 @@ def simulate(
         ),
     ] = False,
     target_loss: Annotated[
-        float | None, typer.Option(min=0.0, help="--train: target loss (default: entropy floor + 0.10 nats).")
+        float | None,
+        typer.Option(min=0.0, help="Target loss for --train or a surrogate (default: entropy floor + 0.10 nats)."),
     ] = None,
+    loss_surrogate: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--loss-surrogate",
+            help="Timing-only runs: fit a loss surrogate from these trained simulation folders (repeatable); "
+            "reported under 'surrogate', labelled, never as the run's loss.",
+        ),
+    ] = None,
+    availability: AvailabilityOpt = None,
 ) -> None:
     """Simulate a run with thousands of virtual workers: virtual clock, real scheduler and PS rules.
 
@@ -111,17 +131,18 @@ def simulate(
         "local_steps": local_steps,
         "straggler_timeout_s": straggler_timeout,
         "scheduler": scheduler,
+        "availability": load_availability_or_exit(availability),
     }
-    if target_loss is not None and not train:
-        console.print("[red]invalid simulation config[/red]: --target-loss needs --train (nothing else trains)")
+    if target_loss is not None and not (train or loss_surrogate):
+        console.print("[red]invalid simulation config[/red]: --target-loss needs --train or --loss-surrogate")
         raise typer.Exit(2)
     target = Target(loss=target_loss) if target_loss is not None else DEFAULT_TARGET
     request = SimRequest(config=config, sim_config=sim_config, from_run=from_run, overrides=overrides,
-                         train=train, target=target)
+                         train=train, target=target, surrogate_from=tuple(loss_surrogate or ()))
     try:
         with _progress(enabled=train and not json_out) as on_version:
             data = run_request(request, runs_dir if report else None, progress=on_version)
-    except (SimConfigError, ConfigError, RunFolderError) as err:
+    except (SimConfigError, ConfigError, RunFolderError, SurrogateError) as err:
         console.print(f"[red]invalid simulation config[/red]: {err}")
         raise typer.Exit(2) from None
     if json_out:
@@ -186,6 +207,15 @@ def summary_table(d: dict[str, Any]) -> Table:
                         f"{_figure(d['initial_loss'])} / {_figure(d['final_loss'])} / {_figure(d['loss_floor'])}"))
         rows.insert(2, ("time / bytes to target " + (f"({_figure(tg.get('loss'))})" if tg else ""),
                         f"{_figure(tg.get('time_s'), ' s')} / {_figure(tg.get('bytes'))}"))
+    av = s.get("availability") or {}
+    if av.get("trace"):  # churn of transient workers
+        rows.append(("goodput / updates lost to leaves / short rounds",
+                     f"{_figure(av['goodput'])} / {av['updates_lost_to_leaves']} / {av['rounds_closed_by_departure']}"))
+    sg = d.get("surrogate")
+    if sg:
+        rows.append(("SURROGATE loss (not trained) final", _figure(sg["final_loss"])))
+        rows.append(("SURROGATE time to target", _figure(sg["time_to_target_s"], " s")))
+        rows += [("SURROGATE warning", w) for w in sg.get("warnings", [])]
     m = d.get("measured_run")
     if m:
         error_pct = None if m["relative_error"] is None else 100 * m["relative_error"]

@@ -252,8 +252,7 @@ class ControllerService:
             pending = self.store.pending_tasks()
             if not pending:
                 return []
-            workers = self.store.list_workers("alive")
-            loads = self.store.worker_loads()
+            workers, loads = self.candidates(pending)
             task_views = [
                 TaskView(t.task_id, j.job_id, j.priority, j.required_flops, j.required_memory_gb, order)
                 for order, (t, j) in enumerate(pending)
@@ -286,6 +285,13 @@ class ControllerService:
             log.info("%s assigned %s", self.scheduler.name, ", ".join(f"{t}->{w}" for t, w in pairs))
             self.on_change()
         return pairs
+
+    def candidates(self, pending: list[tuple[Task, Job]]) -> tuple[list[Worker], dict[str, int]]:
+        """The live workers a scheduling pass offers the scheduler (all of them, by name), and their loads.
+
+        A subclass may offer fewer when it can show the scheduler would choose among those alone (the
+        simulator does, at 10⁵ workers: see `sim.adapters`)."""
+        return self.store.list_workers("alive"), self.store.worker_loads()
 
     def detect_failures(self) -> list[Worker]:
         """Declare silent workers dead and put their tasks back to pending."""

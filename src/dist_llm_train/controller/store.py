@@ -20,6 +20,27 @@ from typing import Any
 from dist_llm_train.controller.records import TELEMETRY_FIELDS, Job, Task, Worker
 from dist_llm_train.controller.schema import MIGRATIONS, SCHEMA_VERSION
 
+_UPSERT_WORKER = """INSERT INTO workers (worker_id, name, memory_gb, flops, bandwidth_mbps, compute_slowdown,
+                                    labels, state, activity, registered_at, last_heartbeat)
+               VALUES (?, ?, ?, ?, ?, ?, ?, 'alive', 'idle', ?, ?)
+               ON CONFLICT(worker_id) DO UPDATE SET memory_gb = excluded.memory_gb, flops = excluded.flops,
+                   bandwidth_mbps = excluded.bandwidth_mbps, compute_slowdown = excluded.compute_slowdown,
+                   labels = excluded.labels, state = 'alive', last_heartbeat = excluded.last_heartbeat"""
+
+
+def _upsert_params(worker_id: str, name: str, caps: dict[str, Any], now: float) -> tuple[Any, ...]:
+    return (
+        worker_id,
+        name,
+        caps["memory_gb"],
+        caps["flops"],
+        caps["bandwidth_mbps"],
+        caps["compute_slowdown"],
+        json.dumps(caps["labels"], sort_keys=True),
+        now,
+        now,
+    )
+
 
 class StoreError(RuntimeError):
     """The database cannot be used (closed, or written by a newer schema)."""
@@ -129,25 +150,12 @@ class Store:
 
     def upsert_worker(self, worker_id: str, name: str, caps: dict[str, Any], now: float) -> None:
         """Insert a new worker, or refresh a known one's capabilities and mark it alive."""
-        self._run(
-            """INSERT INTO workers (worker_id, name, memory_gb, flops, bandwidth_mbps, compute_slowdown,
-                                    labels, state, activity, registered_at, last_heartbeat)
-               VALUES (?, ?, ?, ?, ?, ?, ?, 'alive', 'idle', ?, ?)
-               ON CONFLICT(worker_id) DO UPDATE SET memory_gb = excluded.memory_gb, flops = excluded.flops,
-                   bandwidth_mbps = excluded.bandwidth_mbps, compute_slowdown = excluded.compute_slowdown,
-                   labels = excluded.labels, state = 'alive', last_heartbeat = excluded.last_heartbeat""",
-            (
-                worker_id,
-                name,
-                caps["memory_gb"],
-                caps["flops"],
-                caps["bandwidth_mbps"],
-                caps["compute_slowdown"],
-                json.dumps(caps["labels"], sort_keys=True),
-                now,
-                now,
-            ),
-        )
+        self._run(_UPSERT_WORKER, _upsert_params(worker_id, name, caps, now))
+
+    def upsert_workers(self, rows: Sequence[tuple[str, str, dict[str, Any], float]]) -> None:
+        """`upsert_worker` for each (worker_id, name, caps, now) in order, as one statement."""
+        with self._lock:
+            self._c().executemany(_UPSERT_WORKER, [_upsert_params(*row) for row in rows])
 
     def touch_worker(self, worker_id: str, now: float, activity: str | None) -> None:
         self._run(

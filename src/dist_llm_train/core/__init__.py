@@ -5,7 +5,18 @@
 - `strategies`: the training strategies, one object each, and their registry;
 - `codecs`, `aggregation`, `privacy`, `attacks`: the update codecs (with error feedback), the
   aggregation rules, differential privacy (and its accountant), the Byzantine attacks;
-- `worker_update`: a worker's pipeline from its strategy's update to the bytes it pushes.
+- `worker_update`: a worker's pipeline from its strategy's update to the bytes it pushes;
+- `availability`: availability traces of transient workers (sessions, validation) and their seeded generators.
 """
 
-__all__ = ["aggregation", "attacks", "codecs", "job", "privacy", "strategies", "types", "worker_update"]
+__all__ = [
+    "aggregation",
+    "attacks",
+    "availability",
+    "codecs",
+    "job",
+    "privacy",
+    "strategies",
+    "types",
+    "worker_update",
+]

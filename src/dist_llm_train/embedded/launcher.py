@@ -4,23 +4,31 @@ Each service is started through the same `dist-llm-train serve ...` entry point 
 containers use, on free loopback ports. The launcher submits one job, follows it through
 the controller and the PS, evaluates the initial and final parameters on held-out data,
 writes the run folder and stops every child, whatever happens.
+
+With an availability trace (`availability:` in the config, `run --availability FILE`), workers come and go
+during the job: only those present at time 0 start before it, and `embedded.availability.AvailabilityDriver`
+kills (SIGKILL, a preemption) and restarts them at the trace's times after submission.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import secrets
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dist_llm_train.config import Config
+from dist_llm_train.config import AvailabilityConfig, Config
 from dist_llm_train.controller.client import ControllerClient
 from dist_llm_train.controller.errors import ControllerError
 from dist_llm_train.controller.models import JobIn
-from dist_llm_train.embedded.processes import ProcessGroup, cli_command, free_port
+from dist_llm_train.embedded.availability import AvailabilityDriver, availability_report
+from dist_llm_train.embedded.processes import Child, ProcessGroup, cli_command, free_port
 from dist_llm_train.embedded.report import RunSummary, strategy_summary, total_bytes, write_report
 from dist_llm_train.paramserver.transport.client import connect
 
@@ -78,6 +86,13 @@ class EmbeddedRun:
         if opts.profile is not None:
             self.cfg.network.profile = opts.profile
             self.cfg.network.shaping = opts.shaping  # type: ignore[assignment]
+        # Churn of transient workers: resolved now, so a bad trace fails before any process starts.
+        self.trace = self.cfg.availability.resolve(opts.workers) if self.cfg.availability is not None else None
+        self.churn: AvailabilityDriver | None = None
+        if self.trace is not None and self.cfg.availability is not None and self.cfg.availability.trace is not None:
+            # The run folder's config.yaml carries the sessions themselves, not a path that may not resolve
+            # where the folder is read later (`simulate --from-run`).
+            self.cfg.availability = AvailabilityConfig(sessions=list(self.trace.sessions))
 
     # -- start-up -----------------------------------------------------------------
     def _start_paramserver(self) -> None:
@@ -131,35 +146,68 @@ class EmbeddedRun:
 
     def _start_workers(self) -> None:
         for i in range(self.opts.workers):
-            argv = ["serve", "worker", "--name", f"worker-{i}"]
-            slowdown = self.opts.worker_slowdowns.get(i)
-            if self.shaping is not None:  # every class through its relay
-                argv += self.shaping.worker_argv(f"worker-{i}")
-                slowdown = slowdown or self.shaping.compute_slowdown(f"worker-{i}")
-            else:
-                argv += ["--controller", self.controller_url]
-            if slowdown:
-                argv += ["--compute-slowdown", str(slowdown)]
-            cmd = cli_command(*argv)
-            if self.shaping is not None:
-                # Compute yields to the emulated network: the shaper, controller and PS must not see their
-                # timers starved by training, or the links would be slower than the profile says.
-                cmd = ["nice", "-n", "10", *cmd]
-            self.workers.append(self.procs.start(f"worker-{i}", cmd))
+            if self.trace is None or self.trace.present_at_start(i):  # the others join at their first session
+                self._start_worker(i)
+
+    def _start_worker(self, i: int) -> Child:
+        """Start worker i (again, after an availability leave: same name, same command, same log file)."""
+        name = f"worker-{i}"
+        child = self.procs.start(name, self._worker_command(i))
+        self.workers = [w for w in self.workers if w.name != name] + [child]
+        return child
+
+    def _kill_worker(self, i: int) -> None:
+        """An availability leave: SIGKILL the worker's process group, as a preemption would."""
+        child = next((w for w in self.workers if w.name == f"worker-{i}"), None)
+        if child is None or not child.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        assert child.proc is not None
+        child.proc.wait(timeout=10)
+
+    def _worker_training(self, i: int) -> bool | None:
+        """Whether worker i holds a task of the job as the controller sees it (None: could not ask)."""
+        try:
+            with ControllerClient(self.controller_url, timeout_s=2) as controller:
+                workers = controller.status().workers
+        except Exception:
+            return None
+        return any(w.name == f"worker-{i}" and w.state == "alive" and bool(w.tasks) for w in workers)
+
+    def _worker_command(self, i: int) -> list[str]:
+        argv = ["serve", "worker", "--name", f"worker-{i}"]
+        slowdown = self.opts.worker_slowdowns.get(i)
+        if self.shaping is not None:  # every class through its relay
+            argv += self.shaping.worker_argv(f"worker-{i}")
+            slowdown = slowdown or self.shaping.compute_slowdown(f"worker-{i}")
+        else:
+            argv += ["--controller", self.controller_url]
+        if slowdown:
+            argv += ["--compute-slowdown", str(slowdown)]
+        cmd = cli_command(*argv)
+        if self.shaping is not None:
+            # Compute yields to the emulated network: the shaper, controller and PS must not see their
+            # timers starved by training, or the links would be slower than the profile says.
+            cmd = ["nice", "-n", "10", *cmd]
+        return cmd
 
     def _wait_for_workers(self, timeout_s: float = 180.0) -> None:
-        """Submit only once every worker registered, so the first one up does not take every shard."""
+        """Submit only once every worker registered, so the first one up does not take every shard.
+
+        With an availability trace: every worker present at time 0 (the others are not there yet)."""
         deadline = time.monotonic() + timeout_s
+        expected = len(self.workers)
         with ControllerClient(self.controller_url, timeout_s=5) as controller:
             while time.monotonic() < deadline:
-                if sum(1 for w in controller.status().workers if w.state == "alive") >= self.opts.workers:
+                if sum(1 for w in controller.status().workers if w.state == "alive") >= expected:
                     return
                 exited = [w.name for w in self.workers if not w.alive()]
                 if exited:
                     child = next(w for w in self.workers if w.name == exited[0])
                     raise RuntimeError(f"{child.name} exited during start-up:\n{child.tail()}")
                 time.sleep(0.2)
-        raise TimeoutError(f"only some of {self.opts.workers} workers registered within {timeout_s:.0f}s")
+        raise TimeoutError(f"only some of {expected} workers registered within {timeout_s:.0f}s")
 
     def _submit_job(self) -> None:
         job = JobIn(
@@ -211,7 +259,16 @@ class EmbeddedRun:
             self._start_shaper()
             self._start_workers()
             self._wait_for_workers()
+            if self.trace is not None:
+                # Import the torch side now, not during the job: an import holds the GIL for long stretches and
+                # would make the churn thread apply the first events late.
+                import dist_llm_train.training.trainer  # noqa: F401
             self._submit_job()
+            submitted = time.monotonic()
+            if self.trace is not None:
+                self.churn = AvailabilityDriver(self.trace, self._start_worker, self._kill_worker,
+                                                self._worker_training)
+                self.churn.start(submitted)
             initial_loss, floor = self._evaluate(None)
             snap = Snapshot(total_steps=self.cfg.training.versions, loss_floor=floor)  # diloco: rounds
             ps = connect(self.transport, self.ps_address)
@@ -220,13 +277,17 @@ class EmbeddedRun:
                 while snap.job_state not in TERMINAL_JOB_STATES:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"run did not finish within {self.opts.timeout_s:.0f}s")
-                    if not any(w.alive() for w in self.workers):
+                    coming = self.churn is not None and self.churn.joins_pending()
+                    if not any(w.alive() for w in self.workers) and not coming:
                         raise RuntimeError("every worker exited before the job finished; see logs in "
                                            f"{self.procs.log_dir}")
                     snap = self.snapshot(controller, ps, snap)
                     if on_progress:
                         on_progress(snap)
                     time.sleep(0.5)
+                ended = time.monotonic()
+                if self.churn is not None:
+                    self.churn.stop()  # before reading the PS: no kill or start while the run is summed up
                 final = ps.pull(self.job_id, "launcher")
                 ps_stats = ps.stats(self.job_id)  # wire bytes per class, per-worker bounds
                 rows = [row.model_dump() for row in controller.job_telemetry(self.job_id).rows]
@@ -258,7 +319,15 @@ class EmbeddedRun:
                 shaping=self.opts.shaping if self.opts.profile else "none",
                 strategy=strategy_summary(self.cfg.training, ps_stats[0] if ps_stats else None, rows),
             )
+            if self.trace is not None and self.churn is not None:
+                summary.availability = availability_report(
+                    self.trace, self.churn.applied, ended - submitted, ps_stats[0] if ps_stats else None, rows
+                )
             write_report(self.run_dir, self.cfg, rows, summary)
+            if self.trace is not None:  # the trace as applied, whatever produced it (a file, a generator)
+                (self.run_dir / "availability.csv").write_text(self.trace.to_csv())
             return summary
         finally:
+            if self.churn is not None:
+                self.churn.stop()
             self.procs.stop_all()

@@ -52,6 +52,8 @@ class RunSummary:
     shaping: str = "none"
     links: list[dict[str, Any]] = field(default_factory=list)  # netem: shaped links, configured vs measured
     strategy: dict[str, Any] = field(default_factory=dict)  # strategy, codec, rule, attack, DP, bytes
+    # Churn of transient workers (an availability trace): events applied, goodput, lost updates, short rounds.
+    availability: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +135,7 @@ def markdown_summary(s: RunSummary) -> str:
         "![loss](loss.png)",
         "",
         *strategy_markdown(s.strategy),
+        *availability_markdown(s.availability),
     ]
     return "\n".join(lines)
 
@@ -194,6 +197,32 @@ def strategy_markdown(st: dict[str, Any]) -> list[str]:
             f"{w['acceptance_rate']:.0%} | {w['staleness_bound']} | {w['mean_staleness']:.2f} |"
             for w in workers
         ]
+    return [*lines, ""]
+
+
+def availability_markdown(av: dict[str, Any]) -> list[str]:
+    """The churn section: what the availability trace did to the run (empty without a trace)."""
+    if not av:
+        return []
+    goodput = av.get("goodput")
+    lines = [
+        "## Availability (transient workers)",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| trace | {av['trace'].get('source') or 'inline'} ({av['trace'].get('sessions')} sessions) |",
+        f"| leaves / joins applied | {av.get('leaves')} / {av.get('joins')} |",
+        f"| offered worker-seconds | {av.get('offered_worker_s', 0.0):.1f} |",
+        f"| compute of accepted updates | {av.get('accepted_compute_s', 0.0):.1f} s |",
+        f"| goodput | {'-' if goodput is None else f'{goodput:.1%}'} |",
+        f"| updates lost to leaves (at most) | {av.get('updates_lost_to_leaves')} |",
+        f"| rounds closed short by a departure | {av.get('rounds_closed_by_departure')} |",
+        "",
+        "| worker | action | trace time (s) | applied (s) |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {e['worker']} | {e['action']}{' (failed)' if e.get('error') else ''} | {e['scheduled_s']:.2f} | "
+              f"{e['applied_s']:.2f} |" for e in av.get("events", [])]
     return [*lines, ""]
 
 

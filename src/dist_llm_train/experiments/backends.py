@@ -152,7 +152,8 @@ class SimBackend:
         sim = summary.get("simulation") if isinstance(summary.get("simulation"), dict) else {}
         shared = (sim or {}).get("ps_egress", "shared") == "shared"  # as the simulated links had it
         numerics = (sim or {}).get("numerics", "free")
-        note = "simulated (virtual clock, real numerics)" if numerics == "real" else "simulated (virtual clock, timing only)"
+        kind = "real numerics" if numerics == "real" else "timing only"
+        note = f"simulated (virtual clock, {kind})"
         return RunOutcome(run_dir, summary, cell.profile, note, shared)
 
 

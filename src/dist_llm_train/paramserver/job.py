@@ -484,7 +484,10 @@ class JobState:
             self.members = list(members)
             self.open_membership = False
             self._obs.members(self.spec.job_id, len(self.members))
+            before = self.version
             self.rule.members_changed(self, self._clock())
+            if self.version != before:  # a member left and nobody else was outstanding: the round closed short
+                self.counters["rounds_closed_by_membership"] += 1
             return self.version, list(self.members)
 
     # -- checkpoints -----------------------------------------------------------------

@@ -18,6 +18,9 @@ from dist_llm_train.sim.steps import FixedLegs, Row
 
 Step = Row | tuple[FixedLegs, int]
 """What a step carries between its events: the slot's raw variates, or its precomputed legs."""
+InFlight = tuple[int, int, float, Step, float, float, int]
+"""A step after its pull was served: agent, version, request time, legs, compute time, delivery time, and
+which pull served it was (the order of deliveries at one instant)."""
 
 _CONTROL = {Kind.DEATH, Kind.REJOIN, Kind.JOIN, Kind.HB_STALL, Kind.HB_RESUME, Kind.TICK, Kind.LEARN}
 
@@ -35,14 +38,20 @@ class ActorEngine(Engine):
         self.aggregated = 0
         self.expiry_for: int | None = None
         self._fixed: dict[int, FixedLegs | None] = {}
+        self._served = 0  # pulls served so far: the order of deliveries at one instant
+        self._served_at_publish = 0
+        self._computed: list[tuple[float, float, int, float]] = []  # (compute's end, delivery, served, compute)
+        self._lost: list[tuple[float, Kind, tuple[float, ...], int, float]] = []  # (when, as what, order, agent, waste)
+        # A pull's service time, when the links do not change over time (the same number every time).
+        self._service = self.steps.pull_service_1(0.0) if self.steps.topo.timeline.single else None
         self._handlers: dict[Kind, Callable[[Any], None]] = {
             Kind.PULL_REQUEST: self._pull_request,
-            Kind.PULL_DONE: self._pull_done,
-            Kind.COMPUTE_DONE: self._compute_done,
             Kind.PUSH_ARRIVE: self._push_arrive,
             Kind.EXPIRE: self._expire,
             Kind.PUBLISH: self._publish,
         }
+        # By kind's number: the engine's handler, or None for the control plane (which refuses what is not its).
+        self._by_kind: list[Callable[[Any], None] | None] = [self._handlers.get(kind) for kind in Kind]
 
     # -- DataPlane ------------------------------------------------------------------------------------------
     def on_members(self, slots: list[int]) -> None:
@@ -50,6 +59,7 @@ class ActorEngine(Engine):
         before = self.js.version
         adapters.set_members(self.js, ids)
         if self.js.version != before:
+            self.stats.closed_by_departure += 1  # a shrink left nobody outstanding: the round closed short
             self._closed()
 
     def activate(self, slot: int, first_request_at: float) -> None:
@@ -61,22 +71,65 @@ class ActorEngine(Engine):
 
     # -- driving --------------------------------------------------------------------------------------------
     def _advance(self) -> Outcome | None:
-        """Handle the next event, unless there is none or it falls past the virtual time limit."""
-        q = self.queue
-        if not len(q):
-            return "stalled"
-        if q.peek_time() > self.cfg.max_virtual_s:
-            return "time_limit"
-        _, kind, _, data = q.pop()
-        if kind in _CONTROL:
-            self.control.handle(kind, data)
-        else:
-            self._handlers[kind](data)
-        return None
+        """Handle events until one publishes a version, unless none is left or the next falls past the virtual
+        time limit. (`run` looks at the version after each call; between publishes there is nothing to see, so
+        one call handles every event up to the next publish: millions of events, one loop.)"""
+        q, limit, published = self.queue, self.cfg.max_virtual_s, self.published
+        handlers, control = self._by_kind, self.control
+        pop = q.pop_until
+        while True:
+            event = pop(limit)
+            if event is None:
+                return "stalled" if not len(q) else "time_limit"
+            kind, data = event
+            handler = handlers[kind]
+            if handler is None:
+                control.handle(kind, data)
+            else:
+                handler(data)
+            if self.published != published:
+                return None
 
     def _wind_up(self) -> float:
-        """Nothing is held back, so the run ends at its last publish (or where the events stopped)."""
+        """The run ends at its last publish (or where the events stopped). What a step's delivery and the end
+        of its compute would have done by then, had they been events, is done now (see `_serve`): pulls and
+        updates counted, updates lost with their worker, and the compute-time sums added in their order."""
+        limit = self.outcome == "time_limit"
+        end, death = self.queue.clock.now, self.agents.death
+
+        def seen(t: float, delivered: float, served: int) -> bool:
+            """Whether an event at `t` of a step delivered at `delivered` would have run before the run stopped:
+            every one up to the virtual time limit; else those before the last publish, and those at its
+            instant whose delivery was served before it (a delivery's and a compute's end sort first)."""
+            if limit:
+                return t <= self.cfg.max_virtual_s
+            return t < end or (t == end and (delivered < end or served <= self._served_at_publish))
+
+        for _, (sent, delivered, served), (a, _, _, _, compute, _, _) in self.queue.pending(Kind.PUSH_ARRIVE):
+            died = float(death[a])
+            if not seen(delivered, delivered, served) or delivered >= died:
+                continue
+            self._count_pulls(1)
+            if not seen(sent, delivered, served):
+                continue
+            if sent >= died:
+                self._lost.append((sent, Kind.COMPUTE_DONE, (delivered, served), a, died - (sent - compute)))
+            else:
+                self._count_pushes(1, 0.0)
+                self._computed.append((sent, delivered, served, compute))
+        self._settle_sums()
         return self.stats.publish_times[-1] if self.stats.publish_times else self.queue.clock.now
+
+    def _settle_sums(self) -> None:
+        """Add the compute times and the lost updates in the order the ends of the computes and the arrivals
+        would have come as events, so the sums are the same to the last bit."""
+        total = self.stats.compute_s
+        for *_, compute in sorted(self._computed, key=lambda c: (c[0], c[1], c[2])):
+            total += compute
+        self.stats.compute_s = total
+        for *_, a, wasted in sorted(self._lost, key=lambda x: (x[0], x[1], x[2])):
+            self._count_lost_1(a, wasted)
+        self._computed, self._lost = [], []
 
     # -- a worker's step ------------------------------------------------------------------------------------
     def _pull_request(self, a: int) -> None:
@@ -100,59 +153,68 @@ class ActorEngine(Engine):
         return legs
 
     def _serve(self, a: int, start: float) -> None:
+        """The PS serves `a`'s pull: the parameters arrive at `delivered`, the update is sent `compute` later
+        and reaches the PS at `arrival`.
+
+        Of a step only its pull request and its push's arrival are events: the delivery and the end of the
+        compute in between change nothing anyone else sees. What they do (the pull and the update counted, a
+        worker dead by then lost, the compute time summed) is done when the push arrives, and at the end of the
+        run for what happened before the run ended; the arrival keeps the place among the events of its
+        instant that it had when the end of the compute scheduled it, and the sums are added in that order."""
         if start >= self.agents.death[a]:
             self.maths.end_life(a)
             return
         slot = int(self.agents.slot[a])
         v = self.published
-        service = self.steps.pull_service_1(start)
+        steps = self.steps
+        service = self._service if self._service is not None else steps.pull_service_1(start)
         done = max(start, self.egress_free) + service
-        if self.steps.shared:
+        if steps.shared:
             self.egress_free = done
-        legs = self._legs(v)
+        legs = self._fixed.get(v)
+        if legs is None and v not in self._fixed:
+            legs = self._legs(v)
         if legs is not None:
             row: Step = (legs, slot)
             delivered = max(done, start + legs.ser_in[slot]) + legs.pull_extra[slot]
+            compute = legs.compute[slot]
+            sent = delivered + compute
+            arrival = sent + legs.push_total[slot]
         else:
             row = self.draws.row(v, slot)
-            delivered = self.steps.pull_delivered_1(slot, start, done, service, row)
+            delivered = steps.pull_delivered_1(slot, start, done, service, row)
+            compute = steps.compute_time_1(slot, row)
+            sent = delivered + compute
+            arrival = steps.push_arrival_1(slot, sent, row)
         # The update depends only on the parameters served now; computing it here rather than at delivery
         # gives the same numbers (each worker's state is its own) with one less thing to hold in flight.
         self.maths.pulled(self.js, a, v)
-        self.queue.at(delivered, Kind.PULL_DONE, (a, v, start, row))
+        self._served += 1
+        served = self._served
+        self.queue.at(
+            arrival, Kind.PUSH_ARRIVE, (a, v, start, row, compute, delivered, served), (sent, delivered, served)
+        )
 
-    def _pull_done(self, data: tuple[int, int, float, Step]) -> None:
-        a, v, start, row = data
+    def _push_arrive(self, data: InFlight) -> None:
+        a, v, start, row, compute, delivered, served = data
         now = self.queue.clock.now
-        if now >= self.agents.death[a]:
+        death = self.agents.death[a]
+        if now >= death:
+            if delivered < death:  # it had the parameters
+                self._count_pulls(1)
+                sent = delivered + compute
+                if sent >= death:  # died while computing
+                    wasted = float(death) - (sent - compute)
+                    self._lost.append((sent, Kind.COMPUTE_DONE, (delivered, served), a, wasted))
+                else:  # died with its update on the wire
+                    self._count_pushes(1, 0.0)
+                    self._computed.append((sent, delivered, served, compute))
+                    self._lost.append((now, Kind.PUSH_ARRIVE, (sent, delivered, served), a, compute))
             self.maths.end_life(a)
             return
         self._count_pulls(1)
-        if isinstance(row[0], FixedLegs):
-            compute = row[0].compute[row[1]]
-        else:
-            compute = self.steps.compute_time_1(int(self.agents.slot[a]), row)
-        self.queue.at(now + compute, Kind.COMPUTE_DONE, (a, v, start, row, compute))
-
-    def _compute_done(self, data: tuple[int, int, float, Step, float]) -> None:
-        a, v, start, row, compute = data
-        now = self.queue.clock.now
-        if now >= self.agents.death[a]:
-            self.maths.end_life(a)
-            return
-        self._count_pushes(1, compute)
-        if isinstance(row[0], FixedLegs):
-            arrival = now + row[0].push_total[row[1]]
-        else:
-            arrival = self.steps.push_arrival_1(int(self.agents.slot[a]), now, row)
-        self.queue.at(arrival, Kind.PUSH_ARRIVE, (a, v, start, row, compute))
-
-    def _push_arrive(self, data: tuple[int, int, float, Step, float]) -> None:
-        a, v, start, row, compute = data
-        now = self.queue.clock.now
-        if now >= self.agents.death[a]:
-            self.maths.end_life(a)
-            return
+        self._count_pushes(1, 0.0)  # its compute time joins the sum in order (`_settle_sums`)
+        self._computed.append((delivered + compute, delivered, served, compute))
         slot = int(self.agents.slot[a])
         step = self.steps_done.get(a, 0) + 1
         self.steps_done[a] = step
@@ -161,6 +223,8 @@ class ActorEngine(Engine):
             self.js, self.control.worker_id[slot] or "", a * 1_000_000 + step, a, v
         )
         self.stats.add_outcome(outcome, staleness)
+        if outcome in ("APPLIED", "BUFFERED"):  # taken: its compute counts towards goodput
+            self.stats.accepted_compute_s += compute
         self._observe_update(slot, now, now - start, compute, v, self.maths.loss(a))
         if self.js.version != before:
             self._closed()
@@ -198,6 +262,7 @@ class ActorEngine(Engine):
             self._publish(self.js.version)
 
     def _publish(self, version: Any) -> None:
+        self._served_at_publish = self._served  # pulls served from here on were not delivered before it
         self._record_publish(int(version), self.queue.clock.now)
         if not self.waiting:
             return

@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from dist_llm_train.config import Config, ModelConfig, SchedulerName, SimulationConfig, TrainingConfig
+from dist_llm_train.config import (
+    AvailabilityConfig,
+    Config,
+    ModelConfig,
+    SchedulerName,
+    SimulationConfig,
+    TrainingConfig,
+)
+from dist_llm_train.core.availability import AvailabilityTrace
 from dist_llm_train.core.strategies import (
     DEFAULT_STRATEGY,
     STRATEGIES,
@@ -201,6 +209,23 @@ class SimConfig(_Strict):
     transport: TransportModel = TransportModel()
     model: ModelConfig = ModelConfig()
     vocab_size: Annotated[int, Field(ge=2)] = 16
+    availability: AvailabilityConfig | None = None
+    """Churn of transient workers: when each of the initial `workers` is there (a trace or a generator)."""
+    _trace_cache: tuple[tuple[int, str], AvailabilityTrace] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _availability_resolves(self) -> SimConfig:
+        self.availability_trace()  # a bad row or an unknown worker is an error now, naming the row
+        return self
+
+    def availability_trace(self) -> AvailabilityTrace | None:
+        """The availability trace for this run's workers (resolved once: a generator may make 10⁵ sessions)."""
+        if self.availability is None:
+            return None
+        key = (self.workers, self.availability.model_dump_json())
+        if self._trace_cache is None or self._trace_cache[0] != key:
+            self._trace_cache = (key, self.availability.resolve(self.workers))
+        return self._trace_cache[1]
 
     @model_validator(mode="after")
     def _kills_in_range(self) -> SimConfig:
@@ -309,6 +334,10 @@ class SimConfig(_Strict):
         }
         if cfg.network.shaping == "userspace":  # the embedded launcher's relays, not a kernel qdisc
             data["transport"] = {"shaper": "userspace"}
+        if cfg.availability is not None:
+            data["availability"] = cfg.availability.model_dump(exclude_none=True)
+        if overrides.get("availability") is not None:
+            data.pop("availability", None)  # a trace given for the simulation replaces the run config's
         return build_sim_config(merge_dotted(data, overrides))
 
 
@@ -346,7 +375,12 @@ def merge_dotted(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, A
 
 
 def _format(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())
+    def one(e: Any) -> str:
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in e["loc"])
+        return f"{loc}: {msg}" if loc else msg  # a cross-field check's message names its fields itself
+
+    return "; ".join(one(e) for e in err.errors())
 
 
 def build_sim_config(data: dict[str, Any]) -> SimConfig:

@@ -7,6 +7,12 @@ and one that stalls in TCP retransmission backoff long enough to look like a dea
 detector itself (`FailureDetector.tick`, via adapters) runs only at the ticks that can change something: the
 grid tick right after a silent worker's timeout, and a tick at once after any change (the real loop is woken
 the same way). Skipped grid ticks are exactly the ones that would have found nothing.
+
+An availability trace (`SimConfig.availability`, docs/simulation.md "Churn of transient workers") drives
+transient workers: one absent at time 0 registers at its first session's join; a leave stops its process at
+that virtual time exactly like a crash (the controller learns it from heartbeat silence); the next session's
+join is a new life under the same name. Trace events ride on the DEATH and JOIN kinds (payload tagged with
+the trace's "leave" / "join"), so both engines already hand them here.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from dist_llm_train.core.availability import JOIN, LEAVE
 from dist_llm_train.sim import adapters
 from dist_llm_train.sim.config import SimConfig
 from dist_llm_train.sim.dataplane import DataPlane, NoDataPlane
 from dist_llm_train.sim.draws import control_rng
 from dist_llm_train.sim.events import EventQueue, Kind
 from dist_llm_train.sim.linkmath import propagation_1, small_penalty_1
+from dist_llm_train.sim.metrics import DataStats
 from dist_llm_train.sim.network import Topology, worker_name
 
 P_PHASE, P_LIFE, P_JOINS, P_LASTHB, P_STALL, P_LEARN, P_START = 1, 2, 3, 4, 5, 6, 7
@@ -41,6 +49,11 @@ class ControlStats:
     death_times: dict[int, float] = field(default_factory=dict)
     last_heartbeat: dict[int, float] = field(default_factory=dict)  # at the controller, per crashed slot
     declared_dead: list[str] = field(default_factory=list)
+    leaves: int = 0  # live workers stopped by an availability trace's leave
+    trace_joins: int = 0  # workers started by a trace's join (first arrival or return)
+    availability_log: list[tuple[float, int, str]] = field(default_factory=list)  # (time, slot, join | leave)
+    leave_times: set[tuple[int, float]] = field(default_factory=set)  # (slot, time): which deaths were leaves
+    offered_worker_s: float = 0.0  # worker-seconds the pool offered (set by `finish`)
 
 
 class ControlPlane:
@@ -65,6 +78,10 @@ class ControlPlane:
         self.hb_phase = (phases[:, 0] * self.h).tolist()
         self.poll_phase = (phases[:, 1] * self.poll).tolist()
         self.alive = [False] * n
+        self.trace = cfg.availability_trace()
+        self.available = [True] * n  # per the availability trace (always, without one)
+        self.alive_s = [0.0] * n
+        self._trace_join_times: list[float] = []
         self.incarnation = [0] * n
         self.started = [0.0] * n
         self.worker_id: list[str | None] = [None] * n
@@ -91,8 +108,12 @@ class ControlPlane:
         lives = rng.exponential(mtbf, n).tolist() if mtbf is not None else [None] * n
         p = self._p_stall[self.topo.group[:n]]
         stalls = np.where(p > 0, rng.geometric(np.where(p > 0, p, 1.0)), 0).tolist()
-        for slot in range(n):
-            self._come_alive(slot, lives[slot], int(stalls[slot]))
+        with self.ctl.registering():  # one transaction for all of them (nothing is pending yet)
+            for slot in range(n):
+                if self.trace is None or self.trace.present_at_start(slot):
+                    self._come_alive(slot, lives[slot], int(stalls[slot]))
+                else:  # a transient worker whose first session starts later is not there yet
+                    self.available[slot] = False
         self.ctl.submit(self.cfg.num_tasks, {"training": {"strategy": self.cfg.mode, "steps": self.cfg.rounds}})
         for kill in self.cfg.failures.kills:
             self.queue.at(kill.at_s, Kind.DEATH, (kill.worker, None))
@@ -104,6 +125,13 @@ class ControlPlane:
             for j, t in enumerate(np.cumsum(gaps).tolist()):
                 if t < self.cfg.max_virtual_s:
                     self.queue.at(t, Kind.JOIN, self.cfg.workers + j)
+        for t, slot, what in self.trace.events() if self.trace is not None else []:
+            if t < self.cfg.max_virtual_s:
+                # DEATH sorts before JOIN at one instant, so a session that ends as the next begins is a new life.
+                if what == LEAVE:
+                    self.queue.at(t, Kind.DEATH, (slot, None, LEAVE))
+                else:
+                    self.queue.at(t, Kind.JOIN, (slot, JOIN))
         self.queue.at(self.clock(), Kind.TICK, None)
 
     def _come_alive(self, slot: int, life: float | None = None, stall_after: int | None = None) -> None:
@@ -197,7 +225,10 @@ class ControlPlane:
         elif kind is Kind.REJOIN:
             self._rejoin(*data)
         elif kind is Kind.JOIN:
-            self._join(data)
+            if isinstance(data, tuple):
+                self._trace_join(data[0])
+            else:
+                self._join(data)
         elif kind is Kind.HB_STALL:
             self._stall(*data)
         elif kind is Kind.HB_RESUME:
@@ -207,13 +238,23 @@ class ControlPlane:
         else:
             raise ValueError(f"not a control-plane event: {kind.name}")
 
-    def _death(self, slot: int, inc: int | None) -> None:
+    def _death(self, slot: int, inc: int | None, cause: str | None = None) -> None:
+        """A crash, or with `cause` "leave" an availability trace's leave: the process stops either way."""
+        leave = cause == LEAVE
+        if leave:
+            self.available[slot] = False
+            self.stats.availability_log.append((self.clock(), slot, LEAVE))
         if not self.alive[slot] or (inc is not None and inc != self.incarnation[slot]):
             return
         now = self.clock()
         self.alive[slot] = False
-        self.stats.crashes += 1
+        if leave:
+            self.stats.leaves += 1
+            self.stats.leave_times.add((slot, now))
+        else:
+            self.stats.crashes += 1
         self.stats.alive_seconds += now - self.started[slot]
+        self.alive_s[slot] += now - self.started[slot]
         self.stats.death_times[slot] = now
         self.data.on_death(slot)
         if slot not in self.silent:
@@ -229,11 +270,11 @@ class ControlPlane:
         self.stats.last_heartbeat[slot] = self.silent[slot]
         self._plan_detection(self.silent[slot])
         rejoin = self.cfg.failures.rejoin_after_s
-        if rejoin is not None:
+        if rejoin is not None and not leave:  # a worker that left comes back at its next session, not before
             self.queue.at(now + rejoin, Kind.REJOIN, (slot, self.incarnation[slot]))
 
     def _rejoin(self, slot: int, inc: int) -> None:
-        if self.alive[slot] or inc != self.incarnation[slot]:
+        if self.alive[slot] or inc != self.incarnation[slot] or not self.available[slot]:
             return
         self.incarnation[slot] += 1
         self.stats.rejoins += 1
@@ -245,6 +286,24 @@ class ControlPlane:
     def _join(self, slot: int) -> None:
         self.stats.joins += 1
         self._come_alive(slot)
+        self._wake()
+
+    def _trace_join(self, slot: int) -> None:
+        """A session of the availability trace starts: the worker's process starts (again) under its name."""
+        now = self.clock()
+        self.available[slot] = True
+        self.stats.availability_log.append((now, slot, JOIN))
+        if self.alive[slot]:
+            return  # sessions of one worker never overlap; nothing to start
+        self.stats.trace_joins += 1
+        self._trace_join_times.append(now)
+        if self.worker_id[slot] is not None:  # it was here before: a new life, as a failure rejoin is
+            self.incarnation[slot] += 1
+            self._come_alive(slot)
+            if self.holding.get(slot, 0) > 0:  # back before it was declared dead: its tasks are still its own
+                self._plan_learn([slot], now)
+        else:
+            self._come_alive(slot)
         self._wake()
 
     def _stall(self, slot: int, inc: int) -> None:
@@ -346,23 +405,47 @@ class ControlPlane:
                 self._plan_detection(last)
 
     def _sync_holdings(self, now: float) -> None:
-        loads = self.ctl.loads()
-        current = {self.slot_of[w]: n for w, n in loads.items()}
-        new = [s for s in sorted(current) if self.holding.get(s, 0) == 0 and self.alive[s]]
+        # Only workers whose task count changed since the last tick (the store keeps that list): at 10⁵ workers
+        # reading every worker's count at every tick would be most of the run.
+        changed = {self.slot_of[w]: n for w, n in self.ctl.load_changes().items()}
+        new = [s for s in sorted(changed) if changed[s] > 0 and self.holding.get(s, 0) == 0 and self.alive[s]]
         if new:
             self._plan_learn(new, now)
-        for slot, n in self.holding.items():
-            if n > 0 and current.get(slot, 0) == 0 and self.alive[slot]:
+        for slot, n in changed.items():
+            if n == 0 and self.holding.get(slot, 0) > 0 and self.alive[slot]:
                 self.data.deactivate(slot)
-        self.holding = current
+            if n > 0:
+                self.holding[slot] = n
+            else:
+                self.holding.pop(slot, None)
 
     def _deliver_members(self, job_id: str, members: list[str]) -> None:
-        self.data.on_members(sorted(self.slot_of[m] for m in members))
+        slots = np.fromiter(map(self.slot_of.__getitem__, members), dtype=np.int64, count=len(members))
+        slots.sort()  # 10⁵ members: numpy sorts them in a fraction of `sorted`'s time
+        self.data.on_members(slots.tolist())
 
     # -- results --------------------------------------------------------------------------------------------
     def finish(self, end: float) -> None:
-        """Close the books at the end of the run: time alive so far counts for every live worker."""
-        self.stats.alive_seconds += sum(end - self.started[s] for s, alive in enumerate(self.alive) if alive)
+        """Close the books at the end of the run: time alive so far counts for every live worker.
+
+        Offered worker-seconds: with a trace, the time its workers were available (a crash inside a session
+        is the system's loss, not the pool's) plus the time churn's newcomers were up; without one, the time
+        every worker was up."""
+        for s, alive in enumerate(self.alive):
+            if alive:
+                self.stats.alive_seconds += max(0.0, end - self.started[s])
+                self.alive_s[s] += max(0.0, end - self.started[s])
+        # The vectorised engine may have run the control plane a little past the last publish (it drains events
+        # up to a round's tentative close); what happened after the end did not happen in this run.
+        st = self.stats
+        st.availability_log = [e for e in st.availability_log if e[0] <= end]
+        st.leaves = sum(1 for _, t in st.leave_times if t <= end)
+        st.trace_joins = sum(1 for t in self._trace_join_times if t <= end)
+        if self.trace is None:
+            self.stats.offered_worker_s = self.stats.alive_seconds
+        else:
+            newcomers = sum(self.alive_s[self.cfg.workers :])
+            self.stats.offered_worker_s = self.trace.offered_s(end) + newcomers
 
     def counters(self) -> dict[str, int]:
         return self.ctl.counters()
@@ -372,3 +455,27 @@ class ControlPlane:
 
     def close(self) -> None:
         self.ctl.close()
+
+
+def availability_summary(cfg: SimConfig, data: DataStats, control: ControlStats) -> dict[str, Any]:
+    """The summary's churn figures (docs/simulation.md, "Churn of transient workers").
+
+    goodput = compute seconds behind the updates the PS took / worker-seconds the pool offered; lost updates
+    had the parameters and computed, then died with their worker (by cause: a trace's leave or a crash);
+    `rounds_closed_by_departure` are rounds a membership shrink closed with fewer updates than they waited
+    for (the departed member was declared dead and removed)."""
+    trace = cfg.availability_trace()
+    offered = control.offered_worker_s
+    return {
+        "trace": trace.describe() if trace is not None else None,
+        "offered_worker_s": offered,
+        "accepted_compute_s": data.accepted_compute_s,
+        "goodput": data.accepted_compute_s / offered if offered > 0 else None,
+        "updates_accepted": data.outcomes.get("APPLIED", 0) + data.outcomes.get("BUFFERED", 0),
+        "updates_lost_to_leaves": data.lost_updates.get("leave", 0),
+        "updates_lost_to_crashes": data.lost_updates.get("crash", 0),
+        "lost_compute_s": data.lost_compute_s,
+        "leaves": control.leaves,
+        "trace_joins": control.trace_joins,
+        "rounds_closed_by_departure": data.closed_by_departure,
+    }

@@ -176,6 +176,36 @@ class Engine(DataPlane, ABC):
         if self.log is not None:
             self.log.add(slots, at, step_time, compute, version)
 
+    def _count_accepted_first(
+        self, slots: np.ndarray, at: np.ndarray, compute: np.ndarray, distinct: int | None = None
+    ) -> None:
+        """Updates the PS took in one round: each worker's first to arrive (a second is a DUPLICATE).
+
+        `distinct`, when known, is how many different workers these are: equal to the count, nothing to sort."""
+        if slots.size == 0:
+            return
+        if distinct == slots.size:
+            self.stats.accepted_compute_s += float(compute.sum())
+            return
+        order = np.argsort(at, kind="stable")
+        _, first = np.unique(slots[order], return_index=True)
+        self.stats.accepted_compute_s += float(compute[order][first].sum())
+
+    def _count_lost_1(self, agent: int, wasted_s: float) -> None:
+        """One agent's update died with it (see `_count_lost`)."""
+        self._count_lost(np.array([agent]), np.array([wasted_s]))
+
+    def _count_lost(self, agents: np.ndarray, wasted_s: np.ndarray) -> None:
+        """These agents had the parameters and computed, then died before their update reached the PS.
+
+        The cause is the death's: an availability trace's leave (the control plane lists those) or a crash;
+        `wasted_s` is the compute each had spent on the lost update."""
+        leaves = self.control.stats.leave_times
+        for a, wasted in zip(agents.tolist(), wasted_s.tolist(), strict=True):
+            cause = "leave" if (int(self.agents.slot[a]), float(self.agents.death[a])) in leaves else "crash"
+            self.stats.lost_updates[cause] += 1
+            self.stats.lost_compute_s += wasted
+
     def _record_close(self, updates: int, members: int) -> None:
         """The PS closed a version that aggregated `updates` updates while the job had `members` members."""
         self.stats.updates_per_version.append(updates)

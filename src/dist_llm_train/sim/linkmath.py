@@ -73,11 +73,25 @@ def segments(nbytes: int, mss: int) -> int:
 
 def small_penalty(loss_p: np.ndarray, k: int, rto: np.ndarray, u: np.ndarray, max_retries: int) -> np.ndarray:
     """RTO·(2^F − 1) with F ~ Geometric(1 − (1 − p)^k) failed attempts (inverse CDF of u)."""
-    p_msg = 1.0 - (1.0 - loss_p) ** k
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f = np.floor(np.log(np.maximum(u, _U_FLOOR)) / np.log(np.where(p_msg > 0, p_msg, 0.5)))
-    f = np.where(p_msg > 0, np.minimum(f, max_retries), 0.0)
-    return rto * (np.exp2(f) - 1.0)
+    return SmallLoss(loss_p, k, rto, max_retries).penalty(u)
+
+
+class SmallLoss:
+    """`small_penalty` for fixed links and message, ready for many draws of u: what depends only on the
+    link (the per-attempt loss and its logarithm) is worked out once, by the same operations."""
+
+    def __init__(self, loss_p: np.ndarray, k: int, rto: np.ndarray, max_retries: int) -> None:
+        p_msg = 1.0 - (1.0 - loss_p) ** k
+        self.lossy = p_msg > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.log_p = np.log(np.where(self.lossy, p_msg, 0.5))
+        self.rto, self.max_retries = rto, max_retries
+
+    def penalty(self, u: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f = np.floor(np.log(np.maximum(u, _U_FLOOR)) / self.log_p)
+        f = np.where(self.lossy, np.minimum(f, self.max_retries), 0.0)
+        return self.rto * (np.exp2(f) - 1.0)
 
 
 def small_penalty_1(loss_p: float, k: int, rto: float, u: float, max_retries: int) -> float:
@@ -141,6 +155,73 @@ def bulk_penalty_1(loss_p: float, k: int, rtt: float, transfer_s: float, u: floa
     spans = transfer_s / rtt
     windows = max(1.0, math.ceil(spans)) if math.isfinite(spans) else math.inf
     return rtt * min(f, windows)
+
+
+class BulkLoss:
+    """`bulk_penalty` for fixed links and message, ready for many draws of (u, z).
+
+    What depends only on the link and the transfer (the Poisson mean, which counts are drawn exactly, the
+    windows the transfer spans, and the Poisson CDF's terms, computed once as far as a draw has needed them)
+    is kept; a draw then costs a comparison per term. Same operations in the same order as `bulk_penalty`,
+    so the same numbers."""
+
+    def __init__(self, loss_p: np.ndarray, k: int, rtt: np.ndarray, transfer_s: np.ndarray) -> None:
+        self.lam = k * loss_p / np.maximum(1.0 - loss_p, 1e-9)
+        self.small = self.lam <= POISSON_EXACT_MAX
+        self.any_small = bool(self.small.any())
+        self.sqrt_lam = np.sqrt(self.lam)
+        self._lam_small = self.lam[self.small]
+        self._pmf = np.exp(-self._lam_small)
+        self._cdfs = [self._pmf.copy()]  # the Poisson CDF at 0, 1, ... (what `_poisson_inverse` steps through)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            self.windows = np.where(
+                rtt > 0, np.maximum(1.0, np.ceil(transfer_s / np.where(rtt > 0, rtt, 1.0))), 1.0
+            )
+        self.rtt = rtt
+
+    def _count(self, u: np.ndarray) -> np.ndarray:
+        """`_poisson_inverse(lam[small], u)`: how many of the CDF's terms lie below u."""
+        cdfs = self._cdfs
+        count = np.zeros_like(self._lam_small)
+        for j in range(_POISSON_TERMS):
+            if j == len(cdfs):
+                self._pmf = self._pmf * self._lam_small / j
+                cdfs.append(cdfs[-1] + self._pmf)
+            below = cdfs[j] < u
+            if not below.any():  # every sample found its count; later terms add nothing
+                break
+            count += below
+        return count
+
+    def penalty(self, u: np.ndarray, z: np.ndarray) -> np.ndarray:
+        f = np.maximum(0.0, np.floor(self.lam + self.sqrt_lam * z + 0.5))
+        if self.any_small:
+            f[self.small] = self._count(u[self.small])
+        return self.rtt * np.minimum(f, self.windows)
+
+
+class LossModel:
+    """`loss_penalty` for fixed links, message size and transfer time, ready for many draws of (u, z)."""
+
+    def __init__(
+        self,
+        loss_p: np.ndarray,
+        nbytes: int,
+        mss: int,
+        rtt: np.ndarray,
+        rto: np.ndarray,
+        transfer_s: np.ndarray,
+        max_retries: int,
+    ) -> None:
+        k = segments(nbytes, mss)
+        self._small = SmallLoss(loss_p, k, rto, max_retries) if k <= SMALL_SEGMENTS else None
+        self._bulk = BulkLoss(loss_p, k, rtt, transfer_s) if k > SMALL_SEGMENTS else None
+
+    def penalty(self, u: np.ndarray, z: np.ndarray) -> np.ndarray:
+        if self._small is not None:
+            return self._small.penalty(u)
+        assert self._bulk is not None
+        return self._bulk.penalty(u, z)
 
 
 def loss_penalty(

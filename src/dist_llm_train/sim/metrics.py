@@ -68,6 +68,12 @@ class DataStats:
     compute_s: float = 0.0
     step_time_sum_s: float = 0.0
     steps: int = 0
+    # Churn: compute behind the updates the PS took, updates that died with their worker (by cause: a trace's
+    # "leave" or a "crash") and the compute spent on them, and rounds a membership shrink closed.
+    accepted_compute_s: float = 0.0
+    lost_updates: Counter[str] = field(default_factory=Counter)
+    lost_compute_s: float = 0.0
+    closed_by_departure: int = 0
 
     def add_outcome(self, outcome: str, staleness: int) -> None:
         self.outcomes[outcome] += 1

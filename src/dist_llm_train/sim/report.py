@@ -209,4 +209,22 @@ def markdown(d: dict[str, Any]) -> str:
         ]
     if s.get("numerics") == "real":
         lines += ["![loss](loss.png)", ""]
+    sg = d.get("surrogate")
+    if sg:
+        model = sg.get("model", {})
+        lines += [
+            "## Loss surrogate (nothing was trained in this run)",
+            "",
+            f"{sg['label']}: loss = floor + A·(S/(1+β·s) + S0)^(−α) with A = {_fmt(model.get('a'))}, "
+            f"α = {_fmt(model.get('alpha'))}, S0 = {_fmt(model.get('s0'))}, β = {_fmt(model.get('beta'))} "
+            f"({'fitted' if model.get('beta_fitted') else 'not identifiable from these runs: 0'}), rms log error "
+            f"{_fmt(model.get('rms_log_error'))}; fitted from {', '.join(model.get('fitted_from', []))}.",
+            "",
+            f"| surrogate final loss | {_fmt(sg['final_loss'])} |",
+            "|---|---|",
+            f"| surrogate time to target ({_fmt(sg.get('target_loss'))}) | {_fmt(sg['time_to_target_s'], ' s')} |",
+            "",
+            *(f"**Warning:** {w}." for w in sg.get("warnings", [])),
+            "",
+        ]
     return "\n".join(lines)

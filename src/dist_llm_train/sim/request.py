@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dist_llm_train.config import Config, load_config
 from dist_llm_train.experiments.grid import Target
 from dist_llm_train.sim.config import SimConfig, SimConfigError, load_sim_overrides, merge_dotted
 from dist_llm_train.sim.report import DEFAULT_TARGET, write_report
 from dist_llm_train.sim.runner import SimResult, simulate, summary
+from dist_llm_train.sim.surrogate import apply as apply_surrogate
+from dist_llm_train.sim.surrogate import fit_from_folders
 from dist_llm_train.sim.training import Progress, simulate_trained
 from dist_llm_train.sim.validation import (
     DEFAULT_ROUNDS,
@@ -43,6 +47,8 @@ class SimRequest:
     """Real numerics: train the model on the virtual clock (a few dozen workers), not only the timing."""
     target: Target = DEFAULT_TARGET
     """The loss a trained run is measured against."""
+    surrogate_from: tuple[Path, ...] = ()
+    """Timing-only runs: trained simulation folders to fit a labelled loss surrogate from (`sim.surrogate`)."""
 
 
 def build_config(config: Path | None, sim_config: Path | None, overrides: Mapping[str, Any]) -> SimConfig:
@@ -106,9 +112,20 @@ def run_request(
     The summary has a real run's summary keys, plus `measured_run` when the request reproduces one. A
     trained request calls `progress(version, loss)` at every version the simulated PS publishes.
     """
+    if request.train and request.surrogate_from:
+        raise SimConfigError("a loss surrogate is for timing-only runs; a --train run has the real loss")
     cfg, measured = resolve(request)
+    fitted = fit_from_folders(list(request.surrogate_from)) if request.surrogate_from else None
     result = simulate_trained(base_config(request), cfg, progress=progress) if request.train else simulate(cfg)
-    extra = {"measured_run": measured_vs_simulated(measured, result)} if measured is not None else {}
+    extra: dict[str, Any] = {}
+    if measured is not None:
+        extra["measured_run"] = measured_vs_simulated(measured, result)
+    if fitted is not None:
+        staleness = float(np.mean(list(result.stats.staleness_applied.elements()) or [0]))
+        extra["surrogate"] = apply_surrogate(
+            fitted, result.stats.publish_times, result.stats.updates_per_version,
+            cfg.batch_size * cfg.steps_per_push, staleness, request.target.resolve(fitted.floor),
+        )
     if runs_dir is None and result.trained is not None:
         # The target figures are read from a metrics.csv: write the folder somewhere that then goes away.
         with tempfile.TemporaryDirectory() as tmp:

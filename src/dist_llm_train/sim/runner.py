@@ -17,10 +17,10 @@ from dist_llm_train.netem.profile.loading import load_profile
 from dist_llm_train.netem.profile.schema import ProfileError
 from dist_llm_train.sim.actor_engine import ActorEngine
 from dist_llm_train.sim.config import SimConfig, SimConfigError
-from dist_llm_train.sim.control import ControlPlane, ControlStats
+from dist_llm_train.sim.control import ControlPlane, ControlStats, availability_summary
 from dist_llm_train.sim.dataplane import NoDataPlane
 from dist_llm_train.sim.draws import ComputeTime, VersionDraws, slot_factors
-from dist_llm_train.sim.engine import Engine
+from dist_llm_train.sim.engine import Engine, Numerics
 from dist_llm_train.sim.events import EventQueue, VirtualClock
 from dist_llm_train.sim.metrics import DataStats, Sizes, TelemetryLog, Throughput, message_sizes
 from dist_llm_train.sim.network import Topology
@@ -49,6 +49,8 @@ class SimResult:
     events: int
     wall_s: float
     telemetry: TelemetryLog | None = None
+    trained: Any = None
+    """`training.Trained` when the run trained the real model (real numerics), else None."""
 
     @property
     def round_times(self) -> np.ndarray:
@@ -56,8 +58,12 @@ class SimResult:
         return np.diff(np.concatenate([[0.0], pub])) if pub.size else pub
 
 
-def choose_engine(cfg: SimConfig) -> str:
+def choose_engine(cfg: SimConfig, real_numerics: bool = False) -> str:
     rounds = cfg.strategy.rounds
+    if real_numerics:
+        if cfg.engine == "vectorised":
+            raise SimConfigError("engine: vectorised cannot train (its rounds are computed whole); use exact")
+        return "exact"
     if cfg.engine == "vectorised" and not rounds:
         round_based = sorted(name for name, cls in STRATEGIES.items() if cls.rounds)
         raise SimConfigError(
@@ -81,17 +87,19 @@ def _quiet_controller() -> Iterator[None]:
         log.setLevel(level)
 
 
-def simulate(cfg: SimConfig, telemetry: bool = False) -> SimResult:
+def simulate(cfg: SimConfig, telemetry: bool = False, numerics: Numerics | None = None) -> SimResult:
     """Run one simulation to completion (or stall, or the virtual time limit). Bad config raises first.
 
-    `telemetry` keeps one row per update (for a `metrics.csv` like a real run's); leave it off at scale."""
+    `telemetry` keeps one row per update (for a `metrics.csv` like a real run's); leave it off at scale.
+    `numerics` makes the updates (default: a one-parameter job whose maths is free; `training.RealNumerics`
+    trains the model, on the per-event engine)."""
     with _quiet_controller():
-        return _simulate(cfg, TelemetryLog() if telemetry else None)
+        return _simulate(cfg, TelemetryLog() if telemetry else None, numerics)
 
 
-def _simulate(cfg: SimConfig, log: TelemetryLog | None) -> SimResult:
+def _simulate(cfg: SimConfig, log: TelemetryLog | None, numerics: Numerics | None) -> SimResult:
     started = time.perf_counter()
-    engine_name = choose_engine(cfg)
+    engine_name = choose_engine(cfg, real_numerics=numerics is not None)
     try:
         profile = load_profile(cfg.profile) if cfg.profile not in (None, "", UNSHAPED) else None
     except ProfileError as err:
@@ -118,7 +126,7 @@ def _simulate(cfg: SimConfig, log: TelemetryLog | None) -> SimResult:
             draws = VersionDraws(cfg.seed, cfg.capacity)
             thr = Throughput(cfg.capacity, cfg.telemetry_alpha, cfg.batch_size, cfg.scheduler == "capability")
             cls: type[Engine] = SyncRoundEngine if engine_name == "vectorised" else ActorEngine
-            engine = cls(cfg, queue, control, steps, draws, stats, thr, log)
+            engine = cls(cfg, queue, control, steps, draws, stats, thr, log, numerics)
             control.start(engine)
             engine.run()
             outcome = engine.outcome
@@ -238,17 +246,33 @@ def summary(r: SimResult, run_id: str = "", run_dir: str = "") -> dict[str, Any]
         "control_bytes": heartbeats * cfg.payload.control_bytes,
         "link": r.link,
         "physics_bound": physics_bound(r),
+        "availability": availability_summary(cfg, st, cs),  # churn: goodput, lost updates, short rounds
         "events": r.events,
         "wall_seconds": r.wall_s,
         "seed": cfg.seed,
     }
+    trained = r.trained
+    sim["numerics"] = "real" if trained is not None else "free"
+    strategy: dict[str, Any] = {
+        "strategy": cfg.mode,
+        "codec": cfg.payload.codec,
+        "aggregation": "mean",
+        "attack": None,
+        "wire_bytes": {
+            cfg.strategy.update_kind: st.bytes_sent,
+            "params": st.bytes_received,
+        },
+        "dp": {"enabled": False},
+    }
+    if trained is not None:  # what really ran: rule, attack, DP, and the PS's own byte counters
+        strategy = trained.strategy
     return json_safe(
         {
             "run_id": run_id,
             "run_dir": run_dir,
-            "initial_loss": None,
-            "final_loss": None,
-            "loss_floor": None,
+            "initial_loss": trained.initial_loss if trained is not None else None,
+            "final_loss": trained.final_loss if trained is not None else None,
+            "loss_floor": trained.loss_floor if trained is not None else None,
             "steps": r.version,
             "workers": cfg.workers,
             "bytes_sent": st.bytes_sent,
@@ -263,18 +287,10 @@ def summary(r: SimResult, run_id: str = "", run_dir: str = "") -> dict[str, Any]
             # Same meaning as a real run's: the profile the (virtual) links had, and which shaper's behaviour.
             "profile": cfg.profile if cfg.profile not in (None, "", UNSHAPED) else None,
             "shaping": f"simulated-{cfg.transport.shaper}",
-            "strategy": {
-                "strategy": cfg.mode,
-                "codec": cfg.payload.codec,
-                "aggregation": "mean",
-                "attack": None,
-                "wire_bytes": {
-                    cfg.strategy.update_kind: st.bytes_sent,
-                    "params": st.bytes_received,
-                },
-                "dp": {"enabled": False},
-            },
+            "strategy": strategy,
             "links": r.links,
+            # As a real run's summary: the churn block when an availability trace drove the workers.
+            "availability": sim["availability"] if cfg.availability is not None else {},
             "simulation": sim,
         }
     )

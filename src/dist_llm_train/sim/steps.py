@@ -26,7 +26,7 @@ from dist_llm_train.sim.draws import (
     jitter_col,
     loss_col,
 )
-from dist_llm_train.sim.linkmath import loss_penalty, loss_penalty_1, propagation, propagation_1
+from dist_llm_train.sim.linkmath import LossModel, loss_penalty, loss_penalty_1, propagation, propagation_1
 from dist_llm_train.sim.metrics import Sizes
 from dist_llm_train.sim.network import PathTable, Topology
 from dist_llm_train.sim.relaymodel import Path, RelayDelivery
@@ -46,6 +46,44 @@ class FixedLegs:
     after_push: list[float]  # reply to the push + the next pull request
 
 
+@dataclass(frozen=True)
+class _FixedPath:
+    """One message's link, per slot: what `propagation` and the loss model read of it."""
+
+    delay: np.ndarray
+    jitter: np.ndarray
+    dist: np.ndarray
+    loss: LossModel
+
+
+@dataclass(frozen=True)
+class _FixedPlan:
+    n: int
+    pull: _FixedPath
+    push: _FixedPath
+    push_ser: np.ndarray
+    reply: _FixedPath
+    request: _FixedPath
+
+
+@dataclass(frozen=True)
+class SlotLegs:
+    """One version's step costs for every slot, as the round-at-a-time engine adds them up (`pull_delivered`,
+    `compute_time`, `push_arrival` keep propagation and loss penalty apart, so these do too); valid when the
+    links do not change over time and messages take the kernel path. A round gathers its members' rows."""
+
+    ser_in: np.ndarray  # pull serialisation at the worker's ingress
+    service: float  # the PS egress's time for one pull
+    pull_prop: np.ndarray
+    pull_pen: np.ndarray
+    compute: np.ndarray
+    push_ser: np.ndarray
+    push_prop: np.ndarray
+    push_pen: np.ndarray
+    reply: np.ndarray  # the reply to the push, then the next pull request (each propagation + penalty)
+    request: np.ndarray
+
+
 class StepModel:
     def __init__(self, cfg: SimConfig, topo: Topology, sizes: Sizes, compute: ComputeTime) -> None:
         self.topo, self.sizes, self.compute = topo, sizes, compute
@@ -61,6 +99,7 @@ class StepModel:
         self._up = _rows(topo.up)
         self._down = _rows(topo.down)
         self.relay = RelayDelivery(topo, self.mss) if cfg.transport.shaper == "userspace" else None
+        self._plan: _FixedPlan | None = None
 
     # -- vectorised ------------------------------------------------------------------------------------------
     def pull_service(self, start: np.ndarray) -> np.ndarray:
@@ -168,6 +207,36 @@ class StepModel:
         )
         return prop + pen
 
+    def slot_legs(self, z: np.ndarray, u: np.ndarray) -> SlotLegs | None:
+        """Every slot's `SlotLegs` for one version's variates; None when a schedule or relay semantics apply."""
+        t = self.topo
+        if not t.timeline.single or self.relay is not None:
+            return None
+        slots = np.arange(z.shape[0])
+        g = t.group[slots]
+        ser_in = self.pull_bits / t.down.rate[g, 0]
+        service = float(self.pull_bits / t.ps_rate[0])
+        plan = self._fixed_plan(slots.size, g, ser_in if self.shared else np.maximum(ser_in, service), service)
+
+        def prop(path: _FixedPath, which: int) -> np.ndarray:
+            return propagation(path.delay, path.jitter, path.dist, z[:, jitter_col(which)], u[:, jitter_col(which)])
+
+        def pen(path: _FixedPath, which: int) -> np.ndarray:
+            return path.loss.penalty(u[:, loss_col(which)], z[:, loss_col(which)])
+
+        return SlotLegs(
+            ser_in=ser_in,
+            service=service,
+            pull_prop=prop(plan.pull, LEG_PULL),
+            pull_pen=pen(plan.pull, LEG_PULL),
+            compute=self.compute_time(slots, z, u),
+            push_ser=plan.push_ser,
+            push_prop=prop(plan.push, LEG_PUSH),
+            push_pen=pen(plan.push, LEG_PUSH),
+            reply=prop(plan.reply, LEG_REPLY) + pen(plan.reply, LEG_REPLY),
+            request=prop(plan.request, LEG_REQUEST) + pen(plan.request, LEG_REQUEST),
+        )
+
     def fixed_legs(self, z: np.ndarray, u: np.ndarray) -> FixedLegs | None:
         """Every slot's leg costs for one version's variates; None when a schedule makes them vary in time."""
         t = self.topo
@@ -192,47 +261,20 @@ class StepModel:
                 (self._small("down", slots, zero, z, u, LEG_REPLY)
                  + self._small("up", slots, zero, z, u, LEG_REQUEST)).tolist(),
             )
-        pull_extra = propagation(
-            d.delay[g, 0],
-            d.jitter[g, 0],
-            d.dist[g, 0],
-            z[:, jitter_col(LEG_PULL)],
-            u[:, jitter_col(LEG_PULL)],
-        ) + loss_penalty(
-            d.loss[g, 0],
-            self.sizes.pull_bytes,
-            self.mss,
-            t.rtt[g, 0],
-            t.rto[g, 0],
-            np.maximum(service, ser_in),
-            u[:, loss_col(LEG_PULL)],
-            z[:, loss_col(LEG_PULL)],
-            self.retries,
+        plan = self._fixed_plan(slots.size, g, ser_in, service)
+
+        def prop(path: _FixedPath, which: int) -> np.ndarray:
+            return propagation(path.delay, path.jitter, path.dist, z[:, jitter_col(which)], u[:, jitter_col(which)])
+
+        def pen(path: _FixedPath, which: int) -> np.ndarray:
+            return path.loss.penalty(u[:, loss_col(which)], z[:, loss_col(which)])
+
+        # Summed in the order the scalar and round-at-a-time paths sum them (the same numbers to the last bit).
+        pull_extra = prop(plan.pull, LEG_PULL) + pen(plan.pull, LEG_PULL)
+        push_total = plan.push_ser + prop(plan.push, LEG_PUSH) + pen(plan.push, LEG_PUSH)
+        after = (prop(plan.reply, LEG_REPLY) + pen(plan.reply, LEG_REPLY)) + (
+            prop(plan.request, LEG_REQUEST) + pen(plan.request, LEG_REQUEST)
         )
-        ser = self.push_bits / p.rate[g, 0]
-        push_total = (
-            ser
-            + propagation(
-                p.delay[g, 0],
-                p.jitter[g, 0],
-                p.dist[g, 0],
-                z[:, jitter_col(LEG_PUSH)],
-                u[:, jitter_col(LEG_PUSH)],
-            )
-            + loss_penalty(
-                p.loss[g, 0],
-                self.sizes.push_bytes,
-                self.mss,
-                t.rtt[g, 0],
-                t.rto[g, 0],
-                ser,
-                u[:, loss_col(LEG_PUSH)],
-                z[:, loss_col(LEG_PUSH)],
-                self.retries,
-            )
-        )
-        zero = np.zeros(slots.size)
-        after = self._small("down", slots, zero, z, u, LEG_REPLY) + self._small("up", slots, zero, z, u, LEG_REQUEST)
         return FixedLegs(
             ser_in.tolist(),
             pull_extra.tolist(),
@@ -240,6 +282,30 @@ class StepModel:
             push_total.tolist(),
             after.tolist(),
         )
+
+    def _fixed_plan(self, n: int, g: np.ndarray, ser_in: np.ndarray, service: float) -> _FixedPlan:
+        """What `fixed_legs` needs of the links alone (per slot, the first and only segment), built once:
+        every version's legs then cost only the arithmetic on its variates (the per-event engine builds
+        them for each of its 10³ versions)."""
+        if self._plan is None or self._plan.n != n:
+            t, d, p = self.topo, self.topo.down, self.topo.up
+            rtt, rto = t.rtt[g, 0], t.rto[g, 0]
+            push_ser = self.push_bits / p.rate[g, 0]
+            zero = np.zeros(n)
+
+            def path(table: PathTable, nbytes: int, transfer_s: np.ndarray) -> _FixedPath:
+                loss = LossModel(table.loss[g, 0], nbytes, self.mss, rtt, rto, transfer_s, self.retries)
+                return _FixedPath(table.delay[g, 0], table.jitter[g, 0], table.dist[g, 0], loss)
+
+            self._plan = _FixedPlan(
+                n=n,
+                pull=path(d, self.sizes.pull_bytes, np.maximum(service, ser_in)),
+                push=path(p, self.sizes.push_bytes, push_ser),
+                push_ser=push_ser,
+                reply=path(d, self.sizes.small_bytes, zero),
+                request=path(p, self.sizes.small_bytes, zero),
+            )
+        return self._plan
 
     # -- scalar ----------------------------------------------------------------------------------------------
     def pull_service_1(self, start: float) -> float:

@@ -21,6 +21,7 @@ from dist_llm_train.sim.agents import INF
 from dist_llm_train.sim.barrier import MembershipChange, close_time
 from dist_llm_train.sim.engine import Engine, Outcome
 from dist_llm_train.sim.linkmath import fifo_completion
+from dist_llm_train.sim.steps import SlotLegs
 
 
 @dataclass
@@ -37,6 +38,10 @@ class _Round:
     died_waiting: np.ndarray
 
 
+_Memo = tuple[tuple[int, float, float], np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]
+"""(version, its publish time, egress free at) and the runnable agents, their starts and deaths; the timeline."""
+
+
 class SyncRoundEngine(Engine):
     def _set_up(self) -> None:
         self.member = np.zeros(self.cfg.capacity, dtype=bool)
@@ -44,6 +49,8 @@ class SyncRoundEngine(Engine):
         self.history: list[MembershipChange] = [(-INF, self.member.copy())]
         self.closes: list[float] = []
         self.pending: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []  # after their round closed
+        self._timeline: _Memo | None = None  # the last round timeline computed, and from what (see `_compute`)
+        self._slot_legs: tuple[int, SlotLegs | None] | None = None
 
     # -- DataPlane ------------------------------------------------------------------------------------------
     def on_members(self, slots: list[int]) -> None:
@@ -76,10 +83,18 @@ class SyncRoundEngine(Engine):
         self._resolve(end, final=True)
         return end
 
-    def _drain(self, until: float) -> None:
+    def _drain(self, until: float, stop_at_membership_change: bool = False) -> None:
+        """Process control events up to `until`; optionally stop right after one that changed the membership.
+
+        A round waiting for a departed member has its tentative close at the straggler timeout, which may be
+        10⁶ s away; the member's removal closes it far sooner. Draining on to the timeout would run (and count:
+        crashes, rejoins, trace leaves and joins) the control plane long past the run's end."""
+        changes = len(self.changes)
         while self.queue.peek_time() <= until:
             _, kind, _, data = self.queue.pop()
             self.control.handle(kind, data)
+            if stop_at_membership_change and len(self.changes) != changes:
+                return
 
     def _adopt_changes(self) -> None:
         """Membership changes before the round starts become its starting membership."""
@@ -97,30 +112,67 @@ class SyncRoundEngine(Engine):
             if t_next > rnd.close:
                 return rnd
             horizon = rnd.close if rnd.close < INF else t_next
-            self._drain(horizon)
+            self._drain(horizon, stop_at_membership_change=True)
 
     def _compute(self) -> _Round:
         a = self.agents.runnable()
-        slots = self.agents.slot[a]
         start = np.maximum(self.published_at, self.agents.request[a])
-        alive_at_start = start < self.agents.death[a]
-        died_waiting = a[~alive_at_start]
-        a, slots, start = a[alive_at_start], slots[alive_at_start], start[alive_at_start]
-        order = np.lexsort((slots, start))
-        a, slots, start = a[order], slots[order], start[order]
-        z_all, u_all = self.draws.table(self.published)
-        z, u = z_all[slots], u_all[slots]
-        service = self.steps.pull_service(start)
-        egress_done = fifo_completion(start, service, self.egress_free)
-        delivered = self.steps.pull_delivered(slots, start, egress_done, service, z, u)
-        compute = self.steps.compute_time(slots, z, u)
-        send = delivered + compute
-        arrival = self.steps.push_arrival(slots, send, z, u)
+        death = self.agents.death[a]
+        key = (self.published, self.published_at, self.egress_free)
+        memo = self._timeline
+        if (
+            memo is not None
+            and memo[0] == key
+            and np.array_equal(memo[1], a)
+            and np.array_equal(memo[2], start)
+            and np.array_equal(memo[3], death)
+        ):
+            # Control events that changed nothing a step's timeline depends on (a membership change, a
+            # tick): only the close is recomputed. At 10⁵ workers the timeline is a tenth of a second.
+            a, start, egress_done, delivered, compute, send, arrival, died_waiting = memo[4]
+        else:
+            inputs = (a, start, death)
+            slots = self.agents.slot[a]
+            alive_at_start = start < death
+            died_waiting = a[~alive_at_start]
+            a, slots, start = a[alive_at_start], slots[alive_at_start], start[alive_at_start]
+            order = np.lexsort((slots, start))
+            a, slots, start = a[order], slots[order], start[order]
+            legs = self._legs()
+            if legs is not None:  # the version's legs for every slot, worked out once (same sums, same numbers)
+                service = np.full(start.size, legs.service)
+                egress_done = fifo_completion(start, service, self.egress_free)
+                ready = egress_done if self.steps.shared else start + service
+                done = np.maximum(ready, start + legs.ser_in[slots])
+                delivered = done + legs.pull_prop[slots] + legs.pull_pen[slots]
+                compute = legs.compute[slots]
+                send = delivered + compute
+                arrival = send + legs.push_ser[slots] + legs.push_prop[slots] + legs.push_pen[slots]
+            else:
+                z_all, u_all = self.draws.table(self.published)
+                z, u = z_all[slots], u_all[slots]
+                service = self.steps.pull_service(start)
+                egress_done = fifo_completion(start, service, self.egress_free)
+                delivered = self.steps.pull_delivered(slots, start, egress_done, service, z, u)
+                compute = self.steps.compute_time(slots, z, u)
+                send = delivered + compute
+                arrival = self.steps.push_arrival(slots, send, z, u)
+            timeline = (a, start, egress_done, delivered, compute, send, arrival, died_waiting)
+            self._timeline = (key, *inputs, timeline)
+        slots = self.agents.slot[a]
         ok = arrival < self.agents.death[a]
         close, how = close_time(
             arrival[ok], slots[ok], self.member, self.changes, self.cfg.straggler_timeout_s
         )
         return _Round(a, start, egress_done, delivered, compute, send, arrival, close, how, died_waiting)
+
+    def _legs(self) -> SlotLegs | None:
+        """The current version's `SlotLegs` (built once per version: a round is recomputed after every control
+        event before its close, hundreds of times at 10⁵ workers)."""
+        version = self.published
+        if self._slot_legs is None or self._slot_legs[0] != version:
+            self._slot_legs = (version, self.steps.slot_legs(*self.draws.table(version)))
+        return self._slot_legs[1]
 
     # -- closing a round ----------------------------------------------------------------------------------
     def _finish(self, rnd: _Round) -> None:
@@ -145,6 +197,8 @@ class SyncRoundEngine(Engine):
         on_time = arrived & (arrival <= rnd.close)
         member_then = self._member_at(slots[on_time], arrival[on_time])
         accepted = _distinct(slots[on_time][member_then], self.member.size)
+        taken = on_time.nonzero()[0][member_then]
+        self._count_accepted_first(slots[taken], arrival[taken], compute[taken], distinct=accepted)
         if accepted:
             closing = 1 if rnd.how == "push" else 0
             _add(st.outcomes, "APPLIED", closing)
@@ -152,17 +206,25 @@ class SyncRoundEngine(Engine):
             st.staleness_applied[0] += accepted
         _add(st.outcomes, "DUPLICATE", int(member_then.sum()) - accepted)
         _add(st.outcomes, "PERMISSION_DENIED", int((~member_then).sum()))
-        steps_info = np.column_stack([arrival - start, compute, np.full(a.size, float(self.published))])
+        # Columns: step time, compute, base version (what `_observe` reads), and the send time (for losses).
+        steps_info = np.column_stack([arrival - start, compute, np.full(a.size, float(self.published)), send])
         self._observe(slots[on_time], arrival[on_time], steps_info[on_time])
         late = arrival > rnd.close
+        on_wire = ~arrived & ~late & (send < death)  # died with its update on the wire, before the close
+        self._count_lost(a[on_wire], compute[on_wire])
         self._count_or_defer("arrive", a[late], arrival[late], steps_info[late], rnd.close)
         nxt = np.full(a.size, INF)
         if arrived.any():
-            z_all, u_all = self.draws.table(self.published)
             s_ok = slots[arrived]
-            nxt[arrived] = self.steps.next_request(s_ok, arrival[arrived], z_all[s_ok], u_all[s_ok])
+            legs = self._legs()
+            if legs is not None:  # `next_request`'s sums, on the version's legs
+                nxt[arrived] = arrival[arrived] + legs.reply[s_ok] + legs.request[s_ok]
+            else:
+                z_all, u_all = self.draws.table(self.published)
+                nxt[arrived] = self.steps.next_request(s_ok, arrival[arrived], z_all[s_ok], u_all[s_ok])
         ag.request[a] = nxt
         st.timed_out_rounds += rnd.how == "timeout"
+        st.closed_by_departure += rnd.how == "members"
         self._record_close(accepted, int(np.count_nonzero(self._mask_at(rnd.close))))
         self.closes.append(rnd.close)
         publish_at = rnd.close + self.cfg.aggregation_base_s + self.cfg.aggregation_per_update_s * accepted
@@ -188,6 +250,8 @@ class SyncRoundEngine(Engine):
     def _count(self, kind: str, agents: np.ndarray, times: np.ndarray, values: np.ndarray) -> None:
         """Count what agents did at `times`, except what they did not live to do."""
         alive = times < self.agents.death[agents]
+        if not alive.all():
+            self._count_lost_dropped(kind, agents[~alive], times[~alive], values[~alive])
         agents, times, values = agents[alive], times[alive], values[alive]
         slots = self.agents.slot[agents]
         st = self.stats
@@ -202,6 +266,18 @@ class SyncRoundEngine(Engine):
             _add(st.outcomes, "LATE_DROPPED", int((member & ~complete).sum()))
             _add(st.outcomes, "PERMISSION_DENIED", int((~member).sum()))
             self._observe(slots, times, values)
+
+    def _count_lost_dropped(self, kind: str, agents: np.ndarray, times: np.ndarray, values: np.ndarray) -> None:
+        """Of what agents did not live to do, the updates that died with them: a send whose compute had
+        started before the death, an arrival whose send had left before it (as the per-event engine sees them)."""
+        death = self.agents.death[agents]
+        if kind == "send":  # values: compute time; the parameters arrived at send - compute
+            started = times - values
+            lost = started < death
+            self._count_lost(agents[lost], (death - started)[lost])
+        elif kind == "arrive":  # values: step time, compute, version, send time
+            lost = values[:, 3] < death
+            self._count_lost(agents[lost], values[lost, 1])
 
     def _resolve(self, upto: float, final: bool) -> None:
         """Count deferred happenings up to `upto`; at the end of the run drop what comes later."""
@@ -224,7 +300,17 @@ class SyncRoundEngine(Engine):
             order = np.argsort(times, kind="stable")
             agents, times, values = agents[order], times[order], values[order]
             slots = self.agents.slot[agents]
-            if kind == "arrive" and np.unique(slots).size < slots.size:
+            twice = kind == "arrive" and _distinct(slots, self.member.size) < slots.size
+            if twice and not self.throughput.enabled and self.log is None:
+                # One worker twice, but no EWMA or telemetry row to feed in order: count them together (10⁵ late
+                # updates a round at 10⁵ workers), the step-time sum added one by one as the loop below adds it.
+                step_time_s = self.stats.step_time_sum_s
+                lived = values[times < self.agents.death[agents], 0].tolist()
+                self._count(kind, agents, times, values)
+                for x in lived:
+                    step_time_s += x
+                self.stats.step_time_sum_s = step_time_s
+            elif twice:
                 for i in range(slots.size):  # one worker twice: its throughput EWMA must see them in order
                     self._count(kind, agents[i : i + 1], times[i : i + 1], values[i : i + 1])
             elif agents.size:
@@ -244,9 +330,17 @@ class SyncRoundEngine(Engine):
         if slots.size == 0:
             return np.zeros(0, dtype=bool)
         change_times = np.array([t for t, _ in self.history])
-        masks = np.stack([m for _, m in self.history])
         idx = np.searchsorted(change_times, times, side="right") - 1
-        return masks[idx, slots]
+        # Each membership in force reads its own mask (stacking every mask of the history would cost
+        # changes × workers, and a 10⁵-worker run keeps hundreds of changes in it).
+        first = int(idx[0])
+        if (idx == first).all():
+            return self.history[first][1][slots]
+        out = np.empty(slots.size, dtype=bool)
+        for k in np.unique(idx).tolist():
+            sel = idx == k
+            out[sel] = self.history[k][1][slots[sel]]
+        return out
 
 
 def _add(counter: Counter[str], key: str, n: int) -> None:

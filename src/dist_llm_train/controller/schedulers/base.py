@@ -73,7 +73,11 @@ def task_order(task: TaskView) -> tuple[int, int, str]:
 def balanced_assign(
     tasks: Sequence[TaskView], workers: Sequence[WorkerView], match_round: RoundMatcher
 ) -> list[Assignment]:
-    """Run `match_round` until every task is placed or no task can be placed under the load rule."""
+    """Run `match_round` until every task is placed or no task can be placed under the load rule.
+
+    Whether a worker fits a task depends only on the task's memory requirement, so each round works out the
+    candidates once per distinct requirement and tasks that share it share the list (matchers only read it):
+    a pass of many like tasks costs O(tasks + workers) per round rather than O(tasks × workers)."""
     loads = {w.worker_id: w.load for w in workers}
     remaining = sorted(tasks, key=task_order)
     out: list[Assignment] = []
@@ -81,11 +85,19 @@ def balanced_assign(
         if not remaining:
             break
         candidates: dict[str, list[WorkerView]] = {}
+        by_need: dict[float, list[WorkerView]] = {}
         for t in remaining:
-            fitting = [w for w in workers if w.fits(t)]
-            if fitting:
-                low = min(loads[w.worker_id] for w in fitting)
-                candidates[t.task_id] = [w for w in fitting if loads[w.worker_id] == low]
+            need = t.required_memory_gb
+            cands = by_need.get(need)
+            if cands is None:
+                fitting = [w for w in workers if w.fits(t)]
+                cands = []
+                if fitting:
+                    low = min(loads[w.worker_id] for w in fitting)
+                    cands = [w for w in fitting if loads[w.worker_id] == low]
+                by_need[need] = cands
+            if cands:
+                candidates[t.task_id] = cands
         placeable = [t for t in remaining if t.task_id in candidates]
         pairs = match_round(placeable, candidates) if placeable else []
         _check_round(pairs, candidates)
@@ -106,23 +118,50 @@ def _check_round(pairs: list[Assignment], candidates: Mapping[str, list[WorkerVi
     workers = [w for _, w in pairs]
     if len(set(tasks)) != len(tasks) or len(set(workers)) != len(workers):
         raise AssertionError(f"round matcher returned a non-matching: {pairs}")
+    allowed: dict[int, set[str]] = {}  # per candidate list (tasks may share one)
     for t, w in pairs:
-        if w not in {c.worker_id for c in candidates.get(t, [])}:
+        cands = candidates.get(t, [])
+        ids = allowed.get(id(cands))
+        if ids is None:
+            ids = allowed[id(cands)] = {c.worker_id for c in cands}
+        if w not in ids:
             raise AssertionError(f"round matcher placed {t} on ineligible worker {w}")
 
 
 def greedy_round(
     score: Callable[[WorkerView], tuple[float, ...]],
 ) -> RoundMatcher:
-    """Tasks in priority order each take the best-scoring candidate not yet used this round."""
+    """Tasks in priority order each take the best-scoring candidate not yet used this round.
+
+    Best: highest score, then name; among equal keys the first in the candidate list. Each worker is scored
+    once per round and each distinct candidate list sorted once (stably, so the first of equals stays first);
+    a task then takes the first unused worker of its sorted list, which is exactly the minimum over its
+    unused candidates."""
 
     def match(tasks: Sequence[TaskView], candidates: Mapping[str, list[WorkerView]]) -> list[Assignment]:
         used: set[str] = set()
         pairs: list[Assignment] = []
+        keys: dict[int, tuple[tuple[float, ...], str]] = {}
+
+        def key(w: WorkerView) -> tuple[tuple[float, ...], str]:
+            k = keys.get(id(w))
+            if k is None:
+                k = keys[id(w)] = (tuple(-x for x in score(w)), w.name)
+            return k
+
+        ranked: dict[int, tuple[list[WorkerView], list[int]]] = {}  # per candidate list: sorted, next index
         for t in sorted(tasks, key=task_order):
-            free = [w for w in candidates[t.task_id] if w.worker_id not in used]
-            if free:
-                best = min(free, key=lambda w: (tuple(-x for x in score(w)), w.name))
+            cands = candidates[t.task_id]
+            entry = ranked.get(id(cands))
+            if entry is None:
+                entry = ranked[id(cands)] = (sorted(cands, key=key), [0])
+            order, pos = entry
+            i = pos[0]
+            while i < len(order) and order[i].worker_id in used:
+                i += 1
+            pos[0] = i
+            if i < len(order):
+                best = order[i]
                 used.add(best.worker_id)
                 pairs.append((t.task_id, best.worker_id))
         return pairs
