@@ -216,8 +216,8 @@ class SimStore(Store):
             self._hold(worker_id, job, +1)
 
     # -- writes (SQLite, then the account) ---------------------------------------------------------------------
-    def upsert_worker(self, worker_id: str, name: str, caps: dict[str, Any], now: float) -> None:
-        super().upsert_worker(worker_id, name, caps, now)
+    def _account_worker(self, worker_id: str, name: str, caps: dict[str, Any]) -> None:
+        """A worker (re)registered: known, in registration order, alive, its memory in the fleet minimum."""
         if worker_id not in self._order:
             self._order[worker_id] = len(self._order)
             self._names[worker_id] = name
@@ -225,15 +225,14 @@ class SimStore(Store):
         self._silent.pop(worker_id, None)
         self._set_alive(worker_id, True)
 
+    def upsert_worker(self, worker_id: str, name: str, caps: dict[str, Any], now: float) -> None:
+        super().upsert_worker(worker_id, name, caps, now)
+        self._account_worker(worker_id, name, caps)
+
     def upsert_workers(self, rows: Sequence[tuple[str, str, dict[str, Any], float]]) -> None:
         super().upsert_workers(rows)
         for worker_id, name, caps, _ in rows:
-            if worker_id not in self._order:
-                self._order[worker_id] = len(self._order)
-                self._names[worker_id] = name
-            self._min_memory = min(self._min_memory, float(caps["memory_gb"]))
-            self._silent.pop(worker_id, None)
-            self._set_alive(worker_id, True)
+            self._account_worker(worker_id, name, caps)
 
     def touch_worker(self, worker_id: str, now: float, activity: str | None) -> None:
         super().touch_worker(worker_id, now, activity)
