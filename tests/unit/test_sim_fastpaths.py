@@ -376,3 +376,21 @@ def test_a_pass_with_more_tasks_than_least_loaded_workers_offers_everyone(schedu
         reports.append(detector.tick().assigned)
     assert reports[0] == reports[1] and len(reports[0]) == 2
     assert sorted(w for _, w in reports[0]) == ["w-1", "w-3"]
+
+
+def test_task_updates_are_written_before_any_read_and_dropped_with_a_rolled_back_transaction() -> None:
+    store = adapters.SimStore()
+    job = Job("job", "j", {}, 2, 1, 1.0, 0.0, "pending", 0.0, 0.0)
+    with store.tx():
+        store.insert_job(job)
+        store.insert_tasks("job", 2, 0.0)
+    store.upsert_worker("w-1", "n1", RegisterIn(name="n1").model_dump(exclude={"name"}), 0.0)
+    with store.tx():
+        store.update_task("job.0", "assigned", "w-1", 1.0)
+        assert store.worker_loads() == {"w-1": 1}  # a read inside the transaction sees it
+        store.update_task("job.1", "assigned", "w-1", 1.0)
+    assert store.worker_loads() == {"w-1": 2}
+    with pytest.raises(RuntimeError), store.tx():
+        store.update_task("job.0", "pending", None, 2.0)
+        raise RuntimeError("a refused pass")
+    assert store.worker_loads() == {"w-1": 2} and store.get_task("job.0").state == "assigned"  # type: ignore[union-attr]

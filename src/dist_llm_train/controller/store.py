@@ -28,6 +28,11 @@ _UPSERT_WORKER = """INSERT INTO workers (worker_id, name, memory_gb, flops, band
                    labels = excluded.labels, state = 'alive', last_heartbeat = excluded.last_heartbeat"""
 
 
+UPDATE_TASK = """UPDATE tasks SET state = ?, worker_id = ?, updated_at = ?, attempts = COALESCE(?, attempts),
+                   last_error = COALESCE(?, last_error) WHERE task_id = ?"""
+"""`Store.update_task`'s statement; parameters (state, worker_id, now, attempts, last_error, task_id)."""
+
+
 def _upsert_params(worker_id: str, name: str, caps: dict[str, Any], now: float) -> tuple[Any, ...]:
     return (
         worker_id,
@@ -261,11 +266,7 @@ class Store:
         attempts: int | None = None,
         last_error: str | None = None,
     ) -> None:
-        self._run(
-            """UPDATE tasks SET state = ?, worker_id = ?, updated_at = ?, attempts = COALESCE(?, attempts),
-                   last_error = COALESCE(?, last_error) WHERE task_id = ?""",
-            (state, worker_id, now, attempts, last_error, task_id),
-        )
+        self._run(UPDATE_TASK, (state, worker_id, now, attempts, last_error, task_id))
 
     def release_tasks_of_worker(self, worker_id: str, now: float) -> list[Task]:
         tasks = self.assigned_tasks(worker_id)

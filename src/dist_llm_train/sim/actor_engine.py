@@ -1,15 +1,19 @@
-"""Every message an event: each worker runs pull → compute → push against the real `JobState`.
+"""One update at a time: each worker runs pull → compute → push, and every push meets the real `JobState`.
 
 This is the exact engine. Async training always runs here (each update's fate depends on every update
 before it, and ~10⁶ pushes are affordable); sync runs here with `engine: exact`, which the tests use to
 hold the vectorised engine to identical results. Pulls wait as the PS's do: a sync worker's pull needs
-the version after the one it pushed for, and any pull waits while a round's aggregation runs.
+the version after the one it pushed for, and any pull waits while a round's aggregation runs. A step's
+events are its pull request and its push's arrival; what happens in between is worked out when the pull is
+served and applied as if it had been events of its own (see `_serve`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from dist_llm_train.sim import adapters
 from dist_llm_train.sim.engine import Engine, Outcome
@@ -21,9 +25,6 @@ Step = Row | tuple[FixedLegs, int]
 InFlight = tuple[int, int, float, Step, float, float, int]
 """A step after its pull was served: agent, version, request time, legs, compute time, delivery time, and
 which pull served it was (the order of deliveries at one instant)."""
-
-_CONTROL = {Kind.DEATH, Kind.REJOIN, Kind.JOIN, Kind.HB_STALL, Kind.HB_RESUME, Kind.TICK, Kind.LEARN}
-
 
 class ActorEngine(Engine):
     def _set_up(self) -> None:
@@ -40,7 +41,8 @@ class ActorEngine(Engine):
         self._fixed: dict[int, FixedLegs | None] = {}
         self._served = 0  # pulls served so far: the order of deliveries at one instant
         self._served_at_publish = 0
-        self._computed: list[tuple[float, float, int, float]] = []  # (compute's end, delivery, served, compute)
+        self._pulled = self._sent = 0  # pulls delivered and updates sent, counted at the end (`_settle_sums`)
+        self._computed: list[float] = []  # (compute's end, delivery, served, compute) per update, flat
         self._lost: list[tuple[float, Kind, tuple[float, ...], int, float]] = []  # (when, as what, order, agent, waste)
         # A pull's service time, when the links do not change over time (the same number every time).
         self._service = self.steps.pull_service_1(0.0) if self.steps.topo.timeline.single else None
@@ -109,24 +111,28 @@ class ActorEngine(Engine):
             died = float(death[a])
             if not seen(delivered, delivered, served) or delivered >= died:
                 continue
-            self._count_pulls(1)
+            self._pulled += 1
             if not seen(sent, delivered, served):
                 continue
             if sent >= died:
                 self._lost.append((sent, Kind.COMPUTE_DONE, (delivered, served), a, died - (sent - compute)))
             else:
-                self._count_pushes(1, 0.0)
-                self._computed.append((sent, delivered, served, compute))
+                self._sent += 1
+                self._computed += (sent, delivered, served, compute)
         self._settle_sums()
         return self.stats.publish_times[-1] if self.stats.publish_times else self.queue.clock.now
 
     def _settle_sums(self) -> None:
-        """Add the compute times and the lost updates in the order the ends of the computes and the arrivals
-        would have come as events, so the sums are the same to the last bit."""
-        total = self.stats.compute_s
-        for *_, compute in sorted(self._computed, key=lambda c: (c[0], c[1], c[2])):
-            total += compute
-        self.stats.compute_s = total
+        """Count the pulls and updates, and add the compute times and the lost updates in the order the ends of
+        the computes and the arrivals would have come as events, so the sums are the same to the last bit."""
+        self._count_pulls(self._pulled)
+        self._count_pushes(self._sent, 0.0)
+        self._pulled = self._sent = 0
+        if self._computed:  # (compute's end, delivery, served, compute) × n, flat; added one by one, in order
+            c = np.array(self._computed).reshape(-1, 4)
+            order = np.lexsort((c[:, 2], c[:, 1], c[:, 0]))
+            sums = np.add.accumulate(np.concatenate(([self.stats.compute_s], c[order, 3])))
+            self.stats.compute_s = float(sums[-1])
         for *_, a, wasted in sorted(self._lost, key=lambda x: (x[0], x[1], x[2])):
             self._count_lost_1(a, wasted)
         self._computed, self._lost = [], []
@@ -201,20 +207,20 @@ class ActorEngine(Engine):
         death = self.agents.death[a]
         if now >= death:
             if delivered < death:  # it had the parameters
-                self._count_pulls(1)
+                self._pulled += 1
                 sent = delivered + compute
                 if sent >= death:  # died while computing
                     wasted = float(death) - (sent - compute)
                     self._lost.append((sent, Kind.COMPUTE_DONE, (delivered, served), a, wasted))
                 else:  # died with its update on the wire
-                    self._count_pushes(1, 0.0)
-                    self._computed.append((sent, delivered, served, compute))
+                    self._sent += 1
+                    self._computed += (sent, delivered, served, compute)
                     self._lost.append((now, Kind.PUSH_ARRIVE, (sent, delivered, served), a, compute))
             self.maths.end_life(a)
             return
-        self._count_pulls(1)
-        self._count_pushes(1, 0.0)  # its compute time joins the sum in order (`_settle_sums`)
-        self._computed.append((delivered + compute, delivered, served, compute))
+        self._pulled += 1
+        self._sent += 1  # counted, with its compute time in order, by `_settle_sums`
+        self._computed += (delivered + compute, delivered, served, compute)
         slot = int(self.agents.slot[a])
         step = self.steps_done.get(a, 0) + 1
         self.steps_done[a] = step

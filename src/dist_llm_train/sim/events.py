@@ -25,8 +25,8 @@ class Kind(IntEnum):
     TICK = 5  # failure-detector tick (detect, schedule, sync membership)
     LEARN = 6  # a worker's assignment poll shows it a new task
     PULL_REQUEST = 7  # a pull request reaches the PS
-    PULL_DONE = 8  # parameters delivered to the worker
-    COMPUTE_DONE = 9  # worker finished its step and sends the update
+    PULL_DONE = 8  # parameters delivered to the worker (the exact engine applies it at the push's arrival)
+    COMPUTE_DONE = 9  # worker finished its step and sends the update (likewise; their places in this order stay)
     PUSH_ARRIVE = 10  # update reaches the PS
     EXPIRE = 11  # a sync round's straggler deadline
     PUBLISH = 12  # a new version becomes readable (after aggregation time)
