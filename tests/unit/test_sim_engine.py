@@ -327,3 +327,16 @@ def test_strategy_and_codec_keys_of_the_run_config_reach_the_simulation():
         3,
         4,
     )
+
+
+def test_async_on_a_sync_config_keeps_the_async_default_bound():
+    """A sync run config has no staleness bound; simulating it as async must not read that as bound 0."""
+    from dist_llm_train.config import Config
+    from dist_llm_train.core.strategies import parse_strategy_config
+    from dist_llm_train.sim.config import SimConfig
+
+    sim = SimConfig.from_config(Config(), mode="async")
+    assert sim.max_staleness == parse_strategy_config({"name": "async"}).max_staleness  # type: ignore[union-attr]
+    cfg = Config()
+    cfg.training.strategy = parse_strategy_config({"name": "async", "max_staleness": 2})
+    assert SimConfig.from_config(cfg).max_staleness == 2

@@ -310,7 +310,6 @@ class SimConfig(_Strict):
             "scheduler": c.scheduler,
             "heartbeat_miss_limit": c.heartbeat_miss_limit,
             "telemetry_alpha": c.telemetry_alpha,
-            "max_staleness": t.initial_staleness_bound,
             **{
                 sim_key: getattr(strategy, key)
                 for sim_key, key in (
@@ -332,6 +331,10 @@ class SimConfig(_Strict):
                 "codec_params": codec_params,
             },
         }
+        # A round-based config has no staleness bound (it reads as 0); carrying that 0 over would make
+        # `--strategy async` on such a config refuse every stale update. Then SimConfig's default holds.
+        if not t.build_strategy().rounds:
+            data["max_staleness"] = t.initial_staleness_bound
         if cfg.network.shaping == "userspace":  # the embedded launcher's relays, not a kernel qdisc
             data["transport"] = {"shaper": "userspace"}
         if cfg.availability is not None:
