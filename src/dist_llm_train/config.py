@@ -150,6 +150,11 @@ class TrainingConfig(_Strict):
     eval_batches: int = Field(64, ge=1)
     strategy: StrategyField = Field(default_factory=SyncConfig, description="The training strategy")
     codec: CodecConfig = CodecConfig()
+    downlink: CodecConfig = Field(
+        CodecConfig(),
+        description="How the PS sends new versions to workers: `none` sends the full model each pull; any other "
+        "codec sends compressed deltas with server-side error feedback (core.downlink)",
+    )
     aggregation: AggregationConfig = AggregationConfig()
     attack: AttackConfig | None = None
     dp: PrivacyConfig | None = None
@@ -231,6 +236,7 @@ class TrainingConfig(_Strict):
             total_steps=strategy.versions(self.steps),
             privacy=central,
             privacy_seed=dp_seed if central is not None else None,
+            downlink=self.downlink if self.downlink.name != "none" else None,
         )
 
     def worker_update(
@@ -266,6 +272,7 @@ class TrainingConfig(_Strict):
             "strategy_params": strategy.describe(),
             "codec": self.codec.name,
             "error_feedback": self.codec.uses_error_feedback,
+            "downlink": self.downlink.name,
             "aggregation": self.aggregation.rule,
             "aggregation_params": self.aggregation.params(self.num_workers),
             "attack": None

@@ -48,10 +48,10 @@ def run(tmp_path: Path, training: dict[str, Any], *flags: str, min_drop: float =
     return summary
 
 
-def test_diloco_pushes_compressed_pseudo_gradients(tmp_path: Path) -> None:
+def test_diloco_pushes_compressed_pseudo_gradients_and_pulls_compressed_deltas(tmp_path: Path) -> None:
     s = run(
         tmp_path,
-        {"diloco_local_steps": 10},
+        {"diloco_local_steps": 10, "downlink": {"name": "topk", "ratio": 0.05}},
         "--workers",
         "2",
         "--steps",
@@ -67,6 +67,9 @@ def test_diloco_pushes_compressed_pseudo_gradients(tmp_path: Path) -> None:
     wire = st["wire_bytes"]
     assert wire["bytes_received_gradient"] == 0
     assert wire["raw_bytes_pseudo_gradient"] >= 50 * wire["bytes_received_pseudo_gradient"] > 0
+    # Each worker pulls the model in full once, then one top-k 5 % delta per round: both directions compressed.
+    assert st["downlink"] == "topk"
+    assert 0 < wire["params_delta_bytes_sent"] < wire["params_bytes_sent"] / 2
 
 
 def test_adaptive_with_int8_and_local_dp(tmp_path: Path) -> None:

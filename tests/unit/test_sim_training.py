@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dist_llm_train.config import Config
+from dist_llm_train.core.downlink import DownlinkPublisher
 from dist_llm_train.paramserver.optim import make_optimizer
 from dist_llm_train.sim.config import SimConfig, SimConfigError
 from dist_llm_train.sim.report import write_report
@@ -50,23 +51,29 @@ def reference_sync(cfg: Config, versions: int) -> tuple[np.ndarray, list[list[fl
     params = flatten_params(trainers[0].model)
     spec = t.job_spec("reference")
     opt = make_optimizer(spec.optimizer, params.size)
+    # With a downlink codec workers compute on the published θ̂ (core.downlink), the optimizer steps θ.
+    pub = DownlinkPublisher(spec.downlink.build(), params, 0) if spec.downlink is not None else None
     losses: list[list[float]] = []
-    for _ in range(versions):
+    for v in range(versions):
         updates, round_losses = [], []
         for trainer, pipe in zip(trainers, pipes, strict=True):
-            trainer.set_params(params.copy())
+            trainer.set_params(np.array(pub.published if pub is not None else params))
             u = pipe.compute(trainer)
             updates.append(u.vec)
             round_losses.append(u.loss)
         params = opt.step(params, np.mean(np.stack(updates), axis=0), 1.0).astype(np.float32)
+        if pub is not None:
+            pub.publish(params, v + 1)
         losses.append(sorted(round_losses))
     return params, losses
 
 
-@pytest.mark.parametrize("strategy", ["sync", "diloco"])
+@pytest.mark.parametrize("strategy", ["sync", "diloco", "diloco+downlink"])
 def test_perfect_links_equal_the_reference_version_by_version(strategy: str) -> None:
-    extra = {"strategy": {"name": "diloco", "local_steps": 3}} if strategy == "diloco" else {}
-    cfg = _config(workers=3, steps=12 if strategy == "sync" else 12, **extra)
+    extra: dict[str, object] = {"strategy": {"name": "diloco", "local_steps": 3}} if "diloco" in strategy else {}
+    if "downlink" in strategy:
+        extra["downlink"] = {"name": "topk", "ratio": 0.05}
+    cfg = _config(workers=3, steps=12, **extra)
     sim = SimConfig.from_config(cfg, profile="none", **{"compute.kind": "constant", "compute.mean_s": 0.01})
     result = simulate_trained(cfg, sim)
     versions = cfg.training.versions
@@ -95,6 +102,22 @@ def test_same_seed_same_run_and_links_cost_time_not_learning(strategy: str) -> N
         fast = simulate_trained(cfg, SimConfig.from_config(cfg, profile="none"))
         np.testing.assert_allclose(fast.trained.final_params, a.trained.final_params, atol=1e-5)
         assert a.virtual_s > 5 * fast.virtual_s
+
+
+def test_downlink_deltas_shrink_the_pulls_the_clock_and_the_counters_see() -> None:
+    full = _config(workers=2, steps=12, strategy={"name": "diloco", "local_steps": 3})
+    deltas = _config(
+        workers=2, steps=12, strategy={"name": "diloco", "local_steps": 3}, downlink={"name": "int8"}
+    )
+    a = simulate_trained(full, SimConfig.from_config(full, profile="cellular"))
+    b = simulate_trained(deltas, SimConfig.from_config(deltas, profile="cellular"))
+    assert b.sizes.pull_bytes < 0.3 * a.sizes.pull_bytes  # int8 + scales vs float32
+    assert b.virtual_s < a.virtual_s
+    wire_a, wire_b = a.trained.strategy["wire_bytes"], b.trained.strategy["wire_bytes"]
+    assert wire_a["params_delta_bytes_sent"] == 0
+    assert 0 < wire_b["params_delta_bytes_sent"] < 0.3 * wire_a["params_bytes_sent"]
+    assert b.trained.strategy["downlink"] == "int8"
+    assert abs(b.trained.final_loss - a.trained.final_loss) < 0.05  # int8 deltas with feedback: same learning
 
 
 def test_trained_report_has_losses_target_and_plot(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dist_llm_train.core.codecs import CodecConfig
+from dist_llm_train.core.downlink import enabled as downlink_enabled
 from dist_llm_train.core.privacy import DPSettings
 from dist_llm_train.core.strategies import (
     DEFAULT_STRATEGY,
@@ -29,6 +31,7 @@ from dist_llm_train.core.strategies.base import OptimizerSpec
 OPTIMIZERS = ("sgd", "adam")
 OPTIMIZER_OPTIONS = ("nesterov", "adam_beta2", "adam_eps")
 PRIVACY_OPTIONS = ("dp_noise_multiplier", "dp_clip", "dp_delta", "dp_seed")
+DOWNLINK_OPTION = "downlink"  # the downlink codec config as JSON (`core.downlink`); absent: full pulls
 # Strategy fields with a proto field of their own; every other strategy field travels in `options`.
 _DEDICATED_FIELDS = ("max_staleness", "straggler_timeout_s")
 
@@ -60,6 +63,7 @@ class JobSpec:
     total_steps: int = 200
     privacy: DPSettings | None = None  # central DP on the PS (mode "central"); None: off
     privacy_seed: int | None = None  # None: OS entropy (production); a seed only for reproducible tests
+    downlink: CodecConfig | None = None  # pulls as compressed deltas (`core.downlink`); None: full pulls
 
     @property
     def mode(self) -> str:
@@ -84,6 +88,9 @@ class JobSpec:
             }
             if self.privacy_seed is not None:
                 options["dp_seed"] = str(self.privacy_seed)
+        if downlink_enabled(self.downlink):
+            assert self.downlink is not None
+            options[DOWNLINK_OPTION] = self.downlink.model_dump_json()
         defaults = WireJobSpec(job_id="")
         return WireJobSpec(
             job_id=self.job_id,
@@ -104,7 +111,7 @@ class JobSpec:
         """Parse and check the wire form; ValueError naming the field for anything unknown or out of range."""
         strategy = _strategy_from_wire(w)
         known = strategy_fields(strategy.name) - {"name", *_DEDICATED_FIELDS}
-        known |= {*OPTIMIZER_OPTIONS, *PRIVACY_OPTIONS}
+        known |= {*OPTIMIZER_OPTIONS, *PRIVACY_OPTIONS, DOWNLINK_OPTION}
         unknown = sorted(set(w.options) - known)
         if unknown:
             raise ValueError(f"spec.options has unknown keys {unknown}; known for {w.mode!r}: {sorted(known)}")
@@ -148,6 +155,7 @@ class JobSpec:
             total_steps=w.total_steps,
             privacy=privacy,
             privacy_seed=_option(w.options, "dp_seed", None, int),
+            downlink=_downlink(w.options),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +166,17 @@ class JobSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobSpec:
         return cls.from_wire(WireJobSpec(**d))
+
+
+def _downlink(options: dict[str, str]) -> CodecConfig | None:
+    text = options.get(DOWNLINK_OPTION)
+    if text is None:
+        return None
+    try:
+        config = CodecConfig.model_validate_json(text)
+    except ValidationError as err:
+        raise ValueError(f"spec.options[{DOWNLINK_OPTION!r}] is not a codec config: {err}") from None
+    return config if downlink_enabled(config) else None
 
 
 def _strategy_from_wire(w: WireJobSpec) -> StrategyConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
@@ -69,6 +70,8 @@ class PulledParams:
     params: np.ndarray  # flat float32
     layout: list[TensorSpec]
     job_complete: bool
+    epoch: int = 0  # downlink lineage of `params` (`core.downlink`); 0: the job sends full pulls
+    delta: Any = None  # PS side only: a `core.downlink.DeltaReply` to send instead of `params`
 
 
 @dataclass

@@ -147,6 +147,7 @@ WIRE_BYTE_COUNTERS = (
     "bytes_received_pseudo_gradient",
     "raw_bytes_pseudo_gradient",
     "params_bytes_sent",
+    "params_delta_bytes_sent",
 )
 
 
@@ -190,8 +191,11 @@ def strategy_markdown(st: dict[str, Any]) -> list[str]:
         lines.append("| differential privacy | off |")
     workers = st.get("workers", [])
     if workers:
-        lines += ["", "| worker | pushes | accepted | rejected | acceptance | staleness bound | mean staleness |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| worker | pushes | accepted | rejected | acceptance | staleness bound | mean staleness |",
+            "|---|---|---|---|---|---|---|",
+        ]
         lines += [
             f"| {w['worker_id']} | {w['pushes']} | {w['accepted']} | {w['rejected']} | "
             f"{w['acceptance_rate']:.0%} | {w['staleness_bound']} | {w['mean_staleness']:.2f} |"
@@ -221,8 +225,11 @@ def availability_markdown(av: dict[str, Any]) -> list[str]:
         "| worker | action | trace time (s) | applied (s) |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {e['worker']} | {e['action']}{' (failed)' if e.get('error') else ''} | {e['scheduled_s']:.2f} | "
-              f"{e['applied_s']:.2f} |" for e in av.get("events", [])]
+    lines += [
+        f"| {e['worker']} | {e['action']}{' (failed)' if e.get('error') else ''} | {e['scheduled_s']:.2f} | "
+        f"{e['applied_s']:.2f} |"
+        for e in av.get("events", [])
+    ]
     return [*lines, ""]
 
 

@@ -36,6 +36,7 @@ from typing import TypeVar
 import numpy as np
 
 from dist_llm_train.core.aggregation import Aggregator, get_aggregator
+from dist_llm_train.core.downlink import DeltaReply, DownlinkPublisher
 from dist_llm_train.core.job import JobSpec
 from dist_llm_train.core.privacy import private_aggregator
 from dist_llm_train.core.strategies import UPDATE_KINDS, Strategy, VersionRule, WorkerLedger, build_strategy
@@ -144,6 +145,13 @@ def check_wait(min_version: int, wait_timeout_s: float) -> float:
     if not isinstance(wait_timeout_s, int | float) or not np.isfinite(wait_timeout_s) or wait_timeout_s < 0:
         raise invalid(f"wait_timeout_s must be a finite number >= 0, got {wait_timeout_s!r}")
     return min(float(wait_timeout_s), MAX_WAIT_S)
+
+
+def check_have(have_epoch: int, have_version: int) -> None:
+    if not isinstance(have_epoch, int) or not 0 <= have_epoch < 1 << 63:
+        raise invalid(f"have_epoch must be an integer in [0, 2^63), got {have_epoch!r}")
+    if not isinstance(have_version, int) or not 0 <= have_version < 1 << 62:
+        raise invalid(f"have_version must be an integer in [0, 2^62), got {have_version!r}")
 
 
 def build_aggregator(spec: JobSpec) -> Aggregator:
@@ -299,11 +307,13 @@ class JobState:
         self._lock = threading.Lock()
         self.waiters = VersionWaiters(self._lock)
         self.on_version: Callable[[JobState], None] | None = None  # e.g. checkpoint scheduling
+        # Pulls as compressed deltas (`core.downlink`): workers hold the published θ̂, not θ.
+        self.downlink: DownlinkPublisher | None = (
+            DownlinkPublisher(spec.downlink.build(), self.params, self.version) if spec.downlink is not None else None
+        )
 
     @staticmethod
-    def validated(
-        spec: JobSpec, layout: Sequence[TensorSpec], params: np.ndarray, members: Sequence[str]
-    ) -> None:
+    def validated(spec: JobSpec, layout: Sequence[TensorSpec], params: np.ndarray, members: Sequence[str]) -> None:
         """Raise PSError for anything that would make a bad job; no side effects."""
         check_job_id(spec.job_id)
         if params.ndim != 1:
@@ -325,11 +335,33 @@ class JobState:
         """Whether pushes buffer towards a version (a round) rather than apply on arrival."""
         return self.strategy.rounds
 
-    def read(self) -> tuple[int, np.ndarray, bool]:
+    def read(self, have_epoch: int = 0, have_version: int = 0) -> PulledParams:
+        """What a pull sends: with a downlink codec, the deltas from what the caller holds when the
+        job still has them (`delta`), else the published parameters in full."""
         with self._lock:
             self.counters["pulls"] += 1
-            self.counters["params_bytes_sent"] += 4 * self.num_params
-            return self.version, self.params, self.complete
+            dl = self.downlink
+            delta: DeltaReply | None = None
+            if dl is not None and have_epoch:
+                delta = dl.since(have_epoch, have_version)
+            if delta is not None:
+                self.counters["pulls_delta"] += 1
+                self.counters["params_delta_bytes_sent"] += delta.nbytes
+            else:
+                self.counters["params_bytes_sent"] += 4 * self.num_params
+            return PulledParams(
+                version=self.version,
+                params=self.published,
+                layout=list(self.layout),
+                job_complete=self.complete,
+                epoch=0 if dl is None else dl.epoch,
+                delta=delta,
+            )
+
+    @property
+    def published(self) -> np.ndarray:
+        """The parameters workers hold: θ̂ with a downlink codec, else θ itself (read-only)."""
+        return self.params if self.downlink is None else self.downlink.published
 
     def reached(self, min_version: int) -> bool:
         return self.version >= min_version or self.complete
@@ -450,6 +482,8 @@ class JobState:
         new_params = self.optimizer.step(self.params, update, lr_scale)
         self.params = _frozen(new_params.astype(np.float32, copy=False))
         self.version += 1
+        if self.downlink is not None:
+            self.downlink.publish(self.params, self.version)
         self.counters["updates_aggregated"] += count
         self._obs.version(self.spec.job_id, self.version)
         self.waiters.notify_locked()
@@ -516,6 +550,8 @@ class JobState:
         job = cls(snap.spec, snap.layout, snap.params, snap.members, clock, observer)
         job.open_membership = snap.open_membership
         job.version = snap.version
+        if job.downlink is not None:  # a new lineage from the checkpoint: every holder re-pulls in full
+            job.downlink = DownlinkPublisher(job.downlink.codec, job.params, job.version)
         job.counters.update(snap.counters)
         job.last_loss = snap.last_loss
         job.optimizer.load_state_dict(snap.optimizer_arrays, snap.optimizer_scalars)
@@ -652,30 +688,42 @@ class ParameterStore:
         return [j.snapshot() for j in jobs]
 
     # -- pull ------------------------------------------------------------------------
-    def _pulled(self, job: JobState) -> PulledParams:
-        version, params, complete = job.read()
-        return PulledParams(version=version, params=params, layout=list(job.layout), job_complete=complete)
-
     def pull(
-        self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0
+        self,
+        job_id: str,
+        worker_id: str,
+        min_version: int = 0,
+        wait_timeout_s: float = 0.0,
+        have_epoch: int = 0,
+        have_version: int = 0,
     ) -> PulledParams:
         """Current parameters, after waiting (bounded) for `min_version` or completion.
 
-        The returned array is read-only and shared; it is never modified afterwards."""
+        A caller holding published parameters (`have_epoch`, `have_version`, from its last pull) may
+        get deltas instead (`PulledParams.delta`, see `JobState.read`). The returned array is read-only
+        and shared; it is never modified afterwards."""
         wait = check_wait(min_version, wait_timeout_s)
+        check_have(have_epoch, have_version)
         job = self._job(job_id)
         if wait > 0:
             job.waiters.wait(lambda: job.reached(min_version), wait)
-        return self._pulled(job)
+        return job.read(have_epoch, have_version)
 
     async def pull_async(
-        self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0
+        self,
+        job_id: str,
+        worker_id: str,
+        min_version: int = 0,
+        wait_timeout_s: float = 0.0,
+        have_epoch: int = 0,
+        have_version: int = 0,
     ) -> PulledParams:
         wait = check_wait(min_version, wait_timeout_s)
+        check_have(have_epoch, have_version)
         job = self._job(job_id)
         if wait > 0:
             await job.waiters.wait_async(lambda: job.reached(min_version), wait)
-        return self._pulled(job)
+        return job.read(have_epoch, have_version)
 
     # -- push ------------------------------------------------------------------------
     def _counted(self, header: PushHeader) -> JobState:

@@ -104,28 +104,52 @@ class InitJobResponse(_message.Message):
     def __init__(self, created: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("job_id", "worker_id", "min_version", "wait_timeout_s")
+    __slots__ = ("job_id", "worker_id", "min_version", "wait_timeout_s", "have_epoch", "have_version")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     WAIT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    HAVE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     min_version: int
     wait_timeout_s: float
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., min_version: _Optional[int] = ..., wait_timeout_s: _Optional[float] = ...) -> None: ...
+    have_epoch: int
+    have_version: int
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., min_version: _Optional[int] = ..., wait_timeout_s: _Optional[float] = ..., have_epoch: _Optional[int] = ..., have_version: _Optional[int] = ...) -> None: ...
+
+class DeltaHeader(_message.Message):
+    __slots__ = ("version", "codec", "codec_meta", "payload_bytes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    CODEC_META_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    codec: str
+    codec_meta: bytes
+    payload_bytes: int
+    def __init__(self, version: _Optional[int] = ..., codec: _Optional[str] = ..., codec_meta: _Optional[bytes] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class ParamHeader(_message.Message):
-    __slots__ = ("version", "num_params", "layout", "job_complete")
+    __slots__ = ("version", "num_params", "layout", "job_complete", "epoch", "delta", "base_version", "deltas")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     JOB_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
     version: int
     num_params: int
     layout: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     job_complete: bool
-    def __init__(self, version: _Optional[int] = ..., num_params: _Optional[int] = ..., layout: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., job_complete: _Optional[bool] = ...) -> None: ...
+    epoch: int
+    delta: bool
+    base_version: int
+    deltas: _containers.RepeatedCompositeFieldContainer[DeltaHeader]
+    def __init__(self, version: _Optional[int] = ..., num_params: _Optional[int] = ..., layout: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., job_complete: _Optional[bool] = ..., epoch: _Optional[int] = ..., delta: _Optional[bool] = ..., base_version: _Optional[int] = ..., deltas: _Optional[_Iterable[_Union[DeltaHeader, _Mapping]]] = ...) -> None: ...
 
 class ParamChunk(_message.Message):
     __slots__ = ("header", "data")

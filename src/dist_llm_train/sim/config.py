@@ -25,6 +25,7 @@ from dist_llm_train.config import (
     TrainingConfig,
 )
 from dist_llm_train.core.availability import AvailabilityTrace
+from dist_llm_train.core.codecs import CodecConfig
 from dist_llm_train.core.strategies import (
     DEFAULT_STRATEGY,
     STRATEGIES,
@@ -127,9 +128,13 @@ class PayloadModel(_Strict):
     params: Annotated[int, Field(ge=1, le=100_000_000_000)] | None = None
     codec: str = "none"
     codec_ratio: Annotated[float, Field(gt=0, le=1)] = 0.01
-    codec_params: dict[
-        str, int | float | str
-    ] = {}  # e.g. int8 `chunk`, topk `index`, as training passes them
+    codec_params: dict[str, int | float | str] = {}  # e.g. int8 `chunk`, topk `index`, as training passes them
+    # Pulls: `none` sends the full float32 model; another codec sends one compressed delta per version
+    # (core.downlink). Round-based strategies pull exactly one version's delta; async may be behind by
+    # several versions and then receives several deltas, which this size (one delta) undercounts.
+    downlink_codec: str = "none"
+    downlink_ratio: Annotated[float, Field(gt=0, le=1)] = 0.01
+    downlink_params: dict[str, int | float | str] = {}
     header_bytes: Annotated[int, Field(ge=0, le=1 << 20)] = 256
     control_bytes: Annotated[int, Field(ge=1, le=1 << 20)] = 400
 
@@ -138,6 +143,7 @@ class PayloadModel(_Strict):
         from dist_llm_train.core.codecs import get_codec  # numpy only, like the PS
 
         get_codec(self.codec, ratio=self.codec_ratio, **self.codec_params)  # ValueError names what is wrong
+        get_codec(self.downlink_codec, ratio=self.downlink_ratio, **self.downlink_params)
         return self
 
 
@@ -231,9 +237,7 @@ class SimConfig(_Strict):
     def _kills_in_range(self) -> SimConfig:
         bad = [k.worker for k in self.failures.kills if k.worker >= self.capacity]
         if bad:
-            raise ValueError(
-                f"failures.kills: worker slots {bad} do not exist (slots 0..{self.capacity - 1})"
-            )
+            raise ValueError(f"failures.kills: worker slots {bad} do not exist (slots 0..{self.capacity - 1})")
         return self
 
     @field_validator("mode")
@@ -296,11 +300,6 @@ class SimConfig(_Strict):
         t: TrainingConfig = cfg.training
         c = cfg.controller
         strategy = t.strategy
-        codec_params: dict[str, int | float | str] = {}
-        if t.codec.name == "int8":
-            codec_params["chunk"] = t.codec.int8_chunk
-        if t.codec.name == "topk":
-            codec_params["index"] = t.codec.topk_index
         data: dict[str, Any] = {
             "simulation": cfg.simulation.model_dump(),
             "workers": t.num_workers,
@@ -328,7 +327,10 @@ class SimConfig(_Strict):
             "payload": {
                 "codec": t.codec.name,
                 "codec_ratio": t.codec.ratio,
-                "codec_params": codec_params,
+                "codec_params": _codec_params(t.codec),
+                "downlink_codec": t.downlink.name,
+                "downlink_ratio": t.downlink.ratio,
+                "downlink_params": _codec_params(t.downlink),
             },
         }
         # A round-based config has no staleness bound (it reads as 0); carrying that 0 over would make
@@ -407,3 +409,13 @@ def load_sim_overrides(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SimConfigError(f"{p}: a simulation config must be a mapping of SimConfig fields")
     return data
+
+
+def _codec_params(codec: CodecConfig) -> dict[str, int | float | str]:
+    """The codec parameters training passes besides the name and ratio (`CodecConfig.build`)."""
+    params: dict[str, int | float | str] = {}
+    if codec.name == "int8":
+        params["chunk"] = codec.int8_chunk
+    if codec.name == "topk":
+        params["index"] = codec.topk_index
+    return params

@@ -43,8 +43,13 @@ def message_sizes(cfg: SimConfig) -> Sizes:
     p = cfg.payload
     params = cfg.param_count
     push = codec_payload_bytes(p.codec, p.codec_ratio, params, cfg.seed, p.codec_params)
+    pull = (
+        4 * params
+        if p.downlink_codec == "none"
+        else codec_payload_bytes(p.downlink_codec, p.downlink_ratio, params, cfg.seed, p.downlink_params)
+    )
     return Sizes(
-        pull_bytes=4 * params + p.header_bytes,
+        pull_bytes=pull + p.header_bytes,
         push_bytes=push + p.header_bytes,
         small_bytes=p.header_bytes,
         control_bytes=p.control_bytes,

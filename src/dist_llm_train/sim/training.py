@@ -83,13 +83,15 @@ class _Life:
         self.header: dict[str, Any] | None = None
         self.payload = b""
         self.loss = float("nan")
+        self.held: tuple[int, int] = (0, 0)  # (epoch, version) of the parameters it holds; epoch 0: none
 
 
 class RealNumerics:
     """`engine.Numerics` that trains: every update is the real worker pipeline's, applied by the real PS job."""
 
-    def __init__(self, cfg: Config, sim: SimConfig, dp_seed: int | None = None,
-                 progress: Progress | None = None) -> None:
+    def __init__(
+        self, cfg: Config, sim: SimConfig, dp_seed: int | None = None, progress: Progress | None = None
+    ) -> None:
         from dist_llm_train.training.data import make_dataset
         from dist_llm_train.training.flat import flatten_params, layout_of
         from dist_llm_train.training.trainer import LocalTrainer
@@ -136,7 +138,12 @@ class RealNumerics:
         if js.version != version:  # the engine serves only the job's current version; anything else is a bug
             raise RuntimeError(f"served version {version} while the job is at {js.version}")
         life = self.lives[agent]
-        life.trainer.set_params(np.array(js.params, dtype=np.float32))  # the job's array is read-only
+        # The job's own read: it counts the pull's bytes (deltas from what this life holds, or the full
+        # model) and returns what a real worker holds afterwards — θ̂ with a downlink codec, bit-identical
+        # to applying the deltas, else θ. The job's array is read-only, hence the copy.
+        got = js.read(*life.held)
+        life.held = (got.epoch, got.version)
+        life.trainer.set_params(np.array(got.params, dtype=np.float32))
         update = life.pipeline.compute(life.trainer)
         enc = life.pipeline.encode(update.vec)
         life.payload = enc.payload
@@ -220,9 +227,10 @@ def simulate_trained(
     stats = js.stats()
     result.trained = Trained(
         initial_loss=initial_loss,
-        final_loss=numerics.evaluate(js.params),
+        # What a pull returns, as the embedded launcher evaluates it: θ̂ with a downlink codec, else θ.
+        final_loss=numerics.evaluate(js.published),
         loss_floor=numerics.loss_floor,
-        final_params=np.array(js.params),
+        final_params=np.array(js.published),
         strategy=strategy_summary(cfg.training, stats, []),
     )
     return result

@@ -140,7 +140,12 @@ def run_training(
                 break
             wait_for = pipeline.next_min_version(pulled.version)
             pull_next = partial(
-                ps.pull, ctx.job_id, ctx.worker_id, min_version=wait_for, wait_timeout_s=pipeline.strategy.pull_wait_s()
+                ps.pull,
+                ctx.job_id,
+                ctx.worker_id,
+                min_version=wait_for,
+                wait_timeout_s=pipeline.strategy.pull_wait_s(),
+                have=pulled,  # with a downlink codec the PS sends only the deltas since
             )
             pulled = _retry_unavailable(pull_next, stop, "pull")
             step_s = time.perf_counter() - t0

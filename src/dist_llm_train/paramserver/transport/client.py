@@ -45,16 +45,22 @@ class PSClient(ABC):
             self.bytes_received += received
 
     @abstractmethod
-    def init_job(
-        self, spec: JobSpec, layout: list[TensorSpec], params: np.ndarray, members: list[str]
-    ) -> InitResult:
+    def init_job(self, spec: JobSpec, layout: list[TensorSpec], params: np.ndarray, members: list[str]) -> InitResult:
         """Create the job (or confirm an identical one); `params` is flat float32."""
 
     @abstractmethod
     def pull(
-        self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0
+        self,
+        job_id: str,
+        worker_id: str,
+        min_version: int = 0,
+        wait_timeout_s: float = 0.0,
+        have: PulledParams | None = None,
     ) -> PulledParams:
         """Current parameters; with min_version, wait up to wait_timeout_s for that version.
+
+        `have`: what the caller got from its last pull; a job with a downlink codec then sends only
+        the compressed deltas since (`core.downlink`), applied here to a copy of `have.params`.
         The returned array is a private, writable copy."""
 
     @abstractmethod

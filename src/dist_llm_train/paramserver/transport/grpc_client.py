@@ -90,9 +90,7 @@ class GrpcPSClient(PSClient):
             details = err.details() if isinstance(err, grpc.Call) else str(err)
             raise wire.error_from_status(code, details) from None
 
-    def init_job(
-        self, spec: JobSpec, layout: list[TensorSpec], params: np.ndarray, members: list[str]
-    ) -> InitResult:
+    def init_job(self, spec: JobSpec, layout: list[TensorSpec], params: np.ndarray, members: list[str]) -> InitResult:
         flat = as_float32(params)
         header = pb.InitJobHeader(
             spec=wire.spec_to_pb(spec),
@@ -110,10 +108,20 @@ class GrpcPSClient(PSClient):
         return InitResult(created=resp.created, version=resp.version)
 
     def pull(
-        self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0
+        self,
+        job_id: str,
+        worker_id: str,
+        min_version: int = 0,
+        wait_timeout_s: float = 0.0,
+        have: PulledParams | None = None,
     ) -> PulledParams:
         request = pb.PullRequest(
-            job_id=job_id, worker_id=worker_id, min_version=min_version, wait_timeout_s=wait_timeout_s
+            job_id=job_id,
+            worker_id=worker_id,
+            min_version=min_version,
+            wait_timeout_s=wait_timeout_s,
+            have_epoch=have.epoch if have is not None else 0,
+            have_version=have.version if have is not None else 0,
         )
 
         def collect() -> PulledParams:
@@ -126,7 +134,8 @@ class GrpcPSClient(PSClient):
                     if isinstance(msg, memoryview) or msg.WhichOneof("body") != "header":
                         raise PSError(ErrorCode.INTERNAL, "parameter stream did not start with a header")
                     header = msg.header
-                    buf = bytearray(header.num_params * 4)
+                    size = sum(d.payload_bytes for d in header.deltas) if header.delta else header.num_params * 4
+                    buf = bytearray(size)
                     continue
                 data = msg if isinstance(msg, memoryview) else msg.data
                 end = filled + len(data)
@@ -135,15 +144,20 @@ class GrpcPSClient(PSClient):
                 buf[filled:end] = data
                 filled = end
             if header is None or filled != len(buf):
-                raise PSError(
-                    ErrorCode.UNAVAILABLE, f"parameter stream ended early ({filled}/{len(buf)} bytes)"
-                )
+                raise PSError(ErrorCode.UNAVAILABLE, f"parameter stream ended early ({filled}/{len(buf)} bytes)")
             self._count(received=filled)
+            if header.delta:
+                params = wire.params_from_deltas(
+                    have, header.epoch, header.base_version, header.version, header.deltas, buf
+                )
+            else:
+                params = np.frombuffer(buf, dtype=wire.FLOAT32)
             return PulledParams(
                 version=header.version,
-                params=np.frombuffer(buf, dtype=wire.FLOAT32),
+                params=params,
                 layout=wire.layout_from_pb(header.layout),
                 job_complete=header.job_complete,
+                epoch=header.epoch,
             )
 
         return self._call(collect)
@@ -184,9 +198,7 @@ class GrpcPSClient(PSClient):
         return list(resp.members)
 
     def stats(self, job_id: str | None = None) -> list[JobStats]:
-        resp = self._call(
-            lambda: self._stub.GetStats(pb.StatsRequest(job_id=job_id or ""), timeout=self.timeout_s)
-        )
+        resp = self._call(lambda: self._stub.GetStats(pb.StatsRequest(job_id=job_id or ""), timeout=self.timeout_s))
         return [wire.stats_from_pb(s) for s in resp.jobs]
 
     def close(self) -> None:

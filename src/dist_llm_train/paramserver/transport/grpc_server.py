@@ -58,14 +58,10 @@ async def _read_data(requests: AsyncIterator[Any], expected: int) -> memoryview 
             raise PSError(ErrorCode.INVALID_ARGUMENT, "only the first message of the stream may be a header")
         total += len(data)
         if total > expected:
-            raise PSError(
-                ErrorCode.INVALID_ARGUMENT, f"stream carries more than the {expected} bytes announced"
-            )
+            raise PSError(ErrorCode.INVALID_ARGUMENT, f"stream carries more than the {expected} bytes announced")
         parts.append(data)
     if total != expected:
-        raise PSError(
-            ErrorCode.INVALID_ARGUMENT, f"stream carried {total} bytes, header announced {expected}"
-        )
+        raise PSError(ErrorCode.INVALID_ARGUMENT, f"stream carried {total} bytes, header announced {expected}")
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
@@ -112,7 +108,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
         async def work() -> Any:
             return await self.store.pull_async(
-                request.job_id, request.worker_id, request.min_version, request.wait_timeout_s
+                request.job_id,
+                request.worker_id,
+                request.min_version,
+                request.wait_timeout_s,
+                request.have_epoch,
+                request.have_version,
             )
 
         pulled = await self._guard(context, work)
@@ -121,14 +122,22 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             num_params=int(pulled.params.shape[0]),
             layout=wire.layout_to_pb(pulled.layout),
             job_complete=pulled.job_complete,
+            epoch=pulled.epoch,
         )
+        if pulled.delta is not None:
+            header.delta = True
+            header.base_version = pulled.delta.base_version
+            header.deltas.extend(wire.deltas_to_pb(pulled.delta))
+            views = wire.delta_payloads(pulled.delta)
+        else:
+            views = [pulled.params.data.cast("B")]
         yield pb.ParamChunk(header=header).SerializeToString()
-        view = pulled.params.data.cast("B")
         step = self.chunk_bytes
-        for start in range(0, len(view), step):
-            chunk = view[start : start + step]
-            yield wire.encode_data_chunk(chunk)
-            self.metrics.bytes_sent.inc(len(chunk))
+        for view in views:
+            for start in range(0, len(view), step):
+                chunk = view[start : start + step]
+                yield wire.encode_data_chunk(chunk)
+                self.metrics.bytes_sent.inc(len(chunk))
 
     async def Push(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.PushResponse:
         started = time.perf_counter()
@@ -152,9 +161,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         finally:
             self._push_latency.observe(time.perf_counter() - started)
 
-    async def PushUnary(
-        self, request: tuple[Any, memoryview], context: grpc.aio.ServicerContext
-    ) -> pb.PushResponse:
+    async def PushUnary(self, request: tuple[Any, memoryview], context: grpc.aio.ServicerContext) -> pb.PushResponse:
         """Push in one message (see `wire.push_request_deserializer`), applied without a thread hop
         when small (`run_store_call`). The store runs the same checks as for the stream; what is
         lost is only the stream's refusal of a bad header before the payload crosses the link."""
@@ -180,18 +187,14 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self, request: pb.SetMembersRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetMembersResponse:
         async def work() -> pb.SetMembersResponse:
-            version, members = await asyncio.to_thread(
-                self.store.set_members, request.job_id, list(request.members)
-            )
+            version, members = await asyncio.to_thread(self.store.set_members, request.job_id, list(request.members))
             return pb.SetMembersResponse(version=version, members=members)
 
         return await self._guard(context, work)
 
     async def GetStats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         async def work() -> pb.StatsResponse:
-            return pb.StatsResponse(
-                jobs=[wire.stats_to_pb(s) for s in self.store.stats(request.job_id or None)]
-            )
+            return pb.StatsResponse(jobs=[wire.stats_to_pb(s) for s in self.store.stats(request.job_id or None)])
 
         return await self._guard(context, work)
 
@@ -253,9 +256,7 @@ class GrpcServer:
         self._server.add_registered_method_handlers(SERVICE_NAME, handlers)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
-        )
+        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
         self._address = f"{host}:{port}"
         self.port = 0
 

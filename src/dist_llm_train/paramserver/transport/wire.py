@@ -8,18 +8,23 @@ Decoding a dict from the network validates its shape and raises `PSError(INVALID
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
 import grpc
+import msgpack
+import numpy as np
 from google.protobuf.message import DecodeError
 
+from dist_llm_train.core.codecs import Encoded
+from dist_llm_train.core.downlink import Delta, DeltaReply, apply_deltas
 from dist_llm_train.core.job import JobSpec, WireJobSpec
 from dist_llm_train.core.types import (
     ErrorCode,
     JobStats,
     PSError,
+    PulledParams,
     PushHeader,
     PushOutcome,
     PushResult,
@@ -28,6 +33,8 @@ from dist_llm_train.core.types import (
 )
 from dist_llm_train.netem.profile.classes import DSCP
 from dist_llm_train.proto import paramserver_pb2 as pb
+
+Buffer = bytes | bytearray | memoryview
 
 FLOAT32 = "<f4"  # parameters travel as little-endian float32
 FRAMING_SLACK = 64 << 10  # protobuf framing on top of a chunk
@@ -290,9 +297,7 @@ def stats_from_pb(m: pb.JobStats) -> JobStats:
 def _matches(value: Any, hint: Any) -> bool:
     if get_origin(hint) is dict:
         _, item = get_args(hint)
-        return isinstance(value, dict) and all(
-            isinstance(k, str) and _matches(x, item) for k, x in value.items()
-        )
+        return isinstance(value, dict) and all(isinstance(k, str) and _matches(x, item) for k, x in value.items())
     if isinstance(value, bool) or hint is bool:
         return isinstance(value, bool) and hint is bool
     if hint is float:
@@ -317,8 +322,7 @@ def _typed(d: Any, cls: type, what: str) -> Any:
         if not _matches(value, hints[name]):
             raise PSError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"{what}.{name} must be {getattr(hints[name], '__name__', hints[name])}, "
-                f"got {type(value).__name__}",
+                f"{what}.{name} must be {getattr(hints[name], '__name__', hints[name])}, got {type(value).__name__}",
             )
     try:
         return cls(**{k: float(x) if hints[k] is float else x for k, x in d.items()})
@@ -344,9 +348,7 @@ def layout_from_list(items: Any) -> list[TensorSpec]:
     try:
         out = [TensorSpec(str(n), tuple(int(d) for d in shape), int(off)) for n, shape, off in items]
     except (TypeError, ValueError) as err:
-        raise PSError(
-            ErrorCode.INVALID_ARGUMENT, f"layout entries must be [name, shape, offset]: {err}"
-        ) from None
+        raise PSError(ErrorCode.INVALID_ARGUMENT, f"layout entries must be [name, shape, offset]: {err}") from None
     return out
 
 
@@ -357,3 +359,69 @@ def stats_to_dict(s: JobStats) -> dict[str, Any]:
 def stats_from_dict(d: dict[str, Any]) -> JobStats:
     workers = [WorkerStats(**w) for w in d.get("workers", [])]
     return JobStats(**{**d, "workers": workers})
+
+
+# -- downlink deltas (`core.downlink`): one header per delta, payloads concatenated as the data ---------
+def delta_headers(reply: DeltaReply) -> list[dict[str, Any]]:
+    """The ZMQ form of a delta reply's headers (the gRPC form is `pb.DeltaHeader` with the same fields)."""
+    return [
+        {
+            "version": d.version,
+            "codec": d.codec,
+            "codec_meta": msgpack.packb(d.encoded.meta),
+            "payload_bytes": d.nbytes,
+        }
+        for d in reply.deltas
+    ]
+
+
+def deltas_to_pb(reply: DeltaReply) -> list[pb.DeltaHeader]:
+    return [pb.DeltaHeader(**h) for h in delta_headers(reply)]
+
+
+def delta_payloads(reply: DeltaReply) -> list[memoryview]:
+    return [memoryview(d.encoded.payload).cast("B") for d in reply.deltas]
+
+
+def _delta_field(h: Any, name: str, kind: type) -> Any:
+    value = h.get(name) if isinstance(h, dict) else getattr(h, name, None)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise PSError(ErrorCode.INTERNAL, f"downlink delta header field {name!r} is not a {kind.__name__}")
+    return value
+
+
+def params_from_deltas(
+    have: PulledParams | None, epoch: int, base_version: int, version: int, headers: Sequence[Any], data: Buffer
+) -> np.ndarray:
+    """Rebuild the published parameters from a delta reply: `have` + every delta, in order, bit for bit
+    as the PS computed them. PSError(INTERNAL) when the reply does not fit what the client holds."""
+    if have is None or have.epoch != epoch or have.version != base_version:
+        held = "nothing" if have is None else f"version {have.version} of lineage {have.epoch}"
+        raise PSError(
+            ErrorCode.INTERNAL,
+            f"server sent deltas from version {base_version} of lineage {epoch}; client holds {held}",
+        )
+    view = memoryview(data).cast("B")
+    deltas: list[Delta] = []
+    offset = 0
+    for i, h in enumerate(headers):
+        produces = _delta_field(h, "version", int)
+        if produces != base_version + i + 1:
+            raise PSError(
+                ErrorCode.INTERNAL, f"downlink delta {i} produces version {produces}, not {base_version + i + 1}"
+            )
+        size = _delta_field(h, "payload_bytes", int)
+        if size < 0 or offset + size > len(view):
+            raise PSError(ErrorCode.INTERNAL, "downlink deltas announce more bytes than were sent")
+        meta = msgpack.unpackb(_delta_field(h, "codec_meta", bytes), raw=False) or {}
+        if not isinstance(meta, dict):
+            raise PSError(ErrorCode.INTERNAL, "downlink delta meta is not a map")
+        payload = bytes(view[offset : offset + size])
+        deltas.append(Delta(produces, _delta_field(h, "codec", str), Encoded(payload, meta)))
+        offset += size
+    if offset != len(view) or base_version + len(deltas) != version:
+        raise PSError(ErrorCode.INTERNAL, f"downlink reply: {len(view) - offset} stray bytes or a missing delta")
+    try:
+        return apply_deltas(have.params, deltas)
+    except ValueError as err:
+        raise PSError(ErrorCode.INTERNAL, f"cannot apply downlink delta: {err}") from None

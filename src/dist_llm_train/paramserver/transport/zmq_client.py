@@ -96,9 +96,7 @@ class ZmqPSClient(PSClient):
             raise PSError(code, str(reply.get("message", "")))
         return reply, list(frames[2:])
 
-    def init_job(
-        self, spec: JobSpec, layout: list[TensorSpec], params: np.ndarray, members: list[str]
-    ) -> InitResult:
+    def init_job(self, spec: JobSpec, layout: list[TensorSpec], params: np.ndarray, members: list[str]) -> InitResult:
         flat = as_float32(params)
         reply, _ = self._request(
             "init_job",
@@ -114,7 +112,12 @@ class ZmqPSClient(PSClient):
         return InitResult(created=bool(reply["created"]), version=int(reply["version"]))
 
     def pull(
-        self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0
+        self,
+        job_id: str,
+        worker_id: str,
+        min_version: int = 0,
+        wait_timeout_s: float = 0.0,
+        have: PulledParams | None = None,
     ) -> PulledParams:
         reply, frames = self._request(
             "pull",
@@ -123,19 +126,31 @@ class ZmqPSClient(PSClient):
                 "worker_id": worker_id,
                 "min_version": min_version,
                 "wait_timeout_s": float(wait_timeout_s),
+                "have_epoch": have.epoch if have is not None else 0,
+                "have_version": have.version if have is not None else 0,
             },
             [],
             wait_s=max(wait_timeout_s, 0.0),
         )
-        if len(frames) != 1 or len(frames[0].buffer) != 4 * int(reply["num_params"]):
+        if len(frames) != 1:
+            raise PSError(ErrorCode.INTERNAL, "pull reply needs exactly one data frame")
+        data = frames[0].buffer
+        self._count(received=len(data))
+        epoch, version = int(reply.get("epoch", 0)), int(reply["version"])
+        if reply.get("delta"):
+            params = wire.params_from_deltas(
+                have, epoch, int(reply["base_version"]), version, list(reply.get("deltas", [])), data
+            )
+        elif len(data) != 4 * int(reply["num_params"]):
             raise PSError(ErrorCode.INTERNAL, "pull reply does not carry num_params float32 values")
-        params = np.frombuffer(frames[0].buffer, dtype=wire.FLOAT32).copy()
-        self._count(received=params.nbytes)
+        else:
+            params = np.frombuffer(data, dtype=wire.FLOAT32).copy()
         return PulledParams(
-            version=int(reply["version"]),
+            version=version,
             params=params,
             layout=wire.layout_from_list(reply["layout"]),
             job_complete=bool(reply["job_complete"]),
+            epoch=epoch,
         )
 
     def push(self, header: PushHeader, payload: bytes) -> PushResult:

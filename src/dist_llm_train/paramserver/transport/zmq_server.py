@@ -10,7 +10,9 @@ encoded update (push request). ZMQ moves large frames natively, so nothing is ch
 frames are received and sent without copies (`copy=False`, numpy buffers).
 
 Ops: init_job {spec, layout, num_params, members}; pull {job_id, worker_id, min_version,
-wait_timeout_s}; push {header}; set_members {job_id, members}; stats {job_id}.
+wait_timeout_s, have_epoch, have_version}; push {header}; set_members {job_id, members}; stats {job_id}.
+A pull reply answered with downlink deltas (`core.downlink`) adds {delta: true, base_version,
+deltas: [{version, codec, codec_meta, payload_bytes}]} and its one frame is the deltas' payloads.
 The socket is a plain (blocking-API) ZMQ socket driven by the event loop: its FD wakes
 `_drain`, which receives with NOBLOCK until the queue is empty. A push whose work is small
 enough to run on the loop (`state.INLINE_MAX_BYTES`) is answered right there, without a task
@@ -57,9 +59,7 @@ def _arg(req: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise PSError(
-            ErrorCode.INVALID_ARGUMENT, f"{key!r} must be {kind.__name__}, got {type(value).__name__}"
-        )
+        raise PSError(ErrorCode.INVALID_ARGUMENT, f"{key!r} must be {kind.__name__}, got {type(value).__name__}")
     return value
 
 
@@ -89,9 +89,7 @@ class _Request:
         req = cls(frames[0].bytes, time.perf_counter(), frames)
         try:
             if len(frames) < 3 or len(frames[1].bytes) != 0:
-                raise PSError(
-                    ErrorCode.INVALID_ARGUMENT, "expected [empty delimiter, msgpack request, *data]"
-                )
+                raise PSError(ErrorCode.INVALID_ARGUMENT, "expected [empty delimiter, msgpack request, *data]")
             try:
                 args = msgpack.unpackb(frames[2].buffer, raw=False)
             except (ValueError, msgpack.UnpackException) as err:
@@ -117,9 +115,7 @@ def _push_reply(result: PushResult) -> dict[str, Any]:
 
 
 class ZmqServer:
-    def __init__(
-        self, store: ParameterStore, metrics: PSMetrics, host: str, port: int, max_message_bytes: int
-    ) -> None:
+    def __init__(self, store: ParameterStore, metrics: PSMetrics, host: str, port: int, max_message_bytes: int) -> None:
         self.store = store
         self.metrics = metrics
         self._endpoint_host, self._port = host, port
@@ -256,22 +252,28 @@ class ZmqServer:
                 _arg(req, "worker_id", str, ""),
                 _arg(req, "min_version", int, 0),
                 _arg(req, "wait_timeout_s", float, 0.0),
+                _arg(req, "have_epoch", int, 0),
+                _arg(req, "have_version", int, 0),
             )
-            self.metrics.bytes_sent.inc(pulled.params.nbytes)
-            return (
-                {
-                    "version": pulled.version,
-                    "num_params": int(pulled.params.shape[0]),
-                    "layout": wire.layout_to_list(pulled.layout),
-                    "job_complete": pulled.job_complete,
-                },
-                [pulled.params],
-            )
+            reply = {
+                "version": pulled.version,
+                "num_params": int(pulled.params.shape[0]),
+                "layout": wire.layout_to_list(pulled.layout),
+                "job_complete": pulled.job_complete,
+                "epoch": pulled.epoch,
+            }
+            if pulled.delta is None:
+                self.metrics.bytes_sent.inc(pulled.params.nbytes)
+                return reply, [pulled.params]
+            # One frame, as for full parameters: the deltas' payloads back to back.
+            joined = b"".join(wire.delta_payloads(pulled.delta))
+            self.metrics.bytes_sent.inc(len(joined))
+            reply |= {"delta": True, "base_version": pulled.delta.base_version}
+            reply["deltas"] = wire.delta_headers(pulled.delta)
+            return reply, [joined]
         if op == "push":
             header, payload = self._push_args(request)
-            result = await run_store_call(
-                store.push_cost_bytes(header, len(payload)), store.push, header, payload
-            )
+            result = await run_store_call(store.push_cost_bytes(header, len(payload)), store.push, header, payload)
             return _push_reply(result), []
         if op == "init_job":
             spec = wire.spec_from_dict(req.get("spec"))
@@ -282,9 +284,7 @@ class ZmqServer:
                     f"initial parameters are {len(raw)} bytes; the limit is {store.max_payload_bytes}",
                 )
             if len(raw) != 4 * _arg(req, "num_params", int) or len(raw) % 4:
-                raise PSError(
-                    ErrorCode.INVALID_ARGUMENT, f"{len(raw)} bytes do not hold num_params float32 values"
-                )
+                raise PSError(ErrorCode.INVALID_ARGUMENT, f"{len(raw)} bytes do not hold num_params float32 values")
             self.metrics.bytes_received.inc(len(raw))
             params = np.frombuffer(raw, dtype=wire.FLOAT32)
             init = await asyncio.to_thread(
@@ -305,9 +305,7 @@ class ZmqServer:
             if job_id is not None and not isinstance(job_id, str):
                 raise PSError(ErrorCode.INVALID_ARGUMENT, "'job_id' must be a string or nil")
             return {"jobs": [wire.stats_to_dict(s) for s in store.stats(job_id or None)]}, []
-        raise PSError(
-            ErrorCode.INVALID_ARGUMENT, f"unknown op {op!r} (init_job, pull, push, set_members, stats)"
-        )
+        raise PSError(ErrorCode.INVALID_ARGUMENT, f"unknown op {op!r} (init_job, pull, push, set_members, stats)")
 
     async def stop(self) -> None:
         if self._loop is not None and self._fd >= 0:

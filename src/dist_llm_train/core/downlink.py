@@ -1,0 +1,117 @@
+"""Downlink compression: the PS sends each new version as a compressed delta, not the whole model.
+
+Without it every pull carries the full float32 model, so a strategy that compresses its pushes
+100x still pays full price on the way back. With `training.downlink` set to a lossy codec, the PS
+keeps two vectors per job:
+
+* θ — the master parameters the optimizer steps (what the job *is*);
+* θ̂ — the *published* parameters: exactly what every worker holds.
+
+When version v is published the PS encodes δ_v = θ_v − θ̂_{v−1} with the codec and sets
+θ̂_v = θ̂_{v−1} + decode(e_v). Whatever the codec dropped stays in θ_v − θ̂_v and travels with
+later deltas: error feedback on the server side, as in DoubleSqueeze (Tang et al., ICML 2019) and
+the bidirectional compression of SparseLoCo-style DiLoCo (arXiv 2508.15706), so the gap between
+θ and θ̂ stays bounded instead of growing.
+
+A worker holding θ̂_h pulls version v: if the PS still has e_{h+1} … e_v (the last `history`
+deltas) it receives those and adds them in order — the very float32 additions the PS made, so
+its parameters equal θ̂_v bit for bit (tested); otherwise it receives θ̂_v in full. A lineage id
+(`epoch`, drawn when the publisher starts) makes a restarted PS, whose versions after its
+checkpoint are new ones, answer every old holder in full rather than with deltas that do not
+apply to what they hold.
+
+Workers compute on θ̂ (their copy), the PS applies their updates to θ; checkpoints hold θ and a
+restarted publisher starts with θ̂ = θ. numpy only: the PS imports this.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from dist_llm_train.core.codecs import Codec, CodecConfig, Encoded, get_codec
+
+DEFAULT_HISTORY = 16  # deltas kept: a worker up to this many versions behind still gets deltas
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One published version's compressed delta, as it travels (codec name + meta + payload)."""
+
+    version: int  # the version this delta produces
+    codec: str
+    encoded: Encoded
+
+    @property
+    def nbytes(self) -> int:
+        return self.encoded.nbytes
+
+
+@dataclass(frozen=True)
+class DeltaReply:
+    """What a pull of a delta-capable holder receives: `deltas` take `base_version` to `version`."""
+
+    epoch: int
+    base_version: int
+    version: int
+    deltas: tuple[Delta, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.nbytes for d in self.deltas)
+
+
+def enabled(config: CodecConfig | None) -> bool:
+    """Whether a downlink codec config asks for deltas (`none` means full pulls, as before)."""
+    return config is not None and config.name != "none"
+
+
+class DownlinkPublisher:
+    """The PS side: keeps θ̂ and the last `history` deltas of one job."""
+
+    def __init__(self, codec: Codec, params: np.ndarray, version: int, history: int = DEFAULT_HISTORY) -> None:
+        if history < 1:
+            raise ValueError(f"downlink history must be >= 1, got {history}")
+        self.codec = codec
+        self.epoch = secrets.randbits(63) or 1  # 0 means "holds nothing" on the wire
+        self.published = np.array(params, dtype=np.float32, copy=True)
+        self.published.flags.writeable = False
+        self.version = version
+        self._deltas: deque[Delta] = deque(maxlen=history)
+
+    def publish(self, params: np.ndarray, version: int) -> Delta:
+        """θ has reached `version`: encode its distance from θ̂ and advance θ̂ by what was sent."""
+        if version != self.version + 1:
+            raise ValueError(f"downlink publishes versions in order: at {self.version}, got {version}")
+        enc = self.codec.encode(params - self.published)
+        published = self.published + self.codec.decode(enc, self.published.size)
+        published.flags.writeable = False
+        self.published = published
+        self.version = version
+        delta = Delta(version, self.codec.name, enc)
+        self._deltas.append(delta)
+        return delta
+
+    def since(self, epoch: int, have_version: int) -> DeltaReply | None:
+        """The deltas taking a holder of (epoch, have_version) to the current version; None: send θ̂ in full."""
+        if epoch != self.epoch or have_version > self.version:
+            return None
+        behind = self.version - have_version
+        if behind > len(self._deltas):
+            return None
+        deltas = tuple(self._deltas)[len(self._deltas) - behind :] if behind else ()
+        return DeltaReply(self.epoch, have_version, self.version, deltas)
+
+
+def apply_deltas(params: np.ndarray, deltas: tuple[Delta, ...] | list[Delta]) -> np.ndarray:
+    """The worker side: θ̂_h + decode(e_{h+1}) + … — the same float32 additions, in the same order, as the PS.
+
+    `params` is not modified. ValueError for an unknown codec or a delta that does not decode to a
+    finite vector of the model's size (decoding reads everything it needs from the delta's meta)."""
+    out = np.array(params, dtype=np.float32, copy=True)
+    for delta in deltas:
+        out = out + get_codec(delta.codec).decode(delta.encoded, out.size)
+    return out
