@@ -127,7 +127,8 @@ def _push(store: ParameterStore, worker: str, step: int, base: int, vec: np.ndar
 def test_ps_pulls_send_deltas_to_holders_and_full_params_to_everyone_else() -> None:
     d = 500
     store = ParameterStore()
-    store.init_job(_spec(CodecConfig(name="topk", ratio=0.02)), [TensorSpec("w", (d,), 0)], np.zeros(d, np.float32), ["a"])
+    spec = _spec(CodecConfig(name="topk", ratio=0.02))
+    store.init_job(spec, [TensorSpec("w", (d,), 0)], np.zeros(d, np.float32), ["a"])
     first = store.pull("dl", "a")
     assert first.delta is None and first.epoch != 0  # holds nothing yet: full
     held = np.array(first.params)
