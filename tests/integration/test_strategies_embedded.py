@@ -115,3 +115,16 @@ def test_sync_median_survives_a_sign_flip_attacker(tmp_path: Path) -> None:
         and st["attack"]["name"] == "sign_flip"
         and st["attack"]["attackers"] == 1
     )
+
+
+def test_streaming_diloco_syncs_one_fragment_at_a_time(tmp_path: Path) -> None:
+    strategy = {"name": "streaming_diloco", "local_steps": 8, "fragments": 4, "overlap_steps": 1}
+    s = run(tmp_path, {"strategy": strategy}, "--workers", "2", "--steps", "40")
+    st = s["strategy"]
+    assert st["strategy"] == "streaming_diloco" and st["strategy_params"]["fragments"] == 4
+    assert s["steps"] == 20  # 40 inner steps / (H/P = 2) fragment syncs
+    wire = st["wire_bytes"]
+    model_bytes = wire["params_bytes_sent"] // 3  # each worker's first pull and the launcher's final one: whole
+    # Every push and every later pull carries one fragment: a quarter of the model, not all of it.
+    assert abs(wire["raw_bytes_pseudo_gradient"] / (40 * model_bytes / 4) - 1) < 0.05
+    assert 0 < wire["params_delta_bytes_sent"] <= 40 * model_bytes / 4 * 1.05

@@ -12,10 +12,11 @@ from typing import Annotated, TypeVar
 import typer
 
 from dist_llm_train.cli.common import console
+from dist_llm_train.core.strategies import strategy_names
 
 T = TypeVar("T")
 
-STRATEGIES_HELP = "sync, async, adaptive or diloco."
+STRATEGIES_HELP = ", ".join(strategy_names()) + "."  # the registry: a new strategy file shows up here
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML/JSON run config file.")]
 StrategyOpt = Annotated[str | None, typer.Option("--strategy", help=f"Training strategy: {STRATEGIES_HELP}")]

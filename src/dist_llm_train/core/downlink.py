@@ -21,7 +21,12 @@ checkpoint are new ones, answer every old holder in full rather than with deltas
 apply to what they hold.
 
 Workers compute on θ̂ (their copy), the PS applies their updates to θ; checkpoints hold θ and a
-restarted publisher starts with θ̂ = θ. numpy only: the PS imports this.
+restarted publisher starts with θ̂ = θ.
+
+Without a codec the publisher is lossless (θ̂ = θ) and a delta *replaces* the part of the vector a
+version changed with its float32 values (codec name `replace`, meta `start`). Streaming DiLoCo uses
+that: a version changes one fragment, so a worker one version behind pulls 1/P of the model.
+numpy only: the PS imports this.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import numpy as np
 from dist_llm_train.core.codecs import Codec, CodecConfig, Encoded, get_codec
 
 DEFAULT_HISTORY = 16  # deltas kept: a worker up to this many versions behind still gets deltas
+REPLACE = "replace"  # a lossless delta: float32 values for [start, start + len) of the vector
+_F32 = np.dtype("<f4")
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,11 @@ def enabled(config: CodecConfig | None) -> bool:
 
 
 class DownlinkPublisher:
-    """The PS side: keeps θ̂ and the last `history` deltas of one job."""
+    """The PS side: keeps θ̂ and the last `history` deltas of one job. `codec` None: lossless replace deltas."""
 
-    def __init__(self, codec: Codec, params: np.ndarray, version: int, history: int = DEFAULT_HISTORY) -> None:
+    def __init__(
+        self, codec: Codec | None, params: np.ndarray, version: int, history: int = DEFAULT_HISTORY
+    ) -> None:
         if history < 1:
             raise ValueError(f"downlink history must be >= 1, got {history}")
         self.codec = codec
@@ -82,16 +91,26 @@ class DownlinkPublisher:
         self.version = version
         self._deltas: deque[Delta] = deque(maxlen=history)
 
-    def publish(self, params: np.ndarray, version: int) -> Delta:
-        """θ has reached `version`: encode its distance from θ̂ and advance θ̂ by what was sent."""
+    def publish(self, params: np.ndarray, version: int, region: slice | None = None) -> Delta:
+        """θ has reached `version`: encode its distance from θ̂ and advance θ̂ by what was sent.
+
+        Lossless (no codec): θ̂ becomes θ and the delta carries θ[region] (all of θ without a region).
+        `params` must not be written to afterwards (the PS's arrays never are)."""
         if version != self.version + 1:
             raise ValueError(f"downlink publishes versions in order: at {self.version}, got {version}")
-        enc = self.codec.encode(params - self.published)
-        published = self.published + self.codec.decode(enc, self.published.size)
-        published.flags.writeable = False
+        if self.codec is None:
+            r = region if region is not None else slice(0, params.shape[0])
+            enc = Encoded(np.ascontiguousarray(params[r], dtype=_F32).tobytes(), {"start": r.start})
+            published = params
+            name = REPLACE
+        else:
+            enc = self.codec.encode(params - self.published)
+            published = self.published + self.codec.decode(enc, self.published.size)
+            published.flags.writeable = False
+            name = self.codec.name
         self.published = published
         self.version = version
-        delta = Delta(version, self.codec.name, enc)
+        delta = Delta(version, name, enc)
         self._deltas.append(delta)
         return delta
 
@@ -113,5 +132,23 @@ def apply_deltas(params: np.ndarray, deltas: tuple[Delta, ...] | list[Delta]) ->
     finite vector of the model's size (decoding reads everything it needs from the delta's meta)."""
     out = np.array(params, dtype=np.float32, copy=True)
     for delta in deltas:
-        out = out + get_codec(delta.codec).decode(delta.encoded, out.size)
+        if delta.codec == REPLACE:
+            start, values = _replacement(delta.encoded, out.size)
+            out[start : start + values.size] = values
+        else:
+            out = out + get_codec(delta.codec).decode(delta.encoded, out.size)
     return out
+
+
+def _replacement(enc: Encoded, size: int) -> tuple[int, np.ndarray]:
+    start = enc.meta.get("start")
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise ValueError(f"a replace delta needs a non-negative integer start, got {start!r}")
+    if len(enc.payload) % 4:
+        raise ValueError(f"a replace delta's payload is {len(enc.payload)} bytes, not whole float32 values")
+    values = np.frombuffer(enc.payload, dtype=_F32)
+    if start + values.size > size:
+        raise ValueError(f"a replace delta covers {start}:{start + values.size} of a {size}-element vector")
+    if not np.isfinite(values).all():
+        raise ValueError("a replace delta carries NaN or Inf")
+    return start, values

@@ -29,6 +29,7 @@ class Update:
     kind: str  # the strategy's update kind: "gradient" | "pseudo_gradient"
     loss: float
     samples: int
+    slot: int = 0  # the part of the parameters it covers (Streaming DiLoCo's fragment); error feedback's key
 
 
 def derived_seed(base: int, worker_name: str, shard_ids: Sequence[int]) -> int:
@@ -56,7 +57,8 @@ class WorkerUpdate:
     ) -> None:
         self.strategy = strategy
         self.codec: Codec = codec.build()
-        self.feedback = ErrorFeedback(self.codec) if codec.uses_error_feedback else None
+        # One residual per slot: a fragment's dropped mass belongs to that fragment's next sync.
+        self.feedback: dict[int, ErrorFeedback] | None = {} if codec.uses_error_feedback else None
         self.attacker: Attacker | None = None
         if attack is not None and is_attacker(worker_name, shard_ids, num_shards, attack.attackers, attack.workers):
             self.attacker = Attacker(attack.build(num_workers), derived_seed(seed, worker_name, shard_ids))
@@ -67,6 +69,7 @@ class WorkerUpdate:
         local = privacy is not None and privacy.mode == "local" and self.attacker is None
         noise_seed = None if dp_seed is None else derived_seed(dp_seed, worker_name, shard_ids)
         self.dp = LocalDP(privacy, noise_seed) if local and privacy is not None else None
+        self._pulled = False  # `after_pull` has run once
 
     @property
     def kind(self) -> str:
@@ -85,10 +88,36 @@ class WorkerUpdate:
             vec = self.attacker.craft(np.stack(estimates))
         elif self.dp is not None:
             vec = self.dp.privatize(vec)
-        return Update(np.asarray(vec, dtype=np.float32), self.kind, honest.loss, honest.samples)
+        return Update(np.asarray(vec, dtype=np.float32), self.kind, honest.loss, honest.samples, honest.slot)
 
-    def encode(self, vec: np.ndarray) -> Encoded:
-        return self.feedback.compress(vec) if self.feedback is not None else self.codec.encode(vec)
+    def encode(self, vec: np.ndarray, slot: int = 0) -> Encoded:
+        if self.feedback is None:
+            return self.codec.encode(vec)
+        feedback = self.feedback.get(slot)
+        if feedback is None:
+            feedback = self.feedback[slot] = ErrorFeedback(self.codec)
+        return feedback.compress(vec)
+
+    def receive(self, trainer: Trainer, params: np.ndarray, version: int) -> None:
+        """A pull arrived: the strategy decides what it does to the trainer's parameters."""
+        self.strategy.receive(trainer, params, version)
+
+    @property
+    def overlap_steps(self) -> int:
+        return self.strategy.overlap_steps
+
+    def overlap(self, trainer: Trainer) -> tuple[float, int]:
+        return self.strategy.overlap(trainer)
+
+    def after_pull(self, trainer: Trainer, params: np.ndarray, version: int) -> Update:
+        """For in-process drivers (the simulator, reference loops): what the worker loop does from one pull to
+        the next update, in its order — the overlap steps of the sync just done (none before the first
+        pull), the pulled parameters received, the next update computed."""
+        if self._pulled and self.overlap_steps > 0:
+            self.overlap(trainer)
+        self._pulled = True
+        self.receive(trainer, params, version)
+        return self.compute(trainer)
 
     def next_min_version(self, version: int) -> int:
         return self.strategy.next_min_version(version)

@@ -307,10 +307,13 @@ class JobState:
         self._lock = threading.Lock()
         self.waiters = VersionWaiters(self._lock)
         self.on_version: Callable[[JobState], None] | None = None  # e.g. checkpoint scheduling
-        # Pulls as compressed deltas (`core.downlink`): workers hold the published θ̂, not θ.
-        self.downlink: DownlinkPublisher | None = (
-            DownlinkPublisher(spec.downlink.build(), self.params, self.version) if spec.downlink is not None else None
-        )
+        # Pulls as deltas (`core.downlink`): compressed ones with a downlink codec (workers hold the published
+        # θ̂, not θ), lossless slices for a strategy whose versions change one region (Streaming DiLoCo).
+        self.regional = self.strategy.region(0, self.num_params) is not None
+        self.downlink: DownlinkPublisher | None = None
+        if spec.downlink is not None or self.regional:
+            codec = spec.downlink.build() if spec.downlink is not None else None
+            self.downlink = DownlinkPublisher(codec, self.params, self.version)
 
     @staticmethod
     def validated(spec: JobSpec, layout: Sequence[TensorSpec], params: np.ndarray, members: Sequence[str]) -> None:
@@ -398,6 +401,11 @@ class JobState:
         with self._lock:
             self.counters[f"rejected_{err.code.value.lower()}"] += 1
 
+    def update_size(self, base_version: int) -> int:
+        """Elements of an update computed on `base_version`: the strategy's region of it, or the whole vector."""
+        region = self.strategy.region(base_version, self.num_params) if self.regional else None
+        return self.num_params if region is None else region.stop - region.start
+
     def precheck(self, header: PushHeader) -> None:
         """What can be refused from the header alone, before the payload is read."""
         want = self.strategy.update_kind
@@ -411,13 +419,14 @@ class JobState:
 
         Rejections are counted by the store, which sees every PSError leaving a job."""
         self.precheck(header)
-        vec = decode_update(header.codec, header.codec_meta, payload, self.num_params)
+        size = self.update_size(header.base_version)
+        vec = decode_update(header.codec, header.codec_meta, payload, size)
         with self._lock:
             result = self._decide_locked(header, vec)
             self.counters[f"pushes_{result.outcome.value.lower()}"] += 1
             # Wire bytes per class: every update that arrived, by kind, and its uncompressed size.
             self.counters[f"bytes_received_{header.kind}"] += len(payload)
-            self.counters[f"raw_bytes_{header.kind}"] += 4 * self.num_params
+            self.counters[f"raw_bytes_{header.kind}"] += 4 * size
             if result.outcome in (PushOutcome.APPLIED, PushOutcome.BUFFERED):
                 self.counters["bytes_received"] += len(payload)
             if result.outcome is not PushOutcome.DUPLICATE:
@@ -479,11 +488,15 @@ class JobState:
         return np.asarray(combined, dtype=np.float32)
 
     def apply(self, update: np.ndarray, count: int, lr_scale: float = 1.0) -> None:
-        new_params = self.optimizer.step(self.params, update, lr_scale)
+        region = self.strategy.region(self.version, self.num_params)
+        if region is None:
+            new_params = self.optimizer.step(self.params, update, lr_scale)
+        else:
+            new_params = self.optimizer.step_region(self.params, update, region, lr_scale)
         self.params = _frozen(new_params.astype(np.float32, copy=False))
         self.version += 1
         if self.downlink is not None:
-            self.downlink.publish(self.params, self.version)
+            self.downlink.publish(self.params, self.version, region)
         self.counters["updates_aggregated"] += count
         self._obs.version(self.spec.job_id, self.version)
         self.waiters.notify_locked()
@@ -551,6 +564,8 @@ class JobState:
         job.open_membership = snap.open_membership
         job.version = snap.version
         if job.downlink is not None:  # a new lineage from the checkpoint: every holder re-pulls in full
+            # (a fresh publisher, built by __init__ from the restored spec, already has a new epoch;
+            # this one starts at the restored version)
             job.downlink = DownlinkPublisher(job.downlink.codec, job.params, job.version)
         job.counters.update(snap.counters)
         job.last_loss = snap.last_loss

@@ -37,6 +37,11 @@ class ServerOptimizer(ABC):
     def step(self, params: np.ndarray, update: np.ndarray, lr_scale: float = 1.0) -> np.ndarray:
         """Return new parameters after one step on `update`; `lr_scale` scales the learning rate."""
 
+    def step_region(self, params: np.ndarray, update: np.ndarray, region: slice, lr_scale: float = 1.0) -> np.ndarray:
+        """New parameters after a step on `update`, which covers only `params[region]` (Streaming DiLoCo's
+        fragments); the rest of the parameters and of the optimizer state stay as they are."""
+        raise ValueError(f"the {self.name} optimizer cannot step one region of the parameters (use sgd)")
+
     @abstractmethod
     def state_dict(self) -> tuple[dict[str, np.ndarray], Scalars]:
         """Arrays and scalars that fully determine the next step (for checkpoints)."""
@@ -77,6 +82,24 @@ class SGD(ServerOptimizer):
                 direction += update[b]
             _descend_into(out[b], params[b], lr, direction)
         self.buf = buf
+        return out
+
+    def step_region(self, params: np.ndarray, update: np.ndarray, region: slice, lr_scale: float = 1.0) -> np.ndarray:
+        # The region's own SGD on views of this one's state: the same arithmetic as `step`, so stepping
+        # every region in turn equals one step on the whole vector (tested). Copies, never writes in place:
+        # checkpoints hold references to the current arrays.
+        n = region.stop - region.start
+        if update.shape != (n,):
+            raise ValueError(f"update has shape {update.shape}; region {region.start}:{region.stop} has {n} values")
+        part = SGD(n, self.lr, self.momentum, self.nesterov)
+        part.buf = None if self.buf is None else self.buf[region]
+        stepped = part.step(params[region], update, lr_scale)
+        if part.buf is not None:
+            buf = np.zeros(self.size, np.float32) if self.buf is None else self.buf.copy()
+            buf[region] = part.buf
+            self.buf = buf
+        out = np.array(params, dtype=np.float32, copy=True)
+        out[region] = stepped
         return out
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], Scalars]:

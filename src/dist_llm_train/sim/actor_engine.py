@@ -46,6 +46,12 @@ class ActorEngine(Engine):
         self._lost: list[tuple[float, Kind, tuple[float, ...], int, float]] = []  # (when, as what, order, agent, waste)
         # A pull's service time, when the links do not change over time (the same number every time).
         self._service = self.steps.pull_service_1(0.0) if self.steps.topo.timeline.single else None
+        # Compute overlapping a sync (Streaming DiLoCo): a worker starts its next update as soon as it has sent
+        # its push, and needs the pull only `overlap` of the way into it (τ of its H/P steps); it stalls when
+        # the pull comes later than that. `_sent_at`: when each worker last sent (its compute's end).
+        strategy = self.cfg.strategy
+        self.overlap = strategy.overlap_steps / strategy.steps_per_update()
+        self._sent_at: dict[int, float] = {}
         self._handlers: dict[Kind, Callable[[Any], None]] = {
             Kind.PULL_REQUEST: self._pull_request,
             Kind.PUSH_ARRIVE: self._push_arrive,
@@ -180,18 +186,28 @@ class ActorEngine(Engine):
         legs = self._fixed.get(v)
         if legs is None and v not in self._fixed:
             legs = self._legs(v)
+        draws: Row | None = None
         if legs is not None:
             row: Step = (legs, slot)
             delivered = max(done, start + legs.ser_in[slot]) + legs.pull_extra[slot]
             compute = legs.compute[slot]
-            sent = delivered + compute
+        else:
+            row = draws = self.draws.row(v, slot)
+            delivered = steps.pull_delivered_1(slot, start, done, service, draws)
+            compute = steps.compute_time_1(slot, draws)
+        if self.overlap:
+            # The update's compute began before this delivery, as far as the overlap allows; from here on
+            # `delivered` stands for that start (what churn accounting and the sums read as "had the params").
+            prev = self._sent_at.get(a)
+            if prev is not None:
+                delivered = max(prev, delivered - self.overlap * compute)
+            self._sent_at[a] = delivered + compute
+        sent = delivered + compute
+        if draws is None:
+            assert legs is not None
             arrival = sent + legs.push_total[slot]
         else:
-            row = self.draws.row(v, slot)
-            delivered = steps.pull_delivered_1(slot, start, done, service, row)
-            compute = steps.compute_time_1(slot, row)
-            sent = delivered + compute
-            arrival = steps.push_arrival_1(slot, sent, row)
+            arrival = steps.push_arrival_1(slot, sent, draws)
         # The update depends only on the parameters served now; computing it here rather than at delivery
         # gives the same numbers (each worker's state is its own) with one less thing to hold in flight.
         self.maths.pulled(self.js, a, v)

@@ -41,7 +41,7 @@ from dist_llm_train.controller.schedulers.base import task_order
 from dist_llm_train.controller.service import ControllerService, PSEndpoint
 from dist_llm_train.controller.store import UPDATE_TASK, Store
 from dist_llm_train.core.job import JobSpec
-from dist_llm_train.core.strategies import OptimizerSpec
+from dist_llm_train.core.strategies import OptimizerSpec, build_strategy
 from dist_llm_train.core.strategies.asynchronous import Async
 from dist_llm_train.core.strategies.base import EWMA_ALPHA, RoundBarrier, StalenessGate, WorkerRecord
 from dist_llm_train.core.types import PSError, PushHeader, PushOutcome, TensorSpec
@@ -596,12 +596,14 @@ def make_job_state(
     layout: Sequence[TensorSpec] | None = None,
     params: np.ndarray | None = None,
 ) -> JobState:
-    """The PS's job object, by default on a one-parameter vector: the rules are the real ones, the maths is free.
+    """The PS's job object, by default on a one-parameter vector (one per region for a strategy with regions,
+    e.g. Streaming DiLoCo's fragments): the rules are the real ones, the maths is free.
 
     Real numerics pass the model's layout and initial parameters."""
     if layout is None or params is None:
-        layout = [TensorSpec("theta", (1,), 0)]
-        params = np.zeros(1, dtype=np.float32)
+        n = build_strategy(spec.strategy).min_params()
+        layout = [TensorSpec("theta", (n,), 0)]
+        params = np.zeros(n, dtype=np.float32)
     JobState.validated(spec, layout, params, members)
     js = JobState(spec, layout, params, members, clock)
     js.members = FastMembers(js.members)
@@ -621,17 +623,18 @@ def push(js: JobState, worker_id: str, step: int, base_version: int) -> tuple[st
 
 def push_to_ps(js: JobState, worker_id: str, step: int, base_version: int) -> tuple[str, int]:
     """`push` without the fast path: the update through `JobState.push`."""
+    payload = _PAYLOAD if not js.regional else bytes(4 * js.update_size(base_version))
     header = PushHeader(
         job_id=JOB_ID,
         worker_id=worker_id,
         step=step,
         base_version=base_version,
         codec="none",
-        payload_bytes=len(_PAYLOAD),
+        payload_bytes=len(payload),
         kind=js.strategy.update_kind,
     )
     try:
-        result = js.push(header, _PAYLOAD)
+        result = js.push(header, payload)
     except PSError as err:
         return err.code.value, js.version - base_version
     return result.outcome.value, result.staleness

@@ -200,6 +200,8 @@ class SimConfig(_Strict):
     adaptive_min_staleness: Annotated[int, Field(ge=0)] = 5
     adaptive_multiplier: Annotated[float, Field(ge=1)] = 10.0
     local_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    strategy_params: dict[str, Any] = {}
+    """The strategy's other fields (e.g. streaming_diloco's `fragments`, `overlap_steps`), validated by it."""
     batch_size: Annotated[int, Field(ge=1)] = 16
     seq_length: Annotated[int, Field(ge=1)] = 32
     tasks: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
@@ -234,6 +236,11 @@ class SimConfig(_Strict):
         return self._trace_cache[1]
 
     @model_validator(mode="after")
+    def _strategy_builds(self) -> SimConfig:
+        _ = self.strategy_config  # an unknown or out-of-range strategy field is an error now, naming it
+        return self
+
+    @model_validator(mode="after")
     def _kills_in_range(self) -> SimConfig:
         bad = [k.worker for k in self.failures.kills if k.worker >= self.capacity]
         if bad:
@@ -258,7 +265,11 @@ class SimConfig(_Strict):
             "straggler_timeout_s": self.straggler_timeout_s,
         }
         known = STRATEGIES[self.mode].Config.model_fields
-        return parse_strategy_config({"name": self.mode, **{k: v for k, v in fields.items() if k in known}})
+        unknown = sorted(set(self.strategy_params) - set(known))
+        if unknown:
+            raise ValueError(f"strategy_params {unknown} are not fields of strategy {self.mode!r}")
+        chosen = {k: v for k, v in fields.items() if k in known}
+        return parse_strategy_config({"name": self.mode, **chosen, **self.strategy_params})
 
     @property
     def strategy(self) -> Strategy:
@@ -318,6 +329,11 @@ class SimConfig(_Strict):
                     ("local_steps", "local_steps"),
                 )
                 if hasattr(strategy, key)
+            },
+            "strategy_params": {
+                key: value
+                for key, value in strategy.model_dump(exclude={"name"}).items()
+                if key not in _DEDICATED_STRATEGY_FIELDS
             },
             "batch_size": t.batch_size,
             "seq_length": t.seq_length,
@@ -419,3 +435,9 @@ def _codec_params(codec: CodecConfig) -> dict[str, int | float | str]:
     if codec.name == "topk":
         params["index"] = codec.topk_index
     return params
+
+
+# Strategy fields the simulation has a field of its own for (the rest travel in `strategy_params`).
+_DEDICATED_STRATEGY_FIELDS = frozenset(
+    {"max_staleness", "min_staleness", "max_staleness_multiplier", "local_steps", "straggler_timeout_s"}
+)

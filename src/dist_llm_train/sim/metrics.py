@@ -42,12 +42,15 @@ def codec_payload_bytes(
 def message_sizes(cfg: SimConfig) -> Sizes:
     p = cfg.payload
     params = cfg.param_count
-    push = codec_payload_bytes(p.codec, p.codec_ratio, params, cfg.seed, p.codec_params)
-    pull = (
-        4 * params
-        if p.downlink_codec == "none"
-        else codec_payload_bytes(p.downlink_codec, p.downlink_ratio, params, cfg.seed, p.downlink_params)
-    )
+    # A strategy whose versions each change one region (Streaming DiLoCo's fragments) pushes that region
+    # and, without a downlink codec, pulls it back as a lossless slice (core.downlink); sizes of fragment 0.
+    region = cfg.strategy.region(0, params)
+    pushed = params if region is None else region.stop - region.start
+    push = codec_payload_bytes(p.codec, p.codec_ratio, pushed, cfg.seed, p.codec_params)
+    if p.downlink_codec != "none":
+        pull = codec_payload_bytes(p.downlink_codec, p.downlink_ratio, params, cfg.seed, p.downlink_params)
+    else:
+        pull = 4 * pushed
     return Sizes(
         pull_bytes=pull + p.header_bytes,
         push_bytes=push + p.header_bytes,

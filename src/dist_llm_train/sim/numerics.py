@@ -173,9 +173,9 @@ class TrainerSource:
         self.pipeline = pipeline
 
     def produce(self, params: np.ndarray, version: int) -> Produced:
-        self.trainer.set_params(np.array(params, dtype=np.float32))  # the store's arrays are read-only
-        update = self.pipeline.compute(self.trainer)
-        enc = self.pipeline.encode(update.vec)
+        # The store's arrays are read-only, hence the copy.
+        update = self.pipeline.after_pull(self.trainer, np.array(params, dtype=np.float32), version)
+        enc = self.pipeline.encode(update.vec, update.slot)
         return Produced(enc.payload, self.pipeline.codec.name, enc.meta, update.kind, update.loss, update.samples)
 
     def next_min_version(self, version: int) -> int:

@@ -60,6 +60,10 @@ class SimResult:
 
 def choose_engine(cfg: SimConfig, real_numerics: bool = False) -> str:
     rounds = cfg.strategy.rounds
+    if cfg.strategy.overlap_steps > 0:  # compute overlapping a sync: per worker, per event
+        if cfg.engine == "vectorised":
+            raise SimConfigError(f"engine: vectorised cannot overlap compute with syncs ({cfg.mode}); use exact")
+        return "exact"
     if real_numerics:
         if cfg.engine == "vectorised":
             raise SimConfigError("engine: vectorised cannot train (its rounds are computed whole); use exact")

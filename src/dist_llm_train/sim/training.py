@@ -143,9 +143,8 @@ class RealNumerics:
         # to applying the deltas, else θ. The job's array is read-only, hence the copy.
         got = js.read(*life.held)
         life.held = (got.epoch, got.version)
-        life.trainer.set_params(np.array(got.params, dtype=np.float32))
-        update = life.pipeline.compute(life.trainer)
-        enc = life.pipeline.encode(update.vec)
+        update = life.pipeline.after_pull(life.trainer, np.array(got.params, dtype=np.float32), got.version)
+        enc = life.pipeline.encode(update.vec, update.slot)
         life.payload = enc.payload
         life.loss = update.loss
         life.header = {

@@ -3,6 +3,10 @@
 It runs in a thread (torch and the blocking PS client both release the GIL for their
 heavy parts) while the asyncio agent keeps heartbeats and telemetry flowing. The loop
 is a plain function of its inputs, so tests can drive it without a controller.
+
+For every strategy the loop is receive(pull) → [compute → push ‖ overlap → receive(pull)]*:
+a strategy with `overlap_steps` (Streaming DiLoCo) keeps training on this thread while the
+push and the next pull run on a second one, so communication hides behind compute.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -99,17 +104,37 @@ def run_training(
     )
     out = TrainingOutcome()
     step_base = int(time.time() * 1000) * STEP_BASE
+    overlapping = pipeline.overlap_steps > 0
+    comms = ThreadPoolExecutor(1, thread_name_prefix="ps-sync") if overlapping else None
+
+    def sync(header: PushHeader, payload: bytes, held: PulledParams) -> tuple[PushResult, PulledParams, float]:
+        """Push, then pull the version to compute on next (the same call order on either thread)."""
+        push_t0 = time.perf_counter()  # netem: push timing gives the ps_sync link's measured rate
+        result: PushResult = _retry_unavailable(partial(ps.push, header, payload), stop, "push")
+        push_s = time.perf_counter() - push_t0
+        if result.outcome is PushOutcome.JOB_COMPLETE:
+            return result, held, push_s
+        pull_next = partial(
+            ps.pull,
+            ctx.job_id,
+            ctx.worker_id,
+            min_version=pipeline.next_min_version(held.version),
+            wait_timeout_s=pipeline.strategy.pull_wait_s(),
+            have=held,  # with a downlink codec the PS sends only the deltas since
+        )
+        return result, _retry_unavailable(pull_next, stop, "pull"), push_s
+
     try:
         initial = flatten_params(trainer.model)
         _retry_unavailable(lambda: ps.init_job(spec, layout_of(trainer.model), initial, ctx.members), stop, "init_job")
         pulled: PulledParams = _retry_unavailable(lambda: ps.pull(ctx.job_id, ctx.worker_id), stop, "pull")
+        pipeline.receive(trainer, pulled.params, pulled.version)
         while not stop.is_set() and not pulled.job_complete:
             new = current_shards() - owned
             if new:
                 log.info("took over shards %s", sorted(new))
                 trainer.add_shards(sorted(new))
                 owned |= new
-            trainer.set_params(pulled.params)
             t0 = time.perf_counter()
             update = pipeline.compute(trainer)
             loss, n_samples = update.loss, update.samples
@@ -117,7 +142,7 @@ def run_training(
             if ctx.compute_slowdown > 1.0:
                 # Emulated slow hardware (straggler profiles): stretch the real compute time.
                 stop.wait(compute_s * (ctx.compute_slowdown - 1.0))
-            encoded = pipeline.encode(update.vec)
+            encoded = pipeline.encode(update.vec, update.slot)
             header = PushHeader(
                 job_id=ctx.job_id,
                 worker_id=ctx.worker_id,
@@ -130,24 +155,22 @@ def run_training(
                 loss=loss,
                 kind=update.kind,
             )
-            push_t0 = time.perf_counter()  # netem: push timing gives the ps_sync link's measured rate
-            result: PushResult = _retry_unavailable(partial(ps.push, header, encoded.payload), stop, "push")
-            push_s = time.perf_counter() - push_t0
+            if comms is not None:
+                in_flight = comms.submit(sync, header, encoded.payload, pulled)
+                overlap_t0 = time.perf_counter()
+                pipeline.overlap(trainer)  # the steps that hide the sync; they count as compute time
+                overlap_s = time.perf_counter() - overlap_t0
+                result, nxt, push_s = in_flight.result()
+                compute_s += overlap_s
+            else:
+                result, nxt, push_s = sync(header, encoded.payload, pulled)
             out.outcomes[result.outcome.value] = out.outcomes.get(result.outcome.value, 0) + 1
             out.steps += 1
             if result.outcome is PushOutcome.JOB_COMPLETE:
                 out.job_complete = True
                 break
-            wait_for = pipeline.next_min_version(pulled.version)
-            pull_next = partial(
-                ps.pull,
-                ctx.job_id,
-                ctx.worker_id,
-                min_version=wait_for,
-                wait_timeout_s=pipeline.strategy.pull_wait_s(),
-                have=pulled,  # with a downlink codec the PS sends only the deltas since
-            )
-            pulled = _retry_unavailable(pull_next, stop, "pull")
+            pulled = nxt
+            pipeline.receive(trainer, pulled.params, pulled.version)
             step_s = time.perf_counter() - t0
             if out.steps % ctx.telemetry_every == 0:
                 tokens = n_samples * cfg.training.seq_length
@@ -173,6 +196,8 @@ def run_training(
         out.stopped = stop.is_set()
         out.last_version = pulled.version
     finally:
+        if comms is not None:
+            comms.shutdown(wait=True)  # a sync in flight finishes (its retries watch `stop`)
         out.bytes_sent, out.bytes_received = ps.bytes_sent, ps.bytes_received
         if client is None:
             ps.close()

@@ -31,6 +31,7 @@ from dist_llm_train.core.strategies.base import (
     WorkerLedger,
 )
 from dist_llm_train.core.strategies.diloco import DiLoCo, DiLoCoConfig
+from dist_llm_train.core.strategies.streaming_diloco import StreamingDiLoCo, StreamingDiLoCoConfig
 from dist_llm_train.core.strategies.sync import Sync, SyncConfig
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
     "Strategy",
     "StrategyConfig",
     "StrategyField",
+    "StreamingDiLoCo",
+    "StreamingDiLoCoConfig",
     "Sync",
     "SyncConfig",
     "Trainer",
@@ -82,7 +85,7 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-for _builtin in (Sync, Async, Adaptive, DiLoCo):
+for _builtin in (Sync, Async, Adaptive, DiLoCo, StreamingDiLoCo):
     register(_builtin)
 
 

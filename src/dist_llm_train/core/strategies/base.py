@@ -9,12 +9,17 @@ A strategy answers, for one job (Flower's `Strategy` ABC is the model):
 * **worker time** — `compute(trainer)`: the honest update a worker computes at the pulled
   parameters and its kind (`update_kind`: gradient or pseudo-gradient, which is also the byte
   class the PS counts it under); `next_min_version`: whether the worker waits for the next
-  version before pulling again.
+  version before pulling again; `receive`: what a pulled vector does to the worker's parameters
+  (load them, or merge one fragment); `overlap_steps` / `overlap`: local steps run while the push
+  and the next pull are in flight. The worker loop is, for every strategy:
+  receive(pull) → [compute → push ‖ overlap → receive(pull)]*.
 * **PS time** — `version_rule()`: a fresh `VersionRule` per job that decides what a push does to
   the job and when a version closes. Two rules cover the strategies shipped today:
   `RoundBarrier` (a version per round of member updates, aggregated; sync and DiLoCo) and
   `StalenessGate` (each update applied on arrival if it is not staler than the worker's bound;
   async and adaptive). A new strategy either reuses one of them or brings its own.
+  `region(version)`: which part of the parameters a version's updates cover (all of it, except
+  Streaming DiLoCo's fragments).
 * **surface** — `describe()`: the strategy's own fields for `/status` and the run report.
 
 Everything generic around it stays outside: the worker's attack / local DP / codec pipeline is
@@ -66,6 +71,13 @@ class Trainer(Protocol):
         """Run h local optimizer steps; (params_before - params_after, mean loss, samples)."""
         ...
 
+    def params(self) -> np.ndarray:
+        """The current parameters, flat float32 (a copy)."""
+        ...
+
+    def set_params(self, vec: np.ndarray) -> None:
+        """Load flat float32 parameters."""
+
 
 @dataclass(frozen=True)
 class JobPlan:
@@ -97,6 +109,7 @@ class HonestUpdate:
     vec: np.ndarray
     loss: float
     samples: int
+    slot: int = 0  # which part of the parameters `vec` covers (Streaming DiLoCo's fragment): error feedback's key
 
 
 # -- what the PS offers a version rule ----------------------------------------------------------
@@ -118,7 +131,8 @@ class JobView(Protocol):
         ...
 
     def apply(self, update: np.ndarray, count: int, lr_scale: float = 1.0) -> None:
-        """Step the optimizer on `update` (the combination of `count` updates) and publish version + 1."""
+        """Step the optimizer on `update` (the combination of `count` updates) and publish version + 1.
+        `update` covers the strategy's `region` of the current version (the whole vector by default)."""
 
     def round_closed(self, duration_s: float, timed_out: bool) -> None:
         """Count a closed round."""
@@ -299,6 +313,18 @@ class Strategy(ABC):
         """Version to wait for before the next pull; 0 pulls at once."""
         return 0
 
+    def receive(self, trainer: Trainer, params: np.ndarray, version: int) -> None:
+        """The worker pulled `params` at `version`: start the next update from them (Streaming DiLoCo
+        instead merges only the fragment whose round closed)."""
+        trainer.set_params(params)
+
+    overlap_steps: int = 0
+    """Local steps a worker runs while its push and the next pull are in flight (0: it waits for them)."""
+
+    def overlap(self, trainer: Trainer) -> tuple[float, int]:
+        """Run the `overlap_steps` steps; (mean loss, samples). Only called when `overlap_steps` > 0."""
+        return float("nan"), 0
+
     def pull_wait_s(self) -> float:
         """How long that pull may wait on the PS for the version (0: it does not wait)."""
         return 0.0
@@ -311,6 +337,15 @@ class Strategy(ABC):
     def staleness_bound(self, worker_id: str, ledger: WorkerLedger, now: float | None) -> int:
         """The staleness an update from `worker_id` may have and still be applied."""
         return 0
+
+    def region(self, version: int, size: int) -> slice | None:
+        """The part of a `size`-element parameter vector that updates computed on `version` cover, and
+        that the version they make changes; None: all of it (every strategy but Streaming DiLoCo)."""
+        return None
+
+    def min_params(self) -> int:
+        """The shortest parameter vector the strategy is defined on (its regions need one value each)."""
+        return 1
 
     # surface
     def describe(self) -> dict[str, Any]:
