@@ -136,7 +136,13 @@ class TrainingConfig(_Strict):
     num_workers: int = Field(2, ge=1, le=1024)
     sync_window: int = Field(1, ge=1)
     gradient_clip_norm: float = Field(1.0, ge=0)
-    steps: int = Field(200, ge=1, le=10_000_000, description="Worker steps (DiLoCo: inner steps) per worker")
+    steps: int = Field(
+        200,
+        ge=1,
+        le=10_000_000,
+        description="Step budget: per worker for sync and diloco (inner steps); applied updates in all for "
+        "async, adaptive and buffered_async",
+    )
     optimizer: OptimizerName = "adam"
     momentum: float = Field(0.9, ge=0, lt=1)
     seed: int = 0
@@ -190,6 +196,8 @@ class TrainingConfig(_Strict):
             aggregation=self.aggregation.rule,
             attack=built.name if built is not None else None,
             attack_needs_spread=bool(built is not None and built.needs_spread and built.samples > 1),
+            aggregation_params=self.aggregation.params(n),
+            central_dp=privacy is not None and privacy.mode == "central",
         )
         self.build_strategy().validate(plan)
         return self
@@ -271,7 +279,7 @@ class TrainingConfig(_Strict):
             "attack": None
             if self.attack is None
             else {"name": self.attack.name, "attackers": self.attack.count, **self.attack.params},
-            "dp": dp_report(self.privacy, releases, strategy.versions(self.steps)),
+            "dp": dp_report(self.privacy, releases, strategy.max_releases(self.steps)),
         }
 
 

@@ -15,7 +15,7 @@ from dist_llm_train.cli.common import console
 
 T = TypeVar("T")
 
-STRATEGIES_HELP = "sync, async, adaptive or diloco."
+STRATEGIES_HELP = "sync, async, adaptive, buffered_async or diloco."
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML/JSON run config file.")]
 StrategyOpt = Annotated[str | None, typer.Option("--strategy", help=f"Training strategy: {STRATEGIES_HELP}")]

@@ -30,6 +30,7 @@ from dist_llm_train.core.strategies.base import (
     VersionRule,
     WorkerLedger,
 )
+from dist_llm_train.core.strategies.buffered_async import BufferedAsync, BufferedAsyncConfig, StalenessBuffer
 from dist_llm_train.core.strategies.diloco import DiLoCo, DiLoCoConfig
 from dist_llm_train.core.strategies.sync import Sync, SyncConfig
 
@@ -41,6 +42,8 @@ __all__ = [
     "AdaptiveConfig",
     "Async",
     "AsyncConfig",
+    "BufferedAsync",
+    "BufferedAsyncConfig",
     "DiLoCo",
     "DiLoCoConfig",
     "HonestUpdate",
@@ -49,6 +52,7 @@ __all__ = [
     "OptimizerSpec",
     "RoundBarrier",
     "RoundStrategy",
+    "StalenessBuffer",
     "StalenessGate",
     "Strategy",
     "StrategyConfig",
@@ -82,7 +86,7 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-for _builtin in (Sync, Async, Adaptive, DiLoCo):
+for _builtin in (Sync, Async, Adaptive, BufferedAsync, DiLoCo):
     register(_builtin)
 
 
