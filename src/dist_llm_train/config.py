@@ -136,6 +136,13 @@ class TrainingConfig(_Strict):
     num_workers: int = Field(2, ge=1, le=1024)
     sync_window: int = Field(1, ge=1)
     gradient_clip_norm: float = Field(1.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where each worker computes: auto uses CUDA where torch sees a GPU, else the CPU"
+    )
+    autocast: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="Mixed precision of the forward pass (fp16 with dynamic loss scaling); updates on "
+        "the wire stay float32",
+    )
     steps: int = Field(
         200,
         ge=1,
