@@ -136,7 +136,20 @@ class TrainingConfig(_Strict):
     num_workers: int = Field(2, ge=1, le=1024)
     sync_window: int = Field(1, ge=1)
     gradient_clip_norm: float = Field(1.0, ge=0)
-    steps: int = Field(200, ge=1, le=10_000_000, description="Worker steps (DiLoCo: inner steps) per worker")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where each worker computes: auto uses CUDA where torch sees a GPU, else the CPU"
+    )
+    autocast: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="Mixed precision of the forward pass (fp16 with dynamic loss scaling); updates on "
+        "the wire stay float32",
+    )
+    steps: int = Field(
+        200,
+        ge=1,
+        le=10_000_000,
+        description="Step budget: per worker for sync and diloco (inner steps); applied updates in all for "
+        "async, adaptive and buffered_async",
+    )
     optimizer: OptimizerName = "adam"
     momentum: float = Field(0.9, ge=0, lt=1)
     seed: int = 0
@@ -195,6 +208,8 @@ class TrainingConfig(_Strict):
             aggregation=self.aggregation.rule,
             attack=built.name if built is not None else None,
             attack_needs_spread=bool(built is not None and built.needs_spread and built.samples > 1),
+            aggregation_params=self.aggregation.params(n),
+            central_dp=privacy is not None and privacy.mode == "central",
         )
         self.build_strategy().validate(plan)
         return self
@@ -278,7 +293,7 @@ class TrainingConfig(_Strict):
             "attack": None
             if self.attack is None
             else {"name": self.attack.name, "attackers": self.attack.count, **self.attack.params},
-            "dp": dp_report(self.privacy, releases, strategy.versions(self.steps)),
+            "dp": dp_report(self.privacy, releases, strategy.max_releases(self.steps)),
         }
 
 

@@ -80,6 +80,17 @@ strategies_st = st.one_of(
         st.sampled_from([1.0, 2.0, 3.0]),
     ),
     st.builds(lambda t: {"mode": "sync", "straggler_timeout_s": t}, st.sampled_from([0.5, 2.0, 1e6])),
+    st.builds(
+        lambda s, k, t: {
+            "mode": "buffered_async",
+            "max_staleness": s,
+            "straggler_timeout_s": t,
+            "strategy_options": {"buffer_size": k},
+        },
+        st.integers(0, 3),
+        st.integers(1, 4),
+        st.sampled_from([0.5, 1e6]),
+    ),
     st.builds(lambda t: {"mode": "diloco", "straggler_timeout_s": t, "local_steps": 2}, st.sampled_from([1.0, 1e6])),
 )
 ops_st = st.lists(

@@ -80,6 +80,9 @@ def simulate(
     max_joins: Annotated[int | None, typer.Option(help="At most this many new workers.")] = None,
     max_staleness: Annotated[int | None, typer.Option(help="Async staleness bound.")] = None,
     local_steps: Annotated[int | None, typer.Option(help="DiLoCo: local steps per update (H).")] = None,
+    buffer_size: Annotated[
+        int | None, typer.Option(help="buffered_async: accepted updates per version (K).")
+    ] = None,
     straggler_timeout: Annotated[float | None, typer.Option(help="Sync round timeout, seconds.")] = None,
     scheduler: Annotated[str | None, typer.Option(help="priority, gale-shapley or capability.")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where the report folder goes.")] = Path("runs"),
@@ -129,6 +132,7 @@ def simulate(
         "churn.max_joins": max_joins,
         "max_staleness": max_staleness,
         "local_steps": local_steps,
+        "strategy_options.buffer_size": buffer_size,
         "straggler_timeout_s": straggler_timeout,
         "scheduler": scheduler,
         "availability": load_availability_or_exit(availability),

@@ -12,10 +12,11 @@ that may be tens of MB) runs outside the lock; the state change after it is re-v
 
 What a push does and when a version closes belongs to the job's training strategy
 (`core.strategies`): the job asks it for a `VersionRule` (a round barrier for sync and DiLoCo,
-a staleness gate for async and adaptive) and offers the rule a `JobView` — aggregate with the
-job's rule, step the optimizer and publish. Central DP is an aggregation rule wrapping the mean
-(`core.privacy.PrivateMean`), not a branch here. The job itself keeps what every strategy
-shares: versions, members, the optimizer, counters, per-worker records and replay protection.
+a staleness gate for async and adaptive, a staleness-weighted buffer for buffered_async) and
+offers the rule a `JobView` — aggregate with the job's rule, step the optimizer and publish.
+Central DP is an aggregation rule wrapping the mean (`core.privacy.PrivateMean`), not a branch
+here. The job itself keeps what every strategy shares: versions, members, the optimizer,
+counters, per-worker records and replay protection.
 With open membership (InitJob without members and no SetMembers yet) a worker joins by
 pushing; pulls never join, so monitors can read parameters without blocking rounds.
 """
@@ -332,11 +333,6 @@ class JobState:
     @property
     def complete(self) -> bool:
         return self.version >= self.spec.total_steps
-
-    @property
-    def rounds(self) -> bool:
-        """Whether pushes buffer towards a version (a round) rather than apply on arrival."""
-        return self.strategy.rounds
 
     def read(self, have_epoch: int = 0, have_version: int = 0) -> PulledParams:
         """What a pull sends: with a downlink codec, the deltas from what the caller holds when the
@@ -757,11 +753,11 @@ class ParameterStore:
             raise
 
     def push_cost_bytes(self, header: PushHeader, nbytes: int) -> int:
-        """Bytes of numpy work a push may cause: its payload, plus in sync mode the updates it may
-        aggregate when it closes the round."""
+        """Bytes of numpy work a push may cause: its payload, plus the buffered updates it may aggregate
+        when it closes a version (a sync round, a buffered_async buffer)."""
         with self._lock:
             job = self._jobs.get(header.job_id)
-        if job is None or not job.rounds:
+        if job is None:
             return nbytes
         return nbytes + job.round_size() * job.num_params * 4
 

@@ -250,7 +250,7 @@ class ActorEngine(Engine):
         self._observe_update(slot, now, now - start, compute, v, self.maths.loss(a))
         if self.js.version != before:
             self._closed()
-        elif self.sync and outcome == "BUFFERED":
+        elif outcome == "BUFFERED":  # a sync round or a buffered_async buffer waits: its timeout is an event
             self._arm_expiry()
         self.min_version[a] = v + 1
         if isinstance(row[0], FixedLegs):
@@ -272,7 +272,8 @@ class ActorEngine(Engine):
             self._closed()
 
     def _closed(self) -> None:
-        """The PS's version moved: sync rounds publish after aggregation time, async updates at once."""
+        """The PS's version moved: sync rounds publish after aggregation time; without a barrier (async,
+        buffered_async) workers never wait for a version, so it is published at once."""
         total = adapters.updates_aggregated(self.js)
         updates, self.aggregated = total - self.aggregated, total
         now = self.queue.clock.now

@@ -44,6 +44,7 @@ from dist_llm_train.core.job import JobSpec
 from dist_llm_train.core.strategies import OptimizerSpec, build_strategy
 from dist_llm_train.core.strategies.asynchronous import Async
 from dist_llm_train.core.strategies.base import EWMA_ALPHA, RoundBarrier, StalenessGate, WorkerRecord
+from dist_llm_train.core.strategies.buffered_async import BufferedAsync, StalenessBuffer
 from dist_llm_train.core.types import PSError, PushHeader, PushOutcome, TensorSpec
 from dist_llm_train.paramserver.job import NULL_OBSERVER, REPLAY_WINDOW, JobState
 from dist_llm_train.sim.config import SimConfig
@@ -640,7 +641,12 @@ def push_to_ps(js: JobState, worker_id: str, step: int, base_version: int) -> tu
     return result.outcome.value, result.staleness
 
 
-_REFUSED_BY_AGE = {StalenessGate: PushOutcome.STALE_REJECTED, RoundBarrier: PushOutcome.LATE_DROPPED}
+_REFUSED_BY_AGE = {
+    StalenessGate: PushOutcome.STALE_REJECTED,
+    StalenessBuffer: PushOutcome.STALE_REJECTED,  # refuses as the gate does, and changes nothing else then
+    RoundBarrier: PushOutcome.LATE_DROPPED,
+}
+_FIXED_BOUND = (Async, BufferedAsync)  # strategies whose bound is the constant `max_staleness`
 
 
 class StaleRefuser:
@@ -649,9 +655,9 @@ class StaleRefuser:
     On cellular with 10⁴ async workers 99.9 % of updates are refused as stale; through `JobState.push` each
     costs a header, a decode and a finiteness check of a payload that is never used. This replays what
     `JobState.push` and `_decide_locked` do to the job for such an update, in their order: the push is
-    timed (`ledger.observe_push`), the rule refuses it (`StalenessGate`: staleness over the worker's bound,
-    read after that timing as the rule reads it; `RoundBarrier`: any staleness), its step is remembered for
-    replay detection, and the outcome, wire-byte and ledger counters move as the PS's do. It applies only
+    timed (`ledger.observe_push`), the rule refuses it (`StalenessGate`, `StalenessBuffer`: staleness over the
+    worker's bound, read after that timing as the rule reads it; `RoundBarrier`: any staleness), its step is
+    remembered for replay detection, and the outcome, wire-byte and ledger counters move as the PS's do. It applies only
     to the rules as shipped (exact classes) on the free one-parameter job, to a member's new step with a
     plausible base version of a job not yet complete; anything else (and anything it cannot be sure is
     refused) returns None having changed nothing, and goes through `JobState.push`. The observer is told
@@ -664,8 +670,12 @@ class StaleRefuser:
         outcome = _REFUSED_BY_AGE.get(type(js.rule)) if js.num_params == 1 else None
         self.outcome = outcome
         strategy = js.strategy
-        # The plain async strategy's bound is a constant: the refusal is known before the push is timed.
-        self.fixed_bound: int | None = strategy.max_staleness if type(strategy) is Async else None
+        # Plain async's and buffered async's bound is a constant: the refusal is known before the push is timed.
+        self.fixed_bound: int | None = (
+            strategy.max_staleness
+            if isinstance(strategy, _FIXED_BOUND) and type(strategy) in _FIXED_BOUND  # exact classes only
+            else None
+        )
         kind = strategy.update_kind
         self.kind = kind
         self.name = outcome.value if outcome is not None else ""

@@ -181,11 +181,22 @@ class TransportModel(_Strict):
         return self
 
 
+# Strategy fields the simulation has a field of its own for (SimConfig's name: the strategy's name).
+_STRATEGY_FIELDS = {
+    "max_staleness": "max_staleness",
+    "adaptive_min_staleness": "min_staleness",
+    "adaptive_multiplier": "max_staleness_multiplier",
+    "local_steps": "local_steps",
+    "straggler_timeout_s": "straggler_timeout_s",
+}
+
+
 class SimConfig(_Strict):
     """One simulated run. `mode` is the PS strategy: sync and diloco work in rounds (DiLoCo's workers run
     `local_steps` steps per update and push a pseudo-gradient); async and adaptive apply each update on
     arrival within the staleness bound (adaptive: per worker, from its measured speed, between
-    `adaptive_min_staleness` and that × `adaptive_multiplier`)."""
+    `adaptive_min_staleness` and that × `adaptive_multiplier`); buffered_async publishes a version per
+    `strategy_options.buffer_size` accepted updates. A strategy's other fields are `strategy_options`."""
 
     simulation: SimulationConfig = SimulationConfig()
     workers: Annotated[int, Field(ge=1, le=1_000_000)] = 3
@@ -200,8 +211,6 @@ class SimConfig(_Strict):
     adaptive_min_staleness: Annotated[int, Field(ge=0)] = 5
     adaptive_multiplier: Annotated[float, Field(ge=1)] = 10.0
     local_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 1
-    strategy_params: dict[str, Any] = {}
-    """The strategy's other fields (e.g. streaming_diloco's `fragments`, `overlap_steps`), validated by it."""
     batch_size: Annotated[int, Field(ge=1)] = 16
     seq_length: Annotated[int, Field(ge=1)] = 32
     tasks: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
@@ -217,6 +226,9 @@ class SimConfig(_Strict):
     transport: TransportModel = TransportModel()
     model: ModelConfig = ModelConfig()
     vocab_size: Annotated[int, Field(ge=2)] = 16
+    strategy_options: dict[str, Any] = Field(default_factory=dict)
+    """The strategy's fields without a field of their own above, as `training.strategy` spells them (e.g.
+    buffered_async's `buffer_size`, async's `staleness_scaling`, DiLoCo's `outer_lr`); checked against `mode`."""
     availability: AvailabilityConfig | None = None
     """Churn of transient workers: when each of the initial `workers` is there (a trace or a generator)."""
     _trace_cache: tuple[tuple[int, str], AvailabilityTrace] | None = PrivateAttr(default=None)
@@ -236,11 +248,6 @@ class SimConfig(_Strict):
         return self._trace_cache[1]
 
     @model_validator(mode="after")
-    def _strategy_builds(self) -> SimConfig:
-        _ = self.strategy_config  # an unknown or out-of-range strategy field is an error now, naming it
-        return self
-
-    @model_validator(mode="after")
     def _kills_in_range(self) -> SimConfig:
         bad = [k.worker for k in self.failures.kills if k.worker >= self.capacity]
         if bad:
@@ -254,22 +261,28 @@ class SimConfig(_Strict):
             raise ValueError(f"unknown strategy {value!r}; choose one of {strategy_names()}")
         return value
 
+    @model_validator(mode="after")
+    def _strategy_options_fit(self) -> SimConfig:
+        known = set(STRATEGIES[self.mode].Config.model_fields) - {"name"}
+        own = sorted(set(self.strategy_options) & set(_STRATEGY_FIELDS.values()))
+        if own:
+            raise ValueError(f"strategy_options: {own} are simulation fields of their own; set them there")
+        unknown = sorted(set(self.strategy_options) - known)
+        if unknown:
+            raise ValueError(f"strategy_options: strategy {self.mode!r} has no field {unknown}; it has {sorted(known)}")
+        try:
+            self.strategy_config  # noqa: B018 - parse now, so a bad value is an error naming the field
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"strategy_options ({self.mode}): {problems}") from None
+        return self
+
     @property
     def strategy_config(self) -> StrategyConfig:
-        """The strategy's own config from the fields here that it has."""
-        fields = {
-            "max_staleness": self.max_staleness,
-            "min_staleness": self.adaptive_min_staleness,
-            "max_staleness_multiplier": self.adaptive_multiplier,
-            "local_steps": self.local_steps,
-            "straggler_timeout_s": self.straggler_timeout_s,
-        }
+        """The strategy's own config from the fields here that it has, and `strategy_options`."""
         known = STRATEGIES[self.mode].Config.model_fields
-        unknown = sorted(set(self.strategy_params) - set(known))
-        if unknown:
-            raise ValueError(f"strategy_params {unknown} are not fields of strategy {self.mode!r}")
-        chosen = {k: v for k, v in fields.items() if k in known}
-        return parse_strategy_config({"name": self.mode, **chosen, **self.strategy_params})
+        fields = {key: getattr(self, own) for own, key in _STRATEGY_FIELDS.items() if key in known}
+        return parse_strategy_config({"name": self.mode, **fields, **self.strategy_options})
 
     @property
     def strategy(self) -> Strategy:
@@ -322,18 +335,8 @@ class SimConfig(_Strict):
             "telemetry_alpha": c.telemetry_alpha,
             **{
                 sim_key: getattr(strategy, key)
-                for sim_key, key in (
-                    ("straggler_timeout_s", "straggler_timeout_s"),
-                    ("adaptive_min_staleness", "min_staleness"),
-                    ("adaptive_multiplier", "max_staleness_multiplier"),
-                    ("local_steps", "local_steps"),
-                )
-                if hasattr(strategy, key)
-            },
-            "strategy_params": {
-                key: value
-                for key, value in strategy.model_dump(exclude={"name"}).items()
-                if key not in _DEDICATED_STRATEGY_FIELDS
+                for sim_key, key in _STRATEGY_FIELDS.items()
+                if key != "max_staleness" and hasattr(strategy, key)
             },
             "batch_size": t.batch_size,
             "seq_length": t.seq_length,
@@ -359,7 +362,16 @@ class SimConfig(_Strict):
             data["availability"] = cfg.availability.model_dump(exclude_none=True)
         if overrides.get("availability") is not None:
             data.pop("availability", None)  # a trace given for the simulation replaces the run config's
-        return build_sim_config(merge_dotted(data, overrides))
+        merged = merge_dotted(data, overrides)
+        # The run's other strategy fields carry over where the simulated strategy has them, like those above
+        # (an override of `mode` keeps what the new strategy shares with the run's, and drops the rest).
+        mode = merged.get("mode")
+        fields = STRATEGIES[mode].Config.model_fields if isinstance(mode, str) and mode in STRATEGIES else {}
+        carried = strategy.model_dump(exclude={"name", *_STRATEGY_FIELDS.values()}, exclude_none=True)
+        given = merged.get("strategy_options", {})
+        if isinstance(given, dict):  # anything else is refused by the validation below, naming the field
+            merged["strategy_options"] = {k: v for k, v in carried.items() if k in fields} | given
+        return build_sim_config(merged)
 
 
 def estimate_params(model: ModelConfig, vocab_size: int, block_size: int) -> int:
@@ -435,9 +447,3 @@ def _codec_params(codec: CodecConfig) -> dict[str, int | float | str]:
     if codec.name == "topk":
         params["index"] = codec.topk_index
     return params
-
-
-# Strategy fields the simulation has a field of its own for (the rest travel in `strategy_params`).
-_DEDICATED_STRATEGY_FIELDS = frozenset(
-    {"max_staleness", "min_staleness", "max_staleness_multiplier", "local_steps", "straggler_timeout_s"}
-)

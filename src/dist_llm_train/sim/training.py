@@ -56,7 +56,7 @@ def training_config_for(base: Config, sim: SimConfig) -> Config:
         )
     t = base.training
     strategy = sim.strategy_config.model_dump()
-    steps = sim.rounds * sim.steps_per_push  # the per-worker step budget that gives `rounds` versions
+    steps = sim.strategy.steps_for_versions(sim.rounds)  # the step budget that gives `rounds` versions
     codec = t.codec.model_dump()
     codec["name"] = sim.payload.codec
     training = {

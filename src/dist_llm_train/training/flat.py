@@ -28,11 +28,16 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _host_float32(vec: torch.Tensor) -> np.ndarray:
+    """A fresh float32 numpy copy of `vec`, wherever it lives (the wire is float32 whatever the device)."""
+    return vec.detach().to(device="cpu", dtype=torch.float32).numpy().copy()
+
+
 def flatten_params(model: nn.Module) -> np.ndarray:
     """A fresh float32 copy of every parameter, concatenated in layout order."""
     with torch.no_grad():
         vec = parameters_to_vector(model.parameters())
-    return vec.detach().to(torch.float32).numpy().copy()
+    return _host_float32(vec)
 
 
 def flatten_grads(model: nn.Module) -> np.ndarray:
@@ -41,7 +46,7 @@ def flatten_grads(model: nn.Module) -> np.ndarray:
         (p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32)
         for p in model.parameters()
     ]
-    return torch.cat(parts).numpy().copy() if parts else np.zeros(0, dtype=np.float32)
+    return _host_float32(torch.cat(parts)) if parts else np.zeros(0, dtype=np.float32)
 
 
 def load_flat_params(model: nn.Module, vec: np.ndarray) -> None:
@@ -58,6 +63,9 @@ def load_flat_params(model: nn.Module, vec: np.ndarray) -> None:
     if not np.isfinite(arr).all():
         raise ValueError("parameter vector contains NaN or Inf")
     src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    first = next(model.parameters(), None)
+    if first is not None:
+        src = src.to(first.device)  # one host-to-device copy, not one per tensor
     offset = 0
     with torch.no_grad():
         for p in model.parameters():

@@ -30,6 +30,7 @@ from dist_llm_train.core.strategies.base import (
     VersionRule,
     WorkerLedger,
 )
+from dist_llm_train.core.strategies.buffered_async import BufferedAsync, BufferedAsyncConfig, StalenessBuffer
 from dist_llm_train.core.strategies.diloco import DiLoCo, DiLoCoConfig
 from dist_llm_train.core.strategies.streaming_diloco import StreamingDiLoCo, StreamingDiLoCoConfig
 from dist_llm_train.core.strategies.sync import Sync, SyncConfig
@@ -42,6 +43,8 @@ __all__ = [
     "AdaptiveConfig",
     "Async",
     "AsyncConfig",
+    "BufferedAsync",
+    "BufferedAsyncConfig",
     "DiLoCo",
     "DiLoCoConfig",
     "HonestUpdate",
@@ -50,6 +53,7 @@ __all__ = [
     "OptimizerSpec",
     "RoundBarrier",
     "RoundStrategy",
+    "StalenessBuffer",
     "StalenessGate",
     "Strategy",
     "StrategyConfig",
@@ -85,7 +89,7 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-for _builtin in (Sync, Async, Adaptive, DiLoCo, StreamingDiLoCo):
+for _builtin in (Sync, Async, Adaptive, BufferedAsync, DiLoCo, StreamingDiLoCo):
     register(_builtin)
 
 

@@ -4,7 +4,8 @@ A strategy answers, for one job (Flower's `Strategy` ABC is the model):
 
 * **config time** — `validate(plan)`: is it defined for this many workers, this step budget,
   this aggregation rule and attack? (`ValueError` naming the keys and the numbers);
-  `versions(steps)`: how many PS versions the job's step budget buys; `server_optimizer`: which
+  `versions(steps)`: how many PS versions the job's step budget buys (`steps_for_versions` is its
+  inverse, `max_releases` the most updates one worker may have applied); `server_optimizer`: which
   optimizer the PS runs (DiLoCo swaps in its outer optimizer).
 * **worker time** — `compute(trainer)`: the honest update a worker computes at the pulled
   parameters and its kind (`update_kind`: gradient or pseudo-gradient, which is also the byte
@@ -14,12 +15,12 @@ A strategy answers, for one job (Flower's `Strategy` ABC is the model):
   and the next pull are in flight. The worker loop is, for every strategy:
   receive(pull) → [compute → push ‖ overlap → receive(pull)]*.
 * **PS time** — `version_rule()`: a fresh `VersionRule` per job that decides what a push does to
-  the job and when a version closes. Two rules cover the strategies shipped today:
-  `RoundBarrier` (a version per round of member updates, aggregated; sync and DiLoCo) and
+  the job and when a version closes. Two rules here cover most strategies: `RoundBarrier` (a
+  version per round of member updates, aggregated; sync, DiLoCo and Streaming DiLoCo) and
   `StalenessGate` (each update applied on arrival if it is not staler than the worker's bound;
-  async and adaptive). A new strategy either reuses one of them or brings its own.
-  `region(version)`: which part of the parameters a version's updates cover (all of it, except
-  Streaming DiLoCo's fragments).
+  async and adaptive). A new strategy either reuses one of them or brings its own
+  (buffered_async's `StalenessBuffer`). `region(version)`: which part of the parameters a
+  version's updates cover (all of it, except Streaming DiLoCo's fragments).
 * **surface** — `describe()`: the strategy's own fields for `/status` and the run report.
 
 Everything generic around it stays outside: the worker's attack / local DP / codec pipeline is
@@ -88,6 +89,8 @@ class JobPlan:
     aggregation: str  # the aggregation rule's name
     attack: str | None = None
     attack_needs_spread: bool = False  # the attack estimates the honest updates' spread from several draws
+    aggregation_params: dict[str, float] = field(default_factory=dict)  # the rule's parameters for num_workers
+    central_dp: bool = False  # the PS clips and noises each version (DP-FedAvg's trusted aggregator)
 
 
 @dataclass(frozen=True)
@@ -299,6 +302,15 @@ class Strategy(ABC):
     def versions(self, steps: int) -> int:
         """PS versions the job runs for, given the per-worker step budget."""
         return math.ceil(steps / self.steps_per_update())
+
+    def steps_for_versions(self, versions: int) -> int:
+        """The step budget that buys `versions` versions (the inverse of `versions`; the simulator's rounds)."""
+        return versions * self.steps_per_update()
+
+    def max_releases(self, steps: int) -> int:
+        """The most updates one worker may have applied in a job of `steps` (DP's planned releases): one per
+        version for round strategies, whose members each contribute once per round."""
+        return self.versions(steps)
 
     def server_optimizer(self, requested: OptimizerSpec) -> OptimizerSpec:
         """The optimizer the PS runs: the configured one unless the strategy brings its own."""
