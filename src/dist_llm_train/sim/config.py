@@ -129,7 +129,7 @@ class PayloadModel(_Strict):
     codec_ratio: Annotated[float, Field(gt=0, le=1)] = 0.01
     codec_params: dict[
         str, int | float | str
-    ] = {}  # e.g. int8 `chunk`, topk `index`, as training passes them
+    ] = {}  # e.g. int8/int4/int2 `chunk`, topk `index`, sparseloco `chunk` and `bits`, as training passes them
     header_bytes: Annotated[int, Field(ge=0, le=1 << 20)] = 256
     control_bytes: Annotated[int, Field(ge=1, le=1 << 20)] = 400
 
@@ -231,9 +231,7 @@ class SimConfig(_Strict):
     def _kills_in_range(self) -> SimConfig:
         bad = [k.worker for k in self.failures.kills if k.worker >= self.capacity]
         if bad:
-            raise ValueError(
-                f"failures.kills: worker slots {bad} do not exist (slots 0..{self.capacity - 1})"
-            )
+            raise ValueError(f"failures.kills: worker slots {bad} do not exist (slots 0..{self.capacity - 1})")
         return self
 
     @field_validator("mode")
@@ -296,11 +294,6 @@ class SimConfig(_Strict):
         t: TrainingConfig = cfg.training
         c = cfg.controller
         strategy = t.strategy
-        codec_params: dict[str, int | float | str] = {}
-        if t.codec.name == "int8":
-            codec_params["chunk"] = t.codec.int8_chunk
-        if t.codec.name == "topk":
-            codec_params["index"] = t.codec.topk_index
         data: dict[str, Any] = {
             "simulation": cfg.simulation.model_dump(),
             "workers": t.num_workers,
@@ -328,7 +321,7 @@ class SimConfig(_Strict):
             "payload": {
                 "codec": t.codec.name,
                 "codec_ratio": t.codec.ratio,
-                "codec_params": codec_params,
+                "codec_params": t.codec.codec_params(),
             },
         }
         # A round-based config has no staleness bound (it reads as 0); carrying that 0 over would make
