@@ -42,17 +42,22 @@ def _rows(size: int) -> dict[str, tuple[Callable[[np.ndarray], Any], Codec | Non
         "none": get_codec("none"),
         "fp16": get_codec("fp16"),
         "int8": get_codec("int8", chunk=1024),
+        "int4": get_codec("int4", chunk=128),
+        "int2": get_codec("int2", chunk=128),
         "topk_1%_delta": get_codec("topk", ratio=0.01, index="delta"),
         "topk_1%_int32": get_codec("topk", ratio=0.01, index="int32"),
         "topk_10%_delta": get_codec("topk", ratio=0.1, index="delta"),
+        "sparseloco_1%_2bit": get_codec("sparseloco", ratio=0.01, chunk=4096, bits=2),
+        "sparseloco_3%_2bit": get_codec("sparseloco", ratio=0.03, chunk=4096, bits=2),
     }
     for name, codec in codecs.items():
         rows[name] = ((lambda v, c=codec: c.decode(c.encode(v), v.size)), codec)
-    feedback = ErrorFeedback(codecs["topk_1%_delta"])
-    rows["topk_1%_delta+error_feedback"] = (
-        lambda v: codecs["topk_1%_delta"].decode(feedback.compress(v), v.size),
-        codecs["topk_1%_delta"],
-    )
+    for name in ("topk_1%_delta", "int2", "sparseloco_1%_2bit"):  # what a worker with error feedback pays
+        feedback = ErrorFeedback(codecs[name])
+        rows[f"{name}+error_feedback"] = (
+            lambda v, c=codecs[name], f=feedback: c.decode(f.compress(v), v.size),
+            codecs[name],
+        )
     return rows
 
 

@@ -213,7 +213,7 @@ def _push_encoded(store: ParameterStore, worker: str, step: int, base: int, vec:
     return store.push(header, enc.payload).outcome
 
 
-@pytest.mark.parametrize("codec", ["fp16", "int8", "topk"])
+@pytest.mark.parametrize("codec", ["fp16", "int8", "int4", "int2", "topk", "sparseloco"])
 def test_registry_codecs_are_decoded(codec: str) -> None:
     store, _ = make_store()
     init(store, n=8, mode="async")
@@ -222,8 +222,12 @@ def test_registry_codecs_are_decoded(codec: str) -> None:
     got = -store.pull("j", "a").params  # lr 1 from zeros: params = -decoded update
     if codec == "topk":  # keeps the 4 largest magnitudes
         np.testing.assert_array_equal(got, np.where(np.abs(vec) >= 2.0, vec, 0.0))
-    else:
-        np.testing.assert_allclose(got, vec, atol=0.07)
+    elif codec == "int2":  # absmax 8: levels ±2, ±6 (the centres of four cells of width 4)
+        np.testing.assert_array_equal(got, [6.0, -2.0, 2.0, 2.0, 2.0, -6.0, 2.0, 2.0])
+    elif codec == "sparseloco":  # one chunk of 8 keeps its 4 largest, 2-bit values: levels ±1, ±3 · 8/4
+        np.testing.assert_array_equal(got, [6.0, -2.0, 0.0, 0.0, 0.0, -6.0, 0.0, 2.0])
+    else:  # int4: error <= 8/14
+        np.testing.assert_allclose(got, vec, atol=0.07 if codec != "int4" else 8 / 14)
 
 
 def test_robust_rule_ignores_an_outlier() -> None:

@@ -20,10 +20,10 @@ STRATEGIES_HELP = ", ".join(strategy_names()) + "."  # the registry: a new strat
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML/JSON run config file.")]
 StrategyOpt = Annotated[str | None, typer.Option("--strategy", help=f"Training strategy: {STRATEGIES_HELP}")]
-ModeAliasOpt = Annotated[
-    str | None, typer.Option("--mode", hidden=True, help="Deprecated spelling of --strategy.")
+ModeAliasOpt = Annotated[str | None, typer.Option("--mode", hidden=True, help="Deprecated spelling of --strategy.")]
+CodecOpt = Annotated[
+    str | None, typer.Option("--codec", help="Update codec: none, fp16, int8, int4, int2, topk or sparseloco.")
 ]
-CodecOpt = Annotated[str | None, typer.Option("--codec", help="Update codec: none, fp16, int8 or topk.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object last, on stdout.")]
 LogLevelOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
 AvailabilityOpt = Annotated[

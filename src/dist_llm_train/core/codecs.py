@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 _F32 = np.dtype("<f4")
 _F16 = np.dtype("<f2")
@@ -82,6 +82,9 @@ class Codec(ABC):
 
     name: ClassVar[str]
     params: ClassVar[frozenset[str]] = frozenset()
+    # Whether `training.codec.error_feedback: null` turns error feedback on: yes for codecs whose
+    # per-step error is a large share of the value (sparsifiers, <= 4-bit quantisers).
+    feedback_by_default: ClassVar[bool] = False
 
     @abstractmethod
     def encode(self, vec: np.ndarray) -> Encoded: ...
@@ -101,6 +104,10 @@ class Codec(ABC):
         """What `enc` failed to carry of `sent` (error feedback's memory); codecs may compute it faster."""
         return sent - self.decode(enc, sent.size)
 
+    def payload_nbytes(self, size: int) -> int | None:
+        """This codec's payload length for a vector of `size`, or None when it depends on the values."""
+        return None
+
 
 class NoneCodec(Codec):
     """Raw little-endian float32: the baseline every other codec is measured against."""
@@ -110,8 +117,11 @@ class NoneCodec(Codec):
     def encode(self, vec: np.ndarray) -> Encoded:
         return Encoded(_as_vector(vec).astype(_F32, copy=False).tobytes())
 
+    def payload_nbytes(self, size: int) -> int:
+        return 4 * size
+
     def _decode(self, payload: bytes, meta: dict[str, Any], size: int) -> np.ndarray:
-        _expect_len(payload, 4 * size, self.name, size)
+        _expect_len(payload, self.payload_nbytes(size), self.name, size)
         return np.frombuffer(payload, dtype=_F32).copy()
 
 
@@ -129,8 +139,11 @@ class FP16Codec(Codec):
             arr = np.clip(arr, -_FP16_MAX, _FP16_MAX)
         return Encoded(arr.astype(_F16).tobytes(), {"saturated": saturated})
 
+    def payload_nbytes(self, size: int) -> int:
+        return 2 * size
+
     def _decode(self, payload: bytes, meta: dict[str, Any], size: int) -> np.ndarray:
-        _expect_len(payload, 2 * size, self.name, size)
+        _expect_len(payload, self.payload_nbytes(size), self.name, size)
         return np.frombuffer(payload, dtype=_F16).astype(np.float32)
 
 
@@ -163,6 +176,9 @@ class Int8Codec(Codec):
         codes = scaled.astype(np.int8).ravel()[: arr.size]
         return Encoded(scales.astype(_F32).tobytes() + codes.tobytes(), {"chunk": self.chunk})
 
+    def payload_nbytes(self, size: int) -> int:
+        return 4 * math.ceil(size / self.chunk) + size
+
     def _decode(self, payload: bytes, meta: dict[str, Any], size: int) -> np.ndarray:
         chunk = _meta_int(meta, "chunk", self.name)
         if chunk < 1:
@@ -185,6 +201,229 @@ def _blocks(arr: np.ndarray, chunk: int) -> np.ndarray:
     padded = np.zeros(n_chunks * chunk, dtype=arr.dtype)
     padded[: arr.size] = arr
     return padded.reshape(n_chunks, chunk)
+
+
+# -- bit packing: codes narrower than a byte, and top-k indices local to a chunk ------------------
+
+_WORD: dict[int, np.dtype[Any]] = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+
+
+def _packed_len(count: int, width: int) -> int:
+    """Bytes that `count` codes of `width` bits take packed back to back (the last byte zero-padded)."""
+    return (count * width + 7) // 8
+
+
+def _pack(codes: np.ndarray, width: int) -> bytes:
+    """Unsigned `width`-bit codes back to back, little-endian: code i holds bits [i·width, (i+1)·width) of
+    the stream, bit 0 being the lowest bit of the first byte. Unused bits of the last byte are zero."""
+    nbytes = _packed_len(codes.size, width)
+    if 8 % width:  # e.g. 12-bit indices (few of them): through one bit per byte
+        bits = (codes.astype(np.uint32)[:, None] >> np.arange(width, dtype=np.uint32)) & np.uint32(1)
+        return np.packbits(bits.astype(np.uint8).ravel(), bitorder="little").tobytes()
+    per = 8 // width
+    lanes = codes.astype(np.uint8, copy=False)
+    if lanes.size != nbytes * per:
+        lanes = np.zeros(nbytes * per, np.uint8)
+        lanes[: codes.size] = codes
+    if per == 1:
+        return lanes.tobytes()
+    # The `per` codes of one output byte, read as one little-endian word, sit 8 bits apart; shifting
+    # code j down by j·(8 − width) lines it up at bit j·width. Codes < 2^width, so nothing overlaps.
+    word = lanes.view(_WORD[per])
+    packed = word.copy()
+    for lane in range(1, per):  # over the lanes of a byte (at most 8), not over elements
+        packed |= word >> np.uint8(lane * (8 - width))
+    return packed.astype(np.uint8).tobytes()
+
+
+def _check_padding(packed: np.ndarray, count: int, width: int, what: str) -> None:
+    """A set bit after the last code means `_pack` did not write this: refused, which also keeps the
+    encoding canonical (one vector, one payload)."""
+    used = (count * width) % 8
+    if used and packed[-1] >> np.uint8(used):
+        raise ValueError(f"{what}: padding bits after the last code must be zero")
+
+
+def _unpack(packed: np.ndarray, count: int, width: int, what: str) -> np.ndarray:
+    """The `count` codes `_pack` wrote into `packed` (uint8, exactly `_packed_len` bytes), as int64."""
+    _check_padding(packed, count, width, what)
+    bits = np.unpackbits(packed, count=count * width, bitorder="little")
+    weights = np.left_shift(np.int64(1), np.arange(width, dtype=np.int64))
+    return bits.reshape(count, width).astype(np.int64) @ weights
+
+
+# -- symmetric low-bit level sets ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Levels:
+    """The symmetric levels a `bits`-bit code names, in units of a per-chunk step u = absmax / divisor.
+
+    4 and 8 bits are mid-tread: the integers −L..L (L = 2^(b−1) − 1: 7, 127), so zero is exact (a
+    gradient's untouched rows stay zero) and the one spare code, 0 (it would be −2^(b−1)), is never
+    written and is refused. Two bits cannot afford a zero level (that leaves three levels, or an
+    asymmetric four), so 2-bit is mid-rise: the centres of four equal cells over [−absmax, absmax],
+    {−3, −1, +1, +3}·u with u = absmax/4 — sign × {small, large}, large = 3·small, the shape of the
+    4-level Lloyd–Max quantiser for a Gaussian (±0.45σ, ±1.51σ), with worst-case error u.
+
+    Rounding is deterministic, to the nearest level. Its per-element bias (what stochastic rounding
+    would remove, at the price of variance) is removed over steps by error feedback instead.
+    """
+
+    bits: int
+
+    @property
+    def midrise(self) -> bool:
+        return self.bits == 2
+
+    @property
+    def top(self) -> int:
+        """The largest level, in units of u."""
+        return 3 if self.midrise else (1 << (self.bits - 1)) - 1
+
+    @property
+    def divisor(self) -> np.float32:
+        return np.float32(4.0 if self.midrise else self.top)
+
+    @property
+    def table(self) -> np.ndarray:
+        """The level each code names, in units of u (a mid-tread set's code 0 names −top − 1: invalid)."""
+        codes = np.arange(1 << self.bits, dtype=np.float32)
+        return 2 * codes - 3 if self.midrise else codes - np.float32(self.top + 1)
+
+    @property
+    def byte_table(self) -> np.ndarray:
+        """The levels each of the 256 packed bytes holds, one opaque item of 8/bits float32 per byte,
+        so `byte_table[packed].view(np.float32)` unpacks and dequantises in one gather."""
+        shifts = np.arange(0, 8, self.bits, dtype=np.uint8)
+        codes = (np.arange(256, dtype=np.uint8)[:, None] >> shifts) & np.uint8((1 << self.bits) - 1)
+        rows = np.ascontiguousarray(self.table[codes])
+        return rows.view(np.dtype((np.void, rows.shape[1] * 4))).ravel()
+
+    def units(self, absmax: np.ndarray) -> np.ndarray:
+        units = (absmax / self.divisor).astype(np.float32)
+        # Near float32's max, top·u can round past it to inf; one ulp less keeps every level finite.
+        with np.errstate(over="ignore"):
+            overflows = np.isinf(units * np.float32(self.top))
+        return np.where(overflows, np.nextafter(units, np.float32(0)), units)
+
+    def codes(self, flat: np.ndarray, chunk: int, units: np.ndarray, pad_to: int) -> np.ndarray:
+        """uint8 codes of the level nearest each element of `flat`, whose runs of `chunk` elements (the last
+        one possibly shorter) have steps `units`; zero-filled to `pad_to` codes, so packing copies nothing."""
+        step = np.where(units > 0, units, np.float32(1.0))  # an all-zero chunk: codes of 0, which decode to 0·u
+        if self.midrise:
+            step = step * np.float32(2.0)  # cells of width 2u; exact
+        # A correctly rounded division, not a multiply by 1/u: a value a hair below u/2 then never
+        # rounds up to u, so every nonzero mid-tread level q satisfies q/2 <= x <= 2q and x − q is
+        # exact in float32 (Sterbenz): the residual that error feedback keeps loses nothing.
+        scaled = np.empty(flat.size, np.float32)
+        _per_chunk(np.divide, flat, chunk, step, out=scaled)
+        if self.midrise:
+            np.floor(scaled, out=scaled)  # cell -2..1 (2 only at x = absmax, clipped)
+            np.clip(scaled, -2, 1, out=scaled)
+            scaled += np.float32(2.0)
+        else:
+            np.rint(scaled, out=scaled)
+            np.clip(scaled, -self.top, self.top, out=scaled)
+            scaled += np.float32(self.top + 1)
+        codes = np.zeros(pad_to, np.uint8)
+        codes[: flat.size] = scaled
+        return codes
+
+    def check(self, levels: np.ndarray, what: str) -> None:
+        """Refuse a mid-tread code 0 (its level is below −top)."""
+        if not self.midrise and levels.size and levels.min() < -self.top:
+            raise ValueError(f"{what}: code 0 names no level of the {self.bits}-bit set")
+
+
+def _per_chunk(op: np.ufunc, flat: np.ndarray, chunk: int, per_chunk: np.ndarray, out: np.ndarray) -> None:
+    """out = op(flat, the value of each element's chunk), chunk by chunk as one broadcast: whole chunks as
+    rows, a shorter last chunk on its own, so a ragged length costs no padded copy."""
+    n_full = flat.size // chunk
+    body = n_full * chunk
+    op(flat[:body].reshape(n_full, chunk), per_chunk[:n_full, None], out=out[:body].reshape(n_full, chunk))
+    if body < flat.size:
+        op(flat[body:], per_chunk[n_full], out=out[body : flat.size])
+
+
+def _scales(payload: bytes, count: int, codec: str) -> np.ndarray:
+    scales = np.frombuffer(payload, dtype=_F32, count=count).astype(np.float32)
+    if not np.isfinite(scales).all() or (scales < 0).any():
+        raise ValueError(f"{codec} payload has a negative or non-finite scale")
+    return scales
+
+
+class _LowBitCodec(Codec):
+    """Dense `bits`-bit quantisation with one float32 step u per chunk of `chunk` elements.
+
+    Payload: ⌈d/chunk⌉ float32 steps, then d codes of `bits` bits packed back to back:
+    4·⌈d/chunk⌉ + ⌈d·bits/8⌉ bytes. Chunk 128 by default: a chunk's absmax grows with its length
+    (for Gaussian values ~2.6σ at 128, ~3.2σ at 1024) and an outlier coarsens only its own chunk,
+    while the float32 step costs 32/128 = 0.25 bit per element (6 % on top of 4-bit codes, 12.5 %
+    on top of 2-bit ones).
+    """
+
+    bits: ClassVar[int]
+    params = frozenset({"chunk"})
+    feedback_by_default = True
+
+    def __init__(self, chunk: int = 128) -> None:
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or not 1 <= chunk <= (1 << 24):
+            raise ValueError(f"{self.name} chunk must be an int in [1, 2^24], got {chunk!r}")
+        self.chunk = chunk
+        self.levels = _Levels(self.bits)
+
+    @classmethod
+    def nbytes_for(cls, size: int, chunk: int) -> int:
+        return 4 * math.ceil(size / chunk) + _packed_len(size, cls.bits)
+
+    def payload_nbytes(self, size: int) -> int:
+        return self.nbytes_for(size, self.chunk)
+
+    def encode(self, vec: np.ndarray) -> Encoded:
+        arr = _as_vector(vec)
+        if arr.size == 0:
+            return Encoded(b"", {"chunk": self.chunk})
+        starts = np.arange(0, arr.size, self.chunk)  # reduceat on the flat vector: 2x a row-wise max
+        absmax = np.maximum(np.maximum.reduceat(arr, starts), -np.minimum.reduceat(arr, starts))
+        units = self.levels.units(absmax)
+        codes = self.levels.codes(arr, self.chunk, units, pad_to=_packed_len(arr.size, self.bits) * 8 // self.bits)
+        return Encoded(units.astype(_F32).tobytes() + _pack(codes, self.bits), {"chunk": self.chunk})
+
+    def _decode(self, payload: bytes, meta: dict[str, Any], size: int) -> np.ndarray:
+        chunk = _meta_int(meta, "chunk", self.name)
+        if not 1 <= chunk <= (1 << 24):
+            raise ValueError(f"{self.name} meta chunk must be in [1, 2^24], got {chunk}")
+        n_chunks = math.ceil(size / chunk)
+        _expect_len(payload, self.nbytes_for(size, chunk), self.name, size)
+        units = _scales(payload, n_chunks, self.name)
+        packed = np.frombuffer(payload, dtype=np.uint8, offset=4 * n_chunks)
+        _check_padding(packed, size, self.bits, f"{self.name} codes")
+        levels = self.levels.byte_table[packed].view(np.float32)[:size]
+        self.levels.check(levels, f"{self.name} payload")
+        _per_chunk(np.multiply, levels, chunk, units, out=levels)  # level · u, in place
+        return levels
+
+
+class Int4Codec(_LowBitCodec):
+    """4-bit mid-tread quantisation (levels −7..7 · absmax/7, two codes a byte): ~7.5x smaller at chunk
+    128, error ≤ absmax/14 per element; the residual x − q is exact in float32."""
+
+    name = "int4"
+    bits = 4
+
+
+class Int2Codec(_LowBitCodec):
+    """2-bit mid-rise quantisation (levels ±1, ±3 · absmax/4, four codes a byte): ~14x smaller at chunk
+    128, error ≤ absmax/4 per element. Meant for error feedback (on by default)."""
+
+    name = "int2"
+    bits = 2
+
+
+def _kept(ratio: float, size: int) -> int:
+    """How many of `size` coordinates a top-k codec keeps at `ratio`: at least one of a non-empty vector."""
+    return min(size, max(1, math.ceil(ratio * size))) if size else 0
 
 
 def top_k_indices(arr: np.ndarray, k: int) -> np.ndarray:
@@ -222,6 +461,7 @@ class TopKCodec(Codec):
 
     name = "topk"
     params = frozenset({"ratio", "index"})
+    feedback_by_default = True
     INDEX_CODINGS = ("int32", "delta")
 
     def __init__(self, ratio: float = 0.01, index: str = "int32") -> None:
@@ -233,7 +473,11 @@ class TopKCodec(Codec):
         self.index = index
 
     def k_for(self, size: int) -> int:
-        return min(size, max(1, math.ceil(self.ratio * size))) if size else 0
+        return _kept(self.ratio, size)
+
+    def payload_nbytes(self, size: int) -> int | None:
+        """int32 indices: 8 bytes per kept value; delta: the gap width depends on where the values are."""
+        return 8 * self.k_for(size) if self.index == "int32" else None
 
     def encode(self, vec: np.ndarray) -> Encoded:
         arr = _as_vector(vec)
@@ -285,7 +529,155 @@ class TopKCodec(Codec):
         return out
 
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (NoneCodec, FP16Codec, Int8Codec, TopKCodec)}
+def _top_k_rows(rows: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the sorted column indices of its k largest |values|.
+
+    One partition of every row finds its k-th largest magnitude τ (cheaper than an argpartition);
+    the elements >= τ, read in order, are then the answer, already sorted. A row with ties at τ has
+    more than k of those: it keeps everything above τ and the first ties that fit.
+    """
+    n, width = rows.shape
+    mag = np.abs(rows)
+    tau = np.partition(mag, width - k, axis=1)[:, width - k, None]
+    keep = mag >= tau
+    if np.count_nonzero(keep) != n * k:
+        above = mag > tau
+        room = k - np.count_nonzero(above, axis=1, keepdims=True)
+        tied = keep & ~above
+        keep = above | (tied & (np.cumsum(tied, axis=1) <= room))
+    return (np.flatnonzero(keep) % width).reshape(n, k)
+
+
+class SparseLoCoCodec(Codec):
+    """Chunk-wise top-k with low-bit values (SparseLoCo; Sarfi, Thérien, Lidin & Belilovsky, 2025).
+
+    The vector is cut into chunks of `chunk` elements (a power of two; 4096 by default, as in the
+    paper). Each chunk keeps its k = ⌈ratio·chunk⌉ largest |x|; a last, shorter chunk of r elements
+    keeps ⌈k·r/chunk⌉, the same density, derived from k so the receiver can check it. Indices are
+    local to their chunk, log2(chunk) bits each (12 for 4096); values are quantised to `bits` bits
+    (2 by default; 4 or 8) with one float32 step per chunk from the kept values' absmax (levels as
+    in `_Levels`). With T kept values over n chunks the payload is 4n (steps) + ⌈T·bits/8⌉ (codes)
+    + ⌈T·log2(chunk)/8⌉ (indices) bytes: at 1 %, chunk 4096 and 2 bits, 41 × 14 bits + 4 bytes =
+    75.75 bytes per 16 KiB chunk, 216x smaller than float32.
+
+    Equal chunks make the indices short and the selection one batched partition, and every
+    chunk gets a share (a global top-k can spend the whole budget on one layer). Pair it with
+    `ErrorFeedback` (on by default): in the paper the error-feedback accumulator is what lets 1–3 %
+    of 2-bit values match or beat dense DiLoCo.
+    """
+
+    name = "sparseloco"
+    params = frozenset({"ratio", "chunk", "bits"})
+    feedback_by_default = True
+    VALUE_BITS = (2, 4, 8)
+    MAX_CHUNK = 1 << 16  # local indices fit 16 bits
+
+    def __init__(self, ratio: float = 0.01, chunk: int = 4096, bits: int = 2) -> None:
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+            raise ValueError(f"sparseloco ratio must be in (0, 1], got {ratio!r}")
+        _check_sparse_chunk(chunk, "sparseloco chunk")
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits not in self.VALUE_BITS:
+            raise ValueError(f"sparseloco bits must be one of {self.VALUE_BITS}, got {bits!r}")
+        self.ratio = float(ratio)
+        self.chunk = chunk
+        self.bits = bits
+
+    @property
+    def k(self) -> int:
+        """Coordinates kept per full chunk."""
+        return _kept(self.ratio, self.chunk)
+
+    @staticmethod
+    def tail_k(size: int, chunk: int, k: int) -> int:
+        """Coordinates kept in the last, partial chunk (0 when `size` is a multiple of `chunk`)."""
+        return -(-k * (size % chunk) // chunk)
+
+    @classmethod
+    def nbytes_for(cls, size: int, chunk: int, k: int, bits: int) -> int:
+        kept = (size // chunk) * k + cls.tail_k(size, chunk, k)
+        index_bits = chunk.bit_length() - 1
+        return 4 * math.ceil(size / chunk) + _packed_len(kept, bits) + _packed_len(kept, index_bits)
+
+    def payload_nbytes(self, size: int) -> int:
+        return self.nbytes_for(size, self.chunk, self.k, self.bits)
+
+    def encode(self, vec: np.ndarray) -> Encoded:
+        arr = _as_vector(vec)
+        chunk, k = self.chunk, self.k
+        tail_k = self.tail_k(arr.size, chunk, k)
+        n_full = arr.size // chunk
+        full = arr[: n_full * chunk].reshape(n_full, chunk)
+        local = _top_k_rows(full, k) if n_full else np.empty((0, k), np.int64)
+        values = np.take_along_axis(full, local, axis=1)
+        if tail_k:  # the short last chunk as one more row, its unused slots zero (they never raise absmax)
+            tail = arr[n_full * chunk :]
+            tail_local = np.zeros((1, k), np.int64)
+            tail_local[0, :tail_k] = top_k_indices(tail, tail_k)
+            local = np.vstack([local, tail_local])
+            values = np.vstack([values, np.zeros((1, k), np.float32)])
+            values[-1, :tail_k] = tail[tail_local[0, :tail_k]]
+        kept = n_full * k + tail_k
+        levels = _Levels(self.bits)
+        units = levels.units(np.abs(values).max(axis=1, initial=0.0))
+        codes = levels.codes(values.ravel(), k, units, pad_to=values.size)[:kept]
+        payload = (
+            units.astype(_F32).tobytes() + _pack(codes, self.bits) + _pack(local.ravel()[:kept], chunk.bit_length() - 1)
+        )
+        return Encoded(payload, {"chunk": chunk, "k": k, "bits": self.bits})
+
+    def _kept_values(self, payload: bytes, meta: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(global indices, reconstructed float32 values) of the coordinates `payload` carries."""
+        chunk = _meta_int(meta, "chunk", self.name)
+        _check_sparse_chunk(chunk, "sparseloco meta chunk")
+        bits = _meta_int(meta, "bits", self.name)
+        if bits not in self.VALUE_BITS:
+            raise ValueError(f"sparseloco meta bits must be one of {self.VALUE_BITS}, got {bits}")
+        k = _meta_int(meta, "k", self.name)
+        if not 0 <= k <= chunk:
+            raise ValueError(f"sparseloco meta k={k} is outside [0, {chunk}]")
+        _expect_len(payload, self.nbytes_for(size, chunk, k, bits), self.name, size)
+        tail, tail_k = size % chunk, self.tail_k(size, chunk, k)
+        n_chunks, n_full = math.ceil(size / chunk), size // chunk
+        kept = n_full * k + tail_k
+        units = _scales(payload, n_chunks, self.name)
+        buf = np.frombuffer(payload, dtype=np.uint8, offset=4 * n_chunks)
+        code_bytes = _packed_len(kept, bits)
+        codes = _unpack(buf[:code_bytes], kept, bits, "sparseloco value codes")
+        local = _unpack(buf[code_bytes:], kept, chunk.bit_length() - 1, "sparseloco indices")
+        levels = _Levels(bits)
+        kept_levels = levels.table[codes]
+        levels.check(kept_levels, "sparseloco payload")
+        row = np.arange(kept) // k if k else np.zeros(0, np.int64)
+        # Within a chunk, indices strictly increase (sorted, no duplicates); a chunk boundary resets them.
+        if kept > 1 and ((np.diff(local) <= 0) & (row[1:] == row[:-1])).any():
+            raise ValueError("sparseloco indices must be strictly increasing within each chunk (sorted, no duplicates)")
+        if tail_k and local[n_full * k :].max() >= tail:
+            raise ValueError(f"sparseloco index out of range for the last chunk of {tail}")
+        return row * chunk + local, np.multiply(kept_levels, units[row], dtype=np.float32)
+
+    def _decode(self, payload: bytes, meta: dict[str, Any], size: int) -> np.ndarray:
+        index, values = self._kept_values(payload, meta, size)
+        out = np.zeros(size, np.float32)
+        out[index] = values
+        return out
+
+    def residual(self, sent: np.ndarray, enc: Encoded) -> np.ndarray:
+        """Unsent coordinates whole, kept ones minus what their codes reconstruct: exactly sent − decode."""
+        index, values = self._kept_values(bytes(enc.payload), enc.meta, sent.size)
+        out = np.array(sent, dtype=np.float32, copy=True)
+        out[index] -= values
+        return out
+
+
+def _check_sparse_chunk(chunk: Any, what: str) -> None:
+    ok = isinstance(chunk, int) and not isinstance(chunk, bool) and 2 <= chunk <= SparseLoCoCodec.MAX_CHUNK
+    if not ok or chunk & (chunk - 1):
+        raise ValueError(f"{what} must be a power of two in [2, 65536] (indices are log2(chunk) bits), got {chunk!r}")
+
+
+CODECS: dict[str, type[Codec]] = {
+    c.name: c for c in (NoneCodec, FP16Codec, Int8Codec, Int4Codec, Int2Codec, TopKCodec, SparseLoCoCodec)
+}
 _ALL_PARAMS = frozenset().union(*(c.params for c in CODECS.values()))
 
 
@@ -305,22 +697,44 @@ def get_codec(name: str, **params: Any) -> Codec:
 
 
 class CodecConfig(BaseModel):
-    """How workers compress what they push (`training.codec`)."""
+    """How workers compress what they push (`training.codec`). Each codec reads only its own fields."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Literal["none", "fp16", "int8", "topk"] = Field("none", description="The codec")
-    ratio: float = Field(0.01, gt=0, le=1, description="topk: fraction of coordinates kept")
-    error_feedback: bool | None = Field(None, description="Keep what the codec dropped; None: on for topk only")
+    name: Literal["none", "fp16", "int8", "int4", "int2", "topk", "sparseloco"] = Field("none", description="The codec")
+    ratio: float = Field(0.01, gt=0, le=1, description="topk: fraction of coordinates kept; sparseloco: per chunk")
+    error_feedback: bool | None = Field(
+        None, description="Keep what the codec dropped; None: on for topk, sparseloco, int4 and int2"
+    )
     int8_chunk: int = Field(1024, ge=1, le=1 << 24, description="int8: elements per scale")
     topk_index: Literal["int32", "delta"] = Field("delta", description="topk index coding (delta: uint16 gaps)")
+    lowbit_chunk: int = Field(128, ge=1, le=1 << 24, description="int4, int2: elements per float32 step")
+    sparse_chunk: int = Field(4096, description="sparseloco: elements per top-k chunk, a power of two in [2, 65536]")
+    sparse_bits: Literal[2, 4, 8] = Field(2, description="sparseloco: bits per kept value")
+
+    @field_validator("sparse_chunk")
+    @classmethod
+    def _power_of_two(cls, chunk: int) -> int:
+        _check_sparse_chunk(chunk, "sparse_chunk")
+        return chunk
 
     @property
     def uses_error_feedback(self) -> bool:
-        return self.error_feedback if self.error_feedback is not None else self.name == "topk"
+        return self.error_feedback if self.error_feedback is not None else CODECS[self.name].feedback_by_default
+
+    def codec_params(self) -> dict[str, int | float | str]:
+        """The chosen codec's parameters other than `ratio`, as `get_codec` (and the simulator's payload) take them."""
+        by_codec: dict[str, dict[str, int | float | str]] = {
+            "int8": {"chunk": self.int8_chunk},
+            "int4": {"chunk": self.lowbit_chunk},
+            "int2": {"chunk": self.lowbit_chunk},
+            "topk": {"index": self.topk_index},
+            "sparseloco": {"chunk": self.sparse_chunk, "bits": self.sparse_bits},
+        }
+        return by_codec.get(self.name, {})
 
     def build(self) -> Codec:
-        return get_codec(self.name, ratio=self.ratio, chunk=self.int8_chunk, index=self.topk_index)
+        return get_codec(self.name, ratio=self.ratio, **self.codec_params())
 
 
 class ErrorFeedback:

@@ -25,7 +25,6 @@ from dist_llm_train.config import (
     TrainingConfig,
 )
 from dist_llm_train.core.availability import AvailabilityTrace
-from dist_llm_train.core.codecs import CodecConfig
 from dist_llm_train.core.strategies import (
     DEFAULT_STRATEGY,
     STRATEGIES,
@@ -128,7 +127,9 @@ class PayloadModel(_Strict):
     params: Annotated[int, Field(ge=1, le=100_000_000_000)] | None = None
     codec: str = "none"
     codec_ratio: Annotated[float, Field(gt=0, le=1)] = 0.01
-    codec_params: dict[str, int | float | str] = {}  # e.g. int8 `chunk`, topk `index`, as training passes them
+    codec_params: dict[
+        str, int | float | str
+    ] = {}  # e.g. int8/int4/int2 `chunk`, topk `index`, sparseloco `chunk` and `bits`, as training passes them
     # Pulls: `none` sends the full float32 model; another codec sends one compressed delta per version
     # (core.downlink). Round-based strategies pull exactly one version's delta; async may be behind by
     # several versions and then receives several deltas, which this size (one delta) undercounts.
@@ -346,10 +347,10 @@ class SimConfig(_Strict):
             "payload": {
                 "codec": t.codec.name,
                 "codec_ratio": t.codec.ratio,
-                "codec_params": _codec_params(t.codec),
+                "codec_params": t.codec.codec_params(),
                 "downlink_codec": t.downlink.name,
                 "downlink_ratio": t.downlink.ratio,
-                "downlink_params": _codec_params(t.downlink),
+                "downlink_params": t.downlink.codec_params(),
             },
         }
         # A round-based config has no staleness bound (it reads as 0); carrying that 0 over would make
@@ -437,13 +438,3 @@ def load_sim_overrides(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SimConfigError(f"{p}: a simulation config must be a mapping of SimConfig fields")
     return data
-
-
-def _codec_params(codec: CodecConfig) -> dict[str, int | float | str]:
-    """The codec parameters training passes besides the name and ratio (`CodecConfig.build`)."""
-    params: dict[str, int | float | str] = {}
-    if codec.name == "int8":
-        params["chunk"] = codec.int8_chunk
-    if codec.name == "topk":
-        params["index"] = codec.topk_index
-    return params

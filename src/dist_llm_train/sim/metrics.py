@@ -1,8 +1,9 @@
 """What both engines count, and the message sizes they count it in.
 
-Update sizes are not a formula: the configured codec from `training.codecs` encodes a vector of the model's
-size once, and its payload (plus the per-message framing) is what every push weighs. Past 4 M parameters the
-codec runs on 4 M and the size is scaled, which is exact for every codec but int8's last partial chunk.
+Update sizes come from the configured codec (`training.codec`): its exact payload length for the model's size
+when that does not depend on the values (every codec but top-k's delta index coding), else its payload on a
+vector of the model's size, plus the per-message framing. Past 4 M parameters the value-dependent case runs the
+codec on 4 M and scales the size.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ def codec_payload_bytes(
 ) -> int:
     from dist_llm_train.core.codecs import get_codec
 
+    built = get_codec(codec, ratio=ratio, **(extra or {}))
     n = min(params, _SAMPLE_MAX)
-    vec = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
-    enc = get_codec(codec, ratio=ratio, **(extra or {})).encode(vec)
+    enc = built.encode(np.random.default_rng(seed).standard_normal(n).astype(np.float32))
     meta = len(repr(enc.meta))  # msgpack is smaller still; a handful of bytes either way
-    return int(round((enc.nbytes + meta) * params / n))
+    exact = built.payload_nbytes(params)
+    return exact + meta if exact is not None else int(round((enc.nbytes + meta) * params / n))
 
 
 def message_sizes(cfg: SimConfig) -> Sizes:
