@@ -210,6 +210,8 @@ class TrainingConfig(_Strict):
             attack_needs_spread=bool(built is not None and built.needs_spread and built.samples > 1),
             aggregation_params=self.aggregation.params(n),
             central_dp=privacy is not None and privacy.mode == "central",
+            codec=self.codec.name,
+            error_feedback=self.codec.uses_error_feedback,
         )
         self.build_strategy().validate(plan)
         return self

@@ -745,8 +745,11 @@ class ErrorFeedback:
     stays bounded instead of accumulating.
     """
 
-    def __init__(self, codec: Codec) -> None:
+    def __init__(self, codec: Codec, decay: float = 1.0) -> None:
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"error feedback decay must be in (0, 1], got {decay}")
         self.codec = codec
+        self.decay = np.float32(decay)  # β: e ← β·e + u (SparseLoCo); 1 is classic error feedback
         self._residual: np.ndarray | None = None
 
     @property
@@ -760,7 +763,12 @@ class ErrorFeedback:
         arr = _as_vector(vec)
         if self._residual is not None and self._residual.shape != arr.shape:
             raise ValueError(f"update has {arr.size} elements; the residual has {self._residual.size}")
-        corrected = arr if self._residual is None else arr + self._residual
+        if self._residual is None:
+            corrected = arr
+        elif self.decay == 1:
+            corrected = arr + self._residual
+        else:
+            corrected = arr + self.decay * self._residual
         enc = self.codec.encode(corrected)
         self._residual = self.codec.residual(corrected, enc)
         return enc

@@ -95,7 +95,7 @@ class WorkerUpdate:
             return self.codec.encode(vec)
         feedback = self.feedback.get(slot)
         if feedback is None:
-            feedback = self.feedback[slot] = ErrorFeedback(self.codec)
+            feedback = self.feedback[slot] = ErrorFeedback(self.codec, self.strategy.error_feedback_decay)
         return feedback.compress(vec)
 
     def receive(self, trainer: Trainer, params: np.ndarray, version: int) -> None:

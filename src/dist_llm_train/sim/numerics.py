@@ -70,7 +70,7 @@ class TrainingResult:
     version: int
     virtual_seconds: float
     bytes_pushed: int = 0  # update payloads
-    bytes_pulled: int = 0  # parameter vectors (4 bytes per parameter per pull)
+    bytes_pulled: int = 0  # parameters pulled: 4 bytes per parameter, or the deltas sent instead (core.downlink)
     pushes: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     losses: list[float] = field(default_factory=list)  # training loss of every push, in push order
@@ -108,10 +108,12 @@ class InProcessCluster:
         events: list[tuple[float, int, Produced, int]] = []  # (push time, member index, update, base version)
         waiting: dict[int, int] = {}  # member index -> min version it waits for
         steps = [0] * len(self.members)
+        held = [(0, 0)] * len(self.members)  # (epoch, version) each member holds: pulls send deltas, as a worker's
 
         def start(i: int) -> None:
-            pulled = store.pull(job_id, self.members[i].worker_id)
-            result.bytes_pulled += 4 * size
+            pulled = store.pull(job_id, self.members[i].worker_id, have_epoch=held[i][0], have_version=held[i][1])
+            held[i] = (pulled.epoch, pulled.version)
+            result.bytes_pulled += 4 * size if pulled.delta is None else pulled.delta.nbytes
             if pulled.job_complete:
                 return
             update = self.members[i].source.produce(pulled.params, pulled.version)

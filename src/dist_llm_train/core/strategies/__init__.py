@@ -32,6 +32,7 @@ from dist_llm_train.core.strategies.base import (
 )
 from dist_llm_train.core.strategies.buffered_async import BufferedAsync, BufferedAsyncConfig, StalenessBuffer
 from dist_llm_train.core.strategies.diloco import DiLoCo, DiLoCoConfig
+from dist_llm_train.core.strategies.sparseloco import SparseLoCo, SparseLoCoConfig
 from dist_llm_train.core.strategies.streaming_diloco import StreamingDiLoCo, StreamingDiLoCoConfig
 from dist_llm_train.core.strategies.sync import Sync, SyncConfig
 
@@ -57,6 +58,8 @@ __all__ = [
     "StalenessGate",
     "Strategy",
     "StrategyConfig",
+    "SparseLoCo",
+    "SparseLoCoConfig",
     "StrategyField",
     "StreamingDiLoCo",
     "StreamingDiLoCoConfig",
@@ -89,7 +92,7 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-for _builtin in (Sync, Async, Adaptive, BufferedAsync, DiLoCo, StreamingDiLoCo):
+for _builtin in (Sync, Async, Adaptive, BufferedAsync, DiLoCo, SparseLoCo, StreamingDiLoCo):
     register(_builtin)
 
 

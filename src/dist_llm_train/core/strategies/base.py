@@ -91,6 +91,8 @@ class JobPlan:
     attack_needs_spread: bool = False  # the attack estimates the honest updates' spread from several draws
     aggregation_params: dict[str, float] = field(default_factory=dict)  # the rule's parameters for num_workers
     central_dp: bool = False  # the PS clips and noises each version (DP-FedAvg's trusted aggregator)
+    codec: str = "none"  # the codec workers push with (`training.codec.name`)
+    error_feedback: bool = False  # whether workers keep what the codec dropped
 
 
 @dataclass(frozen=True)
@@ -332,6 +334,9 @@ class Strategy(ABC):
 
     overlap_steps: int = 0
     """Local steps a worker runs while its push and the next pull are in flight (0: it waits for them)."""
+
+    error_feedback_decay: float = 1.0
+    """β in e ← β·e + u before compressing (1: classic error feedback; SparseLoCo decays it like momentum)."""
 
     def overlap(self, trainer: Trainer) -> tuple[float, int]:
         """Run the `overlap_steps` steps; (mean loss, samples). Only called when `overlap_steps` > 0."""
