@@ -142,3 +142,15 @@ def test_untrainable_settings_are_refused_before_running() -> None:
         training_config_for(cfg, SimConfig.from_config(cfg, workers=MAX_TRAINED_WORKERS + 1))
     with pytest.raises(SimConfigError, match="vectorised cannot train"):
         simulate_trained(cfg, SimConfig.from_config(cfg, engine="vectorised"))
+
+
+def test_eval_curve_follows_the_global_model_in_virtual_time_and_bytes() -> None:
+    cfg = _config(workers=2, steps=40, strategy={"name": "diloco", "local_steps": 5})
+    result = simulate_trained(cfg, SimConfig.from_config(cfg, profile="cellular"), eval_every=2)
+    curve = result.trained.eval_curve
+    assert [p.version for p in curve] == [2, 4, 6, 8]
+    assert all(a.virtual_s < b.virtual_s and a.wire_bytes < b.wire_bytes for a, b in zip(curve, curve[1:]))
+    assert curve[-1].loss == result.trained.final_loss  # the last version's is the run's final evaluation
+    assert curve[-1].loss < result.trained.initial_loss - 0.3
+    with pytest.raises(SimConfigError, match="eval_every"):
+        simulate_trained(cfg, SimConfig.from_config(cfg, profile="cellular"), eval_every=0)

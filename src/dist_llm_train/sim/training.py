@@ -18,7 +18,7 @@ crash or a churn trace's leave) starts from a fresh trainer, as a restarted proc
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -86,11 +86,38 @@ class _Life:
         self.held: tuple[int, int] = (0, 0)  # (epoch, version) of the parameters it holds; epoch 0: none
 
 
+@dataclass(frozen=True)
+class EvalPoint:
+    """The global model's held-out loss at one PS version, with the virtual time and wire bytes spent by then."""
+
+    version: int
+    virtual_s: float
+    wire_bytes: int  # every update that reached the PS and every pull it sent, as its counters have them
+    loss: float
+
+
+WIRE_COUNTERS = (
+    "bytes_received_gradient",
+    "bytes_received_pseudo_gradient",
+    "params_bytes_sent",
+    "params_delta_bytes_sent",
+)
+
+
 class RealNumerics:
-    """`engine.Numerics` that trains: every update is the real worker pipeline's, applied by the real PS job."""
+    """`engine.Numerics` that trains: every update is the real worker pipeline's, applied by the real PS job.
+
+    With `eval_every` it also evaluates what a pull returns (the published parameters) on the held-out set each
+    time the job crosses a multiple of that many versions: loss against virtual time and bytes for the global
+    model, rather than the workers' own training losses (which, after local steps, run ahead of it)."""
 
     def __init__(
-        self, cfg: Config, sim: SimConfig, dp_seed: int | None = None, progress: Progress | None = None
+        self,
+        cfg: Config,
+        sim: SimConfig,
+        dp_seed: int | None = None,
+        progress: Progress | None = None,
+        eval_every: int | None = None,
     ) -> None:
         from dist_llm_train.training.data import make_dataset
         from dist_llm_train.training.flat import flatten_params, layout_of
@@ -119,6 +146,10 @@ class RealNumerics:
         self.lives: dict[int, _Life] = {}
         self.js: JobState | None = None
         self.published = 0
+        if eval_every is not None and eval_every < 1:
+            raise SimConfigError(f"eval_every must be >= 1 version, got {eval_every}")
+        self.eval_every = eval_every
+        self.eval_curve: list[EvalPoint] = []
 
     # -- engine.Numerics -------------------------------------------------------------------------------
     def job_state(self, clock: Callable[[], float]) -> JobState:
@@ -173,9 +204,19 @@ class RealNumerics:
             result = js.push(header, life.payload)
         except PSError as err:
             return err.code.value, js.version - base_version
-        if js.version != before and self.progress is not None:
-            self.progress(js.version, life.loss)
+        if js.version != before:
+            if self.progress is not None:
+                self.progress(js.version, life.loss)
+            every = self.eval_every
+            if every is not None and js.version // every > before // every:
+                self.record_eval(js)
         return result.outcome.value, result.staleness
+
+    def record_eval(self, js: JobState) -> None:
+        counters = js.counters
+        wire = sum(int(counters.get(key, 0)) for key in WIRE_COUNTERS)
+        loss = self.evaluate(js.published)
+        self.eval_curve.append(EvalPoint(js.version, js._clock(), wire, loss))
 
     def loss(self, agent: int) -> float:
         life = self.lives.get(agent)
@@ -203,21 +244,27 @@ class Trained:
     loss_floor: float | None
     final_params: np.ndarray
     strategy: dict[str, Any]
+    eval_curve: list[EvalPoint] = field(default_factory=list)  # with `eval_every`: the global model's loss
     """The run report's strategy section (`embedded.report.strategy_summary`): what ran, wire bytes per class
     as the PS counted them, per-worker acceptance."""
 
 
 def simulate_trained(
-    base: Config, sim: SimConfig, progress: Progress | None = None, dp_seed: int | None = None
+    base: Config,
+    sim: SimConfig,
+    progress: Progress | None = None,
+    dp_seed: int | None = None,
+    eval_every: int | None = None,
 ) -> SimResult:
     """Simulate `sim` with real numerics: the job `base` describes, trained by `sim.workers` virtual workers.
 
     Same seed, same result (DP noise too when `dp_seed` is given). The result carries `trained`: initial
-    and final eval loss, the corpus's loss floor, the final parameters and the strategy section."""
+    and final eval loss, the corpus's loss floor, the final parameters and the strategy section, and with
+    `eval_every` the global model's held-out loss every that many versions (`EvalPoint`)."""
     from dist_llm_train.embedded.report import strategy_summary
 
     cfg = training_config_for(base, sim)
-    numerics = RealNumerics(cfg, sim, dp_seed=dp_seed, progress=progress)
+    numerics = RealNumerics(cfg, sim, dp_seed=dp_seed, progress=progress, eval_every=eval_every)
     initial_loss = numerics.evaluate(numerics.initial_params)
     result = simulate(sim, telemetry=True, numerics=numerics)
     js = numerics.js
@@ -231,5 +278,6 @@ def simulate_trained(
         loss_floor=numerics.loss_floor,
         final_params=np.array(js.published),
         strategy=strategy_summary(cfg.training, stats, []),
+        eval_curve=numerics.eval_curve,
     )
     return result
