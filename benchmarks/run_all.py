@@ -5,7 +5,8 @@ Conventions a benchmark follows to be picked up (nothing else is required):
 * it writes `results/<name>*.json` and `results/<name>*.md` (an `--out DIR` option, when it has one, is
   pointed at the results folder);
 * for `--quick` (CI) it declares `QUICK_ARGS = [...]` (a literal list, read without importing the script) or
-  accepts `--quick` itself; otherwise it runs with its defaults.
+  accepts `--quick` itself; otherwise it runs with its defaults;
+* a benchmark whose quick run needs longer than the default limit declares `QUICK_TIMEOUT_S = <seconds>`.
 
 Each benchmark runs in its own interpreter with a time limit; its output goes to results/logs/<name>.log. A
 failing benchmark is reported in BENCHMARKS.md and makes the exit status 1, after every other one has run.
@@ -203,7 +204,9 @@ def main() -> int:
     results = []
     for script in discover(args.only):
         print(f"== {script.stem}", flush=True)
-        res = run_one(script, args.quick, args.results.resolve(), timeout)
+        own = _literal(script.read_text(), "QUICK_TIMEOUT_S") if args.quick and not args.timeout_s else None
+        limit = float(own) if isinstance(own, int | float) else timeout
+        res = run_one(script, args.quick, args.results.resolve(), limit)
         status = "ok" if res.ok and not res.error else "FAILED: " + res.error
         print(f"   {status} in {res.seconds:.0f}s", flush=True)
         results.append(res)
