@@ -55,6 +55,8 @@ SchedulerName = Literal["priority", "gale-shapley", "capability"]
 TransportName = Literal["grpc", "zmq"]
 OptimizerName = Literal["sgd", "adam"]
 ModelName = Literal["gpt", "lstm", "tiny-lstm", "small-transformer"]
+# Entries of a markov-hard chain's (V^k, V) transition table: 2^24 float64 is 128 MiB.
+MAX_TRANSITION_ENTRIES = 1 << 24
 
 
 class ConfigError(ValueError):
@@ -111,6 +113,12 @@ class ModelConfig(_Strict):
     n_embd: int = Field(64, ge=8, le=4096)
     hidden_size: int = Field(128, ge=8, le=4096)
     dropout: float = Field(0.0, ge=0, lt=1)
+    ngram_order: int = Field(
+        0, ge=0, le=4,
+        description="GPT only. 0: off; n >= 1: add a learned logit vector per n-gram of the last n input tokens "
+        "to the output ((V+1)^n x V parameters, training.models.NGramLogits): parameters that cost a lookup, "
+        "not FLOPs",
+    )
 
     @property
     def family(self) -> Literal["gpt", "lstm"]:
@@ -120,6 +128,12 @@ class ModelConfig(_Strict):
     def _heads_divide_width(self) -> ModelConfig:
         if self.family == "gpt" and self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+    @model_validator(mode="after")
+    def _ngram_logits_are_gpt_only(self) -> ModelConfig:
+        if self.ngram_order and self.family != "gpt":
+            raise ValueError(f"ngram_order is a GPT option; model {self.name!r} is an LSTM")
         return self
 
 
@@ -153,10 +167,17 @@ class TrainingConfig(_Strict):
     optimizer: OptimizerName = "adam"
     momentum: float = Field(0.9, ge=0, lt=1)
     seed: int = 0
-    data: Literal["markov", "text"] = "markov"
+    data: Literal["markov", "markov-hard", "text"] = Field(
+        "markov",
+        description="markov: first-order chain (the fast default); markov-hard: a sparse order-k chain with many "
+        "contexts to learn (training.corpora.HigherOrderMarkovCorpus); text: characters of text_path",
+    )
     text_path: str | None = None
     vocab_size: int = Field(16, ge=2, le=65536)
-    markov_concentration: float = Field(0.3, gt=0)
+    markov_concentration: float = Field(0.3, gt=0, description="Dirichlet concentration of each row (markov data)")
+    markov_order: int = Field(
+        2, ge=2, le=4, description="markov-hard only: how many previous tokens the next token depends on"
+    )
     sharding: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)
     # 64 batches of 16 x 32 tokens: ~33k held-out tokens, so the eval loss has a standard error of ~0.005 nats.
@@ -176,6 +197,19 @@ class TrainingConfig(_Strict):
     def _text_needs_path(self) -> TrainingConfig:
         if self.data == "text" and not self.text_path:
             raise ValueError("data: text needs text_path")
+        return self
+
+    @model_validator(mode="after")
+    def _markov_hard_fits(self) -> TrainingConfig:
+        if self.data != "markov-hard":
+            return self
+        entries = self.vocab_size ** (self.markov_order + 1)
+        if entries > MAX_TRANSITION_ENTRIES:
+            raise ValueError(
+                f"data: markov-hard with vocab_size {self.vocab_size} and markov_order {self.markov_order} needs a "
+                f"transition table of {self.vocab_size}^{self.markov_order + 1} = {entries:,} entries; at most "
+                f"{MAX_TRANSITION_ENTRIES:,} (lower vocab_size or markov_order)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -44,7 +44,11 @@ def test_bad_profile_and_engine_are_refused_before_anything_runs():
 
 @pytest.mark.parametrize(
     "model",
-    [{"name": "gpt", "n_layer": 2, "n_embd": 32, "n_head": 2}, {"name": "lstm", "n_layer": 2, "n_embd": 24}],
+    [
+        {"name": "gpt", "n_layer": 2, "n_embd": 32, "n_head": 2},
+        {"name": "gpt", "n_layer": 1, "n_embd": 16, "n_head": 2, "ngram_order": 2},
+        {"name": "lstm", "n_layer": 2, "n_embd": 24},
+    ],
 )
 def test_parameter_estimate_is_the_real_models_count(model):
     torch = pytest.importorskip("torch")

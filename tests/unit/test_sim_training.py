@@ -154,3 +154,17 @@ def test_eval_curve_follows_the_global_model_in_virtual_time_and_bytes() -> None
     assert curve[-1].loss < result.trained.initial_loss - 0.3
     with pytest.raises(SimConfigError, match="eval_every"):
         simulate_trained(cfg, SimConfig.from_config(cfg, profile="cellular"), eval_every=0)
+
+
+def test_markov_hard_reports_its_exact_floor_and_true_size(tmp_path: Path) -> None:
+    from dist_llm_train.training.corpora import HigherOrderMarkovCorpus
+
+    cfg = _config(workers=2, steps=4, data="markov-hard", vocab_size=12, markov_concentration=0.05)
+    cfg = Config.model_validate({**cfg.model_dump(), "model": {"n_layer": 1, "n_embd": 32, "ngram_order": 2}})
+    sim = SimConfig.from_config(cfg, profile="good")
+    result = simulate_trained(cfg, sim)
+    floor = HigherOrderMarkovCorpus(12, 2, seed=0, concentration=0.05).loss_floor_nats(cfg.training.seq_length)
+    assert result.trained.loss_floor == floor
+    assert result.trained.final_params.size == sim.param_count  # payload sizes match the trained model
+    _, data = write_report(result, tmp_path)
+    assert data["loss_floor"] == floor

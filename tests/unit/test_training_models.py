@@ -16,7 +16,9 @@ from dist_llm_train.training.trainer import LocalTrainer
 
 GPT_CFG = ModelConfig.model_validate(dict(name="gpt", n_layer=2, n_head=2, n_embd=32))
 LSTM_CFG = ModelConfig.model_validate(dict(name="lstm", n_layer=2, n_embd=32, hidden_size=64))
-MODEL_CFGS = [pytest.param(GPT_CFG, id="gpt"), pytest.param(LSTM_CFG, id="lstm")]
+NGRAM_CFG = ModelConfig.model_validate(dict(name="gpt", n_layer=1, n_head=2, n_embd=32, ngram_order=2))
+TRAINED_CFGS = [pytest.param(GPT_CFG, id="gpt"), pytest.param(LSTM_CFG, id="lstm")]
+MODEL_CFGS = [*TRAINED_CFGS, pytest.param(NGRAM_CFG, id="ngram")]
 
 
 def train_cfg(**kw: object) -> TrainingConfig:
@@ -72,6 +74,35 @@ def test_gpt_ties_embedding_and_head_and_limits_length() -> None:
         model(torch.zeros((1, 9), dtype=torch.long))
     with pytest.raises(ValueError):
         lm_loss(model, torch.zeros((1, 4), dtype=torch.long), torch.zeros((1, 5), dtype=torch.long))
+
+
+def test_ngram_logits_look_up_each_positions_last_n_tokens() -> None:
+    model = build_model(NGRAM_CFG, 16, 8, seed=0)
+    assert isinstance(model, GPT) and model.ngram is not None
+    table = model.ngram.table.weight
+    assert table.shape == (17 * 17, 16)  # (V + 1)^2 rows of V logits: the padding token 16 starts a sequence
+    assert not table.any()  # zero at initialisation: the network's predictions are unchanged
+    x = torch.tensor([[3, 5, 7]])
+    with torch.no_grad():
+        before = model(x)
+        table.normal_()
+        after = model(x)
+    rows = [16 * 17 + 3, 3 * 17 + 5, 5 * 17 + 7]  # (pad, 3), (3, 5), (5, 7)
+    assert torch.allclose(after - before, table[rows], atol=1e-6)
+    without = NGRAM_CFG.model_copy(update={"ngram_order": 0})
+    plain = [n for n, _ in build_model(without, 16, 8, seed=0).named_parameters()]
+    assert [n for n, _ in model.named_parameters()] == [*plain, "ngram.table.weight"]  # the plain layout, + one
+
+
+def test_ngram_order_is_validated() -> None:
+    bigram = build_model(ModelConfig.model_validate(dict(name="gpt", n_embd=8, n_head=1, ngram_order=1)), 16, 8, 0)
+    assert isinstance(bigram, GPT) and bigram.ngram is not None and bigram.ngram.table.weight.shape == (17, 16)
+    with pytest.raises(ValueError, match="GPT option"):
+        ModelConfig.model_validate(dict(name="lstm", ngram_order=2))
+    with pytest.raises(ValueError, match="ngram_order"):
+        ModelConfig.model_validate(dict(name="gpt", ngram_order=5))
+    with pytest.raises(ValueError, match="parameters"):
+        build_model(ModelConfig.model_validate(dict(name="gpt", n_embd=8, n_head=1, ngram_order=4)), 64, 8, seed=0)
 
 
 # ---- flat vectors --------------------------------------------------------------------------------
@@ -205,7 +236,7 @@ def _adam_on_flat(tr: LocalTrainer, steps: int, lr: float) -> np.ndarray:
     return w
 
 
-@pytest.mark.parametrize("cfg", MODEL_CFGS)
+@pytest.mark.parametrize("cfg", TRAINED_CFGS)
 def test_training_on_markov_corpus_reaches_the_entropy_floor(cfg: ModelConfig, dataset: TokenDataset) -> None:
     floor = dataset.loss_floor
     assert floor is not None

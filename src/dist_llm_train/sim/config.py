@@ -378,12 +378,13 @@ class SimConfig(_Strict):
 def estimate_params(model: ModelConfig, vocab_size: int, block_size: int) -> int:
     """The length of the flat parameter vector `training.models.build_model` creates (no torch needed).
 
-    GPT (tied head): V·E + S·E + L·(12E² + 13E) + 2E. LSTM: V·E + Σ layers 4H·(in + H) + 8H, + H·V + V.
-    A unit test checks both against the real torch modules.
+    GPT (tied head): V·E + S·E + L·(12E² + 13E) + 2E, + (V+1)^n·V with order-n n-gram logits.
+    LSTM: V·E + Σ layers 4H·(in + H) + 8H, + H·V + V. A unit test checks both against the real torch modules.
     """
     v, e = vocab_size, model.n_embd
     if model.family == "gpt":
-        return v * e + block_size * e + model.n_layer * (12 * e * e + 13 * e) + 2 * e
+        ngram = (v + 1) ** model.ngram_order * v if model.ngram_order else 0
+        return v * e + block_size * e + ngram + model.n_layer * (12 * e * e + 13 * e) + 2 * e
     h = model.hidden_size
     lstm = sum(4 * h * ((e if i == 0 else h) + h) + 8 * h for i in range(model.n_layer))
     return v * e + lstm + h * v + v

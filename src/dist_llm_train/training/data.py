@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dist_llm_train.config import TrainingConfig
-from dist_llm_train.training.corpora import MAX_MARKOV_VOCAB, CharCorpus, MarkovCorpus
+from dist_llm_train.training.corpora import MAX_MARKOV_VOCAB, CharCorpus, HigherOrderMarkovCorpus, MarkovCorpus
 from dist_llm_train.training.sharding import ShardScheme, label_skew, shard_indices
 
 __all__ = [
     "MAX_MARKOV_VOCAB",
     "BatchIterator",
     "CharCorpus",
+    "HigherOrderMarkovCorpus",
     "MarkovCorpus",
     "TokenDataset",
     "dominant_tokens",
@@ -56,7 +57,8 @@ class TokenDataset:
     """Training and held-out sequences of `seq_length + 1` tokens (inputs + shifted targets).
 
     `loss_floor` is the exact minimum next-token cross-entropy in nats when known (Markov
-    corpus), else None. `reference` holds named statistics that are *not* floors.
+    corpora), else None. `reference` holds named statistics that are *not* floors (for
+    markov-hard, the entropy rate, which the floor exceeds by the short-context positions).
     """
 
     train: np.ndarray  # (num_samples, seq_length + 1) int32
@@ -109,6 +111,14 @@ def make_dataset(cfg: TrainingConfig) -> TokenDataset:
         heldout = corpus.sample_sequences(num_eval, length, eval_rng)
         vocab_size, floor = corpus.vocab_size, corpus.entropy_rate_nats()
         reference: dict[str, float] = {}
+    elif cfg.data == "markov-hard":
+        hard = HigherOrderMarkovCorpus(cfg.vocab_size, cfg.markov_order, cfg.seed, cfg.markov_concentration)
+        train = hard.sample_sequences(cfg.num_samples, length, train_rng)
+        heldout = hard.sample_sequences(num_eval, length, eval_rng)
+        # The floor of a loss averaged over seq_length targets: the entropy rate, raised by the first
+        # order - 1 targets, which are predicted from less than a full context (see loss_floor_nats).
+        vocab_size, floor = hard.vocab_size, hard.loss_floor_nats(cfg.seq_length)
+        reference = {"entropy_rate_nats": hard.entropy_rate_nats()}
     else:
         if not cfg.text_path:
             raise ValueError("data: text needs text_path")

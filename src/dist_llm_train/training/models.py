@@ -59,11 +59,62 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class NGramLogits(nn.Module):
+    """A learned logit vector for every n-gram of input tokens, added to the model's output logits.
+
+    These are direct n-gram connections, the maximum-entropy n-gram model that Mikolov et al.
+    (ASRU 2011, "Strategies for Training Large Scale Neural Network Language Models", RNNME)
+    train jointly with the network, after Bengio et al.'s (JMLR 2003) direct input-to-output
+    connections: position t looks up the row of (x_{t-n+1}, …, x_t). The parameters are cheap —
+    a lookup and an add per position, no multiply — so a model can hold millions of them within
+    a small FLOP budget, and each row is a plain table entry, which Adam learns much faster than
+    a low-rank (embedding × head) product can express a sparse next-token distribution. Every
+    n-gram has its own row (no hashing, so no collisions); positions before the start of the
+    sequence read the padding token V, hence (V+1)^n rows of V logits (at n = 1 the padding row
+    is never read). Rows start at zero, so the network's own predictions are unchanged at
+    initialisation.
+    """
+
+    MAX_ENTRIES = 1 << 24
+
+    def __init__(self, vocab_size: int, order: int) -> None:
+        super().__init__()
+        if order < 1:
+            raise ValueError(f"n-gram logits need order >= 1, got {order}")
+        rows = (vocab_size + 1) ** order
+        if rows * vocab_size > self.MAX_ENTRIES:
+            raise ValueError(
+                f"order-{order} n-gram logits over {vocab_size} tokens need {rows:,} rows x {vocab_size} = "
+                f"{rows * vocab_size:,} parameters; at most {self.MAX_ENTRIES:,} are allowed (lower ngram_order)"
+            )
+        self.order = order
+        self.pad = vocab_size
+        self.table = nn.Embedding(rows, vocab_size)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        b, t = idx.shape
+        padded = torch.cat([idx.new_full((b, self.order - 1), self.pad), idx], dim=1)
+        code = torch.zeros_like(idx)
+        for j in range(self.order):  # oldest token most significant, base V + 1
+            code = code * (self.pad + 1) + padded[:, j : j + t]
+        return self.table(code)
+
+
 class GPT(nn.Module):
-    """nanoGPT's model: token + learned position embeddings, pre-LN blocks, tied output head."""
+    """nanoGPT's model: token + learned position embeddings, pre-LN blocks, tied output head.
+
+    `ngram_order` >= 1 adds `NGramLogits` to the output (registered last, and only then, so a
+    model without them has exactly the layout it always had)."""
 
     def __init__(
-        self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int, dropout: float = 0.0
+        self,
+        vocab_size: int,
+        block_size: int,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        dropout: float = 0.0,
+        ngram_order: int = 0,
     ) -> None:
         super().__init__()
         self.block_size = block_size
@@ -80,6 +131,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        self.ngram = NGramLogits(vocab_size, ngram_order) if ngram_order else None
+        if self.ngram is not None:
+            nn.init.zeros_(self.ngram.table.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -98,7 +152,8 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.h:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        logits = self.lm_head(self.ln_f(x))
+        return logits if self.ngram is None else logits + self.ngram(idx)
 
 
 class LSTMLM(nn.Module):
@@ -132,7 +187,15 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, block_size: int, seed: 
         torch.manual_seed(seed)
         if model_cfg.family == "lstm":
             return LSTMLM(vocab_size, model_cfg.n_layer, model_cfg.n_embd, model_cfg.hidden_size, model_cfg.dropout)
-        return GPT(vocab_size, block_size, model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd, model_cfg.dropout)
+        return GPT(
+            vocab_size,
+            block_size,
+            model_cfg.n_layer,
+            model_cfg.n_head,
+            model_cfg.n_embd,
+            model_cfg.dropout,
+            model_cfg.ngram_order,
+        )
 
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
