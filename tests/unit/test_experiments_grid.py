@@ -128,14 +128,29 @@ def test_load_grid_reads_base_config_relative_to_the_grid(tmp_path: Path) -> Non
         load_grid(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("name", ["smoke", "wan_strategies", "compression", "byzantine", "privacy", "readme_wan"])
+@pytest.mark.parametrize(
+    "name", ["smoke", "wan_strategies", "compression", "byzantine", "privacy", "readme_wan", "frontier"]
+)
 def test_shipped_grids_load(name: str) -> None:
     rg = load_grid(EXPERIMENTS / f"{name}.yaml")
     cells = rg.expand()
     assert cells and rg.grid.name == name
     for cell in cells:  # every shipped cell must pass the config's own validation
         cfg = rg.config_for(cell)
-        assert cfg.training.steps == cell.steps and cfg.training.num_workers == cell.workers
+        assert cfg.training.num_workers == cell.workers
+        # A cell's own budget (an axis value setting training.steps) wins over the grid's.
+        assert cfg.training.steps == cell.overrides.get("training.steps", cell.steps)
+
+
+def test_frontier_grid_gives_every_method_the_same_samples() -> None:
+    rg = load_grid(EXPERIMENTS / "frontier.yaml")
+    samples = set()
+    for cell in rg.expand():
+        t = rg.config_for(cell).training
+        per_update = t.build_strategy().steps_per_update()
+        batches = t.versions * per_update * (t.strategy.buffer_size if t.strategy.name == "buffered_async" else 1)
+        samples.add(batches if t.strategy.name == "buffered_async" else batches * t.num_workers)
+    assert samples == {1200 * 4}
 
 
 def test_smoke_grid_is_small() -> None:

@@ -236,9 +236,9 @@ class ResolvedGrid:
     def config_for(self, cell: Cell, seed_offset: int = 0) -> Config:
         """The cell's config; ConfigError (naming the field) when the config refuses a value."""
         data = copy.deepcopy(self.base)
+        _set_dotted(data, "training.steps", cell.steps)  # an axis value may set its own (e.g. a budget of updates)
         for key, value in cell.overrides.items():
             _set_dotted(data, key, value)
-        _set_dotted(data, "training.steps", cell.steps)
         _set_dotted(data, "training.num_workers", cell.workers)
         _set_dotted(data, "training.seed", cell.seed + seed_offset)
         if cell.profile is not None:
