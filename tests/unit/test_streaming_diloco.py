@@ -66,7 +66,7 @@ def test_the_schedule_must_fit() -> None:
     with pytest.raises(ValidationError, match="exceeds H/P"):
         StreamingDiLoCoConfig(local_steps=8, fragments=4, overlap_steps=3)
     StreamingDiLoCoConfig(local_steps=8, fragments=4, overlap_steps=2)  # τ = H/P: merge right before the next sync
-    with pytest.raises(ValueError, match="not one sync fits"):
+    with pytest.raises(ValueError, match="not one round fits"):
         _strategy(local_steps=40, fragments=2).validate(JobPlan(num_workers=2, steps=10, aggregation="mean"))
     s = _strategy(local_steps=20, fragments=4)
     assert s.steps_per_update() == 5 and s.versions(100) == 20  # a version per fragment sync

@@ -250,6 +250,15 @@ class RoundBarrier(VersionRule):
         return 0 if rnd is None else len(rnd.updates)
 
 
+def refuse_if_stale(job: JobView, worker_id: str, staleness: int) -> PushResult | None:
+    """`STALE_REJECTED` for an update staler than its worker's bound (asynchronous rules), else None."""
+    bound = job.staleness_bound(worker_id)
+    if staleness <= bound:
+        return None
+    why = f"staleness {staleness} > this worker's bound {bound}; re-pull"
+    return PushResult(PushOutcome.STALE_REJECTED, job.version, staleness, why)
+
+
 class StalenessGate(VersionRule):
     """Each update is applied on arrival unless it is staler than its worker's bound (`STALE_REJECTED`).
 
@@ -260,14 +269,9 @@ class StalenessGate(VersionRule):
         self.step_scale = step_scale
 
     def on_update(self, job: JobView, worker_id: str, vec: np.ndarray, staleness: int, now: float) -> PushResult:
-        bound = job.staleness_bound(worker_id)
-        if staleness > bound:
-            return PushResult(
-                PushOutcome.STALE_REJECTED,
-                job.version,
-                staleness,
-                f"staleness {staleness} > this worker's bound {bound}; re-pull",
-            )
+        refused = refuse_if_stale(job, worker_id, staleness)
+        if refused is not None:
+            return refused
         job.join(worker_id)
         job.apply(job.aggregate(vec[None, :]), 1, self.step_scale(staleness))
         return PushResult(PushOutcome.APPLIED, job.version, staleness)

@@ -54,6 +54,7 @@ from dist_llm_train.core.strategies.base import (
     Trainer,
     VersionRule,
     WorkerLedger,
+    refuse_if_stale,
 )
 from dist_llm_train.core.types import PushOutcome, PushResult
 
@@ -103,14 +104,9 @@ class StalenessBuffer(VersionRule):
         self._buffer: _Buffer | None = None
 
     def on_update(self, job: JobView, worker_id: str, vec: np.ndarray, staleness: int, now: float) -> PushResult:
-        bound = job.staleness_bound(worker_id)
-        if staleness > bound:
-            return PushResult(
-                PushOutcome.STALE_REJECTED,
-                job.version,
-                staleness,
-                f"staleness {staleness} > this worker's bound {bound}; re-pull",
-            )
+        refused = refuse_if_stale(job, worker_id, staleness)
+        if refused is not None:
+            return refused
         job.join(worker_id)
         buf = self._buffer
         if buf is None:

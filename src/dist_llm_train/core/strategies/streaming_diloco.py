@@ -31,31 +31,20 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from dist_llm_train.core.strategies.base import (
-    HonestUpdate,
-    JobPlan,
-    OptimizerSpec,
-    RoundStrategy,
-    StrategyConfig,
-    Trainer,
-)
+from dist_llm_train.core.strategies.base import HonestUpdate, Trainer
+from dist_llm_train.core.strategies.diloco import DiLoCo, DiLoCoConfig
 
 
-class StreamingDiLoCoConfig(StrategyConfig):
-    name: Literal["streaming_diloco"] = "streaming_diloco"
-    local_steps: int = Field(20, ge=1, le=1_000_000, description="H: inner steps between two syncs of a fragment")
+class StreamingDiLoCoConfig(DiLoCoConfig):
+    """DiLoCo's fields (H is each fragment's sync interval) and the streaming schedule's."""
+
+    name: Literal["streaming_diloco"] = "streaming_diloco"  # type: ignore[assignment]
     fragments: int = Field(4, ge=1, le=1024, description="P: fragments, synced in turn every H/P inner steps")
     overlap_steps: int = Field(
         1, ge=0, description="τ: inner steps run while a fragment's sync is in flight (at most H/P)"
     )
     merge_alpha: float = Field(
         0.5, ge=0, le=1, description="α: weight of the local fragment when the synced one arrives (0: replace)"
-    )
-    inner_lr: float | None = Field(None, gt=0, le=10, description="Inner AdamW lr; None: training.learning_rate")
-    outer_lr: float = Field(0.7, gt=0, le=10, description="Outer SGD (Nesterov) learning rate")
-    outer_momentum: float = Field(0.9, ge=0, lt=1, description="Outer Nesterov momentum")
-    straggler_timeout_s: float = Field(
-        30.0, gt=0, description="A round closes with whoever pushed after this many seconds"
     )
 
     @model_validator(mode="after")
@@ -81,21 +70,16 @@ def fragment_bounds(size: int, fragments: int) -> list[int]:
     return [round(i * size / fragments) for i in range(fragments + 1)]
 
 
-class StreamingDiLoCo(RoundStrategy):
+class StreamingDiLoCo(DiLoCo):
     name = "streaming_diloco"
     Config = StreamingDiLoCoConfig
-    update_kind = "pseudo_gradient"
 
-    def __init__(self, config: StreamingDiLoCoConfig) -> None:
+    def __init__(self, config: StreamingDiLoCoConfig) -> None:  # type: ignore[override]
         super().__init__(config)
-        self.local_steps = config.local_steps
         self.fragments = config.fragments
         self.per_sync = config.local_steps // config.fragments
         self.overlap_steps = config.overlap_steps
         self.merge_alpha = config.merge_alpha
-        self.inner_lr = config.inner_lr
-        self.straggler_timeout_s = config.straggler_timeout_s
-        self.outer = OptimizerSpec("sgd", config.outer_lr, config.outer_momentum, nesterov=True)
         self._bounds: tuple[int, list[int]] | None = None
         # Worker side: θ̃ as of each fragment's last sync, and the version the worker holds.
         self._global: np.ndarray | None = None
@@ -103,25 +87,9 @@ class StreamingDiLoCo(RoundStrategy):
         self._synced_once = False
         self._since_push: list[tuple[float, int, int]] = []  # (mean loss, steps, samples) of each run of steps
 
-    # config time
-    def validate(self, plan: JobPlan) -> None:
-        super().validate(plan)
-        if self.per_sync > plan.steps:
-            raise ValueError(
-                f"streaming_diloco syncs a fragment every H/P={self.per_sync} inner steps, more than the "
-                f"budget steps={plan.steps}: not one sync fits"
-            )
-        if plan.attack is not None and plan.attack_needs_spread:
-            raise ValueError(
-                f"attack {plan.attack!r} estimates the honest spread from several updates; a streaming_diloco "
-                "attacker has one outer gradient per sync (use sign_flip, gaussian or ipm)"
-            )
-
+    # config time (DiLoCo's checks hold as they are: H within the budget, one update per sync for an attacker)
     def steps_per_update(self) -> int:
         return self.per_sync
-
-    def server_optimizer(self, requested: OptimizerSpec) -> OptimizerSpec:
-        return self.outer
 
     # PS time (and the worker's, to know which fragment a version syncs)
     def region(self, version: int, size: int) -> slice:
