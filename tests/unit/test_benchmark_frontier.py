@@ -54,3 +54,13 @@ def test_a_method_that_never_reaches_the_target_has_no_ratio(frontier: ModuleTyp
     figs = frontier.figures(rows)
     assert figs["methods_cellular"][0]["bytes_ratio"] is None
     assert figs["targets_met"]["bytes_ratio"] is False
+
+
+def test_when_no_method_reaches_the_target_the_closest_loss_is_reported(frontier: ModuleType) -> None:
+    rows = [
+        _row("sync", "cellular", 1.10, 1000.0, 1e12),
+        _row("sparseloco", "cellular", 1.30, None, None),
+        _row("streaming_diloco+int4", "cellular", 1.15, None, None),
+    ]
+    figs = frontier.figures(rows)
+    assert figs["best_method"] == "streaming_diloco+int4" and figs["bytes_ratio"] is None
