@@ -9,6 +9,7 @@ and what it read, so a skip is visible in the summary (`-ra`) rather than a fail
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,24 @@ class StealMeter:
 @pytest.fixture
 def cpu_steal() -> StealMeter:
     return StealMeter()
+
+
+def processes_with_marker(marker: str) -> list[int]:
+    """Pids whose environment carries DLT_TEST_MARKER=<marker>: a launched run and everything it started."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"DLT_TEST_MARKER={marker}".encode() in env:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def marked_processes() -> Callable[[str], list[int]]:
+    """`processes_with_marker`, for tests that check a run leaves no process behind."""
+    return processes_with_marker

@@ -287,7 +287,7 @@ class TrainingConfig(_Strict):
             total_steps=strategy.versions(self.steps),
             privacy=central,
             privacy_seed=dp_seed if central is not None else None,
-            downlink=self.downlink if self.downlink.name != "none" else None,
+            downlink=self.downlink,
         )
 
     def worker_update(

@@ -8,30 +8,17 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-
-def _processes_with_marker(marker: str) -> list[int]:
-    """Processes whose environment carries the marker (the launcher and its children)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if f"DLT_TEST_MARKER={marker}".encode() in env:
-            pids.append(int(entry.name))
-    return pids
-
+Marked = Callable[[str], list[int]]  # tests/conftest.py's `marked_processes`
 # 23-33 s on two cores: start-up, ~11 s of job (a round stalls until the leaver is declared dead), evaluation.
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
-def test_a_worker_leaves_and_rejoins_and_the_run_completes(tmp_path: Path) -> None:
+def test_a_worker_leaves_and_rejoins_and_the_run_completes(tmp_path: Path, marked_processes: Marked) -> None:
     trace = tmp_path / "trace.csv"
     trace.write_text("worker,join_s,leave_s\n1,0,1.0\nworker-1,2.0,\n")
     marker = uuid.uuid4().hex
@@ -61,4 +48,4 @@ def test_a_worker_leaves_and_rejoins_and_the_run_completes(tmp_path: Path) -> No
     assert len(registrations) == 2 and len({line.split("(")[-1] for line in registrations}) == 1
     assert (run_dir / "availability.csv").read_text().splitlines()[1:] == ["1,0.0,1.0", "1,2.0,"]
     assert "## Availability (transient workers)" in (run_dir / "summary.md").read_text()
-    assert _processes_with_marker(marker) == []
+    assert marked_processes(marker) == []

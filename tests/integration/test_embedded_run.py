@@ -9,25 +9,15 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+Marked = Callable[[str], list[int]]  # tests/conftest.py's `marked_processes`
 pytestmark = pytest.mark.timeout(420)
 
 
-def _processes_with_marker(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if f"DLT_TEST_MARKER={marker}".encode() in env:
-            pids.append(int(entry.name))
-    return pids
 
 
 def _launch(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
@@ -54,8 +44,9 @@ def _wait_for_training(tmp_path: Path, worker: str, timeout_s: float = 120) -> P
     raise AssertionError(f"{worker} never started training")
 
 
-def _worker_pid(marker: str, name: str) -> int:
-    for pid in _processes_with_marker(marker):
+def _worker_pid(pids: list[int], name: str) -> int:
+    """The worker process called `name` among `pids`."""
+    for pid in pids:
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -65,7 +56,7 @@ def _worker_pid(marker: str, name: str) -> int:
     raise AssertionError(f"no process for {name}")
 
 
-def test_run_json_trains_and_writes_report(tmp_path: Path) -> None:
+def test_run_json_trains_and_writes_report(tmp_path: Path, marked_processes: Marked) -> None:
     proc, marker = _launch(tmp_path, "--workers", "3", "--steps", "60", "--json")
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
@@ -88,14 +79,14 @@ def test_run_json_trains_and_writes_report(tmp_path: Path) -> None:
     for name in ("config.yaml", "metrics.csv", "summary.json", "summary.md", "loss.png"):
         assert (run_dir / name).stat().st_size > 0, name
     assert len((run_dir / "metrics.csv").read_text().splitlines()) > 30
-    assert _processes_with_marker(marker) == []
+    assert marked_processes(marker) == []
 
 
-def test_kill_9_worker_run_finishes_on_the_others(tmp_path: Path) -> None:
+def test_kill_9_worker_run_finishes_on_the_others(tmp_path: Path, marked_processes: Marked) -> None:
     proc, marker = _launch(tmp_path, "--workers", "3", "--steps", "300", "--json")
     _wait_for_training(tmp_path, "worker-1")
     time.sleep(1.5)
-    os.kill(_worker_pid(marker, "worker-1"), signal.SIGKILL)
+    os.kill(_worker_pid(marked_processes(marker), "worker-1"), signal.SIGKILL)
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
@@ -104,28 +95,28 @@ def test_kill_9_worker_run_finishes_on_the_others(tmp_path: Path) -> None:
     assert "worker-1" in summary["dead_workers"]
     assert summary["reassignments"] >= 1
     assert summary["final_loss"] < summary["initial_loss"]
-    assert _processes_with_marker(marker) == []
+    assert marked_processes(marker) == []
 
 
-def test_ctrl_c_leaves_no_orphans(tmp_path: Path) -> None:
+def test_ctrl_c_leaves_no_orphans(tmp_path: Path, marked_processes: Marked) -> None:
     proc, marker = _launch(tmp_path, "--workers", "2", "--steps", "100000")
     _wait_for_training(tmp_path, "worker-0")
-    assert len(_processes_with_marker(marker)) >= 4  # launcher + PS + controller + workers
+    assert len(marked_processes(marker)) >= 4  # launcher + PS + controller + workers
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode != 0
     deadline = time.monotonic() + 15
-    while _processes_with_marker(marker) and time.monotonic() < deadline:
+    while marked_processes(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _processes_with_marker(marker) == []
+    assert marked_processes(marker) == []
 
 
-def test_kill_9_launcher_takes_children_down(tmp_path: Path) -> None:
+def test_kill_9_launcher_takes_children_down(tmp_path: Path, marked_processes: Marked) -> None:
     proc, marker = _launch(tmp_path, "--workers", "1", "--steps", "100000")
     _wait_for_training(tmp_path, "worker-0")
     proc.kill()
     proc.communicate(timeout=30)
     deadline = time.monotonic() + 20
-    while _processes_with_marker(marker) and time.monotonic() < deadline:
+    while marked_processes(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _processes_with_marker(marker) == []
+    assert marked_processes(marker) == []

@@ -28,12 +28,15 @@ from dist_llm_train.cli.options import (
     resolve_alias,
 )
 from dist_llm_train.config import ConfigError
+from dist_llm_train.core.strategies import STRATEGIES
 from dist_llm_train.experiments.grid import Target
 from dist_llm_train.sim.config import SimConfigError
 from dist_llm_train.sim.report import DEFAULT_TARGET
 from dist_llm_train.sim.request import SimRequest, run_request
 from dist_llm_train.sim.surrogate import SurrogateError
 from dist_llm_train.sim.validation import RunFolderError
+
+ROUND_STRATEGIES = ", ".join(name for name, cls in sorted(STRATEGIES.items()) if cls.rounds)
 
 
 def simulate(
@@ -59,7 +62,8 @@ def simulate(
     sim_config: Annotated[Path | None, typer.Option(help="YAML of SimConfig fields (see docs).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same result.")] = None,
     engine: Annotated[
-        str | None, typer.Option(help="auto, vectorised (sync, diloco) or exact (per event).")
+        str | None,
+        typer.Option(help=f"auto, vectorised ({ROUND_STRATEGIES}; not with overlap_steps) or exact (per event)."),
     ] = None,
     compute: Annotated[
         str | None, typer.Option(help="Step-time distribution: constant, exponential, lognormal.")

@@ -3,7 +3,8 @@
 A codec turns a vector into payload bytes plus a small `meta` dict (plain ints, floats and
 strings, so it travels as msgpack next to the payload). The payload is what the network
 carries and what byte counters count; nothing about the vector's size is in `meta`
-because the receiver already knows it from the job's layout and must check it.
+because the receiver already knows it (the job's parameter count, or the strategy's region of
+it: `JobState.update_size`) and must check it.
 
 `decode` is the PS's first line of defence: any inconsistency between size, meta and
 payload, and any non-finite value, is a ValueError before a single number is used.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -185,9 +187,7 @@ class Int8Codec(Codec):
             raise ValueError(f"int8 meta chunk must be >= 1, got {chunk}")
         n_chunks = math.ceil(size / chunk)
         _expect_len(payload, 4 * n_chunks + size, self.name, size)
-        scales = np.frombuffer(payload, dtype=_F32, count=n_chunks).astype(np.float32)
-        if not np.isfinite(scales).all() or (scales < 0).any():
-            raise ValueError("int8 payload has a negative or non-finite scale")
+        scales = _scales(payload, n_chunks, self.name)
         codes = _blocks(np.frombuffer(payload, dtype=np.int8, offset=4 * n_chunks), chunk)
         out = np.multiply(codes, scales[:, None], dtype=np.float32)  # broadcast: no repeated scale vector
         return out.ravel()[:size]
@@ -285,13 +285,13 @@ class _Levels:
     def divisor(self) -> np.float32:
         return np.float32(4.0 if self.midrise else self.top)
 
-    @property
+    @cached_property
     def table(self) -> np.ndarray:
         """The level each code names, in units of u (a mid-tread set's code 0 names −top − 1: invalid)."""
         codes = np.arange(1 << self.bits, dtype=np.float32)
         return 2 * codes - 3 if self.midrise else codes - np.float32(self.top + 1)
 
-    @property
+    @cached_property
     def byte_table(self) -> np.ndarray:
         """The levels each of the 256 packed bytes holds, one opaque item of 8/bits float32 per byte,
         so `byte_table[packed].view(np.float32)` unpacks and dequantises in one gather."""
@@ -336,6 +336,9 @@ class _Levels:
             raise ValueError(f"{what}: code 0 names no level of the {self.bits}-bit set")
 
 
+
+_LEVELS = {bits: _Levels(bits) for bits in (2, 4, 8)}  # their tables are built once, on first use
+
 def _per_chunk(op: np.ufunc, flat: np.ndarray, chunk: int, per_chunk: np.ndarray, out: np.ndarray) -> None:
     """out = op(flat, the value of each element's chunk), chunk by chunk as one broadcast: whole chunks as
     rows, a shorter last chunk on its own, so a ragged length costs no padded copy."""
@@ -371,7 +374,7 @@ class _LowBitCodec(Codec):
         if not isinstance(chunk, int) or isinstance(chunk, bool) or not 1 <= chunk <= (1 << 24):
             raise ValueError(f"{self.name} chunk must be an int in [1, 2^24], got {chunk!r}")
         self.chunk = chunk
-        self.levels = _Levels(self.bits)
+        self.levels = _LEVELS[self.bits]
 
     @classmethod
     def nbytes_for(cls, size: int, chunk: int) -> int:
@@ -617,7 +620,7 @@ class SparseLoCoCodec(Codec):
             values = np.vstack([values, np.zeros((1, k), np.float32)])
             values[-1, :tail_k] = tail[tail_local[0, :tail_k]]
         kept = n_full * k + tail_k
-        levels = _Levels(self.bits)
+        levels = _LEVELS[self.bits]
         units = levels.units(np.abs(values).max(axis=1, initial=0.0))
         codes = levels.codes(values.ravel(), k, units, pad_to=values.size)[:kept]
         payload = (
@@ -644,7 +647,7 @@ class SparseLoCoCodec(Codec):
         code_bytes = _packed_len(kept, bits)
         codes = _unpack(buf[:code_bytes], kept, bits, "sparseloco value codes")
         local = _unpack(buf[code_bytes:], kept, chunk.bit_length() - 1, "sparseloco indices")
-        levels = _Levels(bits)
+        levels = _LEVELS[bits]
         kept_levels = levels.table[codes]
         levels.check(kept_levels, "sparseloco payload")
         row = np.arange(kept) // k if k else np.zeros(0, np.int64)

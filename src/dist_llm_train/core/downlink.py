@@ -59,11 +59,10 @@ class Delta:
 
 @dataclass(frozen=True)
 class DeltaReply:
-    """What a pull of a delta-capable holder receives: `deltas` take `base_version` to `version`."""
+    """What a pull of a delta-capable holder receives: `deltas` take `base_version` to the job's version
+    (the pull's own `version`; the lineage is the pull's `epoch`)."""
 
-    epoch: int
     base_version: int
-    version: int
     deltas: tuple[Delta, ...]
 
     @property
@@ -91,7 +90,7 @@ class DownlinkPublisher:
         self.version = version
         self._deltas: deque[Delta] = deque(maxlen=history)
 
-    def publish(self, params: np.ndarray, version: int, region: slice | None = None) -> Delta:
+    def publish(self, params: np.ndarray, version: int, region: slice | None = None) -> None:
         """θ has reached `version`: encode its distance from θ̂ and advance θ̂ by what was sent.
 
         Lossless (no codec): θ̂ becomes θ and the delta carries θ[region] (all of θ without a region).
@@ -110,9 +109,7 @@ class DownlinkPublisher:
             name = self.codec.name
         self.published = published
         self.version = version
-        delta = Delta(version, name, enc)
-        self._deltas.append(delta)
-        return delta
+        self._deltas.append(Delta(version, name, enc))
 
     def since(self, epoch: int, have_version: int) -> DeltaReply | None:
         """The deltas taking a holder of (epoch, have_version) to the current version; None: send θ̂ in full."""
@@ -122,7 +119,7 @@ class DownlinkPublisher:
         if behind > len(self._deltas):
             return None
         deltas = tuple(self._deltas)[len(self._deltas) - behind :] if behind else ()
-        return DeltaReply(self.epoch, have_version, self.version, deltas)
+        return DeltaReply(have_version, deltas)
 
 
 def apply_deltas(params: np.ndarray, deltas: tuple[Delta, ...] | list[Delta]) -> np.ndarray:

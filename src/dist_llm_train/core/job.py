@@ -65,6 +65,10 @@ class JobSpec:
     privacy_seed: int | None = None  # None: OS entropy (production); a seed only for reproducible tests
     downlink: CodecConfig | None = None  # pulls as compressed deltas (`core.downlink`); None: full pulls
 
+    def __post_init__(self) -> None:
+        if self.downlink is not None and not downlink_enabled(self.downlink):
+            object.__setattr__(self, "downlink", None)  # codec `none` means full pulls: one spelling of it
+
     @property
     def mode(self) -> str:
         """The strategy's name (the wire's word for it)."""
@@ -88,8 +92,7 @@ class JobSpec:
             }
             if self.privacy_seed is not None:
                 options["dp_seed"] = str(self.privacy_seed)
-        if downlink_enabled(self.downlink):
-            assert self.downlink is not None
+        if self.downlink is not None:
             options[DOWNLINK_OPTION] = self.downlink.model_dump_json()
         defaults = WireJobSpec(job_id="")
         return WireJobSpec(
@@ -176,7 +179,7 @@ def _downlink(options: dict[str, str]) -> CodecConfig | None:
         config = CodecConfig.model_validate_json(text)
     except ValidationError as err:
         raise ValueError(f"spec.options[{DOWNLINK_OPTION!r}] is not a codec config: {err}") from None
-    return config if downlink_enabled(config) else None
+    return config
 
 
 def _strategy_from_wire(w: WireJobSpec) -> StrategyConfig:

@@ -137,7 +137,6 @@ def availability_report(
         "goodput": accepted_compute / offered if offered > 0 else None,
         "updates_accepted": sum(accepted.values()),
         "updates_lost_to_leaves": lost,
-        "leaves_while_training": lost,
         "rounds_closed_by_departure": int(counters.get("rounds_closed_by_membership", 0)),
         "rounds_timed_out": int(counters.get("rounds_timed_out", 0)),
     }

@@ -87,9 +87,10 @@ class EmbeddedRun:
             self.cfg.network.profile = opts.profile
             self.cfg.network.shaping = opts.shaping  # type: ignore[assignment]
         # Churn of transient workers: resolved now, so a bad trace fails before any process starts.
-        self.trace = self.cfg.availability.resolve(opts.workers) if self.cfg.availability is not None else None
+        availability = self.cfg.availability
+        self.trace = availability.resolve(opts.workers) if availability is not None else None
         self.churn: AvailabilityDriver | None = None
-        if self.trace is not None and self.cfg.availability is not None and self.cfg.availability.trace is not None:
+        if self.trace is not None and availability is not None and availability.trace is not None:
             # The run folder's config.yaml carries the sessions themselves, not a path that may not resolve
             # where the folder is read later (`simulate --from-run`).
             self.cfg.availability = AvailabilityConfig(sessions=list(self.trace.sessions))

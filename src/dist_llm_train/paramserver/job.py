@@ -310,9 +310,9 @@ class JobState:
         self.on_version: Callable[[JobState], None] | None = None  # e.g. checkpoint scheduling
         # Pulls as deltas (`core.downlink`): compressed ones with a downlink codec (workers hold the published
         # θ̂, not θ), lossless slices for a strategy whose versions change one region (Streaming DiLoCo).
-        self.regional = self.strategy.region(0, self.num_params) is not None
+        regional = self.strategy.region(0, self.num_params) is not None
         self.downlink: DownlinkPublisher | None = None
-        if spec.downlink is not None or self.regional:
+        if spec.downlink is not None or regional:
             codec = spec.downlink.build() if spec.downlink is not None else None
             self.downlink = DownlinkPublisher(codec, self.params, self.version)
 
@@ -335,8 +335,9 @@ class JobState:
         return self.version >= self.spec.total_steps
 
     def read(self, have_epoch: int = 0, have_version: int = 0) -> PulledParams:
-        """What a pull sends: with a downlink codec, the deltas from what the caller holds when the
-        job still has them (`delta`), else the published parameters in full."""
+        """What a pull sends: for a job that publishes deltas (a downlink codec, or a strategy with regions),
+        the deltas from what the caller holds when the job still has them (`delta`), else the published
+        parameters in full."""
         with self._lock:
             self.counters["pulls"] += 1
             dl = self.downlink
@@ -399,7 +400,7 @@ class JobState:
 
     def update_size(self, base_version: int) -> int:
         """Elements of an update computed on `base_version`: the strategy's region of it, or the whole vector."""
-        region = self.strategy.region(base_version, self.num_params) if self.regional else None
+        region = self.strategy.region(base_version, self.num_params)
         return self.num_params if region is None else region.stop - region.start
 
     def precheck(self, header: PushHeader) -> None:
@@ -559,10 +560,10 @@ class JobState:
         job = cls(snap.spec, snap.layout, snap.params, snap.members, clock, observer)
         job.open_membership = snap.open_membership
         job.version = snap.version
-        if job.downlink is not None:  # a new lineage from the checkpoint: every holder re-pulls in full
-            # (a fresh publisher, built by __init__ from the restored spec, already has a new epoch;
-            # this one starts at the restored version)
-            job.downlink = DownlinkPublisher(job.downlink.codec, job.params, job.version)
+        if job.downlink is not None:
+            # A new lineage from the checkpoint (`__init__` drew a fresh epoch and set θ̂ = θ): every holder
+            # re-pulls in full. It publishes on from the restored version.
+            job.downlink.version = job.version
         job.counters.update(snap.counters)
         job.last_loss = snap.last_loss
         job.optimizer.load_state_dict(snap.optimizer_arrays, snap.optimizer_scalars)
@@ -699,6 +700,14 @@ class ParameterStore:
         return [j.snapshot() for j in jobs]
 
     # -- pull ------------------------------------------------------------------------
+    def _pull_checked(
+        self, job_id: str, min_version: int, wait_timeout_s: float, have_epoch: int, have_version: int
+    ) -> tuple[JobState, float]:
+        """The job a pull reads and how long it may wait, every argument checked before anything waits."""
+        wait = check_wait(min_version, wait_timeout_s)
+        check_have(have_epoch, have_version)
+        return self._job(job_id), wait
+
     def pull(
         self,
         job_id: str,
@@ -713,9 +722,7 @@ class ParameterStore:
         A caller holding published parameters (`have_epoch`, `have_version`, from its last pull) may
         get deltas instead (`PulledParams.delta`, see `JobState.read`). The returned array is read-only
         and shared; it is never modified afterwards."""
-        wait = check_wait(min_version, wait_timeout_s)
-        check_have(have_epoch, have_version)
-        job = self._job(job_id)
+        job, wait = self._pull_checked(job_id, min_version, wait_timeout_s, have_epoch, have_version)
         if wait > 0:
             job.waiters.wait(lambda: job.reached(min_version), wait)
         return job.read(have_epoch, have_version)
@@ -729,9 +736,7 @@ class ParameterStore:
         have_epoch: int = 0,
         have_version: int = 0,
     ) -> PulledParams:
-        wait = check_wait(min_version, wait_timeout_s)
-        check_have(have_epoch, have_version)
-        job = self._job(job_id)
+        job, wait = self._pull_checked(job_id, min_version, wait_timeout_s, have_epoch, have_version)
         if wait > 0:
             await job.waiters.wait_async(lambda: job.reached(min_version), wait)
         return job.read(have_epoch, have_version)

@@ -624,7 +624,8 @@ def push(js: JobState, worker_id: str, step: int, base_version: int) -> tuple[st
 
 def push_to_ps(js: JobState, worker_id: str, step: int, base_version: int) -> tuple[str, int]:
     """`push` without the fast path: the update through `JobState.push`."""
-    payload = _PAYLOAD if not js.regional else bytes(4 * js.update_size(base_version))
+    # One value per update: the free job has one parameter, or one per region (Strategy.min_params).
+    payload = _PAYLOAD if js.num_params == 1 else bytes(4 * js.update_size(base_version))
     header = PushHeader(
         job_id=JOB_ID,
         worker_id=worker_id,

@@ -248,8 +248,7 @@ class ControlPlane:
             return
         now = self.clock()
         self.alive[slot] = False
-        if leave:
-            self.stats.leaves += 1
+        if leave:  # counted by `finish`, from the times (up to the run's end)
             self.stats.leave_times.add((slot, now))
         else:
             self.stats.crashes += 1
@@ -295,8 +294,7 @@ class ControlPlane:
         self.stats.availability_log.append((now, slot, JOIN))
         if self.alive[slot]:
             return  # sessions of one worker never overlap; nothing to start
-        self.stats.trace_joins += 1
-        self._trace_join_times.append(now)
+        self._trace_join_times.append(now)  # counted by `finish`, up to the run's end
         if self.worker_id[slot] is not None:  # it was here before: a new life, as a failure rejoin is
             self.incarnation[slot] += 1
             self._come_alive(slot)

@@ -74,13 +74,6 @@ class Surrogate:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Surrogate:
-        try:
-            return cls(**data)
-        except TypeError as err:
-            raise SurrogateError(f"not a surrogate file: {err}") from None
-
 
 def read_trained_run(run_dir: Path) -> RunPoints:
     """A trained simulation's folder (`simulate --train`): its losses against accepted samples."""

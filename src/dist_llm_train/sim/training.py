@@ -244,9 +244,10 @@ class Trained:
     loss_floor: float | None
     final_params: np.ndarray
     strategy: dict[str, Any]
-    eval_curve: list[EvalPoint] = field(default_factory=list)  # with `eval_every`: the global model's loss
     """The run report's strategy section (`embedded.report.strategy_summary`): what ran, wire bytes per class
     as the PS counted them, per-worker acceptance."""
+    eval_curve: list[EvalPoint] = field(default_factory=list)
+    """With `eval_every`: the global model's held-out loss as it trained."""
 
 
 def simulate_trained(

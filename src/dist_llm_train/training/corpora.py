@@ -31,6 +31,23 @@ def _entropy_nats(p: np.ndarray) -> float:
     return float(-(nz * np.log(nz)).sum())
 
 
+def _ergodic_rows(
+    rng: np.random.Generator, rows: int, vocab_size: int, concentration: float, ergodic_mix: float
+) -> np.ndarray:
+    """`rows` next-token distributions: Dirichlet(concentration) draws mixed with `ergodic_mix` of uniform, so
+    every transition has positive probability (the chain is irreducible and aperiodic)."""
+    if not (np.isfinite(concentration) and concentration > 0):
+        raise ValueError(f"concentration must be a positive finite number, got {concentration}")
+    if not 0 < ergodic_mix <= 1:
+        raise ValueError(f"ergodic_mix must be in (0, 1], got {ergodic_mix}")
+    drawn = rng.dirichlet(np.full(vocab_size, concentration), size=rows)
+    if not np.isfinite(drawn).all():
+        raise ValueError(f"concentration {concentration} is too small to draw Dirichlet rows in float64")
+    mixed = (1.0 - ergodic_mix) * drawn + ergodic_mix / vocab_size
+    mixed /= mixed.sum(axis=1, keepdims=True)
+    return mixed
+
+
 class MarkovCorpus:
     """A seeded random first-order Markov chain over `vocab_size` tokens.
 
@@ -45,17 +62,11 @@ class MarkovCorpus:
     def __init__(self, vocab_size: int, seed: int, concentration: float = 0.3, ergodic_mix: float = 0.01) -> None:
         if not 2 <= vocab_size <= MAX_MARKOV_VOCAB:
             raise ValueError(f"vocab_size must be in [2, {MAX_MARKOV_VOCAB}] for a Markov corpus, got {vocab_size}")
-        if not (np.isfinite(concentration) and concentration > 0):
-            raise ValueError(f"concentration must be a positive finite number, got {concentration}")
-        if not 0 < ergodic_mix <= 1:
-            raise ValueError(f"ergodic_mix must be in (0, 1], got {ergodic_mix}")
         self.vocab_size = vocab_size
         self.seed = seed
         self.concentration = concentration
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x4D61726B]))
-        rows = rng.dirichlet(np.full(vocab_size, concentration), size=vocab_size)
-        self.transition = (1.0 - ergodic_mix) * rows + ergodic_mix / vocab_size
-        self.transition /= self.transition.sum(axis=1, keepdims=True)
+        self.transition = _ergodic_rows(rng, vocab_size, vocab_size, concentration, ergodic_mix)
         self.stationary = self._solve_stationary(self.transition)
         cdf = np.cumsum(self.transition, axis=1)
         cdf[:, -1] = 1.0  # guard against rounding leaving the last bucket unreachable
@@ -156,21 +167,13 @@ class HigherOrderMarkovCorpus:
                 f"vocab_size {vocab_size} at order {order} needs a {vocab_size}^{order} x {vocab_size} transition "
                 f"table ({vocab_size ** (order + 1):,} entries); at most {MAX_TRANSITION_ENTRIES:,} are allowed"
             )
-        if not (np.isfinite(concentration) and concentration > 0):
-            raise ValueError(f"concentration must be a positive finite number, got {concentration}")
-        if not 0 < ergodic_mix <= 1:
-            raise ValueError(f"ergodic_mix must be in (0, 1], got {ergodic_mix}")
         self.vocab_size = vocab_size
         self.order = order
         self.seed = seed
         self.concentration = concentration
         self.num_contexts = vocab_size**order
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x4D61726B, order]))
-        rows = rng.dirichlet(np.full(vocab_size, concentration), size=self.num_contexts)
-        if not np.isfinite(rows).all():
-            raise ValueError(f"concentration {concentration} is too small to draw Dirichlet rows in float64")
-        self.transition = (1.0 - ergodic_mix) * rows + ergodic_mix / vocab_size
-        self.transition /= self.transition.sum(axis=1, keepdims=True)
+        self.transition = _ergodic_rows(rng, self.num_contexts, vocab_size, concentration, ergodic_mix)
         self.stationary = self._solve_stationary()
         self.stationary_residual = float(np.abs(self.step(self.stationary) - self.stationary).sum())
         cdf = np.cumsum(self.transition, axis=1)

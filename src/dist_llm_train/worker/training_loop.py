@@ -120,7 +120,7 @@ def run_training(
             ctx.worker_id,
             min_version=pipeline.next_min_version(held.version),
             wait_timeout_s=pipeline.strategy.pull_wait_s(),
-            have=held,  # with a downlink codec the PS sends only the deltas since
+            have=held,  # a job that publishes deltas sends only those since (core.downlink)
         )
         return result, _retry_unavailable(pull_next, stop, "pull"), push_s
 

@@ -16,10 +16,10 @@ A strategy answers, for one job (Flower's `Strategy` ABC is the model):
   receive(pull) → [compute → push ‖ overlap → receive(pull)]*.
 * **PS time** — `version_rule()`: a fresh `VersionRule` per job that decides what a push does to
   the job and when a version closes. Two rules here cover most strategies: `RoundBarrier` (a
-  version per round of member updates, aggregated; sync, DiLoCo and Streaming DiLoCo) and
+  version per round of member updates, aggregated; sync and the DiLoCo family) and
   `StalenessGate` (each update applied on arrival if it is not staler than the worker's bound;
   async and adaptive). A new strategy either reuses one of them or brings its own
-  (buffered_async's `StalenessBuffer`). `region(version)`: which part of the parameters a
+  (buffered_async's `StalenessBuffer`). `region(version, size)`: which part of the parameters a
   version's updates cover (all of it, except Streaming DiLoCo's fragments).
 * **surface** — `describe()`: the strategy's own fields for `/status` and the run report.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from dist_llm_train.core.strategies.base import (
@@ -44,7 +45,8 @@ class DiLoCo(RoundStrategy):
         self.local_steps = config.local_steps
         self.straggler_timeout_s = config.straggler_timeout_s
         self.inner_lr = config.inner_lr
-        self.outer = OptimizerSpec("sgd", config.outer_lr, config.outer_momentum, nesterov=True)
+        # Nesterov needs momentum to look ahead with; without it (SparseLoCo) the step is plain SGD either way.
+        self.outer = OptimizerSpec("sgd", config.outer_lr, config.outer_momentum, nesterov=config.outer_momentum > 0)
 
     def validate(self, plan: JobPlan) -> None:
         super().validate(plan)
@@ -66,5 +68,9 @@ class DiLoCo(RoundStrategy):
         return self.outer
 
     def compute(self, trainer: Trainer) -> HonestUpdate:
+        return HonestUpdate(*self.inner_steps(trainer, self.local_steps))
+
+    def inner_steps(self, trainer: Trainer, h: int) -> tuple[np.ndarray, float, int]:
+        """h inner AdamW steps at the inner learning rate: (params before − after, mean loss, samples)."""
         lr = self.inner_lr if self.inner_lr is not None else trainer.learning_rate
-        return HonestUpdate(*trainer.local_steps(self.local_steps, lr))
+        return trainer.local_steps(h, lr)

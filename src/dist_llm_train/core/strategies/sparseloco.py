@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from dist_llm_train.core.strategies.base import JobPlan, OptimizerSpec
+from dist_llm_train.core.strategies.base import JobPlan
 from dist_llm_train.core.strategies.diloco import DiLoCo, DiLoCoConfig
 
 
@@ -41,7 +41,6 @@ class SparseLoCo(DiLoCo):
     def __init__(self, config: SparseLoCoConfig) -> None:  # type: ignore[override]
         super().__init__(config)
         self.error_feedback_decay = config.error_decay
-        self.outer = OptimizerSpec("sgd", config.outer_lr, 0.0)
 
     def validate(self, plan: JobPlan) -> None:
         super().validate(plan)

@@ -107,8 +107,7 @@ class StreamingDiLoCo(DiLoCo):
         """Run h inner steps; they count towards the next push's loss and samples."""
         if h == 0:
             return float("nan"), 0
-        lr = self.inner_lr if self.inner_lr is not None else trainer.learning_rate
-        _, loss, samples = trainer.local_steps(h, lr)
+        _, loss, samples = self.inner_steps(trainer, h)
         self._since_push.append((loss, h, samples))
         return loss, samples
 

@@ -59,8 +59,9 @@ class PSClient(ABC):
     ) -> PulledParams:
         """Current parameters; with min_version, wait up to wait_timeout_s for that version.
 
-        `have`: what the caller got from its last pull; a job with a downlink codec then sends only
-        the compressed deltas since (`core.downlink`), applied here to a copy of `have.params`.
+        `have`: what the caller got from its last pull; a job that publishes deltas (a downlink codec,
+        or Streaming DiLoCo's fragments) then sends only the deltas since (`core.downlink`), applied
+        here to a copy of `have.params`.
         The returned array is a private, writable copy."""
 
     @abstractmethod
