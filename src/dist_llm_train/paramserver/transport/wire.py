@@ -180,7 +180,9 @@ _SERVER_FAULTS = {"UNKNOWN", "DATA_LOSS", "UNIMPLEMENTED"}
 
 def error_from_status(status: grpc.StatusCode | None, details: str | None) -> PSError:
     """gRPC status -> PSError. Statuses without an ErrorCode of their own become INTERNAL when
-    they mean a server fault and UNAVAILABLE otherwise (CANCELLED, ABORTED: went away mid-call)."""
+    they mean a server fault and UNAVAILABLE otherwise (CANCELLED: went away mid-call). ABORTED is the PS's own
+    (`ErrorCode.ABORTED`, an update based on a version the restarted server does not have); gRPC's library
+    never produces it."""
     name = status.name if status is not None else "UNKNOWN"
     try:
         return PSError(ErrorCode(name), details or name)
