@@ -109,7 +109,7 @@ def _retry_unavailable(
                 raise
             waited += delay
             log.info("paramserver unavailable during %s; retrying in %.1fs", what, delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 2.0)  # a supervised PS is back within seconds: find it soon after
 
 
 def run_training(

@@ -56,6 +56,11 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.http2.lookahead_bytes", 32 << 20),
         # Every PS byte is the ps_sync traffic class: the DSCP mark lets the kernel shaping backends classify it.
         ("grpc.dscp", DSCP["ps_sync"]),
+        # A PS restarted by its supervisor is back within seconds: reconnect soon after, not after gRPC's
+        # default backoff (which grows to 120 s) — docs/operations.md.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
 
 
