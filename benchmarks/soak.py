@@ -14,8 +14,9 @@ It asserts, and exits 1 when any check fails:
 - each of the PS and the controller was restarted exactly once and at most one checkpoint interval of versions was
   lost (`restarts.max_versions_lost <= checkpoint_every`); no task attempt failed;
 - no process of the run is left 15 s after it ended;
-- between its warm-up (the first 30 % of its life, at least 20 s) and its wind-down (the last 10 %, at least 10 s),
-  each long-lived process grew by at most FD_GROWTH_MAX descriptors and RSS_GROWTH_MAX_MB of resident memory.
+- between its warm-up (the first 30 % of its life, at least 30 s) and its wind-down (the last 10 %, at least 10 s),
+  each process that lived long enough to have 40 s of steady state grew by at most FD_GROWTH_MAX descriptors and
+  RSS_GROWTH_MAX_MB of resident memory.
 
     python benchmarks/soak.py [--minutes 20] [--workers 3] [--seed 0] [--out results]
     DLT_SOAK_MINUTES=3 make soak
@@ -53,6 +54,8 @@ VERSIONS_PER_S = 1.3
 CHECKPOINT_EVERY = 10
 FD_GROWTH_MAX = 16  # descriptors a process may gain after its warm-up (sockets come and go with reconnects)
 RSS_GROWTH_MAX_MB = 64.0  # resident memory a process may gain after its warm-up
+WARMUP_S = 30.0  # at least this long after a process's first sample before its growth counts
+MIN_JUDGED_S = 40.0  # a steady state shorter than this is not judged
 PS_KILL_AT = 0.30
 CONTROLLER_KILL_AT = 0.55
 SAMPLE_EVERY_S = 2.0
@@ -149,16 +152,18 @@ class Incarnation:
     samples: list[tuple[float, int, float]] = field(default_factory=list)  # (t, fds, rss_mb)
 
     def growth(self) -> dict[str, Any] | None:
-        """fd and RSS growth in the steady part of its life: after the warm-up (the first 30 %, at least 20 s) and
-        before the wind-down (the last 10 %, at least 10 s: the launcher evaluates the model and draws plots then,
-        every process closes its sockets). None when that part is too short to judge."""
+        """fd and RSS growth in the steady part of its life: after the warm-up (the first 30 %, at least WARMUP_S: a
+        worker loads torch, its data and model, and gets its first task then) and before the wind-down (the last
+        10 %, at least 10 s: the launcher evaluates the model and draws plots then, every process closes its
+        sockets). None when that part is shorter than MIN_JUDGED_S (e.g. a worker killed a minute after it
+        started): a process without a steady state says nothing about leaks."""
         if len(self.samples) < 4:
             return None
         t0, t1 = self.samples[0][0], self.samples[-1][0]
-        warm = t0 + max(20.0, 0.3 * (t1 - t0))
+        warm = t0 + max(WARMUP_S, 0.3 * (t1 - t0))
         wind_down = t1 - max(10.0, 0.1 * (t1 - t0))
         after = [s for s in self.samples if warm <= s[0] <= wind_down]
-        if len(after) < 3 or after[-1][0] - after[0][0] < 20.0:
+        if len(after) < 3 or after[-1][0] - after[0][0] < MIN_JUDGED_S:
             return None
         first, last = after[0], after[-1]
         return {

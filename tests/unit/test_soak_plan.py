@@ -53,3 +53,7 @@ def test_growth_is_judged_between_warmup_and_wind_down(soak: ModuleType) -> None
     g = inc.growth()
     assert g is not None and g["fd_growth"] == 1 and g["rss_growth_mb"] == 1.0 and g["judged_s"] == 60.0
     assert soak.Incarnation("worker-0", 2, [(0.0, 10, 1.0), (2.0, 11, 1.0), (4.0, 12, 1.0)]).growth() is None
+    # Killed 80 s after it started: 30 s warm-up, 10 s wind-down leave 40 s, just enough; at 70 s, not enough.
+    short = [(float(t), 10, 1.0) for t in range(0, 81, 2)]
+    assert soak.Incarnation("worker-1", 3, short).growth() is not None
+    assert soak.Incarnation("worker-1", 3, short[:-5]).growth() is None
