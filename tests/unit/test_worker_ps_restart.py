@@ -140,6 +140,24 @@ def test_acknowledged_update_lost_with_the_server_is_sent_again() -> None:
     assert client.store.stats("restart")[0].version == STEPS
 
 
+def test_an_update_the_restarted_server_took_is_not_sent_again() -> None:
+    """The push itself found the server away and was taken by the restarted one at its base version: the worker
+    checks where the server is (an outage happened) but has nothing to resend."""
+    client = RestartingClient()
+    saved: dict[str, JobSnapshot] = {}
+
+    def before(c: RestartingClient, header: PushHeader) -> None:
+        if header.base_version == 5 and "restarted" not in saved:
+            saved["restarted"] = c.snapshot()
+            c.restart(saved["restarted"], unreachable_calls=2)
+
+    client.before_push = before
+    out = train(client)
+    assert out.job_complete and out.restarts.outages == 2
+    assert out.restarts.resends == 0 and out.restarts.rebases == 0
+    assert [p for p in client.pushes if p[0] == 5] == [(5, "APPLIED")]
+
+
 def test_a_restart_hidden_between_two_calls_still_rebases() -> None:
     """No call saw the server away (it restarted while the worker computed): the push itself tells."""
     client = RestartingClient()

@@ -143,9 +143,11 @@ def run_training(
         """The server's current parameters in full, without waiting for any version."""
         return retrying(lambda: ps.pull(ctx.job_id, ctx.worker_id), "pull")
 
-    def pull_next(header: PushHeader, payload: bytes, held: PulledParams, outages_before: int) -> PulledParams:
+    def pull_next(header: PushHeader, payload: bytes, held: PulledParams, outages_before: int,
+                  outages_at_ack: int) -> PulledParams:
         """The version to compute on next. When the server was away since `held` was pulled it may have restarted
-        from a checkpoint behind `held`: ask where it is before waiting for a version it may never reach."""
+        from a checkpoint behind `held`: ask where it is before waiting for a version it may never reach.
+        `outages_before` / `outages_at_ack`: `restarts.outages` before the push, and when its reply came."""
         want = pipeline.next_min_version(held.version)
         waiting = partial(
             ps.pull,
@@ -168,8 +170,9 @@ def run_training(
                 log.warning("paramserver is back at version %d, behind the %d held here: continuing from it",
                             now.version, held.version)
             return now
-        if now.version == held.version:
-            # Back exactly at this update's base: the acknowledgement may have come from the server that died.
+        if now.version == held.version and restarts.outages > outages_at_ack:
+            # Back exactly at this update's base, and away since it acknowledged the update: that acknowledgement
+            # may have come from the server that died.
             # Sending it again is safe (a server that has it answers DUPLICATE) and saves a straggler timeout.
             restarts.resends += 1
             try:
@@ -188,7 +191,7 @@ def run_training(
         push_s = time.perf_counter() - push_t0
         if result.outcome is PushOutcome.JOB_COMPLETE:
             return result, held, push_s
-        return result, pull_next(header, payload, held, outages_before), push_s
+        return result, pull_next(header, payload, held, outages_before, restarts.outages), push_s
 
     try:
         initial = flatten_params(trainer.model)
