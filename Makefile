@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: install demo test test-slow lint proto bench bench-quick clean help
+.PHONY: install demo test test-slow lint proto bench bench-quick soak clean help
 
 help:
 	@echo "make demo    - set up .venv and train a real model locally (controller + PS + workers)"
@@ -13,6 +13,7 @@ help:
 	@echo "make lint    - ruff + mypy + import layers (import-linter)"
 	@echo "make proto   - regenerate gRPC stubs from protos/"
 	@echo "make bench   - run benchmarks, write results/"
+	@echo "make soak    - 20 min brownout job with worker, PS and controller kills (DLT_SOAK_MINUTES=3 for short)"
 
 install: $(STAMP)
 
@@ -47,6 +48,10 @@ bench: install
 # A short version of every benchmark, for CI: same ratios, fewer repeats.
 bench-quick: install
 	$(BIN)/python benchmarks/run_all.py --quick
+
+# Bounded: a job planned for DLT_SOAK_MINUTES (default 20); fails if any reliability check does (results/soak.md).
+soak: install
+	$(BIN)/python benchmarks/soak.py --minutes $${DLT_SOAK_MINUTES:-20}
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs

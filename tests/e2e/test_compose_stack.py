@@ -1,12 +1,14 @@
 """The compose deployment, end to end: `PROFILE=cellular`, 3 workers, real images, real shaping, real Prometheus.
 
 Tests run in file order against one stack (conftest.py): health -> shaping -> training -> observability ->
-worker death -> PS restart -> teardown. Each asserts a claim of docs/deploy.md.
+worker death -> PS restart -> crash restarts -> teardown. Each asserts a claim of docs/deploy.md.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from typing import Any
 
@@ -192,6 +194,45 @@ def test_paramserver_restart_resumes_from_checkpoint(stack: Any) -> None:
         wait_for("training resumes after the restart",
                  lambda: (v := version_now(ps_metrics)) is not None and v > v_after, timeout=120, every=1.0)
     finally:
+        ps_metrics.close()
+
+
+def service_process(container: str, service: str) -> int:
+    """The host pid of the `serve <service>` process inside `container` (the entrypoint's child)."""
+    rows = run("docker", "top", container, "-eo", "pid,args").strip().splitlines()[1:]
+    pids = [int(r.split(None, 1)[0]) for r in rows if f"serve {service}" in r]
+    assert len(pids) == 1, rows
+    return pids[0]
+
+
+def test_killed_services_come_back_by_their_restart_policy(stack: Any) -> None:
+    """kill -9 of the service process in the PS and the controller containers, as a crash or an OOM kill would
+    (not `docker stop`, which the policy respects): `restart: unless-stopped` starts each container again, the PS
+    resumes from its checkpoint, and training continues without a failed task attempt."""
+    def restart_count(container: str) -> int:
+        return int(run("docker", "inspect", "-f", "{{.RestartCount}}", container).strip())
+
+    for service in ("paramserver", "controller"):
+        container = containers(service)[0]["Name"]
+        before = restart_count(container)
+        os.kill(service_process(container, service), signal.SIGKILL)
+        wait_for(f"{service} restarted by its policy", lambda c=container, b=before: restart_count(c) > b,
+                 timeout=60, every=0.5)
+        wait_for(f"{service} healthy again", lambda s=service: containers(s)[0]["Health"] == "healthy",
+                 timeout=120, every=1.0)
+    controller = Http(f"http://127.0.0.1:{host_port('controller', 8000)}")
+    ps_metrics = Http(f"http://127.0.0.1:{host_port('paramserver', 9100)}")
+    try:
+        v_back = wait_for("PS version after the kill",
+                          lambda: metric_value(ps_metrics.text("/metrics"), "dlt_ps_version"), timeout=60)
+        wait_for("training resumes after both restarts",
+                 lambda: (v := metric_value(ps_metrics.text("/metrics"), "dlt_ps_version")) is not None
+                 and v > v_back, timeout=180, every=1.0)
+        view = job_view(controller)
+        assert view["state"] == "running", view["state"]
+        assert [t["attempts"] for t in view["tasks"]] == [0] * len(view["tasks"]), view["tasks"]
+    finally:
+        controller.close()
         ps_metrics.close()
 
 

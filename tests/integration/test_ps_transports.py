@@ -234,7 +234,7 @@ BAD_PUSHES: list[tuple[str, dict[str, object], bytes | None, ErrorCode]] = [
     ("inf", {}, np.array([np.inf] + [0] * (N - 1), "<f4").tobytes(), ErrorCode.INVALID_ARGUMENT),
     ("unknown codec", {"codec": "zstd-magic"}, None, ErrorCode.INVALID_ARGUMENT),
     ("bad codec meta", {"codec_meta": b"\xc1"}, None, ErrorCode.INVALID_ARGUMENT),
-    ("base ahead", {"base_version": 5}, None, ErrorCode.INVALID_ARGUMENT),
+    ("base ahead", {"base_version": 5}, None, ErrorCode.ABORTED),  # a restarted PS: the worker re-pulls
     ("negative step", {"step": -1}, None, ErrorCode.INVALID_ARGUMENT),
     ("bad kind", {"kind": "vibes"}, None, ErrorCode.INVALID_ARGUMENT),
     ("nan loss", {"loss": float("nan")}, None, ErrorCode.INVALID_ARGUMENT),

@@ -62,3 +62,37 @@ def test_real_notifier_against_a_dead_port_fails_cleanly() -> None:
         assert list(report.failed) == ["j"]
     assert sync.failures == 2 and sync.pending() == {"j": ["a"]}
     notifier.close()
+
+
+def test_a_ps_that_lost_the_membership_gets_it_again() -> None:
+    """A PS restarted from a checkpoint holds the members of that checkpoint: the controller notices it in its
+    stats poll and sends the current membership again (once, not every poll)."""
+    from types import SimpleNamespace
+
+    class RestartableNotifier(Notifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.held: dict[str, list[str]] = {}
+            self.polls = 0
+
+        def set_members(self, job_id: str, members: list[str]) -> None:
+            super().set_members(job_id, members)
+            self.held[job_id] = list(members)
+
+        def job_stats(self, job_id: str) -> SimpleNamespace:
+            self.polls += 1
+            return SimpleNamespace(members=list(reversed(self.held[job_id])), workers=[])
+
+    n = RestartableNotifier()
+    sync = MembershipSync(n, lambda: {"j": ["a", "b"]})
+    assert sync.sync().sent == {"j": ["a", "b"]}
+    sync.refresh_worker_stats(now=0.0)
+    assert sync.pending() == {} and sync.resyncs == 0  # same members in another order: nothing to resend
+    n.held["j"] = ["a", "b", "c"]  # the checkpoint still had c, who died after it was written
+    sync.refresh_worker_stats(now=1.0)
+    assert n.polls == 1  # polled at most every 2 s
+    sync.refresh_worker_stats(now=2.5)
+    assert sync.resyncs == 1 and sync.pending() == {"j": ["a", "b"]}
+    assert sync.sync().sent == {"j": ["a", "b"]} and n.held["j"] == ["a", "b"]
+    sync.refresh_worker_stats(now=5.0)
+    assert sync.resyncs == 1 and sync.pending() == {}

@@ -125,14 +125,17 @@ def train_with_progress(
     timeout: float = 1800.0,
     profile: str | None = None,
     shaping: str = "userspace",
+    max_restarts: int = 3,
 ) -> None:
     """Run the embedded services to the end under a progress bar; print the summary (or JSON)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dist_llm_train.embedded.launcher import EmbeddedRun, RunOptions, Snapshot
+    from dist_llm_train.embedded.supervision import RestartPolicy
 
     run = EmbeddedRun(RunOptions(config=cfg, workers=workers, runs_dir=runs_dir, timeout_s=timeout,
-                                 profile=profile, shaping=shaping))
+                                 profile=profile, shaping=shaping,
+                                 restart_policy=RestartPolicy(max_restarts=max_restarts)))
     columns = (
         TextColumn("[bold]training[/bold]"),
         BarColumn(),
@@ -174,6 +177,11 @@ def train_with_progress(
         if av:
             goodput = "-" if av.get("goodput") is None else f"{av['goodput']:.1%}"
             console.print(f"availability: {av['leaves']} leaves, {av['joins']} joins applied; goodput {goodput}")
+        rs = summary.restarts
+        if rs.get("events"):
+            counts = ", ".join(f"{name} {n}" for name, n in rs["counts"].items())
+            console.print(f"restarts: {counts}; at most {rs['max_versions_lost']} versions lost "
+                          f"(checkpoint every {rs['checkpoint_every']})")
 
 
 def run(
@@ -200,11 +208,19 @@ def run(
     dp_noise: Annotated[float | None, typer.Option(help="DP noise multiplier (turns DP on).")] = None,
     dp_clip: Annotated[float | None, typer.Option(help="DP L2 clip bound per update.")] = None,
     availability: AvailabilityOpt = None,
+    max_restarts: Annotated[int, typer.Option(
+        min=0, max=100, help="Restart a dead PS (from its newest checkpoint) or controller (from its SQLite) at "
+        "most this many times each; 0: a death fails the run.")] = 3,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        min=1, help="PS checkpoint interval in versions: a PS restart loses fewer than this many "
+        "(config: paramserver.checkpoint_every).")] = None,
 ) -> None:
     """Train for real: controller, PS and workers as local processes on loopback."""
     setup_logging(log_level)
     strategy = resolve_alias(strategy, mode, name="--strategy", alias="--mode")
     cfg = apply_model_and_transport(load_or_exit(config), model, transport)
+    if checkpoint_every is not None:
+        cfg.paramserver.checkpoint_every = checkpoint_every
     file_training = read_config_mapping(config).get("training") if config is not None else None
     cfg = apply_training_overrides(cfg, {
         "num_workers": workers, "steps": steps, "strategy": strategy, "compression": codec,
@@ -220,7 +236,7 @@ def run(
         except ProfileError as err:
             raise typer.BadParameter(str(err), param_hint="--profile/--shaping") from None
     cfg = apply_availability(cfg, load_availability_or_exit(availability), workers)
-    train_with_progress(cfg, workers, json_out, runs_dir, timeout, profile, shaping)
+    train_with_progress(cfg, workers, json_out, runs_dir, timeout, profile, shaping, max_restarts)
 
 
 def demo_ml(

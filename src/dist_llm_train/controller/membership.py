@@ -65,8 +65,8 @@ class PSMembershipNotifier:
             except Exception as err:  # closing a broken channel must not mask the real error
                 log.debug("closing PS client failed: %s", err)
 
-    def worker_stats(self, job_id: str) -> list[Any]:
-        """The PS's per-worker record for a job (pushes, acceptance, staleness bound); [] if it has none."""
+    def job_stats(self, job_id: str) -> Any | None:
+        """The PS's record of a job (`JobStats`: version, members, per-worker stats); None if it has none."""
         with self._lock:
             if self._client is None:
                 self._client = self._connect()
@@ -75,7 +75,12 @@ class PSMembershipNotifier:
             except Exception:
                 self._drop_client()
                 raise
-        return list(jobs[0].workers) if jobs else []
+        return jobs[0] if jobs else None
+
+    def worker_stats(self, job_id: str) -> list[Any]:
+        """The PS's per-worker record for a job (pushes, acceptance, staleness bound); [] if it has none."""
+        stats = self.job_stats(job_id)
+        return list(stats.workers) if stats is not None else []
 
     def close(self) -> None:
         with self._lock:
@@ -100,6 +105,7 @@ class MembershipSync:
         self.failures = 0
         self.sends = 0
         self.last_error: str | None = None
+        self.resyncs = 0  # acknowledgements forgotten because the PS no longer held them (a PS restart)
         self._worker_stats: dict[str, dict[str, Any]] = {}
         self._stats_polled_at = float("-inf")
 
@@ -146,18 +152,39 @@ class MembershipSync:
         log.warning("PS membership update for %s failed (will retry): %s", job_id, message)
 
     def refresh_worker_stats(self, now: float, min_interval_s: float = 2.0) -> None:
-        """Poll the PS for each acknowledged job's per-worker staleness bounds (for /status), at most every 2 s."""
+        """Poll the PS for each acknowledged job's per-worker staleness bounds (for /status), at most every 2 s.
+
+        A notifier that reports whole jobs (`job_stats`) also shows the members the PS holds now: a PS restarted
+        from a checkpoint holds the members of that checkpoint, so an acknowledgement it no longer reflects is
+        forgotten and the next sync sends the membership again (else a sync round would wait for a worker that
+        died after the checkpoint until its straggler timeout, every round)."""
+        fetch_job = getattr(self.notifier, "job_stats", None)
         fetch = getattr(self.notifier, "worker_stats", None)
-        if fetch is None or now - self._stats_polled_at < min_interval_s:
+        if (fetch_job is None and fetch is None) or now - self._stats_polled_at < min_interval_s:
             return
         self._stats_polled_at = now
         for job_id, members in list(self._acked.items()):
             if not members:
                 continue
             try:
-                self._worker_stats[job_id] = {w.worker_id: w for w in fetch(job_id)}
+                if fetch_job is None:
+                    workers = fetch(job_id) if fetch is not None else []
+                else:
+                    stats = fetch_job(job_id)
+                    workers = list(stats.workers) if stats is not None else []
+                    if stats is not None and tuple(sorted(stats.members)) != members:
+                        self._forget(job_id, members, list(stats.members))
+                self._worker_stats[job_id] = {w.worker_id: w for w in workers}
             except Exception as err:  # the PS being away only makes /status older, never the controller fail
                 log.debug("PS stats for %s unavailable: %s", job_id, err)
+
+    def _forget(self, job_id: str, acked: tuple[str, ...], held: list[str]) -> None:
+        with self._lock:
+            if self._acked.get(job_id) == acked:  # unless a sync sent a newer list meanwhile
+                del self._acked[job_id]
+                self.resyncs += 1
+        log.warning("PS holds members %s for %s, not the acknowledged %s (restarted?); sending them again",
+                    sorted(held), job_id, list(acked))
 
     def worker_stats(self, job_id: str, worker_id: str) -> Any | None:
         return self._worker_stats.get(job_id, {}).get(worker_id)

@@ -24,6 +24,9 @@ class ErrorCode(StrEnum):
     UNAVAILABLE = "UNAVAILABLE"  # transport could not reach the server
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     INTERNAL = "INTERNAL"  # a server-side bug; not retried
+    # base_version ahead of the server's version: the PS restarted from an older checkpoint. The update's
+    # base is gone; the worker pulls again and recomputes (no task attempt is spent on it).
+    ABORTED = "ABORTED"
 
 
 class PSError(Exception):

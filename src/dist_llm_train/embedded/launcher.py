@@ -8,6 +8,10 @@ writes the run folder and stops every child, whatever happens.
 With an availability trace (`availability:` in the config, `run --availability FILE`), workers come and go
 during the job: only those present at time 0 start before it, and `embedded.availability.AvailabilityDriver`
 kills (SIGKILL, a preemption) and restarts them at the trace's times after submission.
+
+The PS and the controller are supervised (`embedded.supervision`): when one dies it is started again (the PS
+from its newest checkpoint, the controller from its SQLite file), at most `RestartPolicy.max_restarts` times
+each, and the summary's `restarts` block says what each restart cost.
 """
 
 from __future__ import annotations
@@ -20,16 +24,20 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from dist_llm_train.config import AvailabilityConfig, Config
-from dist_llm_train.controller.client import ControllerClient
+from dist_llm_train.controller.client import ControllerClient, ControllerUnavailable
 from dist_llm_train.controller.errors import ControllerError
 from dist_llm_train.controller.models import JobIn
+from dist_llm_train.core.types import ErrorCode, PSError
 from dist_llm_train.embedded.availability import AvailabilityDriver, availability_report
 from dist_llm_train.embedded.processes import Child, ProcessGroup, cli_command, free_port
 from dist_llm_train.embedded.report import RunSummary, strategy_summary, total_bytes, write_report
+from dist_llm_train.embedded.supervision import RestartEvent, RestartPolicy, Supervisor
+from dist_llm_train.paramserver.checkpoint import CheckpointError, checkpoint_path, read_checkpoint
 from dist_llm_train.paramserver.transport.client import connect
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,14 @@ class RunOptions:
     # netem: shape every link with this profile (None = unshaped loopback); see netem/userspace/embedded.py.
     profile: str | None = None
     shaping: str = "userspace"
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+
+
+def unreachable(err: Exception) -> bool:
+    """An error that means "the service is not answering now" (dead, restarting), not a refusal."""
+    if isinstance(err, PSError):
+        return err.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
+    return isinstance(err, ControllerUnavailable)
 
 
 @dataclass
@@ -90,6 +106,9 @@ class EmbeddedRun:
         availability = self.cfg.availability
         self.trace = availability.resolve(opts.workers) if availability is not None else None
         self.churn: AvailabilityDriver | None = None
+        self.supervisor = Supervisor(self.procs, opts.restart_policy, on_death=self._note_death)
+        self._version_seen = 0  # the newest PS version the launcher saw (for what a PS restart lost)
+        self._deaths_wall: dict[tuple[str, int], float] = {}  # (service, restart) -> time.time() of the death
         if self.trace is not None and availability is not None and availability.trace is not None:
             # The run folder's config.yaml carries the sessions themselves, not a path that may not resolve
             # where the folder is read later (`simulate --from-run`).
@@ -109,11 +128,31 @@ class EmbeddedRun:
                 "--checkpoint-every", str(self.cfg.paramserver.checkpoint_every),
             ),
         )
+        self._wait_paramserver(child)
+        self.supervisor.watch(child, self._revive_paramserver)
+
+    def _wait_paramserver(self, child: Child, timeout_s: float = 60.0) -> None:
         client = connect(self.transport, self.ps_address, timeout_s=2.0)
         try:
-            self.procs.wait_ready(child, lambda: client.stats() is not None)
+            self.procs.wait_ready(child, lambda: client.stats() is not None, timeout_s)
         finally:
             client.close()
+
+    def _revive_paramserver(self, child: Child) -> None:
+        self.procs.restart(child)  # same port and checkpoint folder: it resumes from its newest checkpoint
+        self._wait_paramserver(child, self.opts.restart_policy.ready_timeout_s)
+
+    def _note_death(self, event: RestartEvent) -> None:
+        """Before a restart: when it died and, for the PS, the newest version seen and the checkpoint it will
+        resume from (read now: nothing writes checkpoints while the PS is down)."""
+        self._deaths_wall[(event.service, event.restart)] = time.time()
+        if event.service != "paramserver" or not self.job_id:
+            return
+        event.version_seen_before = self._version_seen
+        try:
+            event.version_resumed = read_checkpoint(checkpoint_path(self.run_dir / "checkpoints", self.job_id)).version
+        except CheckpointError:  # no checkpoint yet (it dies before the job's first one): resumes without it
+            event.version_resumed = None
 
     def _start_controller(self) -> None:
         port = free_port()
@@ -130,8 +169,16 @@ class EmbeddedRun:
                 "--miss-limit", str(self.cfg.controller.heartbeat_miss_limit),
             ),
         )
+        self._wait_controller(child)
+        self.supervisor.watch(child, self._revive_controller)
+
+    def _wait_controller(self, child: Child, timeout_s: float = 60.0) -> None:
         with ControllerClient(self.controller_url, timeout_s=1) as probe:
-            self.procs.wait_ready(child, lambda: probe.readyz().ready)
+            self.procs.wait_ready(child, lambda: probe.readyz().ready, timeout_s)
+
+    def _revive_controller(self, child: Child) -> None:
+        self.procs.restart(child)  # same port and SQLite file: jobs, tasks and workers as they were
+        self._wait_controller(child, self.opts.restart_policy.ready_timeout_s)
 
     # --- netem: the shaper child sits between the workers and the controller/PS -------------------
     def _start_shaper(self) -> None:
@@ -231,6 +278,7 @@ class EmbeddedRun:
         stats = ps.stats(self.job_id)
         if stats:
             snap.version = stats[0].version
+            self._version_seen = max(self._version_seen, snap.version)
             snap.loss = stats[0].last_loss if stats[0].version > 0 else snap.loss
         snap.job_state = controller.get_job(self.job_id).state
         status = controller.status()
@@ -252,11 +300,49 @@ class EmbeddedRun:
         vec = flatten_params(trainer.model) if params is None else params
         return trainer.evaluate(vec, self.cfg.training.eval_batches), dataset.loss_floor
 
+    def _supervised(self, fn: Callable[[], Any], what: str) -> Any:
+        """fn(), waiting while the service it asks is down or being restarted (within the restart policy)."""
+        policy = self.opts.restart_policy
+        deadline = time.monotonic() + policy.ready_timeout_s + policy.max_backoff_s + 10
+        while True:
+            self._check_supervisor()
+            try:
+                return fn()
+            except (PSError, ControllerUnavailable) as err:
+                if not unreachable(err) or time.monotonic() > deadline:
+                    raise RuntimeError(f"{what}: {err}") from err
+                log.info("%s: %s unreachable (%s); waiting", what, ", ".join(self.supervisor.down()) or "a service",
+                         err)
+                time.sleep(0.2)
+
+    def _check_supervisor(self) -> None:
+        if self.supervisor.failure is not None:
+            raise RuntimeError(self.supervisor.failure)
+
+    def _restart_report(self, rows: list[dict[str, Any]], stats: Any, job: Any) -> dict[str, Any]:
+        """The summary's `restarts` block: the supervisor's events, with the version each PS death is known to
+        have reached (the launcher's view and the workers' telemetry before it) and what it lost."""
+        for event in self.supervisor.events:
+            died = self._deaths_wall.get((event.service, event.restart))
+            if event.service != "paramserver" or died is None or event.version_seen_before is None:
+                continue
+            held = [int(r["ps_version"]) for r in rows
+                    if r.get("ps_version") is not None and float(r.get("wall_time") or 0.0) < died]
+            event.version_seen_before = max([event.version_seen_before, *held])
+            if event.version_resumed is not None:
+                event.versions_lost = max(0, event.version_seen_before - event.version_resumed)
+        report = self.supervisor.report(self.cfg.paramserver.checkpoint_every)
+        counters = stats.counters if stats is not None else {}
+        report["updates_refused_after_restart"] = int(counters.get("rejected_aborted", 0))
+        report["task_attempts_failed"] = sum(t.attempts for t in job.tasks) if job is not None else None
+        return report
+
     def execute(self, on_progress: Callable[[Snapshot], None] | None = None) -> RunSummary:
         started = time.monotonic()
         try:
             self._start_paramserver()
             self._start_controller()
+            self.supervisor.start()
             self._start_shaper()
             self._start_workers()
             self._wait_for_workers()
@@ -282,17 +368,21 @@ class EmbeddedRun:
                     if not any(w.alive() for w in self.workers) and not coming:
                         raise RuntimeError("every worker exited before the job finished; see logs in "
                                            f"{self.procs.log_dir}")
-                    snap = self.snapshot(controller, ps, snap)
+                    snap = self._supervised(partial(self.snapshot, controller, ps, snap), "following the job")
                     if on_progress:
                         on_progress(snap)
                     time.sleep(0.5)
                 ended = time.monotonic()
                 if self.churn is not None:
                     self.churn.stop()  # before reading the PS: no kill or start while the run is summed up
-                final = ps.pull(self.job_id, "launcher")
-                ps_stats = ps.stats(self.job_id)  # wire bytes per class, per-worker bounds
-                rows = [row.model_dump() for row in controller.job_telemetry(self.job_id).rows]
-                status = controller.status()
+                final = self._supervised(lambda: ps.pull(self.job_id, "launcher"), "reading the final parameters")
+                # wire bytes per class, per-worker bounds
+                ps_stats = self._supervised(lambda: ps.stats(self.job_id), "reading the PS's figures")
+                rows = [row.model_dump() for row in self._supervised(
+                    lambda: controller.job_telemetry(self.job_id), "reading telemetry").rows]
+                status = self._supervised(controller.status, "reading /status")
+                job = self._supervised(lambda: controller.get_job(self.job_id), "reading the job")
+            self.supervisor.stop()  # the job is over: a death from now on is the shutdown's business
             ps.close()
             final_loss, _ = self._evaluate(final.params)
             for r in rows:
@@ -319,6 +409,7 @@ class EmbeddedRun:
                 profile=self.opts.profile,
                 shaping=self.opts.shaping if self.opts.profile else "none",
                 strategy=strategy_summary(self.cfg.training, ps_stats[0] if ps_stats else None, rows),
+                restarts=self._restart_report(rows, ps_stats[0] if ps_stats else None, job),
             )
             if self.trace is not None and self.churn is not None:
                 summary.availability = availability_report(
@@ -331,4 +422,5 @@ class EmbeddedRun:
         finally:
             if self.churn is not None:
                 self.churn.stop()
+            self.supervisor.stop()
             self.procs.stop_all()

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class Child:
     argv: list[str]
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0  # 1 after the first start; each supervised restart adds one
     _log_file: IO[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -87,11 +89,23 @@ class ProcessGroup:
         self.log_dir = log_dir
         self.children: list[Child] = []
         self.env = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
+        self.stopping = False  # set by stop_all: from then on a supervisor must not restart anyone
+        self._lock = threading.Lock()  # start/restart (a supervisor thread) against stop_all
 
     def start(self, name: str, argv: Sequence[str]) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         child = Child(name=name, argv=list(argv), log_path=self.log_dir / f"{name}.log")
-        child._log_file = open(child.log_path, "ab")  # noqa: SIM115 - closed in stop_all
+        with self._lock:
+            self._spawn(child)
+            self.children.append(child)
+        log.debug("started %s pid=%d: %s", name, child.pid, " ".join(child.argv))
+        return child
+
+    def _spawn(self, child: Child) -> None:
+        if self.stopping:
+            raise RuntimeError(f"not starting {child.name}: the run is stopping")
+        if child._log_file is None:
+            child._log_file = open(child.log_path, "ab")  # noqa: SIM115 - closed in stop_all
         child.proc = subprocess.Popen(
             child.argv,
             stdout=child._log_file,
@@ -100,8 +114,18 @@ class ProcessGroup:
             env=self.env,
             start_new_session=True,
         )
-        self.children.append(child)
-        log.debug("started %s pid=%d: %s", name, child.pid, " ".join(child.argv))
+        child.starts += 1
+
+    def restart(self, child: Child) -> Child:
+        """Start a dead child again: same command, same log file (appended to), same `Child`."""
+        if child.alive():
+            raise RuntimeError(f"{child.name} is still running (pid {child.pid})")
+        assert child.proc is not None
+        with contextlib.suppress(ProcessLookupError):  # whatever it started in its session goes with it
+            os.killpg(child.proc.pid, signal.SIGKILL)
+        with self._lock:
+            self._spawn(child)
+        log.info("restarted %s (start %d) pid=%d", child.name, child.starts, child.pid)
         return child
 
     def wait_ready(self, child: Child, probe: Callable[[], bool], timeout_s: float = 60.0) -> None:
@@ -116,6 +140,8 @@ class ProcessGroup:
         raise TimeoutError(f"{child.name} not ready after {timeout_s:.0f}s:\n{child.tail()}")
 
     def stop_all(self, grace_s: float = 10.0) -> None:
+        with self._lock:
+            self.stopping = True
         # Workers first (they give their tasks back), then the controller, then the PS (it checkpoints).
         for child in reversed(self.children):
             if child.alive():

@@ -54,6 +54,8 @@ class RunSummary:
     strategy: dict[str, Any] = field(default_factory=dict)  # strategy, codec, rule, attack, DP, bytes
     # Churn of transient workers (an availability trace): events applied, goodput, lost updates, short rounds.
     availability: dict[str, Any] = field(default_factory=dict)
+    # Supervised restarts of the PS and the controller: policy, counts, what each cost (embedded.supervision).
+    restarts: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,6 +138,7 @@ def markdown_summary(s: RunSummary) -> str:
         "",
         *strategy_markdown(s.strategy),
         *availability_markdown(s.availability),
+        *restarts_markdown(s.restarts),
     ]
     return "\n".join(lines)
 
@@ -230,6 +233,35 @@ def availability_markdown(av: dict[str, Any]) -> list[str]:
         f"{e['applied_s']:.2f} |"
         for e in av.get("events", [])
     ]
+    return [*lines, ""]
+
+
+def restarts_markdown(rs: dict[str, Any]) -> list[str]:
+    """The restarts section: which services were restarted, when, and what each restart cost."""
+    if not rs or not rs.get("events"):
+        return []
+    counts = ", ".join(f"{name} {n}" for name, n in rs.get("counts", {}).items())
+    lines = [
+        "## Supervised restarts",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| restarts | {counts} (at most {rs['policy']['max_restarts']} each) |",
+        f"| checkpoint every | {rs.get('checkpoint_every')} versions |",
+        f"| most versions lost to a PS restart (seen) | {rs.get('max_versions_lost')} |",
+        f"| updates refused as ahead of a restarted PS (recomputed) | {rs.get('updates_refused_after_restart')} |",
+        f"| failed task attempts | {rs.get('task_attempts_failed')} |",
+        "",
+        "| service | restart | exit code | died (s) | back (s) | version seen before | resumed at | lost |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def shown(value: Any) -> str:
+        return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
+
+    keys = ("service", "restart", "exit_code", "died_s", "ready_s", "version_seen_before", "version_resumed",
+            "versions_lost")
+    lines += ["| " + " | ".join(shown(e.get(k)) for k in keys) + " |" for e in rs["events"]]
     return [*lines, ""]
 
 

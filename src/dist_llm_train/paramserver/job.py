@@ -448,7 +448,11 @@ class JobState:
                 f"step {header.step} of {header.worker_id!r} was already received",
             )
         if staleness < 0:
-            raise invalid(f"base_version {header.base_version} is ahead of the server's version {self.version}")
+            raise PSError(
+                ErrorCode.ABORTED,
+                f"base_version {header.base_version} is ahead of the server's version {self.version} "
+                "(restarted from a checkpoint?): pull again",
+            )
         now = self._clock()
         self.ledger.observe_push(header.worker_id, now)
         result = self.rule.on_update(self, header.worker_id, vec, staleness, now)

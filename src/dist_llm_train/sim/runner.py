@@ -295,6 +295,8 @@ def summary(r: SimResult, run_id: str = "", run_dir: str = "") -> dict[str, Any]
             "links": r.links,
             # As a real run's summary: the churn block when an availability trace drove the workers.
             "availability": sim["availability"] if cfg.availability is not None else {},
+            # As a real run's summary: supervised restarts of the PS and the controller (the simulator has none).
+            "restarts": {},
             "simulation": sim,
         }
     )

@@ -175,7 +175,9 @@ class WorkerAgent:
             for tid in await self._refresh_shards(job_id) or task_ids:
                 await self.api.complete_task(tid, worker_id=self.worker_id)
             self.finished_jobs.append(job_id)
-            log.info("job %s complete after %d steps", job_id, outcome.steps)
+            log.info("job %s complete after %d steps (paramserver outages seen %d, updates pulled again after a "
+                     "restart %d, resent %d)", job_id, outcome.steps, outcome.restarts.outages,
+                     outcome.restarts.rebases, outcome.restarts.resends)
         elif outcome.stopped:
             for tid in task_ids:
                 await self._report(self.api.fail_task(tid, worker_id=self.worker_id, reason="worker shutting down"))

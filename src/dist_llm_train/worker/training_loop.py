@@ -7,6 +7,11 @@ is a plain function of its inputs, so tests can drive it without a controller.
 For every strategy the loop is receive(pull) → [compute → push ‖ overlap → receive(pull)]*:
 a strategy with `overlap_steps` (Streaming DiLoCo) keeps training on this thread while the
 push and the next pull run on a second one, so communication hides behind compute.
+
+A parameter server that restarts from its last checkpoint is a pause, not a failure (`ServerRestarts`):
+calls retry while it is unreachable; an update refused because its base version is ahead of the
+restarted server (`ErrorCode.ABORTED`) is dropped and the worker pulls again; and after an outage the
+worker first asks where the server is now before waiting for a version the server may have lost.
 """
 
 from __future__ import annotations
@@ -59,6 +64,19 @@ class TrainingContext:
 
 
 @dataclass
+class ServerRestarts:
+    """What this worker saw of parameter-server restarts; `outages` only grows, so a caller can tell whether the
+    server was away since it last looked."""
+
+    outages: int = 0  # calls that found the server unreachable (each retry counts)
+    rebases: int = 0  # updates refused as ahead of a restarted server, then pulled again (no task attempt spent)
+    resends: int = 0  # acknowledged updates sent again to a server that came back at their base version
+
+    def saw_outage(self) -> None:
+        self.outages += 1
+
+
+@dataclass
 class TrainingOutcome:
     steps: int = 0
     job_complete: bool = False
@@ -67,22 +85,31 @@ class TrainingOutcome:
     bytes_sent: int = 0
     bytes_received: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
+    restarts: ServerRestarts = field(default_factory=ServerRestarts)
 
 
-def _retry_unavailable(fn: Callable[[], Any], stop: threading.Event, what: str, give_up_s: float = 120.0) -> Any:
+UNREACHABLE = (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
+
+
+def _retry_unavailable(
+    fn: Callable[[], Any], stop: threading.Event, what: str, give_up_s: float = 120.0,
+    on_retry: Callable[[], None] | None = None,
+) -> Any:
     """Call fn, retrying with backoff while the PS is unreachable (e.g. restarting from a checkpoint)."""
     delay, waited = 0.1, 0.0
     while True:
         try:
             return fn()
         except PSError as err:
-            if err.code not in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED) or waited >= give_up_s:
+            if err.code not in UNREACHABLE or waited >= give_up_s:
                 raise
+            if on_retry is not None:
+                on_retry()
             if stop.wait(delay):
                 raise
             waited += delay
             log.info("paramserver unavailable during %s; retrying in %.1fs", what, delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 2.0)  # a supervised PS is back within seconds: find it soon after
 
 
 def run_training(
@@ -103,31 +130,73 @@ def run_training(
         worker_name=ctx.worker_name, shard_ids=sorted(ctx.shard_ids), num_shards=ctx.num_shards
     )
     out = TrainingOutcome()
+    restarts = out.restarts
     step_base = int(time.time() * 1000) * STEP_BASE
+    pushes = 0  # push sequence: an update refused by a restarted server is recomputed under a new step number
     overlapping = pipeline.overlap_steps > 0
     comms = ThreadPoolExecutor(1, thread_name_prefix="ps-sync") if overlapping else None
 
-    def sync(header: PushHeader, payload: bytes, held: PulledParams) -> tuple[PushResult, PulledParams, float]:
-        """Push, then pull the version to compute on next (the same call order on either thread)."""
-        push_t0 = time.perf_counter()  # netem: push timing gives the ps_sync link's measured rate
-        result: PushResult = _retry_unavailable(partial(ps.push, header, payload), stop, "push")
-        push_s = time.perf_counter() - push_t0
-        if result.outcome is PushOutcome.JOB_COMPLETE:
-            return result, held, push_s
-        pull_next = partial(
+    def retrying(fn: Callable[[], Any], what: str) -> Any:
+        return _retry_unavailable(fn, stop, what, on_retry=restarts.saw_outage)
+
+    def pull_now() -> PulledParams:
+        """The server's current parameters in full, without waiting for any version."""
+        return retrying(lambda: ps.pull(ctx.job_id, ctx.worker_id), "pull")
+
+    def pull_next(header: PushHeader, payload: bytes, held: PulledParams, outages_before: int,
+                  outages_at_ack: int) -> PulledParams:
+        """The version to compute on next. When the server was away since `held` was pulled it may have restarted
+        from a checkpoint behind `held`: ask where it is before waiting for a version it may never reach.
+        `outages_before` / `outages_at_ack`: `restarts.outages` before the push, and when its reply came."""
+        want = pipeline.next_min_version(held.version)
+        waiting = partial(
             ps.pull,
             ctx.job_id,
             ctx.worker_id,
-            min_version=pipeline.next_min_version(held.version),
+            min_version=want,
             wait_timeout_s=pipeline.strategy.pull_wait_s(),
             have=held,  # a job that publishes deltas sends only those since (core.downlink)
         )
-        return result, _retry_unavailable(pull_next, stop, "pull"), push_s
+        if restarts.outages == outages_before:
+            try:
+                return waiting()
+            except PSError as err:
+                if err.code not in UNREACHABLE:
+                    raise
+                restarts.saw_outage()
+        now = pull_now()
+        if now.version < held.version or now.version >= want or now.job_complete:
+            if now.version < held.version:
+                log.warning("paramserver is back at version %d, behind the %d held here: continuing from it",
+                            now.version, held.version)
+            return now
+        if now.version == held.version and restarts.outages > outages_at_ack:
+            # Back exactly at this update's base, and away since it acknowledged the update: that acknowledgement
+            # may have come from the server that died.
+            # Sending it again is safe (a server that has it answers DUPLICATE) and saves a straggler timeout.
+            restarts.resends += 1
+            try:
+                retrying(partial(ps.push, header, payload), "push")
+            except PSError as err:
+                if err.code in UNREACHABLE:
+                    raise
+                log.info("resent update not taken (%s); waiting for the next version", err)
+        return retrying(waiting, "pull")
+
+    def sync(header: PushHeader, payload: bytes, held: PulledParams) -> tuple[PushResult, PulledParams, float]:
+        """Push, then pull the version to compute on next (the same call order on either thread)."""
+        outages_before = restarts.outages
+        push_t0 = time.perf_counter()  # netem: push timing gives the ps_sync link's measured rate
+        result: PushResult = retrying(partial(ps.push, header, payload), "push")
+        push_s = time.perf_counter() - push_t0
+        if result.outcome is PushOutcome.JOB_COMPLETE:
+            return result, held, push_s
+        return result, pull_next(header, payload, held, outages_before, restarts.outages), push_s
 
     try:
         initial = flatten_params(trainer.model)
-        _retry_unavailable(lambda: ps.init_job(spec, layout_of(trainer.model), initial, ctx.members), stop, "init_job")
-        pulled: PulledParams = _retry_unavailable(lambda: ps.pull(ctx.job_id, ctx.worker_id), stop, "pull")
+        retrying(lambda: ps.init_job(spec, layout_of(trainer.model), initial, ctx.members), "init_job")
+        pulled: PulledParams = pull_now()
         pipeline.receive(trainer, pulled.params, pulled.version)
         while not stop.is_set() and not pulled.job_complete:
             new = current_shards() - owned
@@ -146,7 +215,7 @@ def run_training(
             header = PushHeader(
                 job_id=ctx.job_id,
                 worker_id=ctx.worker_id,
-                step=step_base + out.steps,
+                step=step_base + pushes,
                 base_version=pulled.version,
                 codec=pipeline.codec.name,
                 codec_meta=msgpack.packb(encoded.meta),
@@ -155,15 +224,27 @@ def run_training(
                 loss=loss,
                 kind=update.kind,
             )
-            if comms is not None:
-                in_flight = comms.submit(sync, header, encoded.payload, pulled)
-                overlap_t0 = time.perf_counter()
-                pipeline.overlap(trainer)  # the steps that hide the sync; they count as compute time
-                overlap_s = time.perf_counter() - overlap_t0
-                result, nxt, push_s = in_flight.result()
-                compute_s += overlap_s
-            else:
-                result, nxt, push_s = sync(header, encoded.payload, pulled)
+            pushes += 1
+            try:
+                if comms is not None:
+                    in_flight = comms.submit(sync, header, encoded.payload, pulled)
+                    overlap_t0 = time.perf_counter()
+                    pipeline.overlap(trainer)  # the steps that hide the sync; they count as compute time
+                    overlap_s = time.perf_counter() - overlap_t0
+                    result, nxt, push_s = in_flight.result()
+                    compute_s += overlap_s
+                else:
+                    result, nxt, push_s = sync(header, encoded.payload, pulled)
+            except PSError as err:
+                if err.code is not ErrorCode.ABORTED:
+                    raise
+                # The server restarted from a checkpoint older than this update's base: the update is lost (a
+                # checkpoint interval at most), the task is not. Continue from the version the server has.
+                restarts.rebases += 1
+                log.warning("update refused by a restarted paramserver (%s); pulling again", err.message)
+                pulled = pull_now()
+                pipeline.receive(trainer, pulled.params, pulled.version)
+                continue
             out.outcomes[result.outcome.value] = out.outcomes.get(result.outcome.value, 0) + 1
             out.steps += 1
             if result.outcome is PushOutcome.JOB_COMPLETE:

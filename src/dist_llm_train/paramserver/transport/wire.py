@@ -56,6 +56,11 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.http2.lookahead_bytes", 32 << 20),
         # Every PS byte is the ps_sync traffic class: the DSCP mark lets the kernel shaping backends classify it.
         ("grpc.dscp", DSCP["ps_sync"]),
+        # A PS restarted by its supervisor is back within seconds: reconnect soon after, not after gRPC's
+        # default backoff (which grows to 120 s) — docs/operations.md.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
 
 
@@ -180,7 +185,9 @@ _SERVER_FAULTS = {"UNKNOWN", "DATA_LOSS", "UNIMPLEMENTED"}
 
 def error_from_status(status: grpc.StatusCode | None, details: str | None) -> PSError:
     """gRPC status -> PSError. Statuses without an ErrorCode of their own become INTERNAL when
-    they mean a server fault and UNAVAILABLE otherwise (CANCELLED, ABORTED: went away mid-call)."""
+    they mean a server fault and UNAVAILABLE otherwise (CANCELLED: went away mid-call). ABORTED is the PS's own
+    (`ErrorCode.ABORTED`, an update based on a version the restarted server does not have); gRPC's library
+    never produces it."""
     name = status.name if status is not None else "UNKNOWN"
     try:
         return PSError(ErrorCode(name), details or name)
