@@ -246,11 +246,11 @@ async def test_refused_requests_never_receive_their_body(world: World) -> None:
         received: list[bool] = []
         sent: list[dict[str, Any]] = []
 
-        async def receive() -> dict[str, Any]:
+        async def receive(received: list[bool] = received) -> dict[str, Any]:
             received.append(True)
             return {"type": "http.request", "body": b'{"name": "x"}', "more_body": False}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
             sent.append(message)
 
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,

@@ -88,7 +88,8 @@ class ProcessGroup:
         self.children: list[Child] = []
         self.env = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
 
-    def start(self, name: str, argv: Sequence[str]) -> Child:
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Child:
+        """Start `argv` as child `name`; `env` adds to the group's environment for this child only."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         child = Child(name=name, argv=list(argv), log_path=self.log_dir / f"{name}.log")
         child._log_file = open(child.log_path, "ab")  # noqa: SIM115 - closed in stop_all
@@ -97,7 +98,7 @@ class ProcessGroup:
             stdout=child._log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=self.env,
+            env={**self.env, **env} if env else self.env,
             start_new_session=True,
         )
         self.children.append(child)

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Protocol
 
 from dist_llm_train.config import ParamServerConfig
+from dist_llm_train.core.credentials import TokenAuthority
 from dist_llm_train.paramserver.checkpoint import Checkpointer, load_all
 from dist_llm_train.paramserver.job import ParameterStore
 from dist_llm_train.paramserver.metrics import MetricsHTTPServer, PSMetrics
-from dist_llm_train.core.credentials import TokenAuthority
 from dist_llm_train.paramserver.transport.grpc_server import GrpcServer
 from dist_llm_train.paramserver.transport.security import ServerSecurity, TLSFiles
 from dist_llm_train.paramserver.transport.zmq_server import ZmqServer

@@ -35,20 +35,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import msgpack
 import numpy as np
 import zmq
 
+from dist_llm_train.core.credentials import Claims
 from dist_llm_train.core.types import ErrorCode, PSError, PushHeader, PushResult
 from dist_llm_train.netem.profile.classes import tos_byte
 from dist_llm_train.paramserver.job import INLINE_MAX_BYTES, ParameterStore, run_store_call
 from dist_llm_train.paramserver.metrics import PSMetrics
 from dist_llm_train.paramserver.numerics import keep_freed_vectors
-from dist_llm_train.core.credentials import Claims
 from dist_llm_train.paramserver.transport import wire
 from dist_llm_train.paramserver.transport.security import ServerSecurity
 
