@@ -9,6 +9,9 @@ profile=${1:?profile}
 workers=${2:?workers}
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || { echo "WORKERS must be a positive integer, got '$workers'" >&2; exit 2; }
 compose=(docker compose -f "$root/deploy/docker-compose.yml")
+# Auth without a user step: the stack's secret and tokens, made once (docs/security.md).
+export DLT_SECRETS_DIR=${DLT_SECRETS_DIR:-$root/deploy/.secrets}
+"$here/secrets.sh" "$DLT_SECRETS_DIR" "${DLT_CLI:-$root/.venv/bin/dist-llm-train}"
 grafana_image=$(PROFILE="$profile" WORKERS="$workers" "${compose[@]}" --profile grafana config --images 2>/dev/null \
   | grep -i grafana || true)
 profiles=()

@@ -77,3 +77,53 @@ def test_prometheus_config_is_valid() -> None:
     proc = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _cli_script(tmp_path: Path) -> Path:
+    """`dist-llm-train` as the scripts call it, from this checkout."""
+    import sys
+
+    script = tmp_path / "dist-llm-train"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} -m dist_llm_train \"$@\"\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_stack_secrets_are_made_once_and_verify(tmp_path: Path) -> None:
+    """`make up`'s auth step: a secret and tokens that verify against it, private files, unchanged on a rerun."""
+    from dist_llm_train.core.credentials import TokenAuthority
+
+    out = tmp_path / "secrets"
+    cli = _cli_script(tmp_path)
+    for _ in range(2):
+        proc = subprocess.run([str(SCRIPTS / "secrets.sh"), str(out), str(cli)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        if _ == 0:
+            first = {p.name: p.read_text() for p in out.iterdir()}
+    assert {p.name: p.read_text() for p in out.iterdir()} == first
+    assert set(first) == {"cluster_secret", "join_token", "admin_token"}
+    assert all((out / name).stat().st_mode & 0o077 == 0 for name in first)
+    authority = TokenAuthority(first["cluster_secret"])
+    assert authority.verify(first["join_token"].strip()).role == "join"
+    assert authority.verify(first["admin_token"].strip()).role == "admin"
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI not installed")
+def test_compose_gives_the_secret_to_controller_and_ps_only() -> None:
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("compose v2 not installed")
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "DLT_SECRETS_DIR": "/nonexistent"}
+    proc = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "docker-compose.yml"), "config", "--format",
+                           "json"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    svc = json.loads(proc.stdout)["services"]
+
+    def secrets(name: str) -> set[str]:
+        return {s["source"] for s in svc[name].get("secrets", [])}
+
+    assert secrets("controller") == secrets("paramserver") == {"cluster_secret"}
+    assert secrets("worker") == {"join_token"}
+    assert svc["worker"]["environment"]["DLT_AUTH_TOKEN_FILE"] == "/run/secrets/join_token"
+    for name in ("controller", "paramserver"):
+        assert svc[name]["environment"]["DLT_CLUSTER_SECRET_FILE"] == "/run/secrets/cluster_secret"

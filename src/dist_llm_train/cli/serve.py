@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -88,8 +89,12 @@ def serve_controller(
         str | None,
         typer.Option(envvar="DLT_ADMIN_TOKEN", help="A static operator token accepted besides minted ones."),
     ] = None,
-    public_metrics: Annotated[bool, typer.Option(help="Serve /metrics without a credential.")] = False,
-    public_docs: Annotated[bool, typer.Option(help="Serve /docs, /redoc, /openapi.json without a credential.")] = False,
+    public_metrics: Annotated[
+        bool, typer.Option(envvar="DLT_PUBLIC_METRICS", help="Serve /metrics without a credential.")
+    ] = False,
+    public_docs: Annotated[
+        bool, typer.Option(envvar="DLT_PUBLIC_DOCS", help="Serve /docs, /redoc, /openapi.json without a credential.")
+    ] = False,
     insecure: InsecureOpt = False,
     log_level: LogLevelOpt = "INFO",
 ) -> None:
@@ -129,6 +134,9 @@ def serve_worker(
         typer.Option(envvar="DLT_AUTH_TOKEN", help="Join credential (`dist-llm-train token --role join`); the "
                      "controller then issues this worker its own."),
     ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(envvar="DLT_AUTH_TOKEN_FILE", help="File holding the join credential.")
+    ] = None,
     insecure: InsecureOpt = False,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
     # Per-traffic-class URLs, so each class can go through its own shaped relay.
@@ -146,6 +154,11 @@ def serve_worker(
     """Run a training worker (needs the [worker] extra: torch). Needs a join credential (--token or
     DLT_AUTH_TOKEN) unless --insecure is given. TLS to the PS: DLT_PS_TLS_CA (+ _CERT, _KEY for mutual TLS)."""
     setup_logging(log_level)
+    if not token and token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as err:
+            raise typer.BadParameter(f"--token-file: {err}") from None
     if not token and not insecure:
         from dist_llm_train.cli.common import console
 
