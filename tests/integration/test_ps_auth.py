@@ -242,3 +242,30 @@ def test_zmq_checks_the_token_frame_before_the_map_and_needs_curve(server: Backg
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+def test_grpc_tls_and_mutual_tls(tmp_path: Any, mutual: bool) -> None:
+    """Certificates from `dist-llm-train certs`: a TLS client that trusts the CA gets in (with a client certificate
+    when the PS asks for one); a plaintext client, or a TLS client without its certificate under mTLS, does not."""
+    from dist_llm_train.paramserver.transport.certs import write_certificates
+
+    write_certificates(tmp_path, ["localhost", "127.0.0.1"], ["worker"])
+    cfg = ParamServerConfig(
+        port=0, metrics_port=0, transport="grpc", cluster_secret=SECRET, tls_cert=str(tmp_path / "paramserver.pem"),
+        tls_key=str(tmp_path / "paramserver.key"), tls_client_ca=str(tmp_path / "ca.pem") if mutual else None,
+    )
+    token = AUTHORITY.mint_for("controller", "controller")
+    ca = str(tmp_path / "ca.pem")
+    client_cert = {"tls_cert": str(tmp_path / "worker.pem"), "tls_key": str(tmp_path / "worker.key")}
+    with BackgroundServer(cfg, with_metrics=False) as srv:
+        good = PSCredentials(token=token, tls_ca=ca, **(client_cert if mutual else {}))
+        with connect("grpc", srv.address, timeout_s=5, credentials=good) as c:
+            assert c.stats(None) == []
+        refused = [PSCredentials(token=token)]  # plaintext against a TLS port
+        if mutual:
+            refused.append(PSCredentials(token=token, tls_ca=ca))  # TLS, but no client certificate
+        for creds in refused:
+            with connect("grpc", srv.address, timeout_s=3, credentials=creds) as c, pytest.raises(PSError) as err:
+                c.stats(None)
+            assert err.value.code is ErrorCode.UNAVAILABLE
