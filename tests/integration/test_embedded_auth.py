@@ -161,3 +161,14 @@ def test_token_and_secret_commands(tmp_path: Path) -> None:
     join = cli("token", "--role", "join", "--name", "worker-1", "--secret-file", str(tmp_path / "s"))
     claims = TokenAuthority(secret).verify(join)
     assert (claims.role, claims.subject) == ("join", "worker-1")
+
+
+@pytest.mark.timeout(120)
+def test_demo_basic_runs_with_auth_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """demo-basic's controller runs with a fresh secret; its workers register with join credentials and finish."""
+    from dist_llm_train.config import Config
+    from dist_llm_train.embedded.basic_demo import run_basic_demo
+
+    monkeypatch.chdir(tmp_path)
+    result = run_basic_demo(Config(), workers=2, tasks=4, timeout_s=60)
+    assert result["job_state"] == "completed" and sum(result["tasks_completed_by_worker"].values()) == 4
