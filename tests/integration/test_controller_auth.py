@@ -62,7 +62,7 @@ async def _call(world: World, method: str, path: str, token: str | None, body: A
 @pytest.fixture
 async def world() -> AsyncIterator[World]:
     app = create_app(
-        ControllerConfig(cluster_secret=SECRET), *PS, Notifier(), clock=lambda: 1_700_000_000.0, run_background=False
+        ControllerConfig(cluster_secret=SECRET), *PS, Notifier(), run_background=False
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ctl") as client:
         w = World(app, client)
@@ -261,3 +261,31 @@ async def test_refused_requests_never_receive_their_body(world: World) -> None:
         await world.app(scope, receive, send)
         assert sent[0]["status"] == 401, case.path(world)
         assert not received, f"{method} {case.path(world)}: body read before the 401"
+
+
+async def test_an_expired_worker_credential_is_refused_and_joining_again_renews_it() -> None:
+    """What the worker agent does on `Unauthorized`: register again with its join credential."""
+    from dist_llm_train.controller.client import AsyncControllerClient
+    from dist_llm_train.controller.errors import Unauthorized
+    from dist_llm_train.controller.models import RegisterIn
+
+    now = [1_700_000_000.0]
+    app = create_app(ControllerConfig(cluster_secret=SECRET, worker_token_ttl_s=60), *PS, Notifier(),
+                     clock=lambda: now[0], run_background=False)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with AsyncControllerClient("http://ctl", token=AUTHORITY.mint_for("join", "w1"),
+                                         transport_for=lambda _: transport) as worker:
+            reply = await worker.register(RegisterIn(name="w1"))
+            assert reply.token is not None
+            worker.use_token(reply.token)
+            await worker.heartbeat(reply.worker_id)
+            now[0] += 61
+            with pytest.raises(Unauthorized, match="expired"):
+                await worker.heartbeat(reply.worker_id)
+            again = await worker.register(RegisterIn(name="w1"))  # sent with the join credential, not the expired
+            assert again.worker_id == reply.worker_id and again.token != reply.token
+            worker.use_token(again.token or "")
+            await worker.heartbeat(again.worker_id)
+    finally:
+        app.state.runtime.close()

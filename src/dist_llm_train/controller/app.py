@@ -103,7 +103,7 @@ def create_app(
     `app.state.runtime.detector.tick()` instead of sleeping. Call
     `app.state.runtime.close()` when done with the app.
     """
-    auth = ControllerAuth(cfg, ps_transport)
+    auth = ControllerAuth(cfg, ps_transport, clock)
     store = Store(cfg.state_db)
     service = ControllerService(
         store,

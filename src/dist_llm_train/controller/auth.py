@@ -28,6 +28,8 @@ from __future__ import annotations
 import hmac
 import json
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -68,8 +70,8 @@ class AuthError(ControllerError):
 
 
 class ControllerAuth:
-    def __init__(self, cfg: ControllerConfig, ps_transport: str) -> None:
-        self.authority = TokenAuthority(cfg.cluster_secret) if cfg.cluster_secret else None
+    def __init__(self, cfg: ControllerConfig, ps_transport: str, clock: Callable[[], float] = time.time) -> None:
+        self.authority = TokenAuthority(cfg.cluster_secret, clock) if cfg.cluster_secret else None
         self._static = cfg.auth_token.encode() if cfg.auth_token else None
         self.public_metrics = cfg.public_metrics
         self.public_docs = cfg.public_docs

@@ -36,7 +36,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from dist_llm_train.controller.errors import BadInput, Conflict, ControllerError, NotFound, UnknownWorker
+from dist_llm_train.controller.errors import BadInput, Conflict, ControllerError, NotFound, Unauthorized, UnknownWorker
 from dist_llm_train.controller.models import (
     AssignmentsOut,
     HealthOut,
@@ -216,7 +216,9 @@ def _metrics() -> _Call[str]:
 
 
 # -- replies ------------------------------------------------------------------------------------------------
-_ERROR_BY_STATUS: dict[int, type[ControllerError]] = {404: NotFound, 409: Conflict, 422: BadInput}
+_ERROR_BY_STATUS: dict[int, type[ControllerError]] = {
+    401: Unauthorized, 404: NotFound, 409: Conflict, 422: BadInput
+}
 
 
 def _detail(response: httpx.Response) -> str:

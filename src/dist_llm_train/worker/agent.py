@@ -19,7 +19,7 @@ from typing import Any
 from dist_llm_train.config import ConfigError, parse_config
 from dist_llm_train.controller.models import AssignedJobOut, RegisterIn, TaskOut, TelemetryIn, WorkerActivity
 from dist_llm_train.paramserver.transport.security import PSCredentials
-from dist_llm_train.worker.controller_api import ControllerAPI, ControllerGone, UnknownWorker
+from dist_llm_train.worker.controller_api import ControllerAPI, ControllerGone, Unauthorized, UnknownWorker
 from dist_llm_train.worker.links import WorkerLinks
 from dist_llm_train.worker.metrics import WorkerMetrics
 from dist_llm_train.worker.training_loop import TrainingContext, TrainingOutcome, run_training
@@ -87,8 +87,9 @@ class WorkerAgent:
             try:
                 assert self.worker_id is not None
                 await self.api.heartbeat(self.worker_id, self.state)
-            except UnknownWorker:
-                log.warning("controller forgot this worker; re-registering")
+            except (UnknownWorker, Unauthorized) as err:
+                # Forgotten (state reset) or credential refused (expired, secret rotated): join again.
+                log.warning("controller refused this worker (%s); re-registering", err)
                 await self._register()
             except Exception as err:  # keep beating through transient controller errors
                 log.warning("heartbeat failed: %s", err)
@@ -219,7 +220,7 @@ class WorkerAgent:
                 assert self.worker_id is not None
                 try:
                     current = await self.api.assignments(self.worker_id)
-                except UnknownWorker:
+                except (UnknownWorker, Unauthorized):
                     await self._register()
                     continue
                 except ControllerGone:
