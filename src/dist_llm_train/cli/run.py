@@ -201,7 +201,8 @@ def run(
     dp_clip: Annotated[float | None, typer.Option(help="DP L2 clip bound per update.")] = None,
     availability: AvailabilityOpt = None,
 ) -> None:
-    """Train for real: controller, PS and workers as local processes on loopback."""
+    """Train for real: controller, PS and workers as local processes on loopback. Auth is on: the run makes its
+    own cluster secret and gives each worker its own credential (docs/security.md)."""
     setup_logging(log_level)
     strategy = resolve_alias(strategy, mode, name="--strategy", alias="--mode")
     cfg = apply_model_and_transport(load_or_exit(config), model, transport)
