@@ -20,7 +20,7 @@ Routes and who may use them:
     *    /v1/jobs…, GET /status                           admin
     GET  /metrics                                         admin, or anyone with `public_metrics`
     GET  /docs, /docs/oauth2-redirect, /redoc, /openapi.json   admin, or anyone with `public_docs`
-    anything else                                         any valid credential (then 404 / 405 as usual)
+    anything else                                         admin (then 404 / 405 as usual): default deny
 """
 
 from __future__ import annotations
@@ -134,6 +134,8 @@ class ControllerAuth:
             if rule.own_worker and claims.role == "worker" and match["worker"] != claims.subject:
                 raise AuthError("this credential is for another worker", status_code=403)
             return claims
+        if claims.role != "admin":  # default deny: a route without a rule above is the operator's
+            raise AuthError(f"a {claims.role} credential may not call {method} {path}", status_code=403)
         return claims
 
 
