@@ -3,7 +3,7 @@
 For each transport, one in-process PS without a secret and one with (tokens checked on every call; ZMQ
 also runs CURVE), on loopback. Each point is the median of `--calls` timed calls after a warm-up:
 `stats` of one job (a small request: the fixed cost of the check) and a push of a `--params`-float update
-to an async job (where CURVE's encryption of the payload shows). Off and on are measured twice, interleaved,
+to an async job (where CURVE's encryption of the payload shows). Off and on are measured three times, interleaved,
 keeping each one's lower median. Bounded: a few thousand calls in all.
 
     python benchmarks/auth_overhead.py [--calls 300] [--params 262144] [--out results]
@@ -87,10 +87,10 @@ def main() -> None:
     verify_us = _median_us(lambda: authority.verify(token), 5000)
     rows = []
     for transport in ("grpc", "zmq"):
-        # Off and on interleaved, twice, keeping each one's lower median: the machine is shared, and a burst of
+        # Off and on interleaved, three times, keeping each one's lower median: the machine is shared, and a burst of
         # load during one measurement would otherwise read as a cost (or a saving) of auth.
         rounds = [(_measure(transport, None, args.calls, args.params), _measure(transport, secret, args.calls,
-                                                                               args.params)) for _ in range(2)]
+                                                                               args.params)) for _ in range(3)]
         off = {k: min(r[0][k] for r in rounds) for k in rounds[0][0]}
         on = {k: min(r[1][k] for r in rounds) for k in rounds[0][1]}
         for what in ("stats_us", "push_us"):
