@@ -41,11 +41,17 @@ def serve_paramserver(
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N versions.")] = None,
     secret_file: SecretFileOpt = None,
     tls_cert: Annotated[
-        str | None, typer.Option(help="gRPC TLS: the PS's certificate (PEM; `dist-llm-train certs`).")
+        str | None,
+        typer.Option(envvar="DLT_TLS_CERT", help="gRPC TLS: the PS's certificate (PEM; `dist-llm-train certs`)."),
     ] = None,
-    tls_key: Annotated[str | None, typer.Option(help="gRPC TLS: the PS's private key (PEM).")] = None,
+    tls_key: Annotated[
+        str | None, typer.Option(envvar="DLT_TLS_KEY", help="gRPC TLS: the PS's private key (PEM).")
+    ] = None,
     tls_client_ca: Annotated[
-        str | None, typer.Option(help="Mutual TLS: accept only clients with a certificate from this CA (PEM).")
+        str | None,
+        typer.Option(
+            envvar="DLT_TLS_CLIENT_CA", help="Mutual TLS: accept only clients with a certificate from this CA (PEM)."
+        ),
     ] = None,
     reflection: Annotated[bool, typer.Option(help="Serve gRPC reflection (off by default).")] = False,
     insecure: InsecureOpt = False,
