@@ -63,6 +63,8 @@ class Child:
     argv: list[str]
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    # What `start` added to the group's environment for this child (its credential): a restart passes it again.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
     _log_file: IO[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -91,7 +93,7 @@ class ProcessGroup:
     def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Child:
         """Start `argv` as child `name`; `env` adds to the group's environment for this child only."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        child = Child(name=name, argv=list(argv), log_path=self.log_dir / f"{name}.log")
+        child = Child(name=name, argv=list(argv), log_path=self.log_dir / f"{name}.log", env=dict(env or {}))
         child._log_file = open(child.log_path, "ab")  # noqa: SIM115 - closed in stop_all
         child.proc = subprocess.Popen(
             child.argv,
