@@ -9,6 +9,18 @@ profile=${1:?profile}
 workers=${2:?workers}
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || { echo "WORKERS must be a positive integer, got '$workers'" >&2; exit 2; }
 compose=(docker compose -f "$root/deploy/docker-compose.yml")
+# Auth without a user step: the stack's secret and tokens, made once (docs/security.md).
+export DLT_SECRETS_DIR=${DLT_SECRETS_DIR:-$root/deploy/.secrets}
+cli=${DLT_CLI:-$root/.venv/bin/dist-llm-train}
+"$here/secrets.sh" "$DLT_SECRETS_DIR" "$cli"
+# TLS=1: mutual TLS on the PS's gRPC (deploy/docker-compose.tls.yml), certificates made once.
+if [ "${TLS:-0}" = 1 ]; then
+  if [ ! -s "$DLT_SECRETS_DIR/certs/ca.pem" ]; then
+    "$cli" certs --out "$DLT_SECRETS_DIR/certs" --host paramserver --host localhost --host 127.0.0.1 \
+      --client controller --client worker >&2
+  fi
+  compose+=(-f "$root/deploy/docker-compose.tls.yml")
+fi
 grafana_image=$(PROFILE="$profile" WORKERS="$workers" "${compose[@]}" --profile grafana config --images 2>/dev/null \
   | grep -i grafana || true)
 profiles=()

@@ -3,15 +3,20 @@
     dlt-healthcheck http://127.0.0.1:8000/readyz     any 2xx is healthy
     dlt-healthcheck grpc://127.0.0.1:50051           grpc.health.v1 SERVING (TCP connect when grpc is absent)
 
+With DLT_PS_TLS_CA set, the gRPC check speaks TLS, trusting that CA (and presents DLT_PS_TLS_CERT / DLT_PS_TLS_KEY
+when set: a PS with mutual TLS accepts no other client), as the PS of `docker-compose.tls.yml` requires.
+
 Why Python and not curl: the images carry Python anyway, and the gRPC health protocol needs a real client.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import urllib.error
 import urllib.request
+from typing import Any
 from urllib.parse import urlsplit
 
 TIMEOUT_S = 3.0
@@ -27,6 +32,26 @@ def check_http(url: str) -> tuple[bool, str]:
         return False, f"{type(err).__name__}: {err}"
 
 
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _channel(grpc: Any, target: str) -> Any:
+    """Plaintext, or TLS (mutual when a client certificate is configured) when DLT_PS_TLS_CA names a CA."""
+    ca = _read(os.environ.get("DLT_PS_TLS_CA"))
+    if ca is None:
+        return grpc.insecure_channel(target)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=_read(os.environ.get("DLT_PS_TLS_KEY")),
+        certificate_chain=_read(os.environ.get("DLT_PS_TLS_CERT")),
+    )
+    return grpc.secure_channel(target, creds)
+
+
 def check_grpc(target: str) -> tuple[bool, str]:
     try:
         import grpc
@@ -38,7 +63,7 @@ def check_grpc(target: str) -> tuple[bool, str]:
                 return True, "tcp connect ok (grpc health client not installed)"
         except OSError as err:
             return False, f"tcp connect: {err}"
-    with grpc.insecure_channel(target) as channel:
+    with _channel(grpc, target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
         except grpc.RpcError as err:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dist_llm_train.core.aggregation import AggregationConfig, validate_aggregator
 from dist_llm_train.core.attacks import AttackConfig
@@ -35,6 +35,7 @@ from dist_llm_train.core.availability import (
     parse_mapping,
 )
 from dist_llm_train.core.codecs import CodecConfig
+from dist_llm_train.core.credentials import check_secret
 from dist_llm_train.core.job import JobSpec
 from dist_llm_train.core.privacy import DPSettings, PrivacyConfig, dp_report
 from dist_llm_train.core.strategies import (
@@ -79,7 +80,18 @@ class ControllerConfig(_Strict):
     heartbeat_interval_s: float = Field(1.0, gt=0, le=300)
     heartbeat_miss_limit: int = Field(3, ge=1, le=100)
     telemetry_alpha: float = Field(0.2, gt=0, le=1)
-    auth_token: str | None = None
+    # Security (docs/security.md). With `cluster_secret` the controller issues each worker its own
+    # credential at registration and refuses any request without a valid one.
+    cluster_secret: str | None = Field(None, repr=False, description="HMAC key material of the cluster's tokens")
+    auth_token: str | None = Field(None, repr=False, description="A static operator (admin) token, besides minted ones")
+    worker_token_ttl_s: float = Field(7 * 86400.0, ge=0, description="Lifetime of a worker credential; 0 = none")
+    public_metrics: bool = Field(False, description="Serve /metrics without a credential (e.g. for Prometheus)")
+    public_docs: bool = Field(False, description="Serve /docs, /redoc and /openapi.json without a credential")
+
+    @field_validator("cluster_secret")
+    @classmethod
+    def _long_enough(cls, secret: str | None) -> str | None:
+        return check_secret(secret) if secret is not None else None
     # Seed keys with no effect on the controller, accepted so the seed's configs load.
     gradient_accumulation_size: int = Field(1, ge=1)
     gradient_clip_norm: float = Field(0.0, ge=0)
@@ -94,6 +106,28 @@ class ParamServerConfig(_Strict):
     checkpoint_every: int = Field(50, ge=1)
     max_message_mb: int = Field(256, ge=1, le=2047)
     chunk_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+    # Security (docs/security.md): tokens checked on every call with `cluster_secret` (and ZMQ CURVE);
+    # gRPC over TLS with `tls_cert` + `tls_key`, mutual TLS with `tls_client_ca`.
+    cluster_secret: str | None = Field(None, repr=False, description="HMAC key material of the cluster's tokens")
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    reflection: bool = Field(False, description="Serve gRPC reflection (lists the PS's methods to anyone)")
+
+    @field_validator("cluster_secret")
+    @classmethod
+    def _long_enough(cls, secret: str | None) -> str | None:
+        return check_secret(secret) if secret is not None else None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ParamServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.tls_cert and self.transport != "grpc":
+            raise ValueError("TLS is for the grpc transport; zmq is encrypted with CURVE when cluster_secret is set")
+        return self
 
 
 class WorkerSpec(_Strict):

@@ -47,10 +47,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from testcontainers.compose import DockerCompose
 
     run(str(ROOT / "scripts" / "docker" / "build_images.sh"), "--missing", timeout=1800)
-    env_file: Path = tmp_path_factory.mktemp("e2e") / "e2e.env"
+    work = tmp_path_factory.mktemp("e2e")
+    secrets = work / "secrets"  # auth on, as `make up` has it: the stack's own secret and tokens
+    run(str(ROOT / "scripts" / "docker" / "secrets.sh"), str(secrets), str(ROOT / ".venv/bin/dist-llm-train"))
+    admin_token = (secrets / "admin_token").read_text().strip()
+    env_file: Path = work / "e2e.env"
     env_file.write_text(
         "\n".join([
             f"COMPOSE_PROJECT_NAME={PROJECT}",
+            f"DLT_SECRETS_DIR={secrets}",
             f"PROFILE={PROFILE}",
             f"WORKERS={WORKERS}",
             # Empty host ports: Docker picks free ones (looked up with `docker compose port`).
@@ -69,7 +74,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     compose.start()
     clients: list[Http] = []
     try:
-        controller = Http(f"http://127.0.0.1:{host_port('controller', 8000)}")
+        controller = Http(f"http://127.0.0.1:{host_port('controller', 8000)}", token=admin_token)
         prometheus = Http(f"http://127.0.0.1:{host_port('prometheus', 9090)}")
         ps_metrics = Http(f"http://127.0.0.1:{host_port('paramserver', 9100)}")
         clients = [controller, prometheus, ps_metrics]

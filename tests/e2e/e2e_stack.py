@@ -88,8 +88,9 @@ def project_leftovers() -> dict[str, list[str]]:
 class Http:
     """JSON over HTTP to one service's published port."""
 
-    def __init__(self, base: str) -> None:
-        self.client = httpx.Client(base_url=base, timeout=10)
+    def __init__(self, base: str, token: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self.client = httpx.Client(base_url=base, timeout=10, headers=headers)
 
     def get(self, path: str, **params: str) -> Any:
         resp = self.client.get(path, params=params or None)

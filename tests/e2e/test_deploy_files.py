@@ -77,3 +77,110 @@ def test_prometheus_config_is_valid() -> None:
     proc = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _cli_script(tmp_path: Path) -> Path:
+    """`dist-llm-train` as the scripts call it, from this checkout."""
+    import sys
+
+    script = tmp_path / "dist-llm-train"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} -m dist_llm_train \"$@\"\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_stack_secrets_are_made_once_and_verify(tmp_path: Path) -> None:
+    """`make up`'s auth step: a secret and tokens that verify against it, private files, unchanged on a rerun."""
+    from dist_llm_train.core.credentials import TokenAuthority
+
+    out = tmp_path / "secrets"
+    cli = _cli_script(tmp_path)
+    for _ in range(2):
+        proc = subprocess.run([str(SCRIPTS / "secrets.sh"), str(out), str(cli)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        if _ == 0:
+            first = {p.name: p.read_text() for p in out.iterdir()}
+    assert {p.name: p.read_text() for p in out.iterdir()} == first
+    assert set(first) == {"cluster_secret", "join_token", "admin_token"}
+    assert all((out / name).stat().st_mode & 0o077 == 0 for name in first)
+    authority = TokenAuthority(first["cluster_secret"])
+    assert authority.verify(first["join_token"].strip()).role == "join"
+    assert authority.verify(first["admin_token"].strip()).role == "admin"
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI not installed")
+def test_compose_gives_the_secret_to_controller_and_ps_only() -> None:
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("compose v2 not installed")
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "DLT_SECRETS_DIR": "/nonexistent"}
+    proc = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "docker-compose.yml"), "config", "--format",
+                           "json"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    svc = json.loads(proc.stdout)["services"]
+
+    def secrets(name: str) -> set[str]:
+        return {s["source"] for s in svc[name].get("secrets", [])}
+
+    assert secrets("controller") == secrets("paramserver") == {"cluster_secret"}
+    assert secrets("worker") == {"join_token"}
+    assert svc["worker"]["environment"]["DLT_AUTH_TOKEN_FILE"] == "/run/secrets/join_token"
+    for name in ("controller", "paramserver"):
+        assert svc[name]["environment"]["DLT_CLUSTER_SECRET_FILE"] == "/run/secrets/cluster_secret"
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI not installed")
+def test_tls_override_wires_certificates_into_every_service() -> None:
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("compose v2 not installed")
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "DLT_SECRETS_DIR": "/nonexistent"}
+    proc = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "docker-compose.yml"), "-f",
+                           str(DEPLOY / "docker-compose.tls.yml"), "config", "--format", "json"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    svc = json.loads(proc.stdout)["services"]
+    ps_env = svc["paramserver"]["environment"]
+    assert ps_env["DLT_TLS_CLIENT_CA"] == "/etc/dlt/certs/ca.pem"  # mutual TLS
+    for name in ("paramserver", "controller", "worker"):
+        assert "/etc/dlt/certs" in {v["target"] for v in svc[name]["volumes"]}
+        assert svc[name]["environment"]["DLT_PS_TLS_CA"] == "/etc/dlt/certs/ca.pem"
+        assert svc[name]["environment"]["DLT_PS_TLS_CERT"].endswith(".pem")
+
+
+def test_tls_paramserver_from_env_passes_the_tls_healthcheck_only(tmp_path: Path) -> None:
+    """What the TLS stack's PS container does, without Docker: `serve paramserver` with its certificates from
+    DLT_TLS_*; the healthcheck passes with the CA and a client certificate, and fails without them."""
+    import os
+    import socket
+    import sys
+    import time
+
+    from dist_llm_train.core.credentials import generate_secret
+    from dist_llm_train.paramserver.transport.certs import write_certificates
+
+    certs = tmp_path / "certs"
+    write_certificates(certs, ["paramserver", "localhost", "127.0.0.1"], ["controller"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DLT_CLUSTER_SECRET": generate_secret(), "DLT_TLS_CERT": str(certs / "paramserver.pem"),
+           "DLT_TLS_KEY": str(certs / "paramserver.key"), "DLT_TLS_CLIENT_CA": str(certs / "ca.pem")}
+    server = subprocess.Popen([sys.executable, "-m", "dist_llm_train", "serve", "paramserver", "--port", str(port),
+                               "--metrics-port", "0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    health = [sys.executable, str(SCRIPTS / "healthcheck.py"), f"grpc://127.0.0.1:{port}"]
+    tls_env = {**os.environ, "DLT_PS_TLS_CA": str(certs / "ca.pem"), "DLT_PS_TLS_CERT": str(certs / "controller.pem"),
+               "DLT_PS_TLS_KEY": str(certs / "controller.key")}
+    try:
+        deadline = time.monotonic() + 60
+        ok = subprocess.run(health, capture_output=True, text=True, env=tls_env, timeout=30)
+        while ok.returncode != 0 and time.monotonic() < deadline and server.poll() is None:
+            time.sleep(0.5)
+            ok = subprocess.run(health, capture_output=True, text=True, env=tls_env, timeout=30)
+        assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stdout
+        plain_env = {k: v for k, v in os.environ.items() if not k.startswith("DLT_PS_TLS")}
+        assert subprocess.run(health, capture_output=True, env=plain_env, timeout=30).returncode == 1
+        no_cert = {**plain_env, "DLT_PS_TLS_CA": str(certs / "ca.pem")}  # TLS but no client certificate
+        assert subprocess.run(health, capture_output=True, env=no_cert, timeout=30).returncode == 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -147,7 +147,9 @@ async def test_job_submit_assign_train_complete(client: httpx.AsyncClient) -> No
     got = (await client.get(f"/v1/workers/{a}/assignments")).json()
     assert len(got["tasks"]) == 1 and got["tasks"][0]["job_id"] == jid and got["tasks"][0]["num_shards"] == 2
     spec = got["jobs"][jid]
-    assert spec["paramserver"] == {"transport": "grpc", "address": "127.0.0.1:59999"}
+    assert spec["paramserver"] == {
+        "transport": "grpc", "address": "127.0.0.1:59999", "token": None, "curve_server_key": None
+    }  # no cluster secret here: no PS credential
     assert spec["model"]["name"] == "tiny-lstm" and spec["training"]["num_workers"] == 2
 
     for wid, version, loss in ((a, 3, 2.0), (b, 5, 1.5)):
@@ -325,11 +327,13 @@ async def test_oversize_body_is_413(client: httpx.AsyncClient) -> None:
     assert r.status_code == 413 and r.json() == {"detail": "request body too large"}
 
 
-async def test_auth_token_guards_v1_and_status_only(make_client: Factory) -> None:
+async def test_auth_token_guards_everything_but_health(make_client: Factory) -> None:
+    """The static operator token: /v1, /status, /metrics and the docs need it; /healthz and /readyz do not.
+    (Per-worker credentials and the full route matrix: test_controller_auth.py.)"""
     _, authed = make_client(token="s3cret")
     transport = authed._transport
     async with httpx.AsyncClient(transport=transport, base_url="http://ctl") as anon:
-        for path in ("/v1/jobs", "/status"):
+        for path in ("/v1/jobs", "/status", "/metrics", "/openapi.json", "/docs"):
             r = await anon.get(path)
             assert r.status_code == 401 and r.json() == {"detail": "missing or invalid bearer token"}
             assert r.headers["www-authenticate"] == "Bearer"
@@ -337,7 +341,7 @@ async def test_auth_token_guards_v1_and_status_only(make_client: Factory) -> Non
             "/v1/workers/register", json={"name": "a"}, headers={"Authorization": "Bearer nope"}
         )
         assert r.status_code == 401
-        for path in ("/healthz", "/readyz", "/metrics"):
+        for path in ("/healthz", "/readyz"):
             assert (await anon.get(path)).status_code == 200
     assert (await authed.get("/v1/jobs")).status_code == 200
     assert (await authed.get("/status")).status_code == 200

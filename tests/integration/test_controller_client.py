@@ -33,6 +33,7 @@ from dist_llm_train.controller import (
     ControllerUnavailable,
     NotFound,
     Retry,
+    Unauthorized,
     UnknownWorker,
 )
 from dist_llm_train.controller.app import create_app
@@ -225,10 +226,10 @@ def test_sync_client_errors_carry_the_status_and_the_servers_message(client: Con
 
 def test_the_token_is_sent_and_a_missing_one_is_a_401(url: str) -> None:
     with ControllerClient(url) as anonymous:
-        assert anonymous.healthz().ok  # health and metrics stay open
+        assert anonymous.healthz().ok  # health stays open
         with pytest.raises(ControllerError) as refused:
             anonymous.status()
-    assert type(refused.value) is ControllerError
+    assert type(refused.value) is Unauthorized  # what a worker answers by registering again
     assert (refused.value.status_code, refused.value.message) == (401, "missing or invalid bearer token")
     with ControllerClient(url, token="wrong") as wrong, pytest.raises(ControllerError, match="bearer token"):
         wrong.register(RegisterIn(name="w0"))

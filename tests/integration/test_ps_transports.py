@@ -399,11 +399,12 @@ def test_checkpoint_on_shutdown_and_resume(tmp_path: Path, transport: str) -> No
 
 # -- gRPC extras ---------------------------------------------------------------------------
 def test_grpc_health_and_reflection_answer() -> None:
+    """Reflection is served only when asked for (`reflection: true`; off by default, test_ps_auth.py)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    cfg = ParamServerConfig(port=0, metrics_port=0, transport="grpc")
+    cfg = ParamServerConfig(port=0, metrics_port=0, transport="grpc", reflection=True)
     with BackgroundServer(cfg, with_metrics=False) as srv, grpc.insecure_channel(srv.address) as ch:
         health = health_pb2_grpc.HealthStub(ch)
         for service in ("", "dist_llm_train.v1.ParameterServer"):

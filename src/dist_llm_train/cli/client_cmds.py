@@ -20,7 +20,12 @@ from dist_llm_train.controller.models import JobIn
 ControllerOpt = Annotated[
     str, typer.Option("--controller", envvar="DLT_CONTROLLER", help="Controller base URL.")
 ]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="DLT_AUTH_TOKEN", help="Shared API token.")]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token", envvar="DLT_AUTH_TOKEN", help="An admin credential (`dist-llm-train token`; docs/security.md)."
+    ),
+]
 
 
 T = TypeVar("T")

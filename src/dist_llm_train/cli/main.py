@@ -12,6 +12,7 @@ from dist_llm_train.cli.config_cmds import config_app, validate_config
 from dist_llm_train.cli.experiments import run_experiments
 from dist_llm_train.cli.netem import netem_app
 from dist_llm_train.cli.run import demo_basic, demo_ml, run
+from dist_llm_train.cli.security import certs, secret, token
 from dist_llm_train.cli.serve import serve_app
 from dist_llm_train.cli.simulate import simulate
 
@@ -30,3 +31,6 @@ app.command("run-experiments")(run_experiments)
 app.command("run")(run)
 app.command("demo-ml")(demo_ml)
 app.command("demo-basic")(demo_basic)
+app.command("secret")(secret)
+app.command("token")(token)
+app.command("certs")(certs)

@@ -215,7 +215,8 @@ def run(
         min=1, help="PS checkpoint interval in versions: a PS restart loses fewer than this many "
         "(config: paramserver.checkpoint_every).")] = None,
 ) -> None:
-    """Train for real: controller, PS and workers as local processes on loopback."""
+    """Train for real: controller, PS and workers as local processes on loopback. Auth is on: the run makes its
+    own cluster secret and gives each worker its own credential (docs/security.md)."""
     setup_logging(log_level)
     strategy = resolve_alias(strategy, mode, name="--strategy", alias="--mode")
     cfg = apply_model_and_transport(load_or_exit(config), model, transport)

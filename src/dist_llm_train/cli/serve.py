@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 
 from dist_llm_train.cli.common import load_or_exit, setup_logging
 from dist_llm_train.cli.options import ConfigOpt, LogLevelOpt
+from dist_llm_train.cli.security import InsecureOpt, SecretFileOpt, cluster_secret_or_exit
 from dist_llm_train.cli.serve_shaper import serve_shaper
 
 serve_app = typer.Typer(help="Run one service in the foreground (what each container runs).", no_args_is_help=True)
@@ -19,15 +21,13 @@ Section = TypeVar("Section", bound=BaseModel)
 
 
 def _with_overrides(section: Section, overrides: dict[str, Any]) -> Section:
-    """A copy of a config section with the given flags set (None: not given); each is validated as it is set."""
-    copy = section.model_copy()
+    """A copy of a config section with the given flags set (None: not given), validated as a whole (flags
+    that only make sense together, like --tls-cert and --tls-key, are checked together)."""
+    given = {key: value for key, value in overrides.items() if value is not None}
     try:
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(copy, key, value)
+        return type(section).model_validate({**section.model_dump(), **given})
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    return copy
 
 
 @serve_app.command("paramserver")
@@ -39,17 +39,40 @@ def serve_paramserver(
     transport: Annotated[str | None, typer.Option(help="grpc or zmq.")] = None,
     checkpoint_dir: Annotated[str | None, typer.Option(help="Checkpoint folder (resume on start).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N versions.")] = None,
+    secret_file: SecretFileOpt = None,
+    tls_cert: Annotated[
+        str | None,
+        typer.Option(envvar="DLT_TLS_CERT", help="gRPC TLS: the PS's certificate (PEM; `dist-llm-train certs`)."),
+    ] = None,
+    tls_key: Annotated[
+        str | None, typer.Option(envvar="DLT_TLS_KEY", help="gRPC TLS: the PS's private key (PEM).")
+    ] = None,
+    tls_client_ca: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DLT_TLS_CLIENT_CA", help="Mutual TLS: accept only clients with a certificate from this CA (PEM)."
+        ),
+    ] = None,
+    reflection: Annotated[bool, typer.Option(help="Serve gRPC reflection (off by default).")] = False,
+    insecure: InsecureOpt = False,
     log_level: LogLevelOpt = "INFO",
 ) -> None:
-    """Run the parameter server (numpy only; no torch)."""
+    """Run the parameter server (numpy only; no torch). Needs the cluster secret (every call then carries a
+    credential; ZMQ runs CURVE) unless --insecure is given."""
     setup_logging(log_level)
-    ps = _with_overrides(load_or_exit(config).paramserver, {
+    cfg = load_or_exit(config).paramserver
+    ps = _with_overrides(cfg, {
         "host": host,
         "port": port,
         "metrics_port": metrics_port,
         "transport": transport,
         "checkpoint_dir": checkpoint_dir,
         "checkpoint_every": checkpoint_every,
+        "cluster_secret": cluster_secret_or_exit("parameter server", secret_file, cfg.cluster_secret, insecure),
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "tls_client_ca": tls_client_ca,
+        "reflection": reflection or None,
     })
     from dist_llm_train.paramserver.server import serve
 
@@ -67,17 +90,35 @@ def serve_controller(
     scheduler: Annotated[str | None, typer.Option(help="priority, gale-shapley or capability.")] = None,
     heartbeat_interval: Annotated[float | None, typer.Option(help="Seconds between worker heartbeats.")] = None,
     miss_limit: Annotated[int | None, typer.Option(help="Missed heartbeats before a worker is dead.")] = None,
+    secret_file: SecretFileOpt = None,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(envvar="DLT_ADMIN_TOKEN", help="A static operator token accepted besides minted ones."),
+    ] = None,
+    public_metrics: Annotated[
+        bool, typer.Option(envvar="DLT_PUBLIC_METRICS", help="Serve /metrics without a credential.")
+    ] = False,
+    public_docs: Annotated[
+        bool, typer.Option(envvar="DLT_PUBLIC_DOCS", help="Serve /docs, /redoc, /openapi.json without a credential.")
+    ] = False,
+    insecure: InsecureOpt = False,
     log_level: LogLevelOpt = "INFO",
 ) -> None:
-    """Run the controller (FastAPI + SQLite; no torch)."""
+    """Run the controller (FastAPI + SQLite; no torch). Needs the cluster secret (workers then get their own
+    credentials at registration) unless --insecure is given."""
     setup_logging(log_level)
-    c = _with_overrides(load_or_exit(config).controller, {
+    cfg = load_or_exit(config).controller
+    c = _with_overrides(cfg, {
         "host": host,
         "port": port,
         "state_db": state_db,
         "scheduler": scheduler,
         "heartbeat_interval_s": heartbeat_interval,
         "heartbeat_miss_limit": miss_limit,
+        "cluster_secret": cluster_secret_or_exit("controller", secret_file, cfg.cluster_secret, insecure),
+        "auth_token": admin_token,
+        "public_metrics": public_metrics or None,
+        "public_docs": public_docs or None,
     })
     if ps_transport not in ("grpc", "zmq"):
         raise typer.BadParameter("--ps-transport must be grpc or zmq")
@@ -94,7 +135,15 @@ def serve_worker(
     flops: Annotated[float, typer.Option(help="Declared relative compute capability.")] = 100.0,
     bandwidth_mbps: Annotated[float, typer.Option(help="Declared link bandwidth (Mbit/s).")] = 1000.0,
     compute_slowdown: Annotated[float, typer.Option(help="Stretch compute time by this factor (>=1).")] = 1.0,
-    token: Annotated[str | None, typer.Option(envvar="DLT_AUTH_TOKEN", help="Shared API token.")] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="DLT_AUTH_TOKEN", help="Join credential (`dist-llm-train token --role join`); the "
+                     "controller then issues this worker its own."),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(envvar="DLT_AUTH_TOKEN_FILE", help="File holding the join credential.")
+    ] = None,
+    insecure: InsecureOpt = False,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
     # Per-traffic-class URLs, so each class can go through its own shaped relay.
     controller_heartbeat_url: Annotated[
@@ -108,8 +157,20 @@ def serve_worker(
     link_probe_interval: Annotated[float, typer.Option(help="Seconds between link probes.")] = 5.0,
     log_level: LogLevelOpt = "INFO",
 ) -> None:
-    """Run a training worker (needs the [worker] extra: torch)."""
+    """Run a training worker (needs the [worker] extra: torch). Needs a join credential (--token or
+    DLT_AUTH_TOKEN) unless --insecure is given. TLS to the PS: DLT_PS_TLS_CA (+ _CERT, _KEY for mutual TLS)."""
     setup_logging(log_level)
+    if not token and token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as err:
+            raise typer.BadParameter(f"--token-file: {err}") from None
+    if not token and not insecure:
+        from dist_llm_train.cli.common import console
+
+        console.print("[red]refusing to start the worker without a credential[/red]: set --token or "
+                      "DLT_AUTH_TOKEN (`dist-llm-train token --role join`), or pass --insecure (docs/security.md)")
+        raise typer.Exit(2)
     if compute_slowdown < 1.0:
         raise typer.BadParameter("--compute-slowdown must be >= 1")
     from dist_llm_train.worker.agent import WorkerOptions

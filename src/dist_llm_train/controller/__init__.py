@@ -11,7 +11,7 @@ FastAPI, so a worker image can talk to the controller without the server's depen
 """
 
 from dist_llm_train.controller.client import AsyncControllerClient, ControllerClient, ControllerUnavailable, Retry
-from dist_llm_train.controller.errors import BadInput, Conflict, ControllerError, NotFound, UnknownWorker
+from dist_llm_train.controller.errors import BadInput, Conflict, ControllerError, NotFound, Unauthorized, UnknownWorker
 
 __all__ = [
     "AsyncControllerClient",
@@ -22,5 +22,6 @@ __all__ = [
     "ControllerUnavailable",
     "NotFound",
     "Retry",
+    "Unauthorized",
     "UnknownWorker",
 ]

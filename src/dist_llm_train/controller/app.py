@@ -2,8 +2,10 @@
 
 `create_app` wires the store, scheduler, membership sync and failure detector together
 and returns an app whose every error is `{"detail": "<message>"}`: 400 for malformed
-JSON, 401 for a missing token, 404 for unknown ids, 409 for conflicts, 413 for oversize
-bodies, 422 for invalid fields (the message names the field path).
+JSON, 401 for a missing token, 403 for a credential not valid for the route or worker, 404 for
+unknown ids, 409 for conflicts, 413 for oversize bodies, 422 for invalid fields (the message names
+the field path). Authentication and route permissions are `controller.auth`'s, checked before the
+body is read.
 """
 
 from __future__ import annotations
@@ -11,20 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dist_llm_train.config import ControllerConfig
+from dist_llm_train.controller.auth import AuthMiddleware, ControllerAuth
 from dist_llm_train.controller.errors import ControllerError
 from dist_llm_train.controller.failure import FailureDetector
 from dist_llm_train.controller.membership import MembershipNotifier, MembershipSync, PSMembershipNotifier
@@ -47,6 +47,7 @@ class Runtime:
     membership: MembershipSync
     detector: FailureDetector
     registry: CollectorRegistry
+    auth: ControllerAuth
 
     @property
     def store(self) -> Store:
@@ -58,19 +59,11 @@ class Runtime:
         self.store.close()
 
 
-_bearer = HTTPBearer(auto_error=False, description="The shared token from controller.auth_token.")
-
-
-def _bearer_guard(token: str) -> Callable[..., None]:
-    def guard(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        if credentials is None or not secrets.compare_digest(
-            credentials.credentials.encode(), token.encode()
-        ):
-            raise StarletteHTTPException(
-                401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"}
-            )
-
-    return guard
+# Documents the bearer scheme in the OpenAPI schema; `AuthMiddleware` has checked the token before any route runs.
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="A credential of this cluster (docs/security.md): admin, join (register only), or a worker's own.",
+)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
@@ -110,6 +103,7 @@ def create_app(
     `app.state.runtime.detector.tick()` instead of sleeping. Call
     `app.state.runtime.close()` when done with the app.
     """
+    auth = ControllerAuth(cfg, ps_transport, clock)
     store = Store(cfg.state_db)
     service = ControllerService(
         store,
@@ -120,12 +114,14 @@ def create_app(
         max_task_attempts,
     )
     membership = MembershipSync(
-        notifier or PSMembershipNotifier(ps_transport, ps_address), service.desired_members
+        notifier or PSMembershipNotifier(ps_transport, ps_address, token=auth.controller_token(),
+                                         curve_server_key=auth.curve_server_key),
+        service.desired_members,
     )
     detector = FailureDetector(service, membership)
     service.on_change = detector.wake
     registry, latency = make_registry(service, membership)
-    runtime = Runtime(service, membership, detector, registry)
+    runtime = Runtime(service, membership, detector, registry, auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -147,9 +143,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.runtime = runtime
-    guard = [Depends(_bearer_guard(cfg.auth_token))] if cfg.auth_token else []
+    guard = [Depends(_bearer)] if auth.enabled else []
     app.include_router(router, dependencies=guard)
     _install_error_handlers(app)
+    # The last added runs first: metrics (timing, the 413) wrap auth, which wraps the app.
+    app.add_middleware(AuthMiddleware, auth=auth)
     app.add_middleware(RequestMetricsMiddleware, latency=latency, max_body_bytes=max_body_bytes)
 
     # exclude_unset: a worker's PS-only fields are absent, not null, until the PS has reported on it

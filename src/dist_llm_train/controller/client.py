@@ -36,7 +36,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from dist_llm_train.controller.errors import BadInput, Conflict, ControllerError, NotFound, UnknownWorker
+from dist_llm_train.controller.errors import BadInput, Conflict, ControllerError, NotFound, Unauthorized, UnknownWorker
 from dist_llm_train.controller.models import (
     AssignmentsOut,
     HealthOut,
@@ -123,6 +123,7 @@ class _Call(Generic[T]):
     params: Mapping[str, int] | None = None
     traffic_class: ControllerTrafficClass = "task"
     names_worker: bool = False  # the path names the calling worker: a 404 means the controller does not know it
+    joins: bool = False  # registration: sent with the join credential, not the worker's own
 
     def json_body(self) -> Any:
         # Only the fields the caller set: the controller fills in its own defaults, as for any other client.
@@ -153,7 +154,7 @@ def _worker_call(method: Literal["GET", "POST"], worker_id: str, action: str, re
 
 
 def _register(worker: RegisterIn) -> _Call[RegisterOut]:
-    return _Call("POST", "/v1/workers/register", _model(RegisterOut), body=worker)
+    return _Call("POST", "/v1/workers/register", _model(RegisterOut), body=worker, joins=True)
 
 
 def _heartbeat(worker_id: str, state: WorkerActivity | None) -> _Call[HeartbeatOut]:
@@ -215,7 +216,9 @@ def _metrics() -> _Call[str]:
 
 
 # -- replies ------------------------------------------------------------------------------------------------
-_ERROR_BY_STATUS: dict[int, type[ControllerError]] = {404: NotFound, 409: Conflict, 422: BadInput}
+_ERROR_BY_STATUS: dict[int, type[ControllerError]] = {
+    401: Unauthorized, 404: NotFound, 409: Conflict, 422: BadInput
+}
 
 
 def _detail(response: httpx.Response) -> str:
@@ -238,7 +241,11 @@ def _read_reply(call: _Call[T], response: httpx.Response) -> T:
 
 
 class _BaseControllerClient(Generic[HttpClient], ABC):
-    """What both clients share: where each traffic class goes, the token, and the per-class httpx clients."""
+    """What both clients share: where each traffic class goes, the tokens, and the per-class httpx clients.
+
+    `token` is sent with every call; it is also the join credential registration is sent with. After
+    registering, a worker switches to the credential the controller issued it with `use_token`.
+    """
 
     def __init__(
         self,
@@ -251,6 +258,7 @@ class _BaseControllerClient(Generic[HttpClient], ABC):
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._join_headers = dict(self._headers)
         self._timeout_s = timeout_s
         self._retry = retry
         self._class_urls = {cls: url.rstrip("/") for cls, url in (class_urls or {}).items()}
@@ -258,6 +266,15 @@ class _BaseControllerClient(Generic[HttpClient], ABC):
 
     def _url_for(self, traffic_class: ControllerTrafficClass) -> str:
         return self._class_urls.get(traffic_class, self.base_url)
+
+    def use_token(self, token: str) -> None:
+        """Send `token` with every call from now on (registration keeps the join credential given at start)."""
+        self._headers["Authorization"] = f"Bearer {token}"
+        for http in self._clients.values():
+            http.headers["Authorization"] = f"Bearer {token}"
+
+    def _headers_for(self, call: _Call[Any]) -> dict[str, str] | None:
+        return self._join_headers if call.joins else None
 
     @abstractmethod
     def _open(self, traffic_class: ControllerTrafficClass) -> HttpClient:
@@ -295,7 +312,10 @@ class ControllerClient(_BaseControllerClient[httpx.Client]):
     def _open(self, traffic_class: ControllerTrafficClass) -> httpx.Client:
         transport = self._transport_for(traffic_class) if self._transport_for is not None else None
         return httpx.Client(
-            base_url=self._url_for(traffic_class), headers=self._headers, timeout=self._timeout_s, transport=transport
+            base_url=self._url_for(traffic_class),
+            headers=dict(self._headers),
+            timeout=self._timeout_s,
+            transport=transport,
         )
 
     def _send(self, call: _Call[T]) -> T:
@@ -303,7 +323,7 @@ class ControllerClient(_BaseControllerClient[httpx.Client]):
         while True:
             try:
                 response = self._http(call.traffic_class).request(
-                    call.method, call.path, json=call.json_body(), params=call.params
+                    call.method, call.path, json=call.json_body(), params=call.params, headers=self._headers_for(call)
                 )
             except httpx.TransportError as err:
                 time.sleep(backoff.next_wait(err))
@@ -404,7 +424,10 @@ class AsyncControllerClient(_BaseControllerClient[httpx.AsyncClient]):
     def _open(self, traffic_class: ControllerTrafficClass) -> httpx.AsyncClient:
         transport = self._transport_for(traffic_class) if self._transport_for is not None else None
         return httpx.AsyncClient(
-            base_url=self._url_for(traffic_class), headers=self._headers, timeout=self._timeout_s, transport=transport
+            base_url=self._url_for(traffic_class),
+            headers=dict(self._headers),
+            timeout=self._timeout_s,
+            transport=transport,
         )
 
     async def _send(self, call: _Call[T]) -> T:
@@ -412,7 +435,7 @@ class AsyncControllerClient(_BaseControllerClient[httpx.AsyncClient]):
         while True:
             try:
                 response = await self._http(call.traffic_class).request(
-                    call.method, call.path, json=call.json_body(), params=call.params
+                    call.method, call.path, json=call.json_body(), params=call.params, headers=self._headers_for(call)
                 )
             except httpx.TransportError as err:
                 await asyncio.sleep(backoff.next_wait(err))

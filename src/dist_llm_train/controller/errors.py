@@ -20,6 +20,12 @@ class ControllerError(Exception):
             self.status_code = status_code
 
 
+class Unauthorized(ControllerError):
+    """401: no valid credential (missing, foreign, or expired): a worker registers again with its join credential."""
+
+    status_code = 401
+
+
 class NotFound(ControllerError):
     status_code = 404
 

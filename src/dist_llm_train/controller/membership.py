@@ -31,17 +31,31 @@ class MembershipNotifier(Protocol):
 class PSMembershipNotifier:
     """The production notifier: `paramserver.client.connect(...).set_members`, reconnecting after errors."""
 
-    def __init__(self, transport: str, address: str, timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        transport: str,
+        address: str,
+        timeout_s: float = 2.0,
+        *,
+        token: str | None = None,
+        curve_server_key: str | None = None,
+    ) -> None:
+        """`token`: the controller's own PS credential (SetMembers, GetStats); TLS files come from DLT_PS_TLS_*."""
         self.transport = transport
         self.address = address
         self.timeout_s = timeout_s
+        self.token = token
+        self.curve_server_key = curve_server_key
         self._client: Any = None
         self._lock = threading.Lock()
 
     def _connect(self) -> Any:
-        from dist_llm_train.paramserver.transport.client import connect  # imported late: the PS client is optional here
+        # imported late: the PS client is optional here
+        from dist_llm_train.paramserver.transport.client import connect
+        from dist_llm_train.paramserver.transport.security import PSCredentials
 
-        return connect(self.transport, self.address, timeout_s=self.timeout_s)
+        credentials = PSCredentials.from_env(self.token, self.curve_server_key)
+        return connect(self.transport, self.address, timeout_s=self.timeout_s, credentials=credentials)
 
     def set_members(self, job_id: str, members: list[str]) -> Any:
         with self._lock:

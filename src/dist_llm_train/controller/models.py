@@ -35,6 +35,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, why in (
         (400, "Malformed JSON body"),
         (401, "Missing or invalid bearer token (when auth is configured)"),
+        (403, "The credential is valid but not for this route or this worker"),
         (404, "Unknown worker, job or task"),
         (409, "Conflicts with the current state"),
         (413, "Request body too large"),
@@ -56,6 +57,10 @@ class RegisterOut(BaseModel):
     worker_id: str
     heartbeat_interval_s: float
     heartbeat_miss_limit: int
+    token: str | None = Field(
+        None, description="This worker's own credential (when the controller has a cluster secret): send it as the "
+        "bearer token from now on; it is valid for this worker_id only",
+    )
 
 
 WorkerActivity = Literal["idle", "training"]
@@ -142,6 +147,10 @@ class TaskOut(BaseModel):
 class PSEndpointOut(BaseModel):
     transport: str
     address: str
+    token: str | None = Field(
+        None, description="The worker's credential for this job on the PS (when the cluster has a secret)"
+    )
+    curve_server_key: str | None = Field(None, description="The PS's Z85 CURVE public key (zmq with a secret)")
 
 
 class AssignedJobOut(BaseModel):

@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, Response
 
+from dist_llm_train.controller.auth import ControllerAuth, require_name, require_worker
 from dist_llm_train.controller.models import (
     ERROR_RESPONSES,
     AssignedJobOut,
@@ -39,15 +40,23 @@ def _svc(request: Request) -> ControllerService:
     return svc
 
 
+def _auth(request: Request) -> ControllerAuth:
+    auth: ControllerAuth = request.app.state.runtime.auth
+    return auth
+
+
 @router.post("/workers/register", response_model=RegisterOut, tags=["workers"])
 def register_worker(body: RegisterIn, request: Request) -> RegisterOut:
-    """Idempotent by name: the same name gets the same id back and is alive again."""
+    """Idempotent by name: the same name gets the same id back and is alive again. With a cluster secret the
+    reply carries the worker's own credential, valid for this worker_id only."""
+    require_name(request, body.name)
     svc = _svc(request)
     w = svc.register(body)
     return RegisterOut(
         worker_id=w.worker_id,
         heartbeat_interval_s=svc.cfg.heartbeat_interval_s,
         heartbeat_miss_limit=svc.cfg.heartbeat_miss_limit,
+        token=_auth(request).issue_worker_token(w.worker_id),
     )
 
 
@@ -67,10 +76,19 @@ def telemetry(worker_id: str, body: TelemetryIn, request: Request) -> Response:
 
 @router.get("/workers/{worker_id}/assignments", response_model=AssignmentsOut, tags=["workers"])
 def assignments(worker_id: str, request: Request) -> AssignmentsOut:
-    """Every task the worker holds, with each job's config and PS endpoint (runs a scheduling pass)."""
-    svc = _svc(request)
+    """Every task the worker holds, with each job's config and PS endpoint (runs a scheduling pass); with a
+    cluster secret, each job's endpoint carries the worker's PS credential for that job."""
+    svc, auth = _svc(request), _auth(request)
     held, jobs = svc.assignments(worker_id)
-    ps = PSEndpointOut(transport=svc.paramserver.transport, address=svc.paramserver.address)
+
+    def ps(job_id: str) -> PSEndpointOut:
+        return PSEndpointOut(
+            transport=svc.paramserver.transport,
+            address=svc.paramserver.address,
+            token=auth.issue_ps_token(worker_id, job_id),
+            curve_server_key=auth.curve_server_key,
+        )
+
     # The job's members travel with the assignment so the worker that creates the job on the PS can name them:
     # the very first sync round then waits for everyone, not only for whoever pushed first.
     members = svc.desired_members()
@@ -80,7 +98,9 @@ def assignments(worker_id: str, request: Request) -> AssignmentsOut:
             for t, j in held
         ],
         jobs={
-            jid: AssignedJobOut(**j.config, name=j.name, job_id=jid, paramserver=ps, members=members.get(jid, []))
+            jid: AssignedJobOut(
+                **j.config, name=j.name, job_id=jid, paramserver=ps(jid), members=members.get(jid, [])
+            )
             for jid, j in jobs.items()
         },
     )
@@ -88,6 +108,7 @@ def assignments(worker_id: str, request: Request) -> AssignmentsOut:
 
 @router.post("/tasks/{task_id}/complete", response_model=OkOut, tags=["tasks"])
 def complete_task(task_id: str, body: TaskDoneIn, request: Request) -> OkOut:
+    require_worker(request, body.worker_id)
     task = _svc(request).complete_task(task_id, body.worker_id)
     return OkOut(ok=True, task_id=task.task_id, state=task.state)
 
@@ -95,6 +116,7 @@ def complete_task(task_id: str, body: TaskDoneIn, request: Request) -> OkOut:
 @router.post("/tasks/{task_id}/fail", response_model=OkOut, tags=["tasks"])
 def fail_task(task_id: str, body: TaskFailIn, request: Request) -> OkOut:
     """The task goes back to pending with its attempt counted."""
+    require_worker(request, body.worker_id)
     task = _svc(request).fail_task(task_id, body.worker_id, body.reason)
     return OkOut(ok=True, task_id=task.task_id, state=task.state)
 

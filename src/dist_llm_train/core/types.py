@@ -18,7 +18,8 @@ class ErrorCode(StrEnum):
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"  # wrong length, NaN/Inf, malformed header, bad codec meta
     NOT_FOUND = "NOT_FOUND"  # unknown job
-    PERMISSION_DENIED = "PERMISSION_DENIED"  # worker is not a member of the job
+    UNAUTHENTICATED = "UNAUTHENTICATED"  # no credential, or one this cluster did not sign
+    PERMISSION_DENIED = "PERMISSION_DENIED"  # not a member of the job, or a credential not valid for the call
     FAILED_PRECONDITION = "FAILED_PRECONDITION"  # InitJob with a different layout than the existing job
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # message or payload over the configured maximum
     UNAVAILABLE = "UNAVAILABLE"  # transport could not reach the server

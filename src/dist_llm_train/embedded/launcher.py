@@ -34,6 +34,7 @@ from dist_llm_train.controller.errors import ControllerError
 from dist_llm_train.controller.models import JobIn
 from dist_llm_train.core.types import ErrorCode, PSError
 from dist_llm_train.embedded.availability import AvailabilityDriver, availability_report
+from dist_llm_train.embedded.credentials import RunCredentials
 from dist_llm_train.embedded.processes import Child, ProcessGroup, cli_command, free_port
 from dist_llm_train.embedded.report import RunSummary, strategy_summary, total_bytes, write_report
 from dist_llm_train.embedded.supervision import RestartEvent, RestartPolicy, Supervisor
@@ -88,6 +89,7 @@ class EmbeddedRun:
         self.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         self.run_dir = opts.runs_dir / self.run_id
         self.procs = ProcessGroup(self.run_dir / "logs", env={"PYTHONUNBUFFERED": "1"})
+        self.credentials = RunCredentials()  # secure by default: a fresh cluster secret for this run only
         self.transport = self.cfg.paramserver.transport
         self.ps_address = ""
         self.controller_url = ""
@@ -127,12 +129,13 @@ class EmbeddedRun:
                 "--checkpoint-dir", str(self.run_dir / "checkpoints"),
                 "--checkpoint-every", str(self.cfg.paramserver.checkpoint_every),
             ),
+            env=self.credentials.service_env(),
         )
         self._wait_paramserver(child)
         self.supervisor.watch(child, self._revive_paramserver)
 
     def _wait_paramserver(self, child: Child, timeout_s: float = 60.0) -> None:
-        client = connect(self.transport, self.ps_address, timeout_s=2.0)
+        client = self._ps_client(timeout_s=2.0)
         try:
             self.procs.wait_ready(child, lambda: client.stats() is not None, timeout_s)
         finally:
@@ -168,17 +171,26 @@ class EmbeddedRun:
                 "--heartbeat-interval", str(self.opts.heartbeat_interval_s),
                 "--miss-limit", str(self.cfg.controller.heartbeat_miss_limit),
             ),
+            env=self.credentials.service_env(),
         )
         self._wait_controller(child)
         self.supervisor.watch(child, self._revive_controller)
 
     def _wait_controller(self, child: Child, timeout_s: float = 60.0) -> None:
-        with ControllerClient(self.controller_url, timeout_s=1) as probe:
+        with self._controller(timeout_s=1) as probe:
             self.procs.wait_ready(child, lambda: probe.readyz().ready, timeout_s)
 
     def _revive_controller(self, child: Child) -> None:
         self.procs.restart(child)  # same port and SQLite file: jobs, tasks and workers as they were
         self._wait_controller(child, self.opts.restart_policy.ready_timeout_s)
+
+    def _controller(self, timeout_s: float = 10.0) -> ControllerClient:
+        """The launcher's client of the controller, with the run's admin credential."""
+        return ControllerClient(self.controller_url, token=self.credentials.admin_token, timeout_s=timeout_s)
+
+    def _ps_client(self, timeout_s: float = 30.0) -> Any:
+        return connect(self.transport, self.ps_address, timeout_s=timeout_s,
+                       credentials=self.credentials.ps_credentials(self.transport))
 
     # --- netem: the shaper child sits between the workers and the controller/PS -------------------
     def _start_shaper(self) -> None:
@@ -200,7 +212,7 @@ class EmbeddedRun:
     def _start_worker(self, i: int) -> Child:
         """Start worker i (again, after an availability leave: same name, same command, same log file)."""
         name = f"worker-{i}"
-        child = self.procs.start(name, self._worker_command(i))
+        child = self.procs.start(name, self._worker_command(i), env=self.credentials.worker_env(name))
         self.workers = [w for w in self.workers if w.name != name] + [child]
         return child
 
@@ -217,7 +229,7 @@ class EmbeddedRun:
     def _worker_training(self, i: int) -> bool | None:
         """Whether worker i holds a task of the job as the controller sees it (None: could not ask)."""
         try:
-            with ControllerClient(self.controller_url, timeout_s=2) as controller:
+            with self._controller(timeout_s=2) as controller:
                 workers = controller.status().workers
         except Exception:
             return None
@@ -246,7 +258,7 @@ class EmbeddedRun:
         With an availability trace: every worker present at time 0 (the others are not there yet)."""
         deadline = time.monotonic() + timeout_s
         expected = len(self.workers)
-        with ControllerClient(self.controller_url, timeout_s=5) as controller:
+        with self._controller(timeout_s=5) as controller:
             while time.monotonic() < deadline:
                 if sum(1 for w in controller.status().workers if w.state == "alive") >= expected:
                     return
@@ -268,7 +280,7 @@ class EmbeddedRun:
             num_tasks=self.opts.workers,
         )
         try:
-            with ControllerClient(self.controller_url) as controller:
+            with self._controller() as controller:
                 self.job_id = controller.submit_job(job).job_id
         except ControllerError as err:  # RuntimeError: what `run` reports as a failed run
             raise RuntimeError(f"job submission refused: {err.status_code} {err.message}") from err
@@ -358,8 +370,8 @@ class EmbeddedRun:
                 self.churn.start(submitted)
             initial_loss, floor = self._evaluate(None)
             snap = Snapshot(total_steps=self.cfg.training.versions, loss_floor=floor)  # diloco: rounds
-            ps = connect(self.transport, self.ps_address)
-            with ControllerClient(self.controller_url) as controller:
+            ps = self._ps_client()
+            with self._controller() as controller:
                 deadline = started + self.opts.timeout_s
                 while snap.job_state not in TERMINAL_JOB_STATES:
                     if time.monotonic() > deadline:

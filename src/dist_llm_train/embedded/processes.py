@@ -65,6 +65,8 @@ class Child:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0  # 1 after the first start; each supervised restart adds one
+    # What `start` added to the group's environment for this child (its credential): a restart passes it again.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
     _log_file: IO[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -92,9 +94,10 @@ class ProcessGroup:
         self.stopping = False  # set by stop_all: from then on a supervisor must not restart anyone
         self._lock = threading.Lock()  # start/restart (a supervisor thread) against stop_all
 
-    def start(self, name: str, argv: Sequence[str]) -> Child:
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Child:
+        """Start `argv` as child `name`; `env` adds to the group's environment for this child only."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        child = Child(name=name, argv=list(argv), log_path=self.log_dir / f"{name}.log")
+        child = Child(name=name, argv=list(argv), log_path=self.log_dir / f"{name}.log", env=dict(env or {}))
         with self._lock:
             self._spawn(child)
             self.children.append(child)
@@ -111,7 +114,7 @@ class ProcessGroup:
             stdout=child._log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=self.env,
+            env={**self.env, **child.env} if child.env else self.env,
             start_new_session=True,
         )
         child.starts += 1

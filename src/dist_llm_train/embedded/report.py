@@ -267,7 +267,11 @@ def restarts_markdown(rs: dict[str, Any]) -> list[str]:
 
 def write_report(run_dir: Path, cfg: Config, rows: list[dict[str, Any]], summary: RunSummary) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    # Never a secret in the run folder (a config may carry one; the run itself uses its own, docs/security.md).
+    secrets = {"controller": {"cluster_secret", "auth_token"}, "paramserver": {"cluster_secret"}}
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json", exclude=secrets), sort_keys=False)
+    )
     write_metrics_csv(run_dir / "metrics.csv", rows)
     (run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     (run_dir / "summary.md").write_text(markdown_summary(summary))

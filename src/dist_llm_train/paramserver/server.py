@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Protocol
 
 from dist_llm_train.config import ParamServerConfig
+from dist_llm_train.core.credentials import TokenAuthority
 from dist_llm_train.paramserver.checkpoint import Checkpointer, load_all
 from dist_llm_train.paramserver.job import ParameterStore
 from dist_llm_train.paramserver.metrics import MetricsHTTPServer, PSMetrics
 from dist_llm_train.paramserver.transport.grpc_server import GrpcServer
+from dist_llm_train.paramserver.transport.security import ServerSecurity, TLSFiles
 from dist_llm_train.paramserver.transport.zmq_server import ZmqServer
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,13 @@ async def _expire_rounds(store: ParameterStore) -> None:
         await asyncio.sleep(wait)
 
 
+def server_security(cfg: ParamServerConfig) -> ServerSecurity:
+    """Tokens (and ZMQ CURVE) from the cluster secret, TLS from the certificate files; off when unset."""
+    authority = TokenAuthority(cfg.cluster_secret) if cfg.cluster_secret else None
+    tls = TLSFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert and cfg.tls_key else None
+    return ServerSecurity(authority, tls)
+
+
 async def start_server(cfg: ParamServerConfig, *, with_metrics: bool = True) -> RunningServer:
     max_bytes = cfg.max_message_mb << 20
     metrics = PSMetrics()
@@ -110,10 +119,13 @@ async def start_server(cfg: ParamServerConfig, *, with_metrics: bool = True) -> 
                 "resumed job %s at version %d from %s", snap.spec.job_id, snap.version, cfg.checkpoint_dir
             )
     transport: _Transport
+    security = server_security(cfg)
     if cfg.transport == "grpc":
-        transport = GrpcServer(store, metrics, cfg.host, cfg.port, cfg.chunk_bytes, max_bytes)
+        transport = GrpcServer(
+            store, metrics, cfg.host, cfg.port, cfg.chunk_bytes, max_bytes, security, reflection=cfg.reflection
+        )
     else:
-        transport = ZmqServer(store, metrics, cfg.host, cfg.port, max_bytes)
+        transport = ZmqServer(store, metrics, cfg.host, cfg.port, max_bytes, security)
     await transport.start()
     metrics_http = MetricsHTTPServer(metrics, cfg.host, cfg.metrics_port) if with_metrics else None
     running = RunningServer(cfg, store, metrics, transport, metrics_http, checkpointer)

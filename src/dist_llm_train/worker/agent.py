@@ -18,7 +18,8 @@ from typing import Any
 
 from dist_llm_train.config import ConfigError, parse_config
 from dist_llm_train.controller.models import AssignedJobOut, RegisterIn, TaskOut, TelemetryIn, WorkerActivity
-from dist_llm_train.worker.controller_api import ControllerAPI, ControllerGone, UnknownWorker
+from dist_llm_train.paramserver.transport.security import PSCredentials
+from dist_llm_train.worker.controller_api import ControllerAPI, ControllerGone, Unauthorized, UnknownWorker
 from dist_llm_train.worker.links import WorkerLinks
 from dist_llm_train.worker.metrics import WorkerMetrics
 from dist_llm_train.worker.training_loop import TrainingContext, TrainingOutcome, run_training
@@ -34,7 +35,7 @@ class WorkerOptions:
     flops: float = 100.0
     bandwidth_mbps: float = 1000.0
     compute_slowdown: float = 1.0
-    auth_token: str | None = None
+    auth_token: str | None = None  # the join credential (or an operator token): registration is sent with it
     poll_interval_s: float = 0.5
     exit_when_idle_after_job: bool = False
     metrics_port: int | None = None
@@ -76,6 +77,8 @@ class WorkerAgent:
             )
         )
         self.worker_id = reply.worker_id
+        if reply.token:  # the controller issued this worker its own credential: every later call carries it
+            self.api.use_token(reply.token)
         self.heartbeat_interval_s = reply.heartbeat_interval_s
         log.info("registered as %s (%s)", self.opts.name, self.worker_id)
 
@@ -84,8 +87,9 @@ class WorkerAgent:
             try:
                 assert self.worker_id is not None
                 await self.api.heartbeat(self.worker_id, self.state)
-            except UnknownWorker:
-                log.warning("controller forgot this worker; re-registering")
+            except (UnknownWorker, Unauthorized) as err:
+                # Forgotten (state reset) or credential refused (expired, secret rotated): join again.
+                log.warning("controller refused this worker (%s); re-registering", err)
                 await self._register()
             except Exception as err:  # keep beating through transient controller errors
                 log.warning("heartbeat failed: %s", err)
@@ -141,9 +145,10 @@ class WorkerAgent:
             compute_slowdown=self.opts.compute_slowdown,
             members=job.members,
             worker_name=self.opts.name,
+            ps_credentials=PSCredentials.from_env(ps.token, ps.curve_server_key),
         )
         if self.links is not None:
-            self.links.use_paramserver(ctx.ps_transport, ctx.ps_address)
+            self.links.use_paramserver(ctx.ps_transport, ctx.ps_address, ctx.ps_credentials, job_id)
         loop = asyncio.get_running_loop()
         self.state = "training"
         log.info("training job %s on shards %s of %d", job_id, sorted(ctx.shard_ids), ctx.num_shards)
@@ -217,7 +222,7 @@ class WorkerAgent:
                 assert self.worker_id is not None
                 try:
                     current = await self.api.assignments(self.worker_id)
-                except UnknownWorker:
+                except (UnknownWorker, Unauthorized):
                     await self._register()
                     continue
                 except ControllerGone:

@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 
 from dist_llm_train.controller.client import AsyncControllerClient, ControllerTrafficClass, ControllerUnavailable, Retry
-from dist_llm_train.controller.errors import UnknownWorker
+from dist_llm_train.controller.errors import Unauthorized, UnknownWorker
 from dist_llm_train.netem.profile.classes import tos_byte
 
-__all__ = ["ControllerAPI", "ControllerGone", "UnknownWorker"]
+__all__ = ["ControllerAPI", "ControllerGone", "Unauthorized", "UnknownWorker"]
 
 ControllerGone = ControllerUnavailable
 """What the agent catches: the controller did not answer within the retry budget, or the worker is stopping."""

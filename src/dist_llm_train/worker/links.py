@@ -15,12 +15,15 @@ import functools
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
 from dist_llm_train.netem.measure.link_monitor import LinkMonitor, Probe
 from dist_llm_train.worker.controller_api import ControllerAPI
+
+if TYPE_CHECKING:
+    from dist_llm_train.paramserver.transport.security import PSCredentials
 
 log = logging.getLogger(__name__)
 PROBE_JOB = "__dlt_link_probe__"
@@ -47,15 +50,20 @@ class WorkerLinks:
     ) -> WorkerLinks:
         return cls(LinkMonitor.from_file(path, node, registry), api, interval_s)
 
-    def use_paramserver(self, transport: str, address: str) -> None:
-        """Probe ps_sync through `address` (the relay) with a client of its own, separate from training's."""
+    def use_paramserver(
+        self, transport: str, address: str, credentials: PSCredentials | None = None, job_id: str = PROBE_JOB
+    ) -> None:
+        """Probe ps_sync through `address` (the relay) with a client of its own, separate from training's.
+        The probe is a `GetStats` of `job_id`: a secured PS answers a worker's only for its own job."""
         from dist_llm_train.paramserver.transport.client import connect
 
         self.close_paramserver()
         with self._ps_lock:
             # Small messages only; the different limit also gives the probe a connection of its own (gRPC
             # shares one between channels with identical arguments), so it never waits behind a bulk push.
-            self._ps = connect(transport, address, timeout_s=10.0, max_message_bytes=PROBE_MAX_MESSAGE_BYTES)
+            self._ps = connect(
+                transport, address, timeout_s=10.0, max_message_bytes=PROBE_MAX_MESSAGE_BYTES, credentials=credentials
+            )
 
         first = [True]
 
@@ -64,7 +72,7 @@ class WorkerLinks:
                 if self._ps is None:
                     raise RuntimeError("no parameter server client")
                 t0 = time.perf_counter()
-                self._ps.stats(PROBE_JOB)
+                self._ps.stats(job_id)
                 elapsed = time.perf_counter() - t0
             fresh, first[0] = first[0], False
             return None if fresh else elapsed  # the first call also set the connection up

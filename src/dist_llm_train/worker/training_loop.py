@@ -37,6 +37,7 @@ from dist_llm_train.core.types import (
     PushResult,
 )
 from dist_llm_train.paramserver.transport.client import PSClient, connect
+from dist_llm_train.paramserver.transport.security import PSCredentials
 from dist_llm_train.training.data import make_dataset
 from dist_llm_train.training.flat import flatten_params, layout_of
 from dist_llm_train.training.trainer import LocalTrainer
@@ -61,6 +62,7 @@ class TrainingContext:
     telemetry_every: int = 1
     members: list[str] = field(default_factory=list)
     worker_name: str = ""  # attackers may be chosen by name (training.attacker_workers)
+    ps_credentials: PSCredentials | None = None  # this job's PS credential (from the assignment) and TLS files
 
 
 @dataclass
@@ -124,7 +126,7 @@ def run_training(
     trainer = LocalTrainer(cfg.model, cfg.training, dataset, sorted(ctx.shard_ids), num_shards=ctx.num_shards)
     owned = set(ctx.shard_ids)
     spec = cfg.training.job_spec(ctx.job_id)
-    ps = client or connect(ctx.ps_transport, ctx.ps_address)
+    ps = client or connect(ctx.ps_transport, ctx.ps_address, credentials=ctx.ps_credentials)
     # Strategy, attack, local DP, codec + error feedback: one pipeline, fixed for the job.
     pipeline = cfg.training.worker_update(
         worker_name=ctx.worker_name, shard_ids=sorted(ctx.shard_ids), num_shards=ctx.num_shards

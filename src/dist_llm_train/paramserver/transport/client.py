@@ -28,6 +28,7 @@ from dist_llm_train.core.types import (
     PushResult,
     TensorSpec,
 )
+from dist_llm_train.paramserver.transport.security import PSCredentials
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
@@ -100,17 +101,21 @@ def connect(
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    credentials: PSCredentials | None = None,
 ) -> PSClient:
     """A client for `address` ("host:port"). Connecting is lazy: an unreachable server shows
-    up as PSError(UNAVAILABLE) on the first call, never here."""
+    up as PSError(UNAVAILABLE) on the first call, never here. `credentials`: the token (and the
+    PS's CURVE key or TLS files) a secured PS asks for (`transport.security`)."""
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     if transport == "grpc":
         from dist_llm_train.paramserver.transport.grpc_client import GrpcPSClient
 
-        return GrpcPSClient(address, timeout_s, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes)
+        return GrpcPSClient(
+            address, timeout_s, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes, credentials=credentials
+        )
     if transport == "zmq":
         from dist_llm_train.paramserver.transport.zmq_client import ZmqPSClient
 
-        return ZmqPSClient(address, timeout_s)
+        return ZmqPSClient(address, timeout_s, credentials)
     raise ValueError(f"unknown transport {transport!r} (grpc, zmq)")

@@ -27,6 +27,7 @@ from dist_llm_train.core.types import (
 )
 from dist_llm_train.paramserver.transport import wire
 from dist_llm_train.paramserver.transport.client import PSClient, as_float32
+from dist_llm_train.paramserver.transport.security import PSCredentials
 from dist_llm_train.proto import paramserver_pb2 as pb
 from dist_llm_train.proto import paramserver_pb2_grpc as pb_grpc
 
@@ -39,6 +40,24 @@ def _chunks(data: memoryview, size: int) -> Iterator[bytes]:
         yield wire.encode_data_chunk(data[start : start + size])
 
 
+def _open_channel(address: str, options: list[tuple[str, object]], creds: PSCredentials) -> grpc.Channel:
+    """Plaintext, or TLS when the credentials name the CA (mutual TLS when they also carry a client cert)."""
+    if creds.tls_ca is None:
+        return grpc.insecure_channel(address, options=options)
+    with open(creds.tls_ca, "rb") as f:
+        ca = f.read()
+    key = cert = None
+    if creds.tls_cert and creds.tls_key:
+        with open(creds.tls_key, "rb") as f:
+            key = f.read()
+        with open(creds.tls_cert, "rb") as f:
+            cert = f.read()
+    tls = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    if creds.tls_server_name:
+        options = [*options, ("grpc.ssl_target_name_override", creds.tls_server_name)]
+    return grpc.secure_channel(address, tls, options=options)
+
+
 class GrpcPSClient(PSClient):
     def __init__(
         self,
@@ -48,14 +67,18 @@ class GrpcPSClient(PSClient):
         chunk_bytes: int,
         max_message_bytes: int,
         unary_push: bool = True,
+        credentials: PSCredentials | None = None,
     ) -> None:
-        """`unary_push=False` streams every push (for comparisons; the stream is the slower path)."""
+        """`unary_push=False` streams every push (for comparisons; the stream is the slower path).
+        `credentials`: the bearer token sent with every call, and TLS when it names a CA."""
         super().__init__()
         self.address = address
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
         self._message_limit = max(max_message_bytes, chunk_bytes) + wire.FRAMING_SLACK
-        self._channel = grpc.insecure_channel(address, options=wire.channel_options(self._message_limit))
+        creds = credentials or PSCredentials()
+        self._metadata = creds.metadata
+        self._channel = _open_channel(address, wire.channel_options(self._message_limit), creds)
         self._unary_push = unary_push  # turned off when a server answers UNIMPLEMENTED
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         # Bulk methods take/return serialized chunks, skipping a protobuf copy of every chunk.
@@ -103,7 +126,7 @@ class GrpcPSClient(PSClient):
             yield pb.InitJobChunk(header=header).SerializeToString()
             yield from _chunks(flat.data.cast("B"), self.chunk_bytes)
 
-        resp = self._call(lambda: self._init_raw(stream(), timeout=self.timeout_s))
+        resp = self._call(lambda: self._init_raw(stream(), timeout=self.timeout_s, metadata=self._metadata))
         self._count(sent=flat.nbytes)
         return InitResult(created=resp.created, version=resp.version)
 
@@ -125,7 +148,9 @@ class GrpcPSClient(PSClient):
         )
 
         def collect() -> PulledParams:
-            stream = self._pull_raw(request, timeout=self.timeout_s + max(wait_timeout_s, 0.0))
+            stream = self._pull_raw(
+                request, timeout=self.timeout_s + max(wait_timeout_s, 0.0), metadata=self._metadata
+            )
             header: pb.ParamHeader | None = None
             buf = bytearray()
             filled = 0
@@ -174,14 +199,14 @@ class GrpcPSClient(PSClient):
                 yield pb.PushChunk(header=wire.header_to_pb(header)).SerializeToString()
                 yield from _chunks(data, self.chunk_bytes)
 
-            resp = self._call(lambda: self._push_raw(stream(), timeout=self.timeout_s))
+            resp = self._call(lambda: self._push_raw(stream(), timeout=self.timeout_s, metadata=self._metadata))
         self._count(sent=len(payload))
         return wire.result_from_pb(resp)
 
     def _push_unary(self, request: bytes) -> pb.PushResponse | None:
         """The unary push's reply, or None (and streams from now on) if the server lacks it."""
         try:
-            resp: pb.PushResponse = self._push_unary_raw(request, timeout=self.timeout_s)
+            resp: pb.PushResponse = self._push_unary_raw(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as err:
             if isinstance(err, grpc.Call) and err.code() is grpc.StatusCode.UNIMPLEMENTED:
                 self._unary_push = False
@@ -192,13 +217,19 @@ class GrpcPSClient(PSClient):
     def set_members(self, job_id: str, members: list[str]) -> list[str]:
         resp = self._call(
             lambda: self._stub.SetMembers(
-                pb.SetMembersRequest(job_id=job_id, members=list(members)), timeout=self.timeout_s
+                pb.SetMembersRequest(job_id=job_id, members=list(members)),
+                timeout=self.timeout_s,
+                metadata=self._metadata,
             )
         )
         return list(resp.members)
 
     def stats(self, job_id: str | None = None) -> list[JobStats]:
-        resp = self._call(lambda: self._stub.GetStats(pb.StatsRequest(job_id=job_id or ""), timeout=self.timeout_s))
+        resp = self._call(
+            lambda: self._stub.GetStats(
+                pb.StatsRequest(job_id=job_id or ""), timeout=self.timeout_s, metadata=self._metadata
+            )
+        )
         return [wire.stats_from_pb(s) for s in resp.jobs]
 
     def close(self) -> None:

@@ -4,6 +4,12 @@ The servicer only moves bytes: it reassembles chunked streams, hands them to the
 `ParameterStore`, and turns `PSError` into `context.abort(<status>, message)`. Store calls
 that may crunch numbers run in executor threads so the event loop keeps serving other
 workers' streams; waits for a version are awaited on the loop itself.
+
+Security (`transport.security`): with a cluster secret, `TokenInterceptor` checks every call's
+bearer token and role before gRPC has parsed a byte of the request (a refused call gets a handler
+without a deserializer that aborts), and each method checks the parsed job / worker ids against the
+credential before touching the store. TLS (mutual with a client CA) when certificates are given;
+server reflection only when asked for.
 """
 
 from __future__ import annotations
@@ -17,13 +23,15 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
+from dist_llm_train.core.credentials import Claims
 from dist_llm_train.core.types import ErrorCode, PSError
 from dist_llm_train.paramserver.job import ParameterStore, run_store_call
 from dist_llm_train.paramserver.metrics import PSMetrics
 from dist_llm_train.paramserver.numerics import keep_freed_vectors
 from dist_llm_train.paramserver.transport import wire
+from dist_llm_train.paramserver.transport.security import ServerSecurity, bearer_token
 from dist_llm_train.proto import paramserver_pb2 as pb
 from dist_llm_train.proto import paramserver_pb2_grpc as pb_grpc
 
@@ -66,11 +74,23 @@ async def _read_data(requests: AsyncIterator[Any], expected: int) -> memoryview 
 
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
-    def __init__(self, store: ParameterStore, metrics: PSMetrics, chunk_bytes: int) -> None:
+    def __init__(
+        self, store: ParameterStore, metrics: PSMetrics, chunk_bytes: int, security: ServerSecurity | None = None
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self.chunk_bytes = chunk_bytes
+        self.security = security or ServerSecurity(None)
         self._push_latency = metrics.push_latency.labels("grpc")
+
+    def _authorize(
+        self, context: grpc.aio.ServicerContext, op: str, job_id: str | None, worker_id: str | None = None
+    ) -> None:
+        """The credential (already checked by the interceptor) acts in this job as this worker."""
+        if not self.security.enabled:
+            return
+        claims: Claims | None = self.security.authenticate(bearer_token(context.invocation_metadata()), op)
+        self.security.authorize(claims, op, job_id, worker_id)
 
     async def _guard(self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -83,6 +103,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def InitJob(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.InitJobResponse:
         async def work() -> pb.InitJobResponse:
             header = await _first_header(request_iterator)
+            self._authorize(context, "init_job", header.spec.job_id)
             limit = self.store.max_payload_bytes
             if header.num_params * 4 > limit:
                 raise PSError(
@@ -107,6 +128,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         """Yields serialized ParamChunks (the handler's serializer passes bytes through)."""
 
         async def work() -> Any:
+            self._authorize(context, "pull", request.job_id, request.worker_id)
             return await self.store.pull_async(
                 request.job_id,
                 request.worker_id,
@@ -144,6 +166,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
         async def work() -> pb.PushResponse:
             header = wire.header_from_pb(await _first_header(request_iterator))
+            self._authorize(context, "push", header.job_id, header.worker_id)
             self.store.precheck_push(header)  # refuse before the payload crosses the link
             try:
                 payload = await _read_data(request_iterator, header.payload_bytes)
@@ -172,6 +195,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             if pb_header is None:
                 raise PSError(ErrorCode.INVALID_ARGUMENT, "PushRequest is not a valid protobuf message")
             header = wire.header_from_pb(pb_header)
+            self._authorize(context, "push", header.job_id, header.worker_id)
             self.metrics.bytes_received.inc(len(payload))
             result = await run_store_call(
                 self.store.push_cost_bytes(header, len(payload)), self.store.push, header, payload
@@ -187,6 +211,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self, request: pb.SetMembersRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetMembersResponse:
         async def work() -> pb.SetMembersResponse:
+            self._authorize(context, "set_members", request.job_id)
             version, members = await asyncio.to_thread(self.store.set_members, request.job_id, list(request.members))
             return pb.SetMembersResponse(version=version, members=members)
 
@@ -194,6 +219,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     async def GetStats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         async def work() -> pb.StatsResponse:
+            self._authorize(context, "stats", request.job_id or None)
             return pb.StatsResponse(jobs=[wire.stats_to_pb(s) for s in self.store.stats(request.job_id or None)])
 
         return await self._guard(context, work)
@@ -236,8 +262,67 @@ def method_handlers(servicer: ParameterServerServicer) -> dict[str, grpc.RpcMeth
     }
 
 
+# The PS's methods by the op name credentials speak of, and each one's streaming shape.
+_METHOD_OPS = {
+    "InitJob": ("init_job", "stream_unary"),
+    "Pull": ("pull", "unary_stream"),
+    "Push": ("push", "stream_unary"),
+    "PushUnary": ("push", "unary_unary"),
+    "SetMembers": ("set_members", "unary_unary"),
+    "GetStats": ("stats", "unary_unary"),
+}
+
+
+def _refusal(kind: str, err: PSError) -> grpc.RpcMethodHandler:
+    """A handler that aborts with `err` without reading the request: no deserializer is given, so gRPC
+    hands the behaviour raw bytes (unary) or an iterator nobody reads (stream) — nothing is parsed."""
+    status = wire.grpc_status(err.code)
+
+    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(status, err.message)
+
+    async def refuse_stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        await context.abort(status, err.message)
+        yield b""  # unreachable: abort raises; makes this an async generator as unary_stream needs
+
+    if kind == "unary_unary":
+        return grpc.unary_unary_rpc_method_handler(refuse)
+    if kind == "stream_unary":
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    return grpc.unary_stream_rpc_method_handler(refuse_stream)
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses a PS call whose bearer token is missing, forged, expired or of a role not allowed the
+    method, before its request is deserialised. Health and reflection calls pass (they read no state)."""
+
+    def __init__(self, security: ServerSecurity, metrics: PSMetrics) -> None:
+        self.security = security
+        self.metrics = metrics
+        self._prefix = f"/{SERVICE_NAME}/"
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        if not method.startswith(self._prefix):
+            return await continuation(details)
+        op, kind = _METHOD_OPS.get(method[len(self._prefix):], (None, "unary_unary"))
+        if op is None:
+            return await continuation(details)  # unknown method: UNIMPLEMENTED as usual
+        try:
+            self.security.authenticate(bearer_token(details.invocation_metadata), op)
+        except PSError as err:
+            self.metrics.reject(err.code.value)
+            return _refusal(kind, err)
+        return await continuation(details)
+
+
 class GrpcServer:
-    """The aio server with the PS servicer, the standard health service and reflection."""
+    """The aio server with the PS servicer and the standard health service; with `security`, the token
+    interceptor and TLS; reflection only when `reflection=True`."""
 
     def __init__(
         self,
@@ -247,21 +332,36 @@ class GrpcServer:
         port: int,
         chunk_bytes: int,
         max_message_bytes: int,
+        security: ServerSecurity | None = None,
+        *,
+        reflection: bool = False,
     ) -> None:
         limit = max(max_message_bytes, chunk_bytes) + wire.FRAMING_SLACK
         keep_freed_vectors()  # the server process churns through vector-sized buffers
-        self._server = grpc.aio.server(options=wire.channel_options(limit))
-        handlers = method_handlers(ParameterServerServicer(store, metrics, chunk_bytes))
+        self.security = security or ServerSecurity(None)
+        interceptors = [TokenInterceptor(self.security, metrics)] if self.security.enabled else []
+        self._server = grpc.aio.server(options=wire.channel_options(limit), interceptors=interceptors)
+        handlers = method_handlers(ParameterServerServicer(store, metrics, chunk_bytes, self.security))
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         self._server.add_registered_method_handlers(SERVICE_NAME, handlers)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+        if reflection:
+            grpc_reflection.enable_server_reflection(
+                [SERVICE_NAME, health.SERVICE_NAME, grpc_reflection.SERVICE_NAME], self._server
+            )
         self._address = f"{host}:{port}"
         self.port = 0
 
     async def start(self) -> int:
-        self.port = self._server.add_insecure_port(self._address)
+        if self.security.tls is not None:
+            key, cert, client_ca = self.security.tls.read()
+            credentials = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+            )
+            self.port = self._server.add_secure_port(self._address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(self._address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {self._address}")
         await self._server.start()

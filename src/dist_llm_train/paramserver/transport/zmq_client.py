@@ -4,6 +4,9 @@ The socket uses ZMQ_IMMEDIATE so a request is never queued for a server that is 
 connected: sending then times out and the call fails with UNAVAILABLE instead of being
 delivered minutes later. After any timeout the socket is replaced, so a late reply to an
 abandoned request can never be mistaken for the answer to the next one (ids guard that too).
+With `PSCredentials`, each request carries the bearer token in its own frame and the socket runs
+CURVE against the PS's public key (a fresh client key pair per socket: the token, not the key,
+says who the client is).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dist_llm_train.core.types import (
 from dist_llm_train.netem.profile.classes import tos_byte
 from dist_llm_train.paramserver.transport import wire
 from dist_llm_train.paramserver.transport.client import PSClient, as_float32
+from dist_llm_train.paramserver.transport.security import PSCredentials
 
 
 def _endpoint(address: str) -> str:
@@ -39,10 +43,13 @@ def _endpoint(address: str) -> str:
 
 
 class ZmqPSClient(PSClient):
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, credentials: PSCredentials | None = None) -> None:
         super().__init__()
         self.address = address
         self.timeout_s = timeout_s
+        creds = credentials or PSCredentials()
+        self._token_frame: list[bytes] = [creds.token.encode()] if creds.token else []
+        self._curve_server_key = creds.curve_server_key.encode() if creds.curve_server_key else None
         self._ctx = zmq.Context()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # a ZMQ socket must only be used by one thread at a time
@@ -54,6 +61,9 @@ class ZmqPSClient(PSClient):
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.TOS, tos_byte("ps_sync"))  # DSCP mark: the kernel backends shape ps_sync by it
         sock.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
+        if self._curve_server_key is not None:
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+            sock.curve_serverkey = self._curve_server_key
         sock.connect(_endpoint(self.address))
         return sock
 
@@ -68,7 +78,7 @@ class ZmqPSClient(PSClient):
             req_id = next(self._ids)
             message = msgpack.packb({"op": op, "id": req_id, **args})
             try:
-                self._sock.send_multipart([b"", message, *data], copy=False)
+                self._sock.send_multipart([b"", *self._token_frame, message, *data], copy=False)
             except zmq.Again:
                 self._reset()
                 raise PSError(
@@ -87,6 +97,10 @@ class ZmqPSClient(PSClient):
                     continue
                 reply = msgpack.unpackb(frames[1].buffer, raw=False)
                 if isinstance(reply, dict) and reply.get("id") == req_id:
+                    break
+                # Refused before the server could read the request (its id): one request is in flight
+                # on this socket and late replies never reach a new one, so this refusal is ours.
+                if isinstance(reply, dict) and reply.get("id") is None and "error" in reply:
                     break
         if "error" in reply:
             try:

@@ -2,6 +2,13 @@
 
 Wire format, one request per multipart message (the client is a DEALER):
     [b"", msgpack({"op": ..., "id": n, ...arguments}), *data]
+or, when the server has a cluster secret,
+    [b"", token, msgpack({...}), *data]
+where `token` is the caller's bearer credential, verified before the msgpack frame is parsed
+(refused with {"id": nil, "error": "UNAUTHENTICATED"}); the socket then also runs CURVE, with a
+server key pair derived from the secret (`transport.security`), so traffic is encrypted and
+clients know they talk to the real PS. Once the map is parsed, the role must be allowed the op and
+a worker credential must name the request's job and worker (`ServerSecurity.authorize`).
 and the reply
     [b"", msgpack({"id": n, ...result}), *data]
 or  [b"", msgpack({"id": n, "error": code, "message": m})]
@@ -28,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -35,12 +43,14 @@ import msgpack
 import numpy as np
 import zmq
 
+from dist_llm_train.core.credentials import Claims
 from dist_llm_train.core.types import ErrorCode, PSError, PushHeader, PushResult
 from dist_llm_train.netem.profile.classes import tos_byte
 from dist_llm_train.paramserver.job import INLINE_MAX_BYTES, ParameterStore, run_store_call
 from dist_llm_train.paramserver.metrics import PSMetrics
 from dist_llm_train.paramserver.numerics import keep_freed_vectors
 from dist_llm_train.paramserver.transport import wire
+from dist_llm_train.paramserver.transport.security import ServerSecurity
 
 log = logging.getLogger(__name__)
 
@@ -82,27 +92,72 @@ class _Request:
     args: dict[str, Any] = field(default_factory=dict)
     data: list[memoryview] = field(default_factory=list)
     header: PushHeader | None = None  # push only
-    error: PSError | None = None  # set when the request is malformed
+    error: PSError | None = None  # set when the request is malformed or its credential refused
+    claims: Claims | None = None  # the caller, when the server checks credentials
 
     @classmethod
-    def parse(cls, frames: list[zmq.Frame]) -> _Request:
+    def parse(cls, frames: list[zmq.Frame], security: ServerSecurity) -> _Request:
         req = cls(frames[0].bytes, time.perf_counter(), frames)
+        body = 3 if security.enabled else 2  # index of the msgpack frame
         try:
             if len(frames) < 3 or len(frames[1].bytes) != 0:
-                raise PSError(ErrorCode.INVALID_ARGUMENT, "expected [empty delimiter, msgpack request, *data]")
+                shape = "token, " if security.enabled else ""
+                raise PSError(ErrorCode.INVALID_ARGUMENT, f"expected [empty delimiter, {shape}msgpack request, *data]")
+            if len(frames) < body + 1:
+                raise PSError(ErrorCode.UNAUTHENTICATED, "no credential (expected [empty delimiter, token, msgpack "
+                              "request, *data])")
+            if security.enabled:  # before a byte of the request is parsed
+                req.claims = security.authenticate(frames[2].bytes)
             try:
-                args = msgpack.unpackb(frames[2].buffer, raw=False)
+                args = msgpack.unpackb(frames[body].buffer, raw=False)
             except (ValueError, msgpack.UnpackException) as err:
                 raise PSError(ErrorCode.INVALID_ARGUMENT, f"request is not valid msgpack: {err}") from None
             if not isinstance(args, dict):
                 raise PSError(ErrorCode.INVALID_ARGUMENT, "request must be a msgpack map")
             req.args, req.req_id, req.op = args, args.get("id"), str(args.get("op"))
-            req.data = [f.buffer for f in frames[3:]]
+            req.data = [f.buffer for f in frames[body + 1 :]]
             if req.op == "push":
                 req.header = wire.header_from_dict(args.get("header"))
+            req.authorize(security)
         except PSError as err:
             req.error = err
         return req
+
+
+    def authorize(self, security: ServerSecurity) -> None:
+        """The credential may make this op, in this job, as this worker; nothing of the store is read yet."""
+        if not security.enabled:
+            return
+        if self.op not in _OP_IDS:
+            return  # an unknown op is refused by the dispatcher with the list of ops, touching nothing
+        job_id, worker_id = _OP_IDS[self.op](self)
+        security.authorize(self.claims, self.op, job_id, worker_id)
+
+
+def _push_ids(req: _Request) -> tuple[str | None, str | None]:
+    assert req.header is not None
+    return req.header.job_id, req.header.worker_id
+
+
+def _str_or_none(req: _Request, key: str) -> str | None:
+    value = req.args.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _spec_job_id(req: _Request) -> str | None:
+    spec = req.args.get("spec")
+    job_id = spec.get("job_id") if isinstance(spec, dict) else None
+    return job_id if isinstance(job_id, str) else None
+
+
+# Which job (and worker) each op acts on, read from the parsed map for the credential check.
+_OP_IDS: dict[str, Callable[[_Request], tuple[str | None, str | None]]] = {
+    "init_job": lambda r: (_spec_job_id(r), None),
+    "pull": lambda r: (_str_or_none(r, "job_id"), _str_or_none(r, "worker_id") or ""),
+    "push": _push_ids,
+    "set_members": lambda r: (_str_or_none(r, "job_id"), None),
+    "stats": lambda r: (_str_or_none(r, "job_id") or None, None),
+}
 
 
 def _push_reply(result: PushResult) -> dict[str, Any]:
@@ -115,9 +170,18 @@ def _push_reply(result: PushResult) -> dict[str, Any]:
 
 
 class ZmqServer:
-    def __init__(self, store: ParameterStore, metrics: PSMetrics, host: str, port: int, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        store: ParameterStore,
+        metrics: PSMetrics,
+        host: str,
+        port: int,
+        max_message_bytes: int,
+        security: ServerSecurity | None = None,
+    ) -> None:
         self.store = store
         self.metrics = metrics
+        self.security = security or ServerSecurity(None)
         self._endpoint_host, self._port = host, port
         keep_freed_vectors()  # the server process churns through vector-sized buffers
         self._ctx = zmq.Context()
@@ -127,6 +191,9 @@ class ZmqServer:
         # Hard cap against memory abuse: a frame beyond twice the payload limit drops the peer;
         # anything between the limit and the cap gets a RESOURCE_EXHAUSTED reply.
         self._sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes + (1 << 16))
+        if self.security.curve is not None:  # before bind: every connection then runs the CURVE handshake
+            self._sock.curve_publickey, self._sock.curve_secretkey = self.security.curve
+            self._sock.curve_server = True
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
@@ -159,7 +226,7 @@ class ZmqServer:
                 frames = sock.recv_multipart(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            request = _Request.parse(frames)
+            request = _Request.parse(frames, self.security)
             if self._inline(request):
                 try:
                     self._reply(request, *self._answer_push(request))
