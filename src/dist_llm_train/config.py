@@ -49,6 +49,7 @@ from dist_llm_train.core.strategies import (
     legacy_strategy_name,
     strategy_fields,
 )
+from dist_llm_train.core.update_bound import UpdateBoundConfig
 from dist_llm_train.core.worker_update import WorkerUpdate
 
 SchedulerName = Literal["priority", "gale-shapley", "capability"]
@@ -192,6 +193,10 @@ class TrainingConfig(_Strict):
     aggregation: AggregationConfig = AggregationConfig()
     attack: AttackConfig | None = None
     dp: PrivacyConfig | None = None
+    update_bound: UpdateBoundConfig = Field(
+        UpdateBoundConfig(),
+        description="The PS clips every pushed update to factor x the median norm of recent ones (core.update_bound)",
+    )
 
     @model_validator(mode="after")
     def _text_needs_path(self) -> TrainingConfig:
@@ -288,6 +293,7 @@ class TrainingConfig(_Strict):
             privacy=central,
             privacy_seed=dp_seed if central is not None else None,
             downlink=self.downlink,
+            update_bound=self.update_bound,
         )
 
     def worker_update(
