@@ -267,7 +267,7 @@ DEFAULT_TRIM_RATIO = 0.3  # trimmed_mean's beta when neither trim_ratio nor f is
 class AggregationConfig(BaseModel):
     """How the PS combines a round of updates (`training.aggregation`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan"] = Field(
         "mean", description="The aggregation rule"

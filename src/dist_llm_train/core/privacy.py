@@ -159,7 +159,7 @@ class CentralDP:
 class PrivacyConfig(BaseModel):
     """Differential privacy for pushed updates (`training.dp`; absent: off)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     noise_multiplier: float = Field(ge=0, description="z: noise std is z * clip")
     clip: float | None = Field(None, gt=0, description="L2 bound per update; None: training.gradient_clip_norm")

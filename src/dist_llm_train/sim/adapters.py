@@ -462,7 +462,7 @@ class SimController:
         self.svc.on_change = hook
 
     def register(self, name: str, compute_slowdown: float, bandwidth_mbps: float) -> str:
-        req = RegisterIn(name=name, compute_slowdown=compute_slowdown, bandwidth_mbps=bandwidth_mbps)
+        req = RegisterIn(name=name, compute_slowdown=float(compute_slowdown), bandwidth_mbps=float(bandwidth_mbps))
         batch = self._batch
         if batch is not None and req.name not in batch.names:
             # What `ControllerService.register` does for a name it has never seen, the row written later.
