@@ -634,7 +634,9 @@ def migrate_legacy_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     return out, notes
 
 
-def _strategy_fields(strategy: dict[str, Any]) -> set[str] | None:
+def _strategy_fields(strategy: Any) -> set[str] | None:
+    if not isinstance(strategy, dict):
+        return None  # not a name or a mapping: validation reports it with its path
     try:
         return strategy_fields(str(strategy.get("name", DEFAULT_STRATEGY)))
     except ValueError:
