@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -84,7 +85,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(parts) or "invalid request"
 
 
-JOB_CONFIG_SECTIONS: dict[str, type] = {"model": ModelConfig, "training": TrainingConfig, "network": NetworkConfig}
+JOB_CONFIG_SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "network": NetworkConfig,
+}
 
 
 def _install_openapi(app: FastAPI) -> None:
@@ -96,7 +101,9 @@ def _install_openapi(app: FastAPI) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-        sections = [(model, "validation") for model in JOB_CONFIG_SECTIONS.values()]
+        sections: list[tuple[type[BaseModel], Literal["validation"]]] = [
+            (model, "validation") for model in JOB_CONFIG_SECTIONS.values()
+        ]
         refs, top = models_json_schema(sections, ref_template="#/components/schemas/{model}")
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
         for name, schema in top.get("$defs", {}).items():
