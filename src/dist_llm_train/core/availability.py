@@ -57,7 +57,7 @@ def parse_worker(value: Any) -> int:
 class Session(BaseModel):
     """Worker `worker` is available from `join_s` to `leave_s` (None: to the end of the run)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     worker: int
     join_s: float
@@ -97,7 +97,7 @@ class Session(BaseModel):
 class AvailabilityTrace(BaseModel):
     """Sessions of workers 0..`workers`-1; `source` says where they came from (a file, a generator)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     workers: Annotated[int, Field(ge=1, le=10_000_000)]
     sessions: list[Session]
@@ -315,7 +315,7 @@ def parse_mapping(data: Any, workers: int, source: str = "") -> AvailabilityTrac
 
 # -- generators ----------------------------------------------------------------------------------------------
 class _Generator(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     seed: int = 0
     horizon_s: Annotated[float, Field(gt=0, le=1e9)] = 3600.0
