@@ -8,6 +8,7 @@ in), so a job keeps meaning the same thing even if a later release changes a def
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import ValidationError
@@ -16,6 +17,8 @@ from dist_llm_train.config import Config, ConfigError, TrainingConfig, format_va
 from dist_llm_train.controller.errors import BadInput
 from dist_llm_train.controller.records import Job, Task
 from dist_llm_train.core.strategies import parse_strategy_config
+
+log = logging.getLogger(__name__)
 
 JOB_CONFIG_SECTIONS = ("model", "training", "network")
 
@@ -27,15 +30,17 @@ def validate_job_config(raw: dict[str, Any]) -> Config:
         allowed = ", ".join(JOB_CONFIG_SECTIONS)
         raise BadInput(f"config.{extra[0]}: not allowed in a job config (allowed sections: {allowed})")
     try:
-        _, legacy = migrate_legacy_keys(raw)
+        # The seed's flat keys are moved to their new paths, as for a config file (the OpenAPI document lists
+        # only the new ones).
+        migrated, legacy = migrate_legacy_keys(raw)
     except ConfigError as err:
         raise BadInput(f"config: {err}") from None
-    if legacy:  # a config file may still use them (migrated with a warning); the API takes only what it documents
-        raise BadInput(f"config: legacy keys are not accepted here, use their new paths: {'; '.join(legacy)}")
+    if legacy:
+        log.warning("job config uses legacy keys, read as their new paths: %s", "; ".join(legacy))
     try:
         # Strict JSON types, as the OpenAPI document states them (a config file's YAML is read laxly instead).
-        cfg = Config.model_validate(raw, strict=True)
-        strategy = raw.get("training", {}).get("strategy")
+        cfg = Config.model_validate(migrated, strict=True)
+        strategy = migrated.get("training", {}).get("strategy")
         if isinstance(strategy, dict):  # parsed by its own validator, which strict mode does not reach
             parse_strategy_config(strategy, strict=True)
     except ValidationError as err:
