@@ -37,6 +37,8 @@ def validate_job_config(raw: dict[str, Any]) -> Config:
         raise BadInput(f"config: {err}") from None
     if legacy:
         log.warning("job config uses legacy keys, read as their new paths: %s", "; ".join(legacy))
+    else:
+        migrated = raw  # exactly what the document describes (migration also fills in e.g. `strategy: null`)
     try:
         # Strict JSON types, as the OpenAPI document states them (a config file's YAML is read laxly instead).
         cfg = Config.model_validate(migrated, strict=True)
