@@ -17,10 +17,12 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dist_llm_train.config import ParamServerConfig
 from dist_llm_train.core.job import JobSpec, WireJobSpec
-from dist_llm_train.core.types import PushHeader, PushOutcome, TensorSpec
+from dist_llm_train.core.types import PSError, PushHeader, PushOutcome, TensorSpec
 from dist_llm_train.paramserver.background import BackgroundServer
 from dist_llm_train.paramserver.job import ParameterStore
 from dist_llm_train.paramserver.transport import wire
@@ -145,3 +147,39 @@ def test_a_stream_of_tiny_chunks_is_refused() -> None:
         parts = [grad[i : i + 1000] for i in range(0, 4000, 1000)]
         resp = stub.Push(iter([pb.PushChunk(header=push_header), *(pb.PushChunk(data=p) for p in parts)]), timeout=10)
         assert resp.outcome == pb.APPLIED and resp.version == 1
+
+
+# -- property: a value passes the ZMQ wire exactly when gRPC's message can hold it --------------------------
+MSGPACK_INTS = st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)  # every integer msgpack can carry
+
+
+def grpc_holds(message: type, field: str, value: int) -> bool:
+    try:
+        message(**{field: value})
+    except ValueError:
+        return False
+    return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(["step", "base_version", "payload_bytes", "num_samples"]), value=MSGPACK_INTS)
+def test_push_header_integers_pass_zmq_iff_grpc_holds_them(field: str, value: int) -> None:
+    header = {"job_id": "j", "worker_id": "w", "step": 1, "base_version": 0, field: value}
+    try:
+        wire.header_from_dict(header)
+        zmq_ok = True
+    except PSError:
+        zmq_ok = False
+    assert zmq_ok == grpc_holds(pb.PushHeader, field, value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(["max_staleness", "total_steps"]), value=MSGPACK_INTS)
+def test_spec_integers_pass_zmq_iff_grpc_holds_them(field: str, value: int) -> None:
+    spec = {**spec_dict("p"), field: value}
+    try:
+        wire.spec_from_dict(spec)
+        zmq_ok = True
+    except PSError as err:  # the range check, or the spec's own check of the value (same on both transports)
+        zmq_ok = "does not fit" not in err.message
+    assert zmq_ok == grpc_holds(pb.JobSpec, field, value)
