@@ -15,11 +15,11 @@ the largest norm of an honest gradient under the default `gradient_clip_norm`). 
 absolute `max_norm` caps B further. The median ignores a minority of attackers, so they cannot
 raise the bound; a clipped update keeps its direction.
 
-Why `factor = 10` by default: measured on this project's default GPT (103k parameters, markov
-data), honest gradients have norm ≤ 1.0 with the default `gradient_clip_norm` (up to 3.1 with
-clipping off, median 2.4), DiLoCo pseudo-gradients 3.7 (H = 10, lr 3e-3) to 13 (H = 50, lr 1e-2),
-while ||θ₀|| is about 6. Within a job, consecutive honest norms stay within ~3× of their median,
-so 10× never clips an honest update after warm-up, and an update at the bound adds at most
+Why `factor = 10` by default (`benchmarks/update_bound.py`): on this project's default GPT (103k
+parameters, markov and markov-hard data) honest gradients have norm ≤ 1.0 with the default
+`gradient_clip_norm` (3.4 with clipping off), DiLoCo pseudo-gradients 3.6 (H = 10), ||θ₀|| ≈ 18.5,
+and no honest update was more than 1.95× the median of the 32 before it. So 10× never clipped an
+honest update, and an update at the bound adds at most
 (1 - β₂)·10² = 0.1 of an honest step's g² to Adam's second moment: it cannot stall Adam. The
 docs (docs/security.md, "Input hygiene and poison-proof numerics") give the interplay with DP
 clipping and robust rules.
