@@ -14,6 +14,7 @@ load: `migrate_legacy_keys` moves each to its new path once, in `parse_config`, 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +51,7 @@ from dist_llm_train.core.strategies import (
     legacy_strategy_name,
     strategy_fields,
 )
+from dist_llm_train.core.update_bound import UpdateBoundConfig
 from dist_llm_train.core.worker_update import WorkerUpdate
 
 SchedulerName = Literal["priority", "gale-shapley", "capability"]
@@ -69,7 +71,33 @@ class LegacyConfigWarning(UserWarning):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Every float finite: `Infinity` is valid YAML and (to Python's json) JSON, and meaningless in every field here.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+DATA_DIR_ENV = "DLT_DATA_DIR"
+"""Where `training.text_path` files may be read from; default `data` under the working directory."""
+
+
+def data_root() -> Path:
+    """The directory training data files must lie in: $DLT_DATA_DIR, else ./data (absolute, symlinks resolved)."""
+    return Path(os.environ.get(DATA_DIR_ENV) or "data").resolve()
+
+
+def resolve_data_path(text_path: str, root: Path | None = None) -> Path:
+    """`text_path` (relative to the data root, or absolute inside it) as the file to read; ValueError when it
+    names anything outside the root, by `..`, by an absolute path or through a symlink. A job's config comes
+    from the network: without this a job could make every worker read (and train on) /etc/passwd."""
+    base = data_root() if root is None else root.resolve()
+    if not text_path or "\x00" in text_path:
+        raise ValueError("text_path must be a non-empty path without NUL characters")
+    given = Path(text_path)
+    candidate = Path(os.path.normpath(given if given.is_absolute() else base / given))
+    if not candidate.is_relative_to(base) or not candidate.resolve().is_relative_to(base):
+        raise ValueError(
+            f"text_path {text_path!r} is outside the data directory {base} (set {DATA_DIR_ENV} to allow another)"
+        )
+    return candidate.resolve()
 
 
 class ControllerConfig(_Strict):
@@ -178,12 +206,12 @@ class TrainingConfig(_Strict):
 
     learning_rate: float = Field(0.003, gt=0, le=10, description="Local / server learning rate")
     batch_size: int = Field(16, ge=1, le=4096)
-    num_epochs: int = Field(1, ge=1)
-    num_samples: int = Field(20000, ge=1)
+    num_epochs: int = Field(1, ge=1, le=1_000_000)
+    num_samples: int = Field(20000, ge=1, le=100_000_000)
     seq_length: int = Field(32, ge=2, le=4096)
     num_workers: int = Field(2, ge=1, le=1024)
-    sync_window: int = Field(1, ge=1)
-    gradient_clip_norm: float = Field(1.0, ge=0)
+    sync_window: int = Field(1, ge=1, le=1_000_000)
+    gradient_clip_norm: float = Field(1.0, ge=0, le=1e6)
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where each worker computes: auto uses CUDA where torch sees a GPU, else the CPU"
     )
@@ -200,22 +228,26 @@ class TrainingConfig(_Strict):
     )
     optimizer: OptimizerName = "adam"
     momentum: float = Field(0.9, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds model init and data (numpy takes no negative seed)")
     data: Literal["markov", "markov-hard", "text"] = Field(
         "markov",
         description="markov: first-order chain (the fast default); markov-hard: a sparse order-k chain with many "
         "contexts to learn (training.corpora.HigherOrderMarkovCorpus); text: characters of text_path",
     )
-    text_path: str | None = None
+    text_path: str | None = Field(
+        None, max_length=4096, description=f"text data: a file inside the data directory (${DATA_DIR_ENV}, else ./data)"
+    )
     vocab_size: int = Field(16, ge=2, le=65536)
-    markov_concentration: float = Field(0.3, gt=0, description="Dirichlet concentration of each row (markov data)")
+    markov_concentration: float = Field(
+        0.3, gt=0, le=1e6, description="Dirichlet concentration of each row (markov data)"
+    )
     markov_order: int = Field(
         2, ge=2, le=4, description="markov-hard only: how many previous tokens the next token depends on"
     )
     sharding: Literal["iid", "dirichlet"] = "iid"
-    dirichlet_alpha: float = Field(0.5, gt=0)
+    dirichlet_alpha: float = Field(0.5, gt=0, le=1e6)
     # 64 batches of 16 x 32 tokens: ~33k held-out tokens, so the eval loss has a standard error of ~0.005 nats.
-    eval_batches: int = Field(64, ge=1)
+    eval_batches: int = Field(64, ge=1, le=100_000)
     strategy: StrategyField = Field(default_factory=SyncConfig, description="The training strategy")
     codec: CodecConfig = CodecConfig()
     downlink: CodecConfig = Field(
@@ -226,11 +258,17 @@ class TrainingConfig(_Strict):
     aggregation: AggregationConfig = AggregationConfig()
     attack: AttackConfig | None = None
     dp: PrivacyConfig | None = None
+    update_bound: UpdateBoundConfig = Field(
+        UpdateBoundConfig(),
+        description="The PS clips every pushed update to factor x the median norm of recent ones (core.update_bound)",
+    )
 
     @model_validator(mode="after")
     def _text_needs_path(self) -> TrainingConfig:
         if self.data == "text" and not self.text_path:
             raise ValueError("data: text needs text_path")
+        if self.text_path is not None:
+            resolve_data_path(self.text_path)  # ValueError for anything outside the data directory
         return self
 
     @model_validator(mode="after")
@@ -322,6 +360,7 @@ class TrainingConfig(_Strict):
             privacy=central,
             privacy_seed=dp_seed if central is not None else None,
             downlink=self.downlink,
+            update_bound=self.update_bound,
         )
 
     def worker_update(
@@ -629,7 +668,9 @@ def migrate_legacy_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     return out, notes
 
 
-def _strategy_fields(strategy: dict[str, Any]) -> set[str] | None:
+def _strategy_fields(strategy: Any) -> set[str] | None:
+    if not isinstance(strategy, dict):
+        return None  # not a name or a mapping: validation reports it with its path
     try:
         return strategy_fields(str(strategy.get("name", DEFAULT_STRATEGY)))
     except ValueError:

@@ -79,9 +79,11 @@ def serve(*, with_unary: bool = True) -> Iterator[tuple[str, Recorder]]:
 
 
 def new_job(client: GrpcPSClient, n: int, job_id: str = "j") -> None:
+    # Bytes and arithmetic through the transport: unit-scale updates on zero parameters, so no per-update bound.
     spec = JobSpec.from_wire(
         WireJobSpec(
-            job_id, mode="async", optimizer="sgd", learning_rate=0.5, momentum=0.0, max_staleness=10, total_steps=99
+            job_id, mode="async", optimizer="sgd", learning_rate=0.5, momentum=0.0, max_staleness=10, total_steps=99,
+            options={"update_bound": '{"enabled": false}'},
         )
     )
     client.init_job(spec, [TensorSpec("w", (n,), 0)], np.zeros(n, np.float32), ["a"])

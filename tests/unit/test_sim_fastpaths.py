@@ -66,7 +66,7 @@ def job_state(js: JobState) -> dict[str, Any]:
         "open": js.open_membership,
         "counters": sorted(js.counters.items()),
         "ledger": [(w, vars(r)) for w, r in js.ledger.records.items()],
-        "seen": [(w, list(s)) for w, s in js._seen.items()],
+        "seen": sorted(js._high_water.items()),
         "round": js.round_size(),
         "deadline": js.round_deadline(),
     }

@@ -114,7 +114,8 @@ def test_make_dataset_markov_shapes_floor_and_determinism() -> None:
     assert not np.array_equal(a.train, other.train)
 
 
-def test_make_dataset_text(tmp_path: Path) -> None:
+def test_make_dataset_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DLT_DATA_DIR", str(tmp_path))  # text files are read from the data directory only
     path = tmp_path / "t.txt"
     path.write_text(TEXT, encoding="utf-8")
     ds = make_dataset(small_cfg(data="text", text_path=str(path)))

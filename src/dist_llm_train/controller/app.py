@@ -16,20 +16,25 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dist_llm_train.config import ControllerConfig
+from dist_llm_train.config import ControllerConfig, ModelConfig, NetworkConfig, TrainingConfig
 from dist_llm_train.controller.auth import AuthMiddleware, ControllerAuth
 from dist_llm_train.controller.errors import ControllerError
 from dist_llm_train.controller.failure import FailureDetector
 from dist_llm_train.controller.membership import MembershipNotifier, MembershipSync, PSMembershipNotifier
 from dist_llm_train.controller.metrics import RequestMetricsMiddleware, make_registry
-from dist_llm_train.controller.models import ErrorOut, HealthOut, ReadyOut, StatusOut
+from dist_llm_train.controller.models import ERROR_RESPONSES, ErrorOut, HealthOut, ReadyOut, StatusOut
 from dist_llm_train.controller.routes import router
 from dist_llm_train.controller.schedulers import get_scheduler
 from dist_llm_train.controller.service import ControllerService, PSEndpoint
@@ -73,6 +78,42 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
             return 400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}"
     parts = [f"{'.'.join(str(p) for p in e.get('loc', ())) or '<root>'}: {e.get('msg')}" for e in errors]
     return 422, "; ".join(parts) or "invalid request"
+
+
+JOB_CONFIG_SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "network": NetworkConfig,
+}
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """The OpenAPI document with `JobIn.config` described as what the server checks it against: the model,
+    training and network sections of the run config (`dist_llm_train.config`), no other key. The request model
+    keeps the field a plain mapping so the config's own validator names a bad field `config.<section>.<key>`."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        sections: list[tuple[type[BaseModel], Literal["validation"]]] = [
+            (model, "validation") for model in JOB_CONFIG_SECTIONS.values()
+        ]
+        refs, top = models_json_schema(sections, ref_template="#/components/schemas/{model}")
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for name, schema in top.get("$defs", {}).items():
+            schemas.setdefault(name, schema)
+        config = schemas["JobIn"]["properties"]["config"]
+        config.pop("additionalProperties", None)
+        config.update(
+            type="object",
+            additionalProperties=False,
+            properties={name: refs[(model, "validation")] for name, model in JOB_CONFIG_SECTIONS.items()},
+        )
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -146,13 +187,20 @@ def create_app(
     guard = [Depends(_bearer)] if auth.enabled else []
     app.include_router(router, dependencies=guard)
     _install_error_handlers(app)
+    _install_openapi(app)
     # The last added runs first: metrics (timing, the 413) wrap auth, which wraps the app.
     app.add_middleware(AuthMiddleware, auth=auth)
     app.add_middleware(RequestMetricsMiddleware, latency=latency, max_body_bytes=max_body_bytes)
 
     # exclude_unset: a worker's PS-only fields are absent, not null, until the PS has reported on it
     # (see WorkerStatusOut); every other field is always set by build_status.
-    @app.get("/status", dependencies=guard, tags=["status"], response_model_exclude_unset=True)
+    @app.get(
+        "/status",
+        dependencies=guard,
+        tags=["status"],
+        response_model_exclude_unset=True,
+        responses={401: ERROR_RESPONSES[401]},
+    )
     def status() -> StatusOut:
         """Jobs, workers, scheduler, PS endpoint and counters, as the controller sees them now."""
         return build_status(service, membership)

@@ -77,7 +77,7 @@ class Retry:
     restart looks like a pause to the caller. A call it answered, even with an error, is never retried.
 
     A POST whose reply was lost may reach the controller twice; registration, heartbeats and task
-    completion are idempotent, a repeated `fail_task` counts as another attempt or is refused with 409.
+    completion are idempotent, and so is `fail_task` given the assignment's `attempt` (a report counted once).
     """
 
     give_up_after_s: float = 120.0  # time spent waiting between attempts, not counting the attempts
@@ -173,8 +173,8 @@ def _complete_task(task_id: str, worker_id: str) -> _Call[OkOut]:
     return _Call("POST", f"/v1/tasks/{_segment(task_id)}/complete", _model(OkOut), body=TaskDoneIn(worker_id=worker_id))
 
 
-def _fail_task(task_id: str, worker_id: str, reason: str) -> _Call[OkOut]:
-    body = TaskFailIn(worker_id=worker_id, reason=reason)
+def _fail_task(task_id: str, worker_id: str, reason: str, attempt: int | None) -> _Call[OkOut]:
+    body = TaskFailIn(worker_id=worker_id, reason=reason, attempt=attempt)
     return _Call("POST", f"/v1/tasks/{_segment(task_id)}/fail", _model(OkOut), body=body)
 
 
@@ -365,9 +365,9 @@ class ControllerClient(_BaseControllerClient[httpx.Client]):
         """Idempotent for the worker that holds the task; `Conflict` for any other."""
         return self._send(_complete_task(task_id, worker_id))
 
-    def fail_task(self, task_id: str, *, worker_id: str, reason: str) -> OkOut:
-        """Give the task back (pending again, attempt counted)."""
-        return self._send(_fail_task(task_id, worker_id, reason))
+    def fail_task(self, task_id: str, *, worker_id: str, reason: str, attempt: int | None = None) -> OkOut:
+        """Give the task back (pending again, attempt counted once: pass the assignment's `attempt`)."""
+        return self._send(_fail_task(task_id, worker_id, reason, attempt))
 
     # -- jobs ---------------------------------------------------------------------------------------------
     def submit_job(self, job: JobIn) -> JobOut:
@@ -472,8 +472,8 @@ class AsyncControllerClient(_BaseControllerClient[httpx.AsyncClient]):
     async def complete_task(self, task_id: str, *, worker_id: str) -> OkOut:
         return await self._send(_complete_task(task_id, worker_id))
 
-    async def fail_task(self, task_id: str, *, worker_id: str, reason: str) -> OkOut:
-        return await self._send(_fail_task(task_id, worker_id, reason))
+    async def fail_task(self, task_id: str, *, worker_id: str, reason: str, attempt: int | None = None) -> OkOut:
+        return await self._send(_fail_task(task_id, worker_id, reason, attempt))
 
     # -- jobs ---------------------------------------------------------------------------------------------
     async def submit_job(self, job: JobIn) -> JobOut:

@@ -2,17 +2,23 @@
 
 A job is a config subset (model, training, network) plus a number of data shards; each
 shard becomes one task. The config is validated with the same pydantic models the worker
-parses, and stored normalised (defaults filled in), so a job keeps meaning the same thing
-even if a later release changes a default.
+parses (and that the OpenAPI document describes), and stored normalised (defaults filled
+in), so a job keeps meaning the same thing even if a later release changes a default.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from dist_llm_train.config import Config, ConfigError, TrainingConfig, migrate_legacy_keys, parse_config
+from pydantic import ValidationError
+
+from dist_llm_train.config import Config, ConfigError, TrainingConfig, format_validation_error, migrate_legacy_keys
 from dist_llm_train.controller.errors import BadInput
 from dist_llm_train.controller.records import Job, Task
+from dist_llm_train.core.strategies import parse_strategy_config
+
+log = logging.getLogger(__name__)
 
 JOB_CONFIG_SECTIONS = ("model", "training", "network")
 
@@ -24,10 +30,24 @@ def validate_job_config(raw: dict[str, Any]) -> Config:
         allowed = ", ".join(JOB_CONFIG_SECTIONS)
         raise BadInput(f"config.{extra[0]}: not allowed in a job config (allowed sections: {allowed})")
     try:
-        return parse_config(raw)  # older flat keys are migrated (and warned about) here, like a config file's
+        # The seed's flat keys are moved to their new paths, as for a config file (the OpenAPI document lists
+        # only the new ones).
+        migrated, legacy = migrate_legacy_keys(raw)
     except ConfigError as err:
-        parts = str(err).split("; ")
-        raise BadInput("; ".join(f"config.{p}" for p in parts)) from None
+        raise BadInput(f"config: {err}") from None
+    if legacy:
+        log.warning("job config uses legacy keys, read as their new paths: %s", "; ".join(legacy))
+    else:
+        migrated = raw  # exactly what the document describes (migration also fills in e.g. `strategy: null`)
+    try:
+        # Strict JSON types, as the OpenAPI document states them (a config file's YAML is read laxly instead).
+        cfg = Config.model_validate(migrated, strict=True)
+        strategy = migrated.get("training", {}).get("strategy")
+        if isinstance(strategy, dict):  # parsed by its own validator, which strict mode does not reach
+            parse_strategy_config(strategy, strict=True)
+    except ValidationError as err:
+        raise BadInput("; ".join(f"config.{p}" for p in format_validation_error(err).split("; "))) from None
+    return cfg
 
 
 def normalised_sections(cfg: Config) -> dict[str, Any]:
@@ -62,6 +82,7 @@ def job_view(
     """The job as GET /v1/jobs/{id} shows it: config, tasks with their workers, progress."""
     counts = {s: sum(1 for t in tasks if t.state == s) for s in ("pending", "assigned", "completed")}
     training = training_of(job)
+    step = min(step, training.versions)  # no PS version past the job's last (legacy telemetry may claim one)
     return {
         "job_id": job.job_id,
         "name": job.name,

@@ -8,6 +8,7 @@ let any client create unbounded label values).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -77,8 +78,38 @@ def make_registry(svc: ControllerService, membership: MembershipSync) -> tuple[C
     return registry, latency
 
 
+class BodyTooLarge(Exception):
+    """Raised from `receive` when a request's body passes the limit (the middleware answers 413)."""
+
+
+class _LimitedBody:
+    """Hands the app the body as it arrives and counts it; past the limit it raises instead of reading on.
+
+    `Content-Length` is checked before anything is read, but a chunked body (`Transfer-Encoding: chunked`)
+    has no length up front: only counting what is received bounds it."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self.received = 0
+        self.exceeded = False
+
+    async def __call__(self) -> Message:
+        if self.exceeded:
+            raise BodyTooLarge
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self._limit:
+                self.exceeded = True
+                raise BodyTooLarge
+        return message
+
+
 class RequestMetricsMiddleware:
-    """Times every HTTP request and refuses bodies over `max_body_bytes` with 413 before reading them."""
+    """Times every HTTP request and refuses bodies over `max_body_bytes` with 413: at once when the
+    declared `Content-Length` says so, else (chunked bodies) as soon as the bytes received pass it; the
+    route never runs, so nothing of such a request is stored."""
 
     def __init__(self, app: ASGIApp, latency: Histogram, max_body_bytes: int) -> None:
         self.app = app
@@ -99,15 +130,36 @@ class RequestMetricsMiddleware:
 
         try:
             if self._too_large(scope):
-                await _send_json(send_wrapper, 413, b'{"detail":"request body too large"}')
+                await _send_json(send_wrapper, 413, TOO_LARGE)
             else:
-                await self.app(scope, receive, send_wrapper)
+                await self._guarded(scope, receive, send_wrapper)
         finally:
             route: Any = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
             self.latency.labels(scope["method"], label, str(status["code"])).observe(
                 time.perf_counter() - start
             )
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app on a counted body; once it passed the limit, whatever the app answers (FastAPI turns
+        the failed read into a 400) is replaced by one 413."""
+        body = _LimitedBody(receive, self.max_body_bytes)
+        replied = False
+
+        async def send_unless_too_large(message: Message) -> None:
+            nonlocal replied
+            if body.exceeded:
+                if not replied:
+                    replied = True
+                    await _send_json(send, 413, TOO_LARGE)
+                return
+            replied = replied or message["type"] == "http.response.start"
+            await send(message)
+
+        with contextlib.suppress(BodyTooLarge):  # a route that let it through: answered below
+            await self.app(scope, body, send_unless_too_large)
+        if body.exceeded and not replied:
+            await _send_json(send, 413, TOO_LARGE)
 
     def _too_large(self, scope: Scope) -> bool:
         for key, value in scope.get("headers", []):
@@ -117,6 +169,9 @@ class RequestMetricsMiddleware:
                 except ValueError:
                     return True
         return False
+
+
+TOO_LARGE = b'{"detail":"request body too large"}'
 
 
 async def _send_json(send: Send, status: int, body: bytes) -> None:

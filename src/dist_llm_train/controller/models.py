@@ -1,8 +1,11 @@
 """Request and response bodies of the REST API (pydantic: validation and the OpenAPI schema).
 
-Every request model forbids unknown keys and non-finite floats, and bounds every number
-and string: bad input is refused with a 4xx that names the field, never stored, and can
-never overflow SQLite's 64-bit integers.
+Every request model forbids unknown keys and non-finite floats, takes JSON types strictly (`false` is
+not a number), and bounds every number and string: bad input is refused with a 4xx that names the
+field, never stored, and can never overflow SQLite's 64-bit integers. Free text (labels, job names,
+failure reasons, anything inside a job's config) is NFC-normalised and may not hold lone UTF-16
+surrogates (`"\ud800"` is valid JSON but not encodable as UTF-8: stored, it broke every later
+response that showed it) or control characters.
 
 Response models (`...Out`) are what the routes declare and what `controller.client` returns. They ignore
 keys they do not know, so an older client keeps working against a newer controller. Where another module
@@ -12,16 +15,66 @@ field is a `dict[str, Any]` and that module documents it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import unicodedata
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_INT = 2**62  # far below SQLite's INTEGER limit, far above any real step or byte count
 Name = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]*$")
 
 
+def text_problem(value: str, *, multiline: bool = False) -> str | None:
+    """Why `value` may not be stored as text (None: it may): a lone surrogate or a control character.
+
+    Tab and newline are allowed in multi-line text (a failure reason), nowhere else."""
+    for ch in value:
+        code = ord(ch)
+        if 0xD800 <= code <= 0xDFFF:
+            return f"holds a lone UTF-16 surrogate U+{code:04X} (not encodable as UTF-8)"
+        if unicodedata.category(ch) == "Cc" and not (multiline and ch in "\t\n"):
+            return f"holds the control character U+{code:04X}"
+    return None
+
+
+def _clean(value: str, multiline: bool = False) -> str:
+    problem = text_problem(value, multiline=multiline)
+    if problem is not None:
+        raise ValueError(f"text {problem}")
+    return unicodedata.normalize("NFC", value)
+
+
+def clean_tree(value: Any, path: str = "") -> Any:
+    """Every string (key or value) inside a JSON-like tree checked and NFC-normalised; ValueError naming the path."""
+    if isinstance(value, str):
+        try:
+            return _clean(value)
+        except ValueError as err:
+            raise ValueError(f"{path or '<root>'}: {err}") from None
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            key = clean_tree(k, f"{path}.<key>" if path else "<key>")
+            out[key] = clean_tree(v, f"{path}.{k}" if path else str(k))
+        return out
+    if isinstance(value, list):
+        return [clean_tree(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+SafeText = Annotated[str, AfterValidator(_clean)]
+"""One-line text safe to store and show: no lone surrogates, no control characters, NFC."""
+SafeMultilineText = Annotated[str, AfterValidator(lambda v: _clean(v, multiline=True))]
+"""As `SafeText`, tabs and newlines allowed."""
+
+
+LabelKey = Annotated[SafeText, Field(min_length=1, max_length=64)]
+LabelValue = Annotated[SafeText, Field(max_length=256)]
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: JSON types as declared (a bool is not a number, a number not a string); ints still pass as floats.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class ErrorOut(BaseModel):
@@ -50,7 +103,7 @@ class RegisterIn(_Body):
     flops: float = Field(100.0, gt=0, le=1e30)
     bandwidth_mbps: float = Field(1000.0, gt=0, le=1e9)
     compute_slowdown: float = Field(1.0, ge=1.0, le=1000.0)
-    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
 
 
 class RegisterOut(BaseModel):
@@ -78,9 +131,9 @@ class HeartbeatOut(BaseModel):
 class LinkReportIn(_Body):
     """One shaped link as the worker sees it: configured vs measured; None = not measured (yet)."""
 
-    link: str = Field(min_length=1, max_length=160)
+    link: SafeText = Field(min_length=1, max_length=160)
     traffic_class: Literal["heartbeat", "task", "telemetry", "ps_sync"]
-    backend: str = Field(min_length=1, max_length=32)
+    backend: SafeText = Field(min_length=1, max_length=32)
     configured_rtt_ms: float = Field(ge=0, le=1e6)
     measured_rtt_ms: float | None = Field(None, ge=0, le=1e7)
     rtt_samples: int = Field(0, ge=0, le=MAX_INT)
@@ -92,9 +145,9 @@ class LinkReportIn(_Body):
 
 
 class TelemetryIn(_Body):
-    job_id: str = Field(min_length=1, max_length=128)
-    step: int = Field(ge=0, le=MAX_INT)
-    ps_version: int = Field(ge=0, le=MAX_INT)
+    job_id: SafeText = Field(min_length=1, max_length=128)
+    step: int = Field(ge=0, le=MAX_INT, description="The worker's own step count; at most 100x the job's budget")
+    ps_version: int = Field(ge=0, le=MAX_INT, description="The PS version trained on; at most the job's last")
     loss: float = Field(ge=-1e30, le=1e30)
     step_time_s: float = Field(ge=0, le=1e9)
     samples_per_s: float = Field(ge=0, le=1e15)
@@ -104,23 +157,31 @@ class TelemetryIn(_Body):
     wall_time: float = Field(ge=0, le=1e11)
     # Optional extras the worker also reports; kept for the run report.
     compute_time_s: float | None = Field(None, ge=0, le=1e9)
-    push_outcome: str | None = Field(None, max_length=32)
+    push_outcome: SafeText | None = Field(None, max_length=32)
     push_time_s: float | None = Field(None, ge=0, le=1e9)
     push_bytes: int | None = Field(None, ge=0, le=MAX_INT)
     links: list[LinkReportIn] | None = Field(None, max_length=16, description="Shaped links (netem), if any.")
 
 
 class TaskDoneIn(_Body):
-    worker_id: str = Field(min_length=1, max_length=128)
+    worker_id: SafeText = Field(min_length=1, max_length=128)
 
 
 class TaskFailIn(_Body):
-    worker_id: str = Field(min_length=1, max_length=128)
-    reason: str = Field(min_length=1, max_length=2000)
+    worker_id: SafeText = Field(min_length=1, max_length=128)
+    reason: SafeMultilineText = Field(min_length=1, max_length=2000)
+    attempt: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_INT,
+        description="The `attempt` of the assignment that failed (from GET assignments). A report is counted once: "
+        "the same (task, worker, attempt) again, or without `attempt` the same reason from a worker that no longer "
+        "holds the task, is answered with `replayed: true` and changes nothing.",
+    )
 
 
 class JobIn(_Body):
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    name: SafeText = Field(min_length=1, max_length=200)
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="A subset of the run config: the model, training and network sections.",
@@ -136,12 +197,19 @@ class JobIn(_Body):
         0.0, ge=0, le=1e6, description="Per task; smaller workers never get it."
     )
 
+    @field_validator("config", mode="after")
+    @classmethod
+    def _config_text_is_clean(cls, value: dict[str, Any]) -> dict[str, Any]:
+        cleaned: dict[str, Any] = clean_tree(value)
+        return cleaned
+
 
 class TaskOut(BaseModel):
     task_id: str
     job_id: str
     shard_id: int
     num_shards: int
+    attempt: int = Field(1, description="Which attempt at the task this assignment is; send it with a failure report.")
 
 
 class PSEndpointOut(BaseModel):
@@ -174,6 +242,7 @@ class OkOut(BaseModel):
     ok: bool
     task_id: str
     state: str
+    replayed: bool = Field(False, description="True: this report was already counted; nothing changed.")
 
 
 class HealthOut(BaseModel):

@@ -1,4 +1,8 @@
-"""Plain records the store returns: what a worker, job and task *are*, independent of SQL."""
+"""Plain records the store returns: what a worker, job and task *are*, independent of SQL.
+
+Text read back is made `readable`: a row written before the API refused lone UTF-16 surrogates (a worker
+label of "\ud800" once made every GET /status answer 500, permanently) shows U+FFFD in their place.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,27 @@ WORKER_STATES = ("alive", "dead")
 JOB_STATES = ("pending", "running", "completed", "cancelled", "failed")
 TASK_STATES = ("pending", "assigned", "completed", "cancelled", "failed")
 TERMINAL_JOB_STATES = frozenset({"completed", "cancelled", "failed"})
+
+
+def _readable_text(value: str) -> str:
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # only lone surrogates fail: replace each with U+FFFD
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+    return value
+
+
+def readable(value: Any) -> Any:
+    """`value` (text, or a JSON-like tree of it) with every lone surrogate replaced, so it can be sent as UTF-8."""
+    if isinstance(value, str):
+        return _readable_text(value)
+    if isinstance(value, dict):
+        return {readable(k): readable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [readable(v) for v in value]
+    return value
 
 
 @dataclass
@@ -41,13 +66,13 @@ class Worker:
     @classmethod
     def from_row(cls, r: sqlite3.Row) -> Worker:
         return cls(
-            worker_id=r["worker_id"],
-            name=r["name"],
+            worker_id=readable(r["worker_id"]),
+            name=readable(r["name"]),
             memory_gb=r["memory_gb"],
             flops=r["flops"],
             bandwidth_mbps=r["bandwidth_mbps"],
             compute_slowdown=r["compute_slowdown"],
-            labels=json.loads(r["labels"]),
+            labels=readable(json.loads(r["labels"])),
             state=r["state"],
             activity=r["activity"],
             registered_at=r["registered_at"],
@@ -75,8 +100,8 @@ class Job:
     def from_row(cls, r: sqlite3.Row) -> Job:
         return cls(
             job_id=r["job_id"],
-            name=r["name"],
-            config=json.loads(r["config"]),
+            name=readable(r["name"]),
+            config=readable(json.loads(r["config"])),
             num_tasks=r["num_tasks"],
             priority=r["priority"],
             required_flops=r["required_flops"],
@@ -85,7 +110,7 @@ class Job:
             created_at=r["created_at"],
             updated_at=r["updated_at"],
             seq=r["seq"],
-            error=r["error"],
+            error=readable(r["error"]),
         )
 
 
@@ -109,7 +134,7 @@ class Task:
             state=r["state"],
             worker_id=r["worker_id"],
             attempts=r["attempts"],
-            last_error=r["last_error"],
+            last_error=readable(r["last_error"]),
             updated_at=r["updated_at"],
         )
 

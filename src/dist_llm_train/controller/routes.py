@@ -94,7 +94,9 @@ def assignments(worker_id: str, request: Request) -> AssignmentsOut:
     members = svc.desired_members()
     return AssignmentsOut(
         tasks=[
-            TaskOut(task_id=t.task_id, job_id=t.job_id, shard_id=t.shard_id, num_shards=j.num_tasks)
+            TaskOut(
+                task_id=t.task_id, job_id=t.job_id, shard_id=t.shard_id, num_shards=j.num_tasks, attempt=t.attempts + 1
+            )
             for t, j in held
         ],
         jobs={
@@ -115,10 +117,10 @@ def complete_task(task_id: str, body: TaskDoneIn, request: Request) -> OkOut:
 
 @router.post("/tasks/{task_id}/fail", response_model=OkOut, tags=["tasks"])
 def fail_task(task_id: str, body: TaskFailIn, request: Request) -> OkOut:
-    """The task goes back to pending with its attempt counted."""
+    """The task goes back to pending with its attempt counted, once per report (see `attempt`)."""
     require_worker(request, body.worker_id)
-    task = _svc(request).fail_task(task_id, body.worker_id, body.reason)
-    return OkOut(ok=True, task_id=task.task_id, state=task.state)
+    task, replayed = _svc(request).fail_task(task_id, body.worker_id, body.reason, body.attempt)
+    return OkOut(ok=True, task_id=task.task_id, state=task.state, replayed=replayed)
 
 
 @router.post("/jobs", status_code=201, response_model=JobOut, tags=["jobs"])

@@ -71,5 +71,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX telemetry_by_job ON telemetry(job_id, id);
     CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
     """,
+    # v2: every counted failure report, so a replayed one is recognised (counted once) and the scheduler can
+    # keep a task away from the workers that failed it.
+    """
+    CREATE TABLE task_failures (
+        task_id TEXT NOT NULL REFERENCES tasks(task_id),
+        worker_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        failed_at REAL NOT NULL,
+        PRIMARY KEY (task_id, worker_id, attempt)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

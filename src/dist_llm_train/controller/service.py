@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dist_llm_train.config import ControllerConfig
-from dist_llm_train.controller.errors import Conflict, NotFound
-from dist_llm_train.controller.jobs import job_view, normalised_sections, validate_job_config
+from dist_llm_train.controller.errors import BadInput, Conflict, NotFound
+from dist_llm_train.controller.jobs import job_view, normalised_sections, training_of, validate_job_config
 from dist_llm_train.controller.models import JobIn, RegisterIn, TelemetryIn
 from dist_llm_train.controller.records import Job, Task, Worker
 from dist_llm_train.controller.schedulers import Assignment, Scheduler, TaskView, WorkerView
@@ -27,6 +27,7 @@ from dist_llm_train.controller.store import Store
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+WORKER_STEP_FACTOR = 100  # a worker's reported step may exceed its job's step budget this many times (retries)
 
 
 def new_id(prefix: str) -> str:
@@ -62,6 +63,7 @@ class ControllerService:
         self.heartbeats = 0
         # netem: each worker's latest shaped-link report, shown by /status; refreshed by telemetry.
         self.links: dict[str, list[dict[str, Any]]] = {}
+        self._budgets: dict[str, tuple[int, int]] = {}  # job_id -> (PS versions, step budget); jobs never change
         # Workers alive before a restart get a full timeout to reach the new process.
         store.refresh_alive_heartbeats(clock())
 
@@ -115,11 +117,31 @@ class ControllerService:
             self.on_change()
             self.schedule()
 
+    def job_budget(self, job: Job) -> tuple[int, int]:
+        """(the PS versions the job runs for, its step budget): what a worker's report is checked against."""
+        budget = self._budgets.get(job.job_id)
+        if budget is None:
+            training = training_of(job)
+            budget = self._budgets[job.job_id] = (training.versions, training.steps)
+        return budget
+
+    def _check_report(self, job: Job, rec: TelemetryIn) -> None:
+        """A report's version and step within what the job can reach: the PS never publishes past the job's
+        last version, so a larger `ps_version` is made up (2^62 once set a job's step to 4.6e18)."""
+        versions, steps = self.job_budget(job)
+        if rec.ps_version > versions:
+            raise BadInput(f"body.ps_version: {rec.ps_version} is past job {job.job_id}'s last PS version {versions}")
+        step_limit = WORKER_STEP_FACTOR * max(versions, steps)
+        if rec.step > step_limit:
+            raise BadInput(
+                f"body.step: {rec.step} is over {step_limit} ({WORKER_STEP_FACTOR}x job {job.job_id}'s step budget)"
+            )
+
     def record_telemetry(self, worker_id: str, rec: TelemetryIn) -> None:
         alpha = self.cfg.telemetry_alpha
         with self.store.tx():
             w = self._worker(worker_id)
-            self._job(rec.job_id)
+            self._check_report(self._job(rec.job_id), rec)
             self.store.insert_telemetry(
                 rec.job_id, worker_id, rec.model_dump(exclude={"job_id"}), self.clock()
             )
@@ -220,14 +242,30 @@ class ControllerService:
         self.on_change()
         return self._task(task_id)
 
-    def fail_task(self, task_id: str, worker_id: str, reason: str) -> Task:
-        """Give the task back (pending again); too many attempts fail the whole job."""
+    def fail_task(self, task_id: str, worker_id: str, reason: str, attempt: int | None = None) -> tuple[Task, bool]:
+        """Give the task back (pending again); too many attempts fail the whole job. Returns (task, replayed).
+
+        Idempotent: a report already counted (the same `attempt` of this worker, or without one the same reason
+        from a worker that no longer holds the task) changes nothing and comes back with replayed=True. The
+        scheduler then offers the task to workers that have not failed it first (`TaskView.avoid`)."""
         now = self.clock()
         with self.store.tx():
+            task = self.store.get_task(task_id)
+            if task is None:
+                raise NotFound(f"unknown task {task_id!r}")
+            self._worker(worker_id)
+            current = task.attempts + 1
+            holds = task.worker_id == worker_id and task.state == "assigned"
+            key = attempt if attempt is not None else (current if holds else None)
+            if self.store.failure_counted(task_id, worker_id, key, reason):
+                return task, True
             task = self._held_task(task_id, worker_id)
             if task.state != "assigned":
                 raise Conflict(f"task {task_id} is {task.state}; only an assigned task can fail")
-            attempts = task.attempts + 1
+            if attempt is not None and attempt != current:
+                raise Conflict(f"task {task_id} is on attempt {current}; a report for attempt {attempt} is stale")
+            attempts = current
+            self.store.record_failure(task_id, worker_id, attempts, reason, now)
             self.store.update_task(task_id, "pending", None, now, attempts=attempts, last_error=reason)
             if attempts >= self.max_task_attempts:
                 error = f"task {task_id} failed {attempts} times; last error: {reason}"
@@ -237,7 +275,7 @@ class ControllerService:
         log.info("task %s given back by %s: %s", task_id, worker_id, reason)
         self.on_change()
         self.schedule()
-        return self._task(task_id)
+        return self._task(task_id), False
 
     def _task(self, task_id: str) -> Task:
         task = self.store.get_task(task_id)
@@ -253,8 +291,17 @@ class ControllerService:
             if not pending:
                 return []
             workers, loads = self.candidates(pending)
+            failed = self.store.failed_workers([t.task_id for t, _ in pending if t.attempts])
             task_views = [
-                TaskView(t.task_id, j.job_id, j.priority, j.required_flops, j.required_memory_gb, order)
+                TaskView(
+                    t.task_id,
+                    j.job_id,
+                    j.priority,
+                    j.required_flops,
+                    j.required_memory_gb,
+                    order,
+                    failed.get(t.task_id, frozenset()),
+                )
                 for order, (t, j) in enumerate(pending)
             ]
             worker_views = [

@@ -71,6 +71,8 @@ def build_status(svc: ControllerService, membership: MembershipSync) -> StatusOu
         for j in jobs:
             rates[j.job_id] = _job_rates(svc, j.job_id, holders_by_job[j.job_id])
     trainings = {j.job_id: training_of(j) for j in jobs}
+    # Telemetry is checked against the job's last PS version now; rows stored before may hold anything.
+    progress = {jid: (min(step, trainings[jid].versions), loss) for jid, (step, loss) in progress.items()}
     tasks_by_worker: dict[str, list[str]] = defaultdict(list)
     jobs_by_worker: dict[str, set[str]] = defaultdict(set)
     for t in assigned:

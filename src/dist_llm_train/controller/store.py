@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from dist_llm_train.controller.records import TELEMETRY_FIELDS, Job, Task, Worker
+from dist_llm_train.controller.records import TELEMETRY_FIELDS, Job, Task, Worker, readable
 from dist_llm_train.controller.schema import MIGRATIONS, SCHEMA_VERSION
 
 _UPSERT_WORKER = """INSERT INTO workers (worker_id, name, memory_gb, flops, bandwidth_mbps, compute_slowdown,
@@ -317,6 +317,33 @@ class Store:
         rows = self._all("SELECT state, COUNT(*) AS n FROM tasks WHERE job_id = ? GROUP BY state", (job_id,))
         return {r["state"]: r["n"] for r in rows}
 
+    # -- failure reports ------------------------------------------------------------------
+    def record_failure(self, task_id: str, worker_id: str, attempt: int, reason: str, now: float) -> None:
+        self._run(
+            "INSERT INTO task_failures (task_id, worker_id, attempt, reason, failed_at) VALUES (?, ?, ?, ?, ?)",
+            (task_id, worker_id, attempt, reason, now),
+        )
+
+    def failure_counted(self, task_id: str, worker_id: str, attempt: int | None, reason: str) -> bool:
+        """Whether this report was counted before: the same attempt, or (no attempt given) the same reason."""
+        if attempt is not None:
+            sql = "SELECT 1 FROM task_failures WHERE task_id = ? AND worker_id = ? AND attempt = ?"
+            return self._one(sql, (task_id, worker_id, attempt)) is not None
+        sql = "SELECT 1 FROM task_failures WHERE task_id = ? AND worker_id = ? AND reason = ?"
+        return self._one(sql, (task_id, worker_id, reason)) is not None
+
+    def failed_workers(self, task_ids: Sequence[str]) -> dict[str, frozenset[str]]:
+        """For each of these tasks that some worker failed: the workers that did."""
+        out: dict[str, set[str]] = {}
+        ids = list(task_ids)
+        for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            rows = self._all(f"SELECT DISTINCT task_id, worker_id FROM task_failures WHERE task_id IN ({marks})", chunk)
+            for r in rows:
+                out.setdefault(r["task_id"], set()).add(r["worker_id"])
+        return {t: frozenset(w) for t, w in out.items()}
+
     # -- telemetry ------------------------------------------------------------------------
     def insert_telemetry(self, job_id: str, worker_id: str, record: dict[str, Any], now: float) -> None:
         cols = ", ".join(TELEMETRY_FIELDS)
@@ -333,7 +360,7 @@ class Store:
                WHERE t.job_id = ? AND t.id > ? ORDER BY t.id LIMIT ?""",
             (job_id, after_id, limit),
         )
-        return [dict(r) for r in rows]
+        return [readable(dict(r)) for r in rows]
 
     def latest_telemetry(self, job_id: str) -> list[dict[str, Any]]:
         """Each worker's most recent row for the job."""
@@ -342,7 +369,7 @@ class Store:
                WHERE job_id = ? GROUP BY worker_id) last ON last.id = t.id""",
             (job_id,),
         )
-        return [dict(r) for r in rows]
+        return [readable(dict(r)) for r in rows]
 
     def job_progress(self, job_id: str) -> tuple[int, float | None]:
         """(max ps_version seen, loss of the newest row) for the job."""

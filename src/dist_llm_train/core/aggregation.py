@@ -114,7 +114,13 @@ class Aggregator(ABC):
             raise ValueError(f"{self.name} needs {self.requirement()} updates, got n={x.shape[0]}")
         if not np.isfinite(x).all():
             raise ValueError(f"{self.name}: updates contain NaN or Inf")
-        return np.asarray(self._aggregate(x.astype(np.float32, copy=False)), dtype=np.float32)
+        # Rules compute in float32: a wider input must still be finite after the cast (1e39 is a finite
+        # float64 and +inf as a float32).
+        with np.errstate(over="ignore"):
+            x32 = x.astype(np.float32, copy=False)
+        if x32 is not x and not np.isfinite(x32).all():
+            raise ValueError(f"{self.name}: updates overflow float32 (|value| > {np.finfo(np.float32).max:.3e})")
+        return np.asarray(self._aggregate(x32), dtype=np.float32)
 
     @abstractmethod
     def _aggregate(self, x: np.ndarray) -> np.ndarray: ...
@@ -261,7 +267,7 @@ DEFAULT_TRIM_RATIO = 0.3  # trimmed_mean's beta when neither trim_ratio nor f is
 class AggregationConfig(BaseModel):
     """How the PS combines a round of updates (`training.aggregation`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan"] = Field(
         "mean", description="The aggregation rule"

@@ -133,7 +133,7 @@ ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (SignFlip, Gaussian, ALIE
 class AttackConfig(BaseModel):
     """A Byzantine attack run by chosen workers, for experiments (`training.attack`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: Literal["sign_flip", "gaussian", "alie", "ipm"] = Field(description="The attack")
     attackers: int = Field(0, ge=0, description="The workers holding the last K shards attack")

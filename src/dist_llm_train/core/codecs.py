@@ -702,7 +702,7 @@ def get_codec(name: str, **params: Any) -> Codec:
 class CodecConfig(BaseModel):
     """How workers compress what they push (`training.codec`). Each codec reads only its own fields."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: Literal["none", "fp16", "int8", "int4", "int2", "topk", "sparseloco"] = Field("none", description="The codec")
     ratio: float = Field(0.01, gt=0, le=1, description="topk: fraction of coordinates kept; sparseloco: per chunk")

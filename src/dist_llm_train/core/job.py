@@ -27,11 +27,13 @@ from dist_llm_train.core.strategies import (
     strategy_fields,
 )
 from dist_llm_train.core.strategies.base import OptimizerSpec
+from dist_llm_train.core.update_bound import UpdateBoundConfig
 
 OPTIMIZERS = ("sgd", "adam")
 OPTIMIZER_OPTIONS = ("nesterov", "adam_beta2", "adam_eps")
 PRIVACY_OPTIONS = ("dp_noise_multiplier", "dp_clip", "dp_delta", "dp_seed")
 DOWNLINK_OPTION = "downlink"  # the downlink codec config as JSON (`core.downlink`); absent: full pulls
+UPDATE_BOUND_OPTION = "update_bound"  # the per-update bound as JSON (`core.update_bound`); absent: the default
 # Strategy fields with a proto field of their own; every other strategy field travels in `options`.
 _DEDICATED_FIELDS = ("max_staleness", "straggler_timeout_s")
 
@@ -64,6 +66,7 @@ class JobSpec:
     privacy: DPSettings | None = None  # central DP on the PS (mode "central"); None: off
     privacy_seed: int | None = None  # None: OS entropy (production); a seed only for reproducible tests
     downlink: CodecConfig | None = None  # pulls as compressed deltas (`core.downlink`); None: full pulls
+    update_bound: UpdateBoundConfig = field(default_factory=UpdateBoundConfig)  # on unless a job turns it off
 
     def __post_init__(self) -> None:
         if self.downlink is not None and not downlink_enabled(self.downlink):
@@ -94,6 +97,8 @@ class JobSpec:
                 options["dp_seed"] = str(self.privacy_seed)
         if self.downlink is not None:
             options[DOWNLINK_OPTION] = self.downlink.model_dump_json()
+        if self.update_bound != UpdateBoundConfig():
+            options[UPDATE_BOUND_OPTION] = self.update_bound.model_dump_json()
         defaults = WireJobSpec(job_id="")
         return WireJobSpec(
             job_id=self.job_id,
@@ -114,7 +119,7 @@ class JobSpec:
         """Parse and check the wire form; ValueError naming the field for anything unknown or out of range."""
         strategy = _strategy_from_wire(w)
         known = strategy_fields(strategy.name) - {"name", *_DEDICATED_FIELDS}
-        known |= {*OPTIMIZER_OPTIONS, *PRIVACY_OPTIONS, DOWNLINK_OPTION}
+        known |= {*OPTIMIZER_OPTIONS, *PRIVACY_OPTIONS, DOWNLINK_OPTION, UPDATE_BOUND_OPTION}
         unknown = sorted(set(w.options) - known)
         if unknown:
             raise ValueError(f"spec.options has unknown keys {unknown}; known for {w.mode!r}: {sorted(known)}")
@@ -159,6 +164,7 @@ class JobSpec:
             privacy=privacy,
             privacy_seed=_option(w.options, "dp_seed", None, int),
             downlink=_downlink(w.options),
+            update_bound=_update_bound(w.options),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,6 +186,16 @@ def _downlink(options: dict[str, str]) -> CodecConfig | None:
     except ValidationError as err:
         raise ValueError(f"spec.options[{DOWNLINK_OPTION!r}] is not a codec config: {err}") from None
     return config
+
+
+def _update_bound(options: dict[str, str]) -> UpdateBoundConfig:
+    text = options.get(UPDATE_BOUND_OPTION)
+    if text is None:
+        return UpdateBoundConfig()  # jobs (and checkpoints) from before the bound existed get the default: on
+    try:
+        return UpdateBoundConfig.model_validate_json(text)
+    except ValidationError as err:
+        raise ValueError(f"spec.options[{UPDATE_BOUND_OPTION!r}] is not an update bound: {err}") from None
 
 
 def _strategy_from_wire(w: WireJobSpec) -> StrategyConfig:

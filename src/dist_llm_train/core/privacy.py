@@ -129,8 +129,15 @@ class CentralDP:
         self.max_clipped_norm = 0.0
 
     def clip_all(self, updates: np.ndarray) -> np.ndarray:
-        """Rows clipped to the bound (vectorised: one norm per row)."""
-        x = np.asarray(updates, dtype=np.float32)
+        """Rows clipped to the bound (vectorised: one norm per row); ValueError for NaN or Inf, before or
+        after the cast to float32 (an infinite row's norm would turn its clipped values into NaN)."""
+        raw = np.asarray(updates)
+        if not np.isfinite(raw).all():
+            raise ValueError("central DP: updates contain NaN or Inf")
+        with np.errstate(over="ignore"):
+            x = raw.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            raise ValueError("central DP: updates overflow float32")
         norms = np.linalg.norm(x.astype(np.float64), axis=1)
         over = norms > self.settings.clip
         self.clipped += int(over.sum())
@@ -152,7 +159,7 @@ class CentralDP:
 class PrivacyConfig(BaseModel):
     """Differential privacy for pushed updates (`training.dp`; absent: off)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     noise_multiplier: float = Field(ge=0, description="z: noise std is z * clip")
     clip: float | None = Field(None, gt=0, description="L2 bound per update; None: training.gradient_clip_norm")

@@ -6,9 +6,14 @@ scalars, recent push ids). A single file means one atomic rename covers everythi
 checkpoint can never mix two versions. No pickle anywhere: arrays load with
 `allow_pickle=False` and metadata is JSON.
 
-Write protocol: temp file in the same directory -> flush -> fsync -> os.replace -> fsync the
-directory. A crash at any point leaves either the old or the new checkpoint, plus perhaps a
-dot-prefixed `.tmp` file that `load_all` deletes without reading.
+Write protocol: temp file in the same directory -> flush -> fsync -> read it back and verify ->
+os.replace -> fsync the directory. A crash at any point leaves either the old or the new
+checkpoint, plus perhaps a dot-prefixed `.tmp` file that `load_all` deletes without reading.
+
+Only a finite state is ever checkpointed: a snapshot whose parameters, optimizer state or loss
+are NaN/Inf is refused before anything is written, and the written file must read back as the
+same version with finite arrays before it replaces the last good checkpoint. Reading refuses a
+non-finite checkpoint too (one written before these checks), rather than resume a poisoned job.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 from dist_llm_train.core.job import JobSpec
 from dist_llm_train.core.types import TensorSpec
 from dist_llm_train.paramserver.job import JobSnapshot
+from dist_llm_train.paramserver.numerics import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +72,33 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def nonfinite_parts(snap: JobSnapshot) -> list[str]:
+    """The parts of a snapshot that hold NaN or Inf (empty: it is safe to keep)."""
+    bad = [] if all_finite(snap.params) else ["params"]
+    bad += [f"optimizer {k}" for k, a in snap.optimizer_arrays.items() if not all_finite(np.asarray(a))]
+    scalars = [("last_loss", snap.last_loss)] + [(f"optimizer {k}", v) for k, v in snap.optimizer_scalars.items()]
+    bad += [name for name, v in scalars if not np.isfinite(v)]
+    return bad
+
+
+def _verify(path: Path, snap: JobSnapshot) -> None:
+    """The file at `path` reads back as `snap`'s job and version, with finite contents."""
+    back = read_checkpoint(path)
+    if back.spec.job_id != snap.spec.job_id or back.version != snap.version:
+        raise CheckpointError(f"{path} read back as job {back.spec.job_id!r} v{back.version}, not v{snap.version}")
+    if back.params.shape != snap.params.shape:
+        raise CheckpointError(f"{path} read back with {back.params.shape} params, not {snap.params.shape}")
+
+
 def write_checkpoint(directory: Path, snap: JobSnapshot) -> Path:
-    """Atomically write one job's checkpoint; returns its path."""
+    """Atomically write one job's checkpoint, verified finite and read back first; returns its path.
+
+    A snapshot with non-finite contents raises `CheckpointError` and the last good checkpoint stays."""
+    bad = nonfinite_parts(snap)
+    if bad:
+        raise CheckpointError(
+            f"job {snap.spec.job_id} v{snap.version}: {', '.join(bad)} not finite; the last good checkpoint is kept"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, snap.spec.job_id)
     tmp = directory / f".{final.name}.{uuid.uuid4().hex}.tmp"
@@ -80,6 +111,7 @@ def write_checkpoint(directory: Path, snap: JobSnapshot) -> Path:
             savez(f, meta=meta, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        _verify(tmp, snap)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -99,7 +131,7 @@ def read_checkpoint(path: Path) -> JobSnapshot:
             raise ValueError(f"unsupported format_version {meta.get('format_version')}")
         spec = JobSpec.from_dict(meta["spec"])
         layout = [TensorSpec(t["name"], tuple(t["shape"]), t["offset"]) for t in meta["layout"]]
-        return JobSnapshot(
+        snap = JobSnapshot(
             spec=spec,
             layout=layout,
             params=params,
@@ -114,6 +146,10 @@ def read_checkpoint(path: Path) -> JobSnapshot:
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    bad = nonfinite_parts(snap)
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite {', '.join(bad)}; refusing to resume from it")
+    return snap
 
 
 def load_all(directory: Path) -> list[JobSnapshot]:
@@ -168,7 +204,7 @@ class Checkpointer:
         try:
             write_checkpoint(self.directory, snap)
             self.written += 1
-        except OSError as err:
+        except (OSError, CheckpointError) as err:
             self.errors += 1
             log.error("checkpoint of job %s at version %d failed: %s", snap.spec.job_id, snap.version, err)
 

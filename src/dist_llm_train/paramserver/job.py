@@ -29,7 +29,7 @@ import logging
 import re
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -52,12 +52,12 @@ from dist_llm_train.core.types import (
     PushResult,
     TensorSpec,
 )
-from dist_llm_train.paramserver.numerics import Buffer, decode_update
+from dist_llm_train.core.update_bound import UpdateBound, l2_norm
+from dist_llm_train.paramserver.numerics import Buffer, all_finite, decode_update
 from dist_llm_train.paramserver.optim import ServerOptimizer, make_optimizer
 
 log = logging.getLogger(__name__)
 
-REPLAY_WINDOW = 1024  # (worker, step) pairs remembered per worker for replay detection
 FALLBACK_RULE = "median"  # for a round the job's rule is not defined for; robust and defined for any n >= 1
 
 
@@ -267,6 +267,8 @@ class JobSnapshot:
     last_loss: float
     optimizer_arrays: dict[str, np.ndarray]
     optimizer_scalars: dict[str, float | int]
+    # Replay protection: each worker's highest push step, as a one-element list (older checkpoints held the
+    # last 1,024 steps; their maximum is the same mark).
     seen_steps: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -302,7 +304,11 @@ class JobState:
         self.optimizer: ServerOptimizer = make_optimizer(spec.optimizer, self.num_params)
         self.aggregator = build_aggregator(spec)
         self.ledger = WorkerLedger()
-        self._seen: dict[str, OrderedDict[int, None]] = {}
+        self.update_bound = UpdateBound(spec.update_bound)
+        # Replay protection: the highest step each worker has pushed. Worker steps only grow (a restarted
+        # worker starts from its start time in ms x 10^6), so any step at or below the mark is a replay,
+        # however long ago the original was: no window to outlive.
+        self._high_water: dict[str, int] = {}
         self._clock = clock
         self._obs = observer
         self._lock = threading.Lock()
@@ -418,8 +424,9 @@ class JobState:
         self.precheck(header)
         size = self.update_size(header.base_version)
         vec = decode_update(header.codec, header.codec_meta, payload, size)
+        norm = l2_norm(vec) if self.spec.update_bound.enabled else 0.0  # the slow part of bounding it: unlocked
         with self._lock:
-            result = self._decide_locked(header, vec)
+            result = self._decide_locked(header, vec, norm)
             self.counters[f"pushes_{result.outcome.value.lower()}"] += 1
             # Wire bytes per class: every update that arrived, by kind, and its uncompressed size.
             self.counters[f"bytes_received_{header.kind}"] += len(payload)
@@ -434,18 +441,18 @@ class JobState:
         self._obs.update_bytes(self.spec.job_id, header.kind, header.codec, len(payload))
         return result
 
-    def _decide_locked(self, header: PushHeader, vec: np.ndarray) -> PushResult:
+    def _decide_locked(self, header: PushHeader, vec: np.ndarray, norm: float) -> PushResult:
         self.check_member(header.worker_id)  # membership may have changed while decoding
         staleness = self.version - header.base_version
         if self.complete:
             return PushResult(PushOutcome.JOB_COMPLETE, self.version, staleness, "job reached total_steps")
-        seen = self._seen.get(header.worker_id)
-        if seen is not None and header.step in seen:
+        mark = self._high_water.get(header.worker_id)
+        if mark is not None and header.step <= mark:
             return PushResult(
                 PushOutcome.DUPLICATE,
                 self.version,
                 staleness,
-                f"step {header.step} of {header.worker_id!r} was already received",
+                f"step {header.step} of {header.worker_id!r} is not above its last received step {mark}: a replay",
             )
         if staleness < 0:
             raise PSError(
@@ -453,20 +460,38 @@ class JobState:
                 f"base_version {header.base_version} is ahead of the server's version {self.version} "
                 "(restarted from a checkpoint?): pull again",
             )
+        vec, norm = self._bounded(vec, norm)
         now = self._clock()
         self.ledger.observe_push(header.worker_id, now)
         result = self.rule.on_update(self, header.worker_id, vec, staleness, now)
         if result.outcome in (PushOutcome.APPLIED, PushOutcome.BUFFERED):
             self.last_loss = header.loss
+            if self.spec.update_bound.enabled:
+                self.update_bound.record(norm)
         if result.outcome is not PushOutcome.DUPLICATE:
             self._remember(header.worker_id, header.step)
         return result
 
     def _remember(self, worker_id: str, step: int) -> None:
-        seen = self._seen.setdefault(worker_id, OrderedDict())
-        seen[step] = None
-        while len(seen) > REPLAY_WINDOW:
-            seen.popitem(last=False)
+        """Raise the worker's replay mark to `step` (its decided pushes only ever raise it)."""
+        self._high_water[worker_id] = max(step, self._high_water.get(worker_id, step))
+
+    def replayed(self, worker_id: str, step: int) -> bool:
+        """True when a push of `step` from this worker is at or below its mark: already received."""
+        mark = self._high_water.get(worker_id)
+        return mark is not None and step <= mark
+
+    def _bounded(self, vec: np.ndarray, norm: float) -> tuple[np.ndarray, float]:
+        """The update clipped to the job's per-update bound (`core.update_bound`), and its norm after."""
+        if not self.spec.update_bound.enabled:
+            return vec, norm
+        params_norm = l2_norm(self.params) if self.update_bound.seen < self.spec.update_bound.warmup else 0.0
+        bound = self.update_bound.bound(params_norm)
+        vec, clipped = self.update_bound.clip(vec, norm, bound)
+        if clipped:
+            self.counters["updates_clipped"] += 1
+            return vec, bound
+        return vec, norm
 
     # -- JobView: what the strategy's version rule may do ------------------------------
     def join(self, worker_id: str) -> None:
@@ -489,12 +514,26 @@ class JobState:
         return np.asarray(combined, dtype=np.float32)
 
     def apply(self, update: np.ndarray, count: int, lr_scale: float = 1.0) -> None:
+        """Step the optimizer and publish a version; refused (PSError, nothing changed) if the step would
+        leave the parameters or the optimizer's state non-finite (e.g. Adam's second moment overflowing)."""
         region = self.strategy.region(self.version, self.num_params)
-        if region is None:
-            new_params = self.optimizer.step(self.params, update, lr_scale)
-        else:
-            new_params = self.optimizer.step_region(self.params, update, region, lr_scale)
-        self.params = _frozen(new_params.astype(np.float32, copy=False))
+        before = self.optimizer.state_dict()  # references: the optimizer never writes its arrays in place
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is checked for (and refused) below
+            if region is None:
+                new_params = self.optimizer.step(self.params, update, lr_scale)
+            else:
+                new_params = self.optimizer.step_region(self.params, update, region, lr_scale)
+        new_params = new_params.astype(np.float32, copy=False)
+        broken = [] if all_finite(new_params) else ["parameters"]
+        broken += [f"optimizer {name}" for name, arr in self.optimizer.state_dict()[0].items() if not all_finite(arr)]
+        if broken:
+            self.optimizer.load_state_dict(*before)
+            self.counters["versions_refused_nonfinite"] += 1
+            raise invalid(
+                f"refused: this update would make the job's {' and '.join(broken)} non-finite (float32 overflow); "
+                f"version {self.version} and the optimizer state are unchanged"
+            )
+        self.params = _frozen(new_params)
         self.version += 1
         if self.downlink is not None:
             self.downlink.publish(self.params, self.version, region)
@@ -525,7 +564,11 @@ class JobState:
             if deadline is None or now < deadline:
                 return False
             log.info("job %s: round %d timed out", self.spec.job_id, self.version)
-            return self.rule.expire(self, now)
+            try:
+                return self.rule.expire(self, now)
+            except PSError as err:  # the round's aggregate was refused: it is dropped, the version stays
+                log.error("job %s: round %d dropped: %s", self.spec.job_id, self.version, err.message)
+                return True
 
     def set_members(self, members: list[str]) -> tuple[int, list[str]]:
         with self._lock:
@@ -533,7 +576,10 @@ class JobState:
             self.open_membership = False
             self._obs.members(self.spec.job_id, len(self.members))
             before = self.version
-            self.rule.members_changed(self, self._clock())
+            try:
+                self.rule.members_changed(self, self._clock())
+            except PSError as err:  # as in `expire`: the round is dropped, membership still changes
+                log.error("job %s: round %d dropped: %s", self.spec.job_id, self.version, err.message)
             if self.version != before:  # a member left and nobody else was outstanding: the round closed short
                 self.counters["rounds_closed_by_membership"] += 1
             return self.version, list(self.members)
@@ -552,7 +598,7 @@ class JobState:
             last_loss=self.last_loss,
             optimizer_arrays=dict(arrays),
             optimizer_scalars=dict(scalars),
-            seen_steps={w: list(s) for w, s in self._seen.items()},
+            seen_steps={w: [mark] for w, mark in self._high_water.items()},
         )
 
     def snapshot(self) -> JobSnapshot:
@@ -571,9 +617,7 @@ class JobState:
         job.counters.update(snap.counters)
         job.last_loss = snap.last_loss
         job.optimizer.load_state_dict(snap.optimizer_arrays, snap.optimizer_scalars)
-        for worker, steps in snap.seen_steps.items():
-            for step in steps[-REPLAY_WINDOW:]:
-                job._remember(worker, step)
+        job._high_water = {w: max(steps) for w, steps in snap.seen_steps.items() if steps}
         return job
 
 

@@ -25,7 +25,6 @@ import heapq
 import os
 import sqlite3
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -46,7 +45,7 @@ from dist_llm_train.core.strategies.asynchronous import Async
 from dist_llm_train.core.strategies.base import EWMA_ALPHA, RoundBarrier, StalenessGate, WorkerRecord
 from dist_llm_train.core.strategies.buffered_async import BufferedAsync, StalenessBuffer
 from dist_llm_train.core.types import PSError, PushHeader, PushOutcome, TensorSpec
-from dist_llm_train.paramserver.job import NULL_OBSERVER, REPLAY_WINDOW, JobState
+from dist_llm_train.paramserver.job import NULL_OBSERVER, JobState
 from dist_llm_train.sim.config import SimConfig
 
 JOB_ID = "sim"
@@ -463,7 +462,7 @@ class SimController:
         self.svc.on_change = hook
 
     def register(self, name: str, compute_slowdown: float, bandwidth_mbps: float) -> str:
-        req = RegisterIn(name=name, compute_slowdown=compute_slowdown, bandwidth_mbps=bandwidth_mbps)
+        req = RegisterIn(name=name, compute_slowdown=float(compute_slowdown), bandwidth_mbps=float(bandwidth_mbps))
         batch = self._batch
         if batch is not None and req.name not in batch.names:
             # What `ControllerService.register` does for a name it has never seen, the row written later.
@@ -697,8 +696,7 @@ class StaleRefuser:
         staleness = version - base_version
         if staleness <= 0 or version >= self.total_steps:  # not old, or the job is complete
             return None
-        seen = js._seen.get(worker_id)
-        if seen is not None and step in seen:
+        if js.replayed(worker_id, step):
             return None  # DUPLICATE
         ledger = js.ledger
         if outcome is PushOutcome.STALE_REJECTED and self.fixed_bound is not None:
@@ -717,11 +715,7 @@ class StaleRefuser:
                 old = rec.interval_s
                 rec.interval_s = gap if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * gap
             rec.last_push = now
-            if seen is None:
-                seen = js._seen[worker_id] = OrderedDict()
-            seen[step] = None
-            while len(seen) > REPLAY_WINDOW:
-                seen.popitem(last=False)
+            js._remember(worker_id, step)
             counters = js.counters
             counters[self.pushes_key] += 1
             counters[self.bytes_key] += _PAYLOAD_BYTES

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dist_llm_train.config import TrainingConfig
+from dist_llm_train.config import TrainingConfig, resolve_data_path
 from dist_llm_train.training.corpora import MAX_MARKOV_VOCAB, CharCorpus, HigherOrderMarkovCorpus, MarkovCorpus
 from dist_llm_train.training.sharding import ShardScheme, label_skew, shard_indices
 
@@ -122,7 +122,7 @@ def make_dataset(cfg: TrainingConfig) -> TokenDataset:
     else:
         if not cfg.text_path:
             raise ValueError("data: text needs text_path")
-        text = CharCorpus.from_file(cfg.text_path)
+        text = CharCorpus.from_file(resolve_data_path(cfg.text_path))  # checked again here: symlinks may move
         split = int(len(text.tokens) * (1 - TEXT_EVAL_FRACTION))
         train = _windows(text.tokens[:split], cfg.num_samples, length, train_rng, "training")
         heldout = _windows(text.tokens[split:], num_eval, length, eval_rng, "held-out")

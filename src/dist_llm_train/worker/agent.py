@@ -59,6 +59,7 @@ class WorkerAgent:
         self.heartbeat_interval_s = 1.0
         self.state: WorkerActivity = "idle"
         self._shards: dict[str, set[int]] = {}
+        self._attempts: dict[str, int] = {}  # task id -> the attempt it was assigned as: failure reports name it
         self._shard_lock = threading.Lock()
         self._telemetry: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.finished_jobs: list[str] = []
@@ -102,7 +103,7 @@ class WorkerAgent:
                 record = self.links.annotate(record)
             try:
                 assert self.worker_id is not None
-                await self.api.telemetry(self.worker_id, TelemetryIn.model_validate(record))
+                await self.api.telemetry(self.worker_id, TelemetryIn.model_validate(record, strict=False))
             except Exception as err:
                 log.warning("telemetry dropped: %s", err)
 
@@ -119,6 +120,7 @@ class WorkerAgent:
         assert self.worker_id is not None
         current = await self.api.assignments(self.worker_id)
         tasks = [t for t in current.tasks if t.job_id == job_id]
+        self._attempts.update({t.task_id: t.attempt for t in tasks})
         with self._shard_lock:
             self._shards[job_id] = {t.shard_id for t in tasks}
         return [t.task_id for t in tasks]
@@ -129,9 +131,11 @@ class WorkerAgent:
             cfg = parse_config({"model": job.model, "training": job.training, "network": job.network})
         except ConfigError as err:
             for t in tasks:
-                await self.api.fail_task(t.task_id, worker_id=self.worker_id, reason=f"bad job config: {err}")
+                reason = f"bad job config: {err}"
+                await self.api.fail_task(t.task_id, worker_id=self.worker_id, reason=reason, attempt=t.attempt)
             return
         ps = job.paramserver
+        self._attempts.update({t.task_id: t.attempt for t in tasks})
         with self._shard_lock:
             self._shards[job_id] = {t.shard_id for t in tasks}
         ctx = TrainingContext(
@@ -173,7 +177,7 @@ class WorkerAgent:
                 log.exception("training failed")
             reason = "worker shutting down" if self.stop.is_set() else f"{type(err).__name__}: {err}"
             for tid in task_ids:
-                await self._report(self.api.fail_task(tid, worker_id=self.worker_id, reason=reason))
+                await self._report(self._fail(tid, reason))
             return
         await self._drain_telemetry()
         if outcome.job_complete:
@@ -185,7 +189,12 @@ class WorkerAgent:
                      outcome.restarts.rebases, outcome.restarts.resends)
         elif outcome.stopped:
             for tid in task_ids:
-                await self._report(self.api.fail_task(tid, worker_id=self.worker_id, reason="worker shutting down"))
+                await self._report(self._fail(tid, "worker shutting down"))
+
+    def _fail(self, task_id: str, reason: str) -> Any:
+        """The failure report of a held task, naming its attempt so that a retried report is counted once."""
+        assert self.worker_id is not None
+        return self.api.fail_task(task_id, worker_id=self.worker_id, reason=reason, attempt=self._attempts.get(task_id))
 
     async def _report(self, call: Any) -> None:
         """Report to the controller; while shutting down, give it two seconds, not the full retry budget."""

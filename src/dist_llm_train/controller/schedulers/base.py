@@ -28,6 +28,7 @@ class TaskView:
     required_flops: float = 0.0
     required_memory_gb: float = 0.0
     order: int = 0  # submission order: older tasks win ties
+    avoid: frozenset[str] = frozenset()  # workers that failed this task: others get it first
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class WorkerView:
         return self.flops / self.compute_slowdown
 
     def fits(self, task: TaskView) -> bool:
-        return self.memory_gb >= task.required_memory_gb
+        """Enough memory, and not a worker that already failed the task."""
+        return self.memory_gb >= task.required_memory_gb and self.worker_id not in task.avoid
 
 
 class Scheduler(Protocol):
@@ -75,9 +77,11 @@ def balanced_assign(
 ) -> list[Assignment]:
     """Run `match_round` until every task is placed or no task can be placed under the load rule.
 
-    Whether a worker fits a task depends only on the task's memory requirement, so each round works out the
-    candidates once per distinct requirement and tasks that share it share the list (matchers only read it):
-    a pass of many like tasks costs O(tasks + workers) per round rather than O(tasks × workers)."""
+    Whether a worker fits a task depends only on the task's memory requirement and the workers that failed it,
+    so each round works out the candidates once per distinct pair and tasks that share it share the list
+    (matchers only read it): a pass of many like tasks costs O(tasks + workers) per round rather than
+    O(tasks × workers). A task goes back to a worker that failed it only when every live worker able to
+    run it has failed it (its attempts still count, so a task nobody can run fails its job)."""
     loads = {w.worker_id: w.load for w in workers}
     remaining = sorted(tasks, key=task_order)
     out: list[Assignment] = []
@@ -85,12 +89,14 @@ def balanced_assign(
         if not remaining:
             break
         candidates: dict[str, list[WorkerView]] = {}
-        by_need: dict[float, list[WorkerView]] = {}
+        by_need: dict[tuple[float, frozenset[str]], list[WorkerView]] = {}
         for t in remaining:
-            need = t.required_memory_gb
+            need = (t.required_memory_gb, t.avoid)
             cands = by_need.get(need)
             if cands is None:
                 fitting = [w for w in workers if w.fits(t)]
+                if not fitting and t.avoid:
+                    fitting = [w for w in workers if w.memory_gb >= t.required_memory_gb]
                 cands = []
                 if fitting:
                     low = min(loads[w.worker_id] for w in fitting)

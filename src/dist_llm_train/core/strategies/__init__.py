@@ -125,8 +125,9 @@ def strategy_fields(name: str) -> set[str]:
     return set(cls.Config.model_fields)
 
 
-def parse_strategy_config(value: Any) -> StrategyConfig:
-    """A strategy config from its name, a mapping with `name`, or an existing config; ValueError otherwise."""
+def parse_strategy_config(value: Any, strict: bool = False) -> StrategyConfig:
+    """A strategy config from its name, a mapping with `name`, or an existing config; ValueError otherwise.
+    `strict`: JSON types as declared (the controller's API); the PS wire carries options as strings, laxly."""
     if isinstance(value, StrategyConfig):
         return value
     if isinstance(value, str):
@@ -137,7 +138,7 @@ def parse_strategy_config(value: Any) -> StrategyConfig:
     cls = STRATEGIES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ValueError(f"unknown strategy {name!r}; choose one of {strategy_names()}")
-    return cls.Config.model_validate({**value, "name": name})
+    return cls.Config.model_validate({**value, "name": name}, strict=strict)
 
 
 def build_strategy(config: StrategyConfig | str | dict[str, Any]) -> Strategy:

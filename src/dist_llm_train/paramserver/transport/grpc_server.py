@@ -56,14 +56,30 @@ async def _first_header(requests: AsyncIterator[Any]) -> Any:
     return first.header
 
 
+MIN_CHUNK_BYTES = 1024  # the smallest `paramserver.chunk_bytes` a client may use
+
+
+def max_stream_chunks(expected: int) -> int:
+    """The most data messages a stream of `expected` bytes may take: chunks of at least MIN_CHUNK_BYTES,
+    the last one shorter. Without a cap a stream of empty chunks would keep the server busy forever."""
+    return max(1, -(-expected // MIN_CHUNK_BYTES))
+
+
 async def _read_data(requests: AsyncIterator[Any], expected: int) -> memoryview | bytes:
-    """The data messages after the header: exactly `expected` bytes, refused as soon as they exceed it."""
+    """The data messages after the header: exactly `expected` bytes, refused as soon as they exceed it
+    or arrive in more chunks than `max_stream_chunks` allows."""
     parts: list[memoryview | bytes] = []
     total = 0
+    cap = max_stream_chunks(expected)
     async for msg in requests:
         data = _data_of(msg)
         if data is None:
             raise PSError(ErrorCode.INVALID_ARGUMENT, "only the first message of the stream may be a header")
+        if len(parts) == cap:
+            raise PSError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"stream of {expected} bytes sent more than {cap} chunks (chunks of >= {MIN_CHUNK_BYTES} bytes)",
+            )
         total += len(data)
         if total > expected:
             raise PSError(ErrorCode.INVALID_ARGUMENT, f"stream carries more than the {expected} bytes announced")

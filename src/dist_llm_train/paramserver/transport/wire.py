@@ -301,6 +301,22 @@ def stats_from_pb(m: pb.JobStats) -> JobStats:
 
 
 # -- msgpack dicts ---------------------------------------------------------------------------
+# msgpack carries any integer up to 2^64 - 1; the proto fields are int64 (and max_staleness int32). A ZMQ
+# request may hold exactly what a gRPC one can, so the two transports refuse the same values.
+INT64 = (-(1 << 63), (1 << 63) - 1)
+INT32 = (-(1 << 31), (1 << 31) - 1)
+_NARROW_INTS: dict[tuple[type, str], tuple[int, int]] = {(WireJobSpec, "max_staleness"): INT32}
+
+
+def check_int_range(value: int, what: str, bounds: tuple[int, int] = INT64) -> int:
+    """`value` if it fits the proto field's integer type, else PSError(INVALID_ARGUMENT) naming it."""
+    low, high = bounds
+    if not low <= value <= high:
+        bits = 32 if bounds == INT32 else 64
+        raise PSError(ErrorCode.INVALID_ARGUMENT, f"{what} = {value} does not fit the wire's int{bits}")
+    return value
+
+
 def _matches(value: Any, hint: Any) -> bool:
     if get_origin(hint) is dict:
         _, item = get_args(hint)
@@ -331,6 +347,8 @@ def _typed(d: Any, cls: type, what: str) -> Any:
                 ErrorCode.INVALID_ARGUMENT,
                 f"{what}.{name} must be {getattr(hints[name], '__name__', hints[name])}, got {type(value).__name__}",
             )
+        if hints[name] is int:
+            check_int_range(value, f"{what}.{name}", _NARROW_INTS.get((cls, name), INT64))
     try:
         return cls(**{k: float(x) if hints[k] is float else x for k, x in d.items()})
     except TypeError as err:  # a required field is missing
@@ -353,10 +371,19 @@ def layout_from_list(items: Any) -> list[TensorSpec]:
     if not isinstance(items, list):
         raise PSError(ErrorCode.INVALID_ARGUMENT, "layout must be a list")
     try:
-        out = [TensorSpec(str(n), tuple(int(d) for d in shape), int(off)) for n, shape, off in items]
+        out = [TensorSpec(n, tuple(_wire_int(d) for d in shape), _wire_int(off)) for n, shape, off in items]
     except (TypeError, ValueError) as err:
         raise PSError(ErrorCode.INVALID_ARGUMENT, f"layout entries must be [name, shape, offset]: {err}") from None
+    if not all(isinstance(t.name, str) for t in out):
+        raise PSError(ErrorCode.INVALID_ARGUMENT, "layout names must be strings")
     return out
+
+
+def _wire_int(value: Any) -> int:
+    """An integer as gRPC's int64 carries it: no floats, no booleans, nothing wider."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an integer")
+    return check_int_range(value, "layout value")
 
 
 def stats_to_dict(s: JobStats) -> dict[str, Any]:

@@ -70,6 +70,8 @@ def _arg(req: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise PSError(ErrorCode.INVALID_ARGUMENT, f"{key!r} must be {kind.__name__}, got {type(value).__name__}")
+    if isinstance(value, int):
+        wire.check_int_range(value, repr(key))  # as gRPC's int64 field would hold it
     return value
 
 
