@@ -45,8 +45,13 @@ class NullNotifier:
 
 
 def load(token: str | None) -> schemathesis.schemas.BaseSchema:
+    # public_docs: so schemathesis can read the schema without a credential; the operations stay guarded.
     app = create_app(
-        ControllerConfig(auth_token=token), "grpc", "127.0.0.1:59999", NullNotifier(), run_background=False
+        ControllerConfig(auth_token=token, public_docs=True),
+        "grpc",
+        "127.0.0.1:59999",
+        NullNotifier(),
+        run_background=False,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
