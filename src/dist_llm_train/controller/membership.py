@@ -65,8 +65,8 @@ class PSMembershipNotifier:
             except Exception as err:  # closing a broken channel must not mask the real error
                 log.debug("closing PS client failed: %s", err)
 
-    def worker_stats(self, job_id: str) -> list[Any]:
-        """The PS's per-worker record for a job (pushes, acceptance, staleness bound); [] if it has none."""
+    def job_stats(self, job_id: str) -> Any | None:
+        """The PS's record of a job (`core.types.JobStats`: counters, per-worker records); None if it has none."""
         with self._lock:
             if self._client is None:
                 self._client = self._connect()
@@ -75,7 +75,12 @@ class PSMembershipNotifier:
             except Exception:
                 self._drop_client()
                 raise
-        return list(jobs[0].workers) if jobs else []
+        return jobs[0] if jobs else None
+
+    def worker_stats(self, job_id: str) -> list[Any]:
+        """The PS's per-worker record for a job (pushes, acceptance, staleness bound); [] if it has none."""
+        stats = self.job_stats(job_id)
+        return list(stats.workers) if stats is not None else []
 
     def close(self) -> None:
         with self._lock:
@@ -101,6 +106,7 @@ class MembershipSync:
         self.sends = 0
         self.last_error: str | None = None
         self._worker_stats: dict[str, dict[str, Any]] = {}
+        self._job_counters: dict[str, dict[str, int]] = {}
         self._stats_polled_at = float("-inf")
 
     def pending(self) -> dict[str, list[str]]:
@@ -146,21 +152,33 @@ class MembershipSync:
         log.warning("PS membership update for %s failed (will retry): %s", job_id, message)
 
     def refresh_worker_stats(self, now: float, min_interval_s: float = 2.0) -> None:
-        """Poll the PS for each acknowledged job's per-worker staleness bounds (for /status), at most every 2 s."""
+        """Poll the PS for each acknowledged job's per-worker staleness bounds and its counters (for /status),
+        at most every 2 s."""
+        fetch_job = getattr(self.notifier, "job_stats", None)
         fetch = getattr(self.notifier, "worker_stats", None)
-        if fetch is None or now - self._stats_polled_at < min_interval_s:
+        if (fetch is None and fetch_job is None) or now - self._stats_polled_at < min_interval_s:
             return
         self._stats_polled_at = now
         for job_id, members in list(self._acked.items()):
             if not members:
                 continue
             try:
-                self._worker_stats[job_id] = {w.worker_id: w for w in fetch(job_id)}
+                if fetch_job is not None:
+                    stats = fetch_job(job_id)
+                    workers = list(stats.workers) if stats is not None else []
+                    self._job_counters[job_id] = dict(stats.counters) if stats is not None else {}
+                else:
+                    workers = fetch(job_id) if fetch is not None else []
+                self._worker_stats[job_id] = {w.worker_id: w for w in workers}
             except Exception as err:  # the PS being away only makes /status older, never the controller fail
                 log.debug("PS stats for %s unavailable: %s", job_id, err)
 
     def worker_stats(self, job_id: str, worker_id: str) -> Any | None:
         return self._worker_stats.get(job_id, {}).get(worker_id)
+
+    def job_counters(self, job_id: str) -> dict[str, int] | None:
+        """The job's PS counters as last polled; None before the PS has answered."""
+        return self._job_counters.get(job_id)
 
     def acknowledged(self) -> dict[str, list[str]]:
         # No lock: a sync may be waiting on a slow PS, and /status must not wait with it.

@@ -54,8 +54,15 @@ class WorkerUpdate:
         shard_ids: Sequence[int] = (),
         num_shards: int = 1,
         dp_seed: int | None = None,
+        momentum: float = 0.0,
     ) -> None:
+        if not 0 <= momentum < 1:
+            raise ValueError(f"worker momentum must be in [0, 1), got {momentum!r}")
         self.strategy = strategy
+        # Worker momentum (Karimireddy et al., ICML 2021): send m <- (1 - b)·g + b·m instead of g. Averaging
+        # over ~1/(1 - b) steps shrinks the honest updates' spread, so centered clipping's radius can be small.
+        self.momentum = float(momentum)
+        self._momentum_buf: np.ndarray | None = None
         self.codec: Codec = codec.build()
         # One residual per slot: a fragment's dropped mass belongs to that fragment's next sync.
         self.feedback: dict[int, ErrorFeedback] | None = {} if codec.uses_error_feedback else None
@@ -79,6 +86,12 @@ class WorkerUpdate:
         """The update to push, computed at the trainer's current parameters."""
         honest = self.strategy.compute(trainer)
         vec = honest.vec
+        if self.momentum > 0 and self.attacker is None:
+            buf = self._momentum_buf
+            fresh = buf is None or buf.shape != vec.shape
+            buf = vec.astype(np.float64) if fresh else (1 - self.momentum) * vec + self.momentum * buf
+            self._momentum_buf = buf
+            vec = buf.astype(np.float32)
         if self.attacker is not None:
             # More draws of the honest update on the attacker's own data, for attacks that estimate the
             # honest spread; a strategy whose update is not one batch's gradient offers only its own.
