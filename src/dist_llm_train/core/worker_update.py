@@ -12,7 +12,7 @@ numpy only: the trainer is reached through the `core.strategies.Trainer` protoco
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +77,13 @@ class WorkerUpdate:
         noise_seed = None if dp_seed is None else derived_seed(dp_seed, worker_name, shard_ids)
         self.dp = LocalDP(privacy, noise_seed) if local and privacy is not None else None
         self._pulled = False  # `after_pull` has run once
+
+    def train_shards(self, own: Sequence[int], pick_target: Callable[[], int]) -> list[int]:
+        """The shards this worker's trainer draws from: its own, or, for an attack that copies another worker
+        (mimic), that worker's; `pick_target` chooses one when the attack does not name it."""
+        if self.attacker is None:
+            return list(own)
+        return self.attacker.attack.train_shards(own, pick_target)
 
     @property
     def kind(self) -> str:
