@@ -477,7 +477,8 @@ class JobState:
         precondition fails for it (Krum's n' >= 2f+3, trimmed mean's n' >= 2f+1 ...) the round is aggregated
         by the coordinate-wise median instead, counted in `aggregation_fallback_median` with its version."""
         n = int(updates.shape[0])
-        if not self.open_membership and 0 < n < len(self.members):
+        # Only a round barrier plans on one update per member; asynchronous rules aggregate what they buffered.
+        if self.strategy.rounds and not self.open_membership and 0 < n < len(self.members):
             self.counters["aggregation_rounds_short"] += 1
             self.counters["aggregation_last_short_version"] = self.version + 1
             self.counters["aggregation_last_short_updates"] = n
