@@ -417,7 +417,7 @@ class AggregationConfig(BaseModel):
     @property
     def label(self) -> str:
         """The rule and its wrappers in one word, for tables: e.g. krum+nnm, median+bucketing2."""
-        parts = [self.rule]
+        parts: list[str] = [self.rule]
         if self.nnm:
             parts.append("nnm")
         if self.bucketing is not None:

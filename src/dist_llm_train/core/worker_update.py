@@ -95,8 +95,10 @@ class WorkerUpdate:
         vec = honest.vec
         if self.momentum > 0 and self.attacker is None:
             buf = self._momentum_buf
-            fresh = buf is None or buf.shape != vec.shape
-            buf = vec.astype(np.float64) if fresh else (1 - self.momentum) * vec + self.momentum * buf
+            if buf is None or buf.shape != vec.shape:  # the first update is the first gradient: no zero-start bias
+                buf = vec.astype(np.float64)
+            else:
+                buf = (1 - self.momentum) * vec + self.momentum * buf
             self._momentum_buf = buf
             vec = buf.astype(np.float32)
         if self.attacker is not None:
