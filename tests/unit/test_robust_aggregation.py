@@ -327,3 +327,18 @@ def test_worker_momentum_sends_the_running_average_of_gradients() -> None:
         np.testing.assert_allclose(got, m, rtol=1e-6)
     plain = parse_config({"training": {"num_workers": 3}}).training.worker_update(worker_name="w0", shard_ids=[0])
     np.testing.assert_array_equal(plain.compute(ScriptedTrainer(grads)).vec, grads[0])  # type: ignore[arg-type]
+
+
+def test_the_run_report_shows_short_rounds_and_fallbacks() -> None:
+    from dist_llm_train.core.types import JobStats
+    from dist_llm_train.embedded.report import strategy_markdown, strategy_summary
+
+    t = parse_config({"training": {"num_workers": 5, "aggregation": {"rule": "krum", "f": 1}}}).training
+    counters = {"aggregation_rounds_short": 3, "aggregation_fallback_median": 2, "aggregation_last_fallback_version": 8}
+    stats = JobStats(job_id="j", version=10, mode="sync", members=[], counters=counters, last_loss=0.0,
+                     complete=False, num_params=4, workers=[])
+    summary = strategy_summary(t, stats, [])
+    assert summary["aggregation_health"]["fallback_rounds"] == 2 and summary["aggregation_health"]["degraded"]
+    text = "\n".join(strategy_markdown(summary))
+    assert "| short rounds (fewer updates than members) | 3 |" in text
+    assert "| rounds the rule's precondition failed (median used) | 2 |" in text
