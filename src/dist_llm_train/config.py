@@ -303,10 +303,15 @@ class TrainingConfig(_Strict):
             privacy = self.privacy
         except ValueError as err:
             raise ValueError(f"dp: {err}") from None
-        if privacy is not None and privacy.mode == "central" and self.aggregation.rule != "mean":
+        if privacy is not None and privacy.mode == "central" and self.aggregation.label != "mean":
             raise ValueError(
                 f"central DP calibrates noise to the mean of clipped updates; aggregation rule "
-                f"{self.aggregation.rule!r} has another sensitivity (use dp.mode: local with robust rules)"
+                f"{self.aggregation.label!r} has another sensitivity (use dp.mode: local with robust rules)"
+            )
+        if self.aggregation.worker_momentum > 0 and self.build_strategy().update_kind != "gradient":
+            raise ValueError(
+                f"aggregation.worker_momentum smooths gradients; strategy {self.strategy.name!r} sends "
+                f"{self.build_strategy().update_kind} updates"
             )
         plan = JobPlan(
             num_workers=n,
@@ -383,6 +388,7 @@ class TrainingConfig(_Strict):
             shard_ids=shard_ids,
             num_shards=num_shards,
             dp_seed=dp_seed,
+            momentum=self.aggregation.worker_momentum,
         )
 
     def describe(self, releases: int) -> dict[str, Any]:
@@ -397,8 +403,9 @@ class TrainingConfig(_Strict):
             "codec": self.codec.name,
             "error_feedback": self.codec.uses_error_feedback,
             "downlink": self.downlink.name,
-            "aggregation": self.aggregation.rule,
+            "aggregation": self.aggregation.label,
             "aggregation_params": self.aggregation.params(self.num_workers),
+            "worker_momentum": self.aggregation.worker_momentum,
             "attack": None
             if self.attack is None
             else {"name": self.attack.name, "attackers": self.attack.count, **self.attack.params},

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -73,12 +74,16 @@ class FakePS:
 
     def __init__(self) -> None:
         self.stats: list[PSWorkerStats] = []
+        self.counters: dict[str, int] = {}
 
     def set_members(self, job_id: str, members: list[str]) -> list[str]:
         return members
 
     def worker_stats(self, job_id: str) -> list[PSWorkerStats]:
         return self.stats
+
+    def job_stats(self, job_id: str) -> SimpleNamespace:
+        return SimpleNamespace(workers=self.stats, counters=self.counters)
 
     def close(self) -> None:
         pass
@@ -374,8 +379,9 @@ async def test_status_json_keeps_its_keys_and_parses_back(asgi_app: FastAPI) -> 
         assert list(raw["jobs"][0]) == [
             "job_id", "name", "state", "priority", "step", "total_steps", "loss", "tokens_per_s", "samples_per_s",
             "bytes_sent", "bytes_received", "max_worker_step", "mode", "max_staleness", "codec", "aggregation",
-            "strategy", "tasks", "members", "membership_synced", "error",
+            "strategy", "aggregation_health", "tasks", "members", "membership_synced", "error",
         ]
+        assert raw["jobs"][0]["aggregation_health"] is None  # the PS has not reported yet
         # Before the PS reports on a worker, only the configured bound: no acceptance figures, not even null.
         assert list(raw["workers"][0]) == [
             "worker_id", "name", "state", "activity", "last_heartbeat_age_s", "tasks", "throughput_samples_per_s",
@@ -386,8 +392,18 @@ async def test_status_json_keeps_its_keys_and_parses_back(asgi_app: FastAPI) -> 
 
         runtime = asgi_app.state.runtime
         runtime.membership.notifier.stats = [PSWorkerStats(wid, 4, 0.75, 8, 1.5)]
+        # Two rounds closed short after straggler timeouts; the second fell below the rule's precondition.
+        runtime.membership.notifier.counters = {
+            "aggregation_rounds_short": 2, "aggregation_last_short_version": 9, "aggregation_last_short_updates": 3,
+            "aggregation_fallback_median": 1, "aggregation_last_fallback_version": 9,
+            "aggregation_last_fallback_updates": 3,
+        }
         runtime.detector.tick()  # the PS acknowledges the membership and reports on the worker
         raw = (await http.get("/status")).json()
+        assert raw["jobs"][0]["aggregation_health"] == {
+            "short_rounds": 2, "last_short_version": 9, "last_short_updates": 3, "fallback_rounds": 1,
+            "fallback_rule": "median", "last_fallback_version": 9, "last_fallback_updates": 3, "degraded": True,
+        }
         assert {k: raw["workers"][0][k] for k in ("staleness_bound", "acceptance_rate", "pushes",
                                                   "mean_staleness", "staleness_source")} == {
             "staleness_bound": 4, "acceptance_rate": 0.75, "pushes": 8, "mean_staleness": 1.5,

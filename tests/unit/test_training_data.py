@@ -243,3 +243,15 @@ def test_numpy_modules_do_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_most_skewed_shard_is_the_farthest_label_mix_among_candidates() -> None:
+    from dist_llm_train.training.sharding import most_skewed_shard
+
+    labels = np.array([0] * 50 + [1] * 50)
+    shards = [np.arange(0, 100, 2), np.arange(1, 100, 2), np.arange(0, 40), np.arange(40, 60)]
+    # TV distances from (0.5, 0.5): 0, 0, 0.5 (all label 0), 0 (half and half)
+    assert most_skewed_shard(shards, labels, range(4)) == 2
+    assert most_skewed_shard(shards, labels, [0, 1, 3]) == 0  # ties: the lowest index
+    with pytest.raises(ValueError, match="no candidate"):
+        most_skewed_shard(shards, labels, [])

@@ -201,9 +201,11 @@ def run(
     shaping: Annotated[str, typer.Option(help="userspace (relays, no root) or kernel.")] = "userspace",
     codec: CodecOpt = None,
     aggregation: Annotated[str | None, typer.Option(
-        help="mean, median, trimmed_mean, krum, multi_krum or bulyan.")] = None,
+        help="mean, median, trimmed_mean, krum, multi_krum, bulyan or centered_clipping (bucketing and NNM "
+        "wrappers: training.aggregation in a config file).")] = None,
     byzantine_f: Annotated[int | None, typer.Option(min=0, help="Faulty workers the rule must tolerate.")] = None,
-    attack: Annotated[str | None, typer.Option(help="sign_flip, gaussian, alie or ipm (needs --attackers).")] = None,
+    attack: Annotated[str | None, typer.Option(
+        help="sign_flip, gaussian, alie, ipm, mimic or drift (needs --attackers).")] = None,
     attackers: Annotated[int | None, typer.Option(min=0, help="The last K workers attack.")] = None,
     dp_noise: Annotated[float | None, typer.Option(help="DP noise multiplier (turns DP on).")] = None,
     dp_clip: Annotated[float | None, typer.Option(help="DP L2 clip bound per update.")] = None,

@@ -80,7 +80,7 @@ class PSMembershipNotifier:
                 log.debug("closing PS client failed: %s", err)
 
     def job_stats(self, job_id: str) -> Any | None:
-        """The PS's record of a job (`JobStats`: version, members, per-worker stats); None if it has none."""
+        """The PS's record of a job (`JobStats`: version, members, counters, per-worker stats); None if it has none."""
         with self._lock:
             if self._client is None:
                 self._client = self._connect()
@@ -121,6 +121,7 @@ class MembershipSync:
         self.last_error: str | None = None
         self.resyncs = 0  # acknowledgements forgotten because the PS no longer held them (a PS restart)
         self._worker_stats: dict[str, dict[str, Any]] = {}
+        self._job_counters: dict[str, dict[str, int]] = {}
         self._stats_polled_at = float("-inf")
 
     def pending(self) -> dict[str, list[str]]:
@@ -166,7 +167,8 @@ class MembershipSync:
         log.warning("PS membership update for %s failed (will retry): %s", job_id, message)
 
     def refresh_worker_stats(self, now: float, min_interval_s: float = 2.0) -> None:
-        """Poll the PS for each acknowledged job's per-worker staleness bounds (for /status), at most every 2 s.
+        """Poll the PS for each acknowledged job's per-worker staleness bounds and its counters (for
+        /status), at most every 2 s.
 
         A notifier that reports whole jobs (`job_stats`) also shows the members the PS holds now: a PS restarted
         from a checkpoint holds the members of that checkpoint, so an acknowledgement it no longer reflects is
@@ -188,6 +190,7 @@ class MembershipSync:
                     workers = list(stats.workers) if stats is not None else []
                     if stats is not None and tuple(sorted(stats.members)) != members:
                         self._forget(job_id, members, list(stats.members))
+                    self._job_counters[job_id] = dict(stats.counters) if stats is not None else {}
                 self._worker_stats[job_id] = {w.worker_id: w for w in workers}
             except Exception as err:  # the PS being away only makes /status older, never the controller fail
                 log.debug("PS stats for %s unavailable: %s", job_id, err)
@@ -202,6 +205,10 @@ class MembershipSync:
 
     def worker_stats(self, job_id: str, worker_id: str) -> Any | None:
         return self._worker_stats.get(job_id, {}).get(worker_id)
+
+    def job_counters(self, job_id: str) -> dict[str, int] | None:
+        """The job's PS counters as last polled; None before the PS has answered."""
+        return self._job_counters.get(job_id)
 
     def acknowledged(self) -> dict[str, list[str]]:
         # No lock: a sync may be waiting on a slow PS, and /status must not wait with it.

@@ -358,6 +358,12 @@ class JobStatusOut(BaseModel):
         description="The training strategy's own view: strategy, codec, rule, attack, ε spent "
         "(shape: the training-strategy code)."
     )
+    aggregation_health: dict[str, Any] | None = Field(
+        None,
+        description="Rounds the PS closed with fewer updates than members, and those the rule's precondition "
+        "failed for (aggregated by the fallback rule instead), with the last such version "
+        "(`core.aggregation.aggregation_health`); null until the PS has reported.",
+    )
     tasks: dict[str, int] = Field(description="Task count per state.")
     members: list[str] = Field(description="Worker ids the PS acknowledged as the job's members.")
     membership_synced: bool

@@ -18,6 +18,7 @@ from dist_llm_train.controller.models import (
     WorkerStatusOut,
 )
 from dist_llm_train.controller.service import ControllerService
+from dist_llm_train.core.aggregation import aggregation_health
 
 
 def _job_rates(svc: ControllerService, job_id: str, holders: set[str]) -> dict[str, float]:
@@ -52,6 +53,12 @@ def _ps_view(
             }
     configured = min((trainings[j].initial_staleness_bound for j in job_ids), default=None)
     return {"staleness_bound": configured, "staleness_source": "config" if configured is not None else None}
+
+
+def _aggregation_health(membership: MembershipSync, job_id: str) -> dict[str, Any] | None:
+    """Short rounds and rule fallbacks as the PS last reported them (None until it has answered)."""
+    counters = membership.job_counters(job_id)
+    return None if counters is None else aggregation_health(counters)
 
 
 def build_status(svc: ControllerService, membership: MembershipSync) -> StatusOut:
@@ -106,6 +113,7 @@ def build_status(svc: ControllerService, membership: MembershipSync) -> StatusOu
                 strategy=trainings[j.job_id].describe(
                     int(max(progress[j.job_id][0], rates[j.job_id]["max_worker_step"]))
                 ),
+                aggregation_health=_aggregation_health(membership, j.job_id),
                 tasks=task_counts[j.job_id],
                 members=acked.get(j.job_id, []),
                 membership_synced=j.job_id not in pending,

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def _int_param(name: str, value: Any, minimum: int) -> int:
@@ -91,9 +92,9 @@ class Aggregator(ABC):
     """Combine updates of shape (n, d) into one of shape (d,)."""
 
     name: ClassVar[str]
-    # False: a lone update comes back unchanged, so callers may skip the call. A wrapper that
-    # transforms every input (central DP clips and adds noise) sets it.
-    transforms_single: ClassVar[bool] = False
+    # False: a lone update comes back unchanged, so callers may skip the call. A rule or wrapper that
+    # transforms every input (central DP clips and adds noise; centered clipping moves from its centre) sets it.
+    transforms_single: bool = False
 
     def min_inputs(self) -> int:
         """The fewest updates this rule is defined for."""
@@ -105,6 +106,19 @@ class Aggregator(ABC):
 
     def requirement(self) -> str:
         return f"n >= {self.min_inputs()}"
+
+    def describe(self) -> str:
+        """The rule as configured, for logs and reports (a wrapper names what it wraps)."""
+        return self.name
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """What a stateful rule carries from one round to the next (the PS checkpoints it); none by default."""
+        return {}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore `state_dict()`'s arrays; a stateless rule refuses any."""
+        if arrays:
+            raise ValueError(f"{self.name} keeps no state, got {sorted(arrays)}")
 
     def aggregate(self, updates: np.ndarray) -> np.ndarray:
         x = np.asarray(updates)
@@ -145,20 +159,37 @@ class Median(Aggregator):
 
 
 class TrimmedMean(Aggregator):
-    """Coordinate-wise mean without the floor(beta·n) largest and smallest values (Yin et al., 2018)."""
+    """Coordinate-wise mean without the k largest and smallest values (Yin et al., 2018).
+
+    Configured by a fraction `beta` (k = floor(beta·n)) or by a count `f` (k = f whatever n). A job that
+    names f trims by count: a round closed short by a straggler timeout (n' < n updates) still cuts f values
+    from each side, where a fraction f/n would cut only floor(f·n'/n) < f. With `f` it needs n >= 2f + 1.
+    """
 
     name = "trimmed_mean"
 
-    def __init__(self, beta: float = 0.1) -> None:
+    def __init__(self, beta: float | None = None, f: int | None = None) -> None:
+        if beta is not None and f is not None:
+            raise ValueError("trimmed_mean takes beta (a fraction) or f (a count), not both")
+        self.f = None if f is None else _int_param("trimmed_mean f", f, 0)
+        if beta is None:
+            beta = 0.1 if f is None else 0.0
         if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < 0.5:
             raise ValueError(
                 f"trimmed_mean beta (fraction cut from each side) must be in [0, 0.5), got {beta!r}"
             )
         self.beta = float(beta)
 
+    def min_inputs(self) -> int:
+        return 1 if self.f is None else 2 * self.f + 1
+
+    def requirement(self) -> str:
+        return f"n >= {self.min_inputs()}" if self.f is None else f"n >= 2f+1 = {self.min_inputs()} (f={self.f})"
+
     def _aggregate(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
-        k = int(np.floor(self.beta * n + 1e-9))  # beta = f/n must cut exactly f despite float rounding
+        # beta = f/n must cut exactly f despite float rounding
+        k = self.f if self.f is not None else int(np.floor(self.beta * n + 1e-9))
         return np.sort(x, axis=0)[k : n - k].mean(axis=0, dtype=np.float64)
 
 
@@ -256,12 +287,79 @@ def _closest_to_median_mean(s: np.ndarray, beta: int) -> np.ndarray:
     return total / beta
 
 
+class CenteredClipping(Aggregator):
+    """Centered clipping (Karimireddy, He and Jaggi, ICML 2021, "Learning from History for Byzantine Robust
+    Optimization"): starting from the previous round's aggregate v, repeat L times
+
+        v <- v + (1/n) * sum_i clip(x_i - v, tau),   clip(z, tau) = z * min(1, tau / ||z||).
+
+    A Byzantine update moves v by at most tau/n per iteration whatever its size, and because v carries over
+    from round to round, a small bias repeated every round (a time-coupled attack) is clipped each time
+    instead of averaged in. The paper pairs it with worker momentum (`AggregationConfig.worker_momentum`),
+    which shrinks the honest updates' spread so that a small tau keeps them whole.
+
+    `tau` fixed, or None: each iteration uses the median of the distances ||x_i - v|| (an honest majority
+    decides the radius; an explicit tau is the paper's form). The centre v is state: the PS checkpoints it
+    (`state_dict`). An update of another length (a Streaming DiLoCo fragment) starts from zero.
+    """
+
+    name = "centered_clipping"
+    transforms_single = True  # v + clip(x - v) is not x
+
+    def __init__(self, tau: float | None = None, iterations: int = 1) -> None:
+        if tau is not None:
+            ok = isinstance(tau, int | float) and not isinstance(tau, bool) and math.isfinite(tau) and tau > 0
+            if not ok:
+                raise ValueError(f"centered_clipping tau must be a finite number > 0, got {tau!r}")
+        self.tau = None if tau is None else float(tau)
+        self.iterations = _int_param("centered_clipping iterations", iterations, 1)
+        self.center: np.ndarray | None = None
+
+    def describe(self) -> str:
+        tau = "median distance" if self.tau is None else f"{self.tau:g}"
+        return f"{self.name}(tau={tau}, L={self.iterations})"
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {} if self.center is None else {"center": self.center.copy()}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        unknown = sorted(set(arrays) - {"center"})
+        if unknown:
+            raise ValueError(f"centered_clipping keeps only 'center', got {unknown}")
+        center = arrays.get("center")
+        if center is not None and (center.ndim != 1 or not np.isfinite(center).all()):
+            raise ValueError("centered_clipping centre must be a finite 1-D vector")
+        self.center = None if center is None else np.array(center, dtype=np.float64)
+
+    def _aggregate(self, x: np.ndarray) -> np.ndarray:
+        x64 = x.astype(np.float64)
+        d = x.shape[1]
+        v = self.center.copy() if self.center is not None and self.center.shape == (d,) else np.zeros(d)
+        for _ in range(self.iterations):  # bounded: L iterations
+            diffs = x64 - v
+            norms = np.sqrt(np.einsum("ij,ij->i", diffs, diffs))
+            tau = self.tau if self.tau is not None else float(np.median(norms))
+            far = norms > tau  # clip(z, tau) = z·min(1, tau/||z||): only updates farther than tau are scaled
+            scale = np.ones_like(norms)
+            scale[far] = tau / norms[far]
+            v = v + (diffs * scale[:, None]).mean(axis=0)
+        self.center = v
+        return v
+
+
 AGGREGATORS: dict[str, type[Aggregator]] = {
-    a.name: a for a in (Mean, Median, TrimmedMean, Krum, MultiKrum, Bulyan)
+    a.name: a for a in (Mean, Median, TrimmedMean, Krum, MultiKrum, Bulyan, CenteredClipping)
 }
 
 
+FALLBACK_RULE = "median"
+"""The parameter server's rule for a round its configured rule is not defined for: robust, defined for any n >= 1."""
+
 DEFAULT_TRIM_RATIO = 0.3  # trimmed_mean's beta when neither trim_ratio nor f is given (the seed's default)
+
+
+WRAPPER_PARAMS = ("bucket_size", "bucket_seed", "nnm_f")
+"""Keys of a job's aggregation parameters that configure the pre-aggregation wrappers, not the rule itself."""
 
 
 class AggregationConfig(BaseModel):
@@ -269,43 +367,121 @@ class AggregationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan"] = Field(
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "centered_clipping"] = Field(
         "mean", description="The aggregation rule"
     )
-    f: int | None = Field(None, ge=0, description="Byzantine workers tolerated (krum, multi_krum, bulyan; "
-                          "trimmed_mean trims f/n when trim_ratio is unset)")
+    f: int | None = Field(None, ge=0, description="Byzantine workers tolerated (krum, multi_krum, bulyan, nnm; "
+                          "trimmed_mean cuts f from each side when trim_ratio is unset)")
     trim_ratio: float | None = Field(None, ge=0, lt=0.5, description="trimmed_mean's beta")
     m: int | None = Field(None, ge=1, description="multi_krum: updates averaged")
+    tau: float | None = Field(None, gt=0, description="centered_clipping: clipping radius (unset: the median "
+                              "distance of the round's updates from the centre)")
+    iterations: int = Field(1, ge=1, le=100, description="centered_clipping: clipping iterations L per round")
+    bucketing: int | None = Field(None, ge=2, description="Wrap the rule in bucketing with buckets of this size s")
+    bucket_seed: int | None = Field(None, ge=0, description="Fix bucketing's shuffle key (experiments only; unset, "
+                                    "the PS draws a secret key so workers cannot predict their bucket)")
+    nnm: bool = Field(False, description="Wrap the rule in nearest-neighbour mixing (needs f)")
+    worker_momentum: float = Field(0.0, ge=0, lt=1, description="Workers send the momentum "
+                                   "m <- (1 - b)·g + b·m of their gradients instead of g (Karimireddy et al. 2021)")
+
+    @model_validator(mode="after")
+    def _parts_fit(self) -> AggregationConfig:
+        if self.nnm and self.f is None:
+            raise ValueError("aggregation.nnm mixes each update with its n - f nearest: it needs aggregation.f")
+        if self.bucket_seed is not None and self.bucketing is None:
+            raise ValueError("aggregation.bucket_seed needs aggregation.bucketing")
+        if self.rule != "centered_clipping" and (self.tau is not None or self.iterations != 1):
+            raise ValueError(f"tau and iterations are centered_clipping's; rule is {self.rule!r}")
+        return self
 
     def params(self, num_workers: int) -> dict[str, float]:
-        """The rule's constructor parameters for a job of `num_workers`."""
+        """The rule's constructor parameters for a job of `num_workers`, plus the wrappers' (`WRAPPER_PARAMS`)."""
+        params: dict[str, float] = {}
         if self.rule == "trimmed_mean":
             if self.trim_ratio is not None:
-                return {"beta": self.trim_ratio}
-            return {"beta": self.f / num_workers if self.f is not None else DEFAULT_TRIM_RATIO}
-        params: dict[str, float] = {}
+                params["beta"] = self.trim_ratio
+            elif self.f is not None:
+                params["f"] = float(self.f)  # a count: a short round still cuts f from each side
+            else:
+                params["beta"] = DEFAULT_TRIM_RATIO
         if self.rule in ("krum", "multi_krum", "bulyan") and self.f is not None:
             params["f"] = float(self.f)
         if self.rule == "multi_krum" and self.m is not None:
             params["m"] = float(self.m)
+        if self.rule == "centered_clipping":
+            if self.tau is not None:
+                params["tau"] = self.tau
+            params["iterations"] = float(self.iterations)
+        if self.nnm and self.f is not None:
+            params["nnm_f"] = float(self.f)
+        if self.bucketing is not None:
+            params["bucket_size"] = float(self.bucketing)
+        if self.bucket_seed is not None:
+            params["bucket_seed"] = float(self.bucket_seed)
         return params
+
+    @property
+    def label(self) -> str:
+        """The rule and its wrappers in one word, for tables: e.g. krum+nnm, median+bucketing2."""
+        parts: list[str] = [self.rule]
+        if self.nnm:
+            parts.append("nnm")
+        if self.bucketing is not None:
+            parts.append(f"bucketing{self.bucketing}")
+        return "+".join(parts)
 
 
 def get_aggregator(name: str, **params: Any) -> Aggregator:
-    """The rule called `name` built with `params`; ValueError for an unknown name or parameter."""
+    """The rule called `name` built with `params`, behind the wrappers `WRAPPER_PARAMS` ask for
+    (`core.preaggregation`); ValueError for an unknown name or parameter."""
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregation rule {name!r}; choose one of {sorted(AGGREGATORS)}")
+    wrapping = {k: params.pop(k) for k in WRAPPER_PARAMS if k in params}
     try:
-        return AGGREGATORS[name](**params)
+        rule = AGGREGATORS[name](**params)
     except TypeError as err:
         raise ValueError(f"bad parameters for aggregation rule {name!r}: {params} ({err})") from None
+    if not wrapping:
+        return rule
+    from dist_llm_train.core.preaggregation import wrap  # it builds on this module's base class
+
+    return wrap(
+        rule,
+        bucket_size=wrapping.get("bucket_size"),
+        bucket_seed=wrapping.get("bucket_seed"),
+        nnm_f=wrapping.get("nnm_f"),
+    )
 
 
 def validate_aggregator(name: str, n: int, **params: Any) -> Aggregator:
     """Build the rule and check it is defined for n workers; the error states the rule and the numbers."""
     agg = get_aggregator(name, **params)
     if n < agg.min_inputs():
-        raise ValueError(f"aggregation rule {name!r} needs {agg.requirement()} workers, got n={n}")
-    if isinstance(agg, MultiKrum) and agg.m is not None and agg.m > n - agg.f:
-        raise ValueError(f"multi_krum needs m <= n - f = {n - agg.f}, got m={agg.m} (n={n}, f={agg.f})")
+        raise ValueError(f"aggregation rule {agg.name!r} needs {agg.requirement()} workers, got n={n}")
+    core, rows = agg, n
+    while hasattr(core, "inner"):  # a wrapper: what its inner rule sees (bucket means, mixed updates)
+        rows = core.rows_seen(rows)  # type: ignore[attr-defined]
+        core = core.inner  # type: ignore[attr-defined]
+    if isinstance(core, MultiKrum) and core.m is not None and core.m > rows - core.f:
+        raise ValueError(f"multi_krum needs m <= n - f = {rows - core.f}, got m={core.m} (n={rows}, f={core.f})")
     return agg
+
+
+def aggregation_health(counters: Mapping[str, int]) -> dict[str, int | str | bool]:
+    """What `/status` and the run report say about rounds the rule did not run as configured, from the PS's
+    counters (`paramserver.job.JobState.aggregate` keeps them).
+
+    `short_rounds`: rounds closed with fewer updates than members (a straggler timeout, a member leaving);
+    `fallback_rounds`: those among them the rule's precondition did not hold for, aggregated by the
+    coordinate-wise median instead (`fallback_rule`); `degraded` is True once any round fell back."""
+    fallbacks = int(counters.get(f"aggregation_fallback_{FALLBACK_RULE}", 0))
+    return {
+        "short_rounds": int(counters.get("aggregation_rounds_short", 0)),
+        "last_short_version": int(counters.get("aggregation_last_short_version", 0)),
+        "last_short_updates": int(counters.get("aggregation_last_short_updates", 0)),
+        "fallback_rounds": fallbacks,
+        "fallback_rule": FALLBACK_RULE,
+        "last_fallback_version": int(counters.get("aggregation_last_fallback_version", 0)),
+        "last_fallback_updates": int(counters.get("aggregation_last_fallback_updates", 0)),
+        "degraded": fallbacks > 0,
+    }

@@ -15,6 +15,21 @@ describe for attackers without access to the honest workers' messages.
 * `ipm(epsilon)`: inner-product manipulation (Xie et al., UAI 2019, "Fall of Empires"): -epsilon * mu,
   which makes the aggregate's inner product with the true gradient negative when enough of it
   gets through.
+* `mimic(target)`: every attacker sends a copy of one honest worker's update (Karimireddy, He and Jaggi,
+  ICLR 2022). On non-IID data this over-weights that worker's distribution while every message is a
+  genuine honest update, so no distance or rank test can flag it. An attacker copies without reading
+  anyone's messages: it trains on the target's shard with the target's batch stream, so at the same
+  parameters its update is bit-identical to the target's. The target is the honest shard whose label
+  distribution lies farthest from the global one (the training side picks it, `training.sharding`),
+  unless `target` names a shard.
+* `drift(z)`: a history-aware, time-coupled attack: mu + z * ||sigma|| * u with u a unit direction fixed
+  at the attacker's first update (against the honest mean it saw then). Each message sits inside the
+  honest spread (z <= 1: no farther from the mean than a typical honest update), but the bias points
+  the same way every round, so a rule without memory lets a little through each round and the model
+  drifts; centered clipping, whose centre carries over, is the rule built against it (Karimireddy,
+  He and Jaggi, ICML 2021).
+
+ALIE's z and IPM's epsilon are parameters (`training.attack.params`), so a grid can sweep them.
 
 numpy only.
 """
@@ -23,7 +38,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from statistics import NormalDist
 from typing import Any, ClassVar, Literal
 
@@ -61,6 +76,10 @@ class Attack(ABC):
     @abstractmethod
     def craft(self, estimates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """`estimates` has shape (samples, d); row 0 is the update the worker would honestly send."""
+
+    def train_shards(self, own: Sequence[int], pick_target: Callable[[], int]) -> list[int]:
+        """The data shards the attacker's trainer draws from: its own, unless the attack copies someone."""
+        return list(own)
 
 
 class SignFlip(Attack):
@@ -120,6 +139,44 @@ class IPM(Attack):
         return (-self.epsilon * estimates.mean(axis=0, dtype=np.float64)).astype(np.float32)
 
 
+class Mimic(Attack):
+    name = "mimic"
+    params = frozenset({"target"})
+
+    def __init__(self, target: int | None = None) -> None:
+        ok = target is None or (
+            isinstance(target, int | float) and not isinstance(target, bool) and target == int(target) and target >= 0
+        )
+        if not ok:
+            raise ValueError(f"mimic target must be a shard index >= 0, got {target!r}")
+        self.target = None if target is None else int(target)
+
+    def train_shards(self, own: Sequence[int], pick_target: Callable[[], int]) -> list[int]:
+        return [self.target if self.target is not None else pick_target()]
+
+    def craft(self, estimates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return estimates[0].copy()  # computed on the target's data: the target's own update
+
+
+class Drift(Attack):
+    name = "drift"
+    params = frozenset({"z", "samples"})
+    needs_spread = True
+
+    def __init__(self, z: float = 1.0, samples: int = 4) -> None:
+        self.z = _positive("drift z", z)
+        self.samples = _int_samples(samples)
+        self.direction: np.ndarray | None = None  # fixed at the first update: the coupling over time
+
+    def craft(self, estimates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        mu = estimates.mean(axis=0, dtype=np.float64)
+        sd = estimates.std(axis=0, ddof=1, dtype=np.float64)
+        if self.direction is None or self.direction.shape != mu.shape:
+            norm = float(np.linalg.norm(mu))
+            self.direction = -mu / norm if norm > 0 else np.zeros_like(mu)
+        return (mu + self.z * float(np.linalg.norm(sd)) * self.direction).astype(np.float32)
+
+
 def _int_samples(value: Any) -> int:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and value == int(value)
     if not ok or not 2 <= int(value) <= 64:
@@ -127,7 +184,7 @@ def _int_samples(value: Any) -> int:
     return int(value)
 
 
-ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (SignFlip, Gaussian, ALIE, IPM)}
+ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (SignFlip, Gaussian, ALIE, IPM, Mimic, Drift)}
 
 
 class AttackConfig(BaseModel):
@@ -135,7 +192,7 @@ class AttackConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    name: Literal["sign_flip", "gaussian", "alie", "ipm"] = Field(description="The attack")
+    name: Literal["sign_flip", "gaussian", "alie", "ipm", "mimic", "drift"] = Field(description="The attack")
     attackers: int = Field(0, ge=0, description="The workers holding the last K shards attack")
     workers: list[str] = Field(default_factory=list, description="Or these workers, by name")
     params: dict[str, float] = Field(default_factory=dict, description="The attack's parameters")

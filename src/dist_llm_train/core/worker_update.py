@@ -12,7 +12,7 @@ numpy only: the trainer is reached through the `core.strategies.Trainer` protoco
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,8 +54,15 @@ class WorkerUpdate:
         shard_ids: Sequence[int] = (),
         num_shards: int = 1,
         dp_seed: int | None = None,
+        momentum: float = 0.0,
     ) -> None:
+        if not 0 <= momentum < 1:
+            raise ValueError(f"worker momentum must be in [0, 1), got {momentum!r}")
         self.strategy = strategy
+        # Worker momentum (Karimireddy et al., ICML 2021): send m <- (1 - b)·g + b·m instead of g. Averaging
+        # over ~1/(1 - b) steps shrinks the honest updates' spread, so centered clipping's radius can be small.
+        self.momentum = float(momentum)
+        self._momentum_buf: np.ndarray | None = None
         self.codec: Codec = codec.build()
         # One residual per slot: a fragment's dropped mass belongs to that fragment's next sync.
         self.feedback: dict[int, ErrorFeedback] | None = {} if codec.uses_error_feedback else None
@@ -71,6 +78,13 @@ class WorkerUpdate:
         self.dp = LocalDP(privacy, noise_seed) if local and privacy is not None else None
         self._pulled = False  # `after_pull` has run once
 
+    def train_shards(self, own: Sequence[int], pick_target: Callable[[], int]) -> list[int]:
+        """The shards this worker's trainer draws from: its own, or, for an attack that copies another worker
+        (mimic), that worker's; `pick_target` chooses one when the attack does not name it."""
+        if self.attacker is None:
+            return list(own)
+        return self.attacker.attack.train_shards(own, pick_target)
+
     @property
     def kind(self) -> str:
         return self.strategy.update_kind
@@ -79,6 +93,14 @@ class WorkerUpdate:
         """The update to push, computed at the trainer's current parameters."""
         honest = self.strategy.compute(trainer)
         vec = honest.vec
+        if self.momentum > 0 and self.attacker is None:
+            buf = self._momentum_buf
+            if buf is None or buf.shape != vec.shape:  # the first update is the first gradient: no zero-start bias
+                buf = vec.astype(np.float64)
+            else:
+                buf = (1 - self.momentum) * vec + self.momentum * buf
+            self._momentum_buf = buf
+            vec = buf.astype(np.float32)
         if self.attacker is not None:
             # More draws of the honest update on the attacker's own data, for attacks that estimate the
             # honest spread; a strategy whose update is not one batch's gradient offers only its own.

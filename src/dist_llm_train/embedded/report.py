@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from dist_llm_train.config import Config, TrainingConfig
+from dist_llm_train.core.aggregation import aggregation_health
 from dist_llm_train.core.types import JobStats
 
 CSV_COLUMNS = [
@@ -163,7 +164,8 @@ def strategy_summary(t: TrainingConfig, stats: JobStats | None, rows: Sequence[d
         {**asdict(w), "acceptance_rate": w.acceptance_rate} for w in (stats.workers if stats is not None else [])
     ]
     wire = {k: int(counters.get(k, 0)) for k in WIRE_BYTE_COUNTERS}
-    return {**t.describe(releases), "wire_bytes": wire, "workers": workers}
+    health = aggregation_health(counters)
+    return {**t.describe(releases), "wire_bytes": wire, "workers": workers, "aggregation_health": health}
 
 
 def strategy_markdown(st: dict[str, Any]) -> list[str]:
@@ -183,6 +185,15 @@ def strategy_markdown(st: dict[str, Any]) -> list[str]:
         f"| aggregation | {st.get('aggregation')} {st.get('aggregation_params') or ''} |",
         f"| attack | {attack if attack else 'none'} |",
     ]
+    health = st.get("aggregation_health")
+    if health:
+        lines.append(
+            f"| short rounds (fewer updates than members) | {health['short_rounds']} |"
+        )
+        lines.append(
+            f"| rounds the rule's precondition failed ({health['fallback_rule']} used) | "
+            f"{health['fallback_rounds']} |"
+        )
     for key, value in wire.items():
         lines.append(f"| wire bytes: {key} | {value:,} |")
     if dp.get("enabled"):

@@ -104,6 +104,7 @@ def write_checkpoint(directory: Path, snap: JobSnapshot) -> Path:
     tmp = directory / f".{final.name}.{uuid.uuid4().hex}.tmp"
     arrays: dict[str, np.ndarray] = {"params": snap.params}
     arrays.update({f"opt.{k}": a for k, a in snap.optimizer_arrays.items()})
+    arrays.update({f"agg.{k}": a for k, a in snap.aggregator_arrays.items()})
     meta = np.frombuffer(json.dumps(_meta(snap)).encode(), dtype=np.uint8)
     try:
         with open(tmp, "wb") as f:
@@ -127,6 +128,7 @@ def read_checkpoint(path: Path) -> JobSnapshot:
             meta = json.loads(bytes(z["meta"]).decode())
             params = np.array(z["params"], dtype=np.float32)
             opt = {k[len("opt.") :]: np.array(z[k]) for k in z.files if k.startswith("opt.")}
+            agg = {k[len("agg.") :]: np.array(z[k]) for k in z.files if k.startswith("agg.")}
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"unsupported format_version {meta.get('format_version')}")
         spec = JobSpec.from_dict(meta["spec"])
@@ -143,6 +145,7 @@ def read_checkpoint(path: Path) -> JobSnapshot:
             optimizer_arrays=opt,
             optimizer_scalars=dict(meta["optimizer_scalars"]),
             seen_steps={w: [int(s) for s in steps] for w, steps in meta["seen_steps"].items()},
+            aggregator_arrays=agg,
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err

@@ -36,7 +36,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from dist_llm_train.core.aggregation import Aggregator, get_aggregator
+from dist_llm_train.core.aggregation import FALLBACK_RULE, Aggregator, get_aggregator
 from dist_llm_train.core.downlink import DeltaReply, DownlinkPublisher
 from dist_llm_train.core.job import JobSpec
 from dist_llm_train.core.privacy import private_aggregator
@@ -58,7 +58,6 @@ from dist_llm_train.paramserver.optim import ServerOptimizer, make_optimizer
 
 log = logging.getLogger(__name__)
 
-FALLBACK_RULE = "median"  # for a round the job's rule is not defined for; robust and defined for any n >= 1
 
 
 # -- request checks: each raises PSError(INVALID_ARGUMENT) naming the field, with no side effects ----------
@@ -270,6 +269,7 @@ class JobSnapshot:
     # Replay protection: each worker's highest push step, as a one-element list (older checkpoints held the
     # last 1,024 steps; their maximum is the same mark).
     seen_steps: dict[str, list[int]] = field(default_factory=dict)
+    aggregator_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # a stateful rule's (centered clipping)
 
 
 def _frozen(arr: np.ndarray) -> np.ndarray:
@@ -500,7 +500,18 @@ class JobState:
             self._obs.members(self.spec.job_id, len(self.members))
 
     def aggregate(self, updates: np.ndarray) -> np.ndarray:
-        if updates.shape[0] == 1 and not self.aggregator.transforms_single:
+        """The job's rule on one round's updates; a round the rule is not defined for is recorded and uses the
+        fallback (`aggregation_health` reads the record): a short round (fewer updates than members, e.g. after
+        a straggler timeout) counts in `aggregation_rounds_short` with its version, and when the rule's
+        precondition fails for it (Krum's n' >= 2f+3, trimmed mean's n' >= 2f+1 ...) the round is aggregated
+        by the coordinate-wise median instead, counted in `aggregation_fallback_median` with its version."""
+        n = int(updates.shape[0])
+        # Only a round barrier plans on one update per member; asynchronous rules aggregate what they buffered.
+        if self.strategy.rounds and not self.open_membership and 0 < n < len(self.members):
+            self.counters["aggregation_rounds_short"] += 1
+            self.counters["aggregation_last_short_version"] = self.version + 1
+            self.counters["aggregation_last_short_updates"] = n
+        if n == 1 and not self.aggregator.transforms_single:
             return updates[0]  # every plain rule returns a lone update unchanged: skip the copy
         before = self.aggregator.counts()
         try:
@@ -508,6 +519,8 @@ class JobState:
         except ValueError as err:  # e.g. Krum after a straggler timeout left fewer than 2f+3 updates
             log.warning("job %s: %s; this round uses the %s", self.spec.job_id, err, FALLBACK_RULE)
             self.counters[f"aggregation_fallback_{FALLBACK_RULE}"] += 1
+            self.counters["aggregation_last_fallback_version"] = self.version + 1
+            self.counters["aggregation_last_fallback_updates"] = n
             combined = get_aggregator(FALLBACK_RULE).aggregate(updates)
         for key, value in self.aggregator.counts().items():
             self.counters[key] += value - before.get(key, 0)
@@ -599,6 +612,7 @@ class JobState:
             optimizer_arrays=dict(arrays),
             optimizer_scalars=dict(scalars),
             seen_steps={w: [mark] for w, mark in self._high_water.items()},
+            aggregator_arrays=self.aggregator.state_dict(),
         )
 
     def snapshot(self) -> JobSnapshot:
@@ -618,6 +632,7 @@ class JobState:
         job.last_loss = snap.last_loss
         job.optimizer.load_state_dict(snap.optimizer_arrays, snap.optimizer_scalars)
         job._high_water = {w: max(steps) for w, steps in snap.seen_steps.items() if steps}
+        job.aggregator.load_state_dict(snap.aggregator_arrays)
         return job
 
 

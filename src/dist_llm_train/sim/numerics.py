@@ -212,9 +212,11 @@ def simulate_training(
         raise ValueError(f"step_times has {len(times)} entries for {n} workers")
     dataset = make_dataset(t)
     sources = []
+    attackers = t.attack.attackers if t.attack is not None else 0
     for i in range(n):
-        trainer = LocalTrainer(cfg.model, t, dataset, [i], num_shards=n)
         pipeline = t.worker_update(worker_name=f"worker-{i}", shard_ids=[i], num_shards=n, dp_seed=dp_seed)
+        shards = pipeline.train_shards([i], lambda: dataset.mimic_target(n, attackers))
+        trainer = LocalTrainer(cfg.model, t, dataset, shards, num_shards=n)
         sources.append(TrainerSource(trainer, pipeline))
     members = [SimMember(f"worker-{i}", sources[i], times[i]) for i in range(n)]
     model = sources[0].trainer.model

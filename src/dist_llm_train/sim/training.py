@@ -159,10 +159,12 @@ class RealNumerics:
     def begin_life(self, agent: int, slot: int) -> None:
         t = self.cfg.training
         shard = slot % self.tasks
-        trainer = self._trainer_cls(self.cfg.model, t, self.dataset, [shard], num_shards=self.tasks)
         pipeline = t.worker_update(
             worker_name=worker_name(slot), shard_ids=[shard], num_shards=self.tasks, dp_seed=self.dp_seed
         )
+        attackers = t.attack.attackers if t.attack is not None else 0
+        shards = pipeline.train_shards([shard], lambda: self.dataset.mimic_target(self.tasks, attackers))
+        trainer = self._trainer_cls(self.cfg.model, t, self.dataset, shards, num_shards=self.tasks)
         self.lives[agent] = _Life(trainer, pipeline)
 
     def pulled(self, js: JobState, agent: int, version: int) -> None:

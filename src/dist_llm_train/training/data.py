@@ -16,7 +16,7 @@ import numpy as np
 
 from dist_llm_train.config import TrainingConfig, resolve_data_path
 from dist_llm_train.training.corpora import MAX_MARKOV_VOCAB, CharCorpus, HigherOrderMarkovCorpus, MarkovCorpus
-from dist_llm_train.training.sharding import ShardScheme, label_skew, shard_indices
+from dist_llm_train.training.sharding import ShardScheme, label_skew, most_skewed_shard, shard_indices
 
 __all__ = [
     "MAX_MARKOV_VOCAB",
@@ -85,6 +85,12 @@ class TokenDataset:
                 len(self.train), n, self.sharding, self.dirichlet_alpha, self.seed, labels=self.labels
             )
         return self._shard_cache[n]
+
+    def mimic_target(self, num_shards: int, attackers: int) -> int:
+        """The honest shard a mimic attacker copies: of the first `num_shards - attackers` shards (the last K
+        are the attackers'), the one whose label mix is farthest from the global one."""
+        honest = range(max(1, num_shards - attackers))
+        return most_skewed_shard(self.shards(num_shards), self.labels, honest)
 
     def heldout_batches(self, batch_size: int, num_batches: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The first `num_batches` held-out batches, always the same ones, as (x, y) int64."""

@@ -91,3 +91,23 @@ def label_skew(shards: list[np.ndarray], labels: np.ndarray) -> float:
         p = np.bincount(inverse[s], minlength=len(classes)) / max(len(s), 1)
         tvs.append(0.5 * np.abs(p - global_p).sum())
     return float(np.mean(tvs))
+
+
+def most_skewed_shard(shards: list[np.ndarray], labels: np.ndarray, candidates: range | list[int]) -> int:
+    """Among `candidates`, the shard whose label distribution lies farthest (total variation) from the global one.
+
+    The mimic attack copies this worker: on non-IID data its updates sit farthest from the honest mean, so
+    duplicating them skews the aggregate most (a data-side stand-in for Karimireddy et al.'s choice along the
+    honest updates' top principal direction, which would need every honest message). Ties: the lowest index."""
+    pool = [int(c) for c in candidates]
+    if not pool:
+        raise ValueError("no candidate shard to pick from")
+    labels = np.asarray(labels)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    global_p = np.bincount(inverse, minlength=len(classes)) / len(labels)
+
+    def distance(i: int) -> float:
+        p = np.bincount(inverse[shards[i]], minlength=len(classes)) / max(len(shards[i]), 1)
+        return float(0.5 * np.abs(p - global_p).sum())
+
+    return max(pool, key=lambda i: (distance(i), -i))

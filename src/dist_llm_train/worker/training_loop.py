@@ -123,14 +123,19 @@ def run_training(
 ) -> TrainingOutcome:
     cfg = ctx.config
     dataset = make_dataset(cfg.training)
-    trainer = LocalTrainer(cfg.model, cfg.training, dataset, sorted(ctx.shard_ids), num_shards=ctx.num_shards)
-    owned = set(ctx.shard_ids)
-    spec = cfg.training.job_spec(ctx.job_id)
-    ps = client or connect(ctx.ps_transport, ctx.ps_address, credentials=ctx.ps_credentials)
     # Strategy, attack, local DP, codec + error feedback: one pipeline, fixed for the job.
     pipeline = cfg.training.worker_update(
         worker_name=ctx.worker_name, shard_ids=sorted(ctx.shard_ids), num_shards=ctx.num_shards
     )
+    attack = cfg.training.attack
+    # A mimic attacker trains on the shard of the worker it copies; everyone else on its own shards.
+    shards = pipeline.train_shards(
+        sorted(ctx.shard_ids), lambda: dataset.mimic_target(ctx.num_shards, attack.attackers if attack else 0)
+    )
+    trainer = LocalTrainer(cfg.model, cfg.training, dataset, shards, num_shards=ctx.num_shards)
+    owned = set(ctx.shard_ids)
+    spec = cfg.training.job_spec(ctx.job_id)
+    ps = client or connect(ctx.ps_transport, ctx.ps_address, credentials=ctx.ps_credentials)
     out = TrainingOutcome()
     restarts = out.restarts
     step_base = int(time.time() * 1000) * STEP_BASE
