@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -29,7 +29,7 @@ from dist_llm_train.controller.errors import ControllerError
 from dist_llm_train.controller.failure import FailureDetector
 from dist_llm_train.controller.membership import MembershipNotifier, MembershipSync, PSMembershipNotifier
 from dist_llm_train.controller.metrics import RequestMetricsMiddleware, make_registry
-from dist_llm_train.controller.models import ErrorOut, HealthOut, ReadyOut, StatusOut
+from dist_llm_train.controller.models import ErrorOut, HealthOut, ReadyOut, StatusOut, StatusWorkersMode
 from dist_llm_train.controller.routes import router
 from dist_llm_train.controller.schedulers import get_scheduler
 from dist_llm_train.controller.service import ControllerService, PSEndpoint
@@ -55,6 +55,8 @@ class Runtime:
     def close(self) -> None:
         self.detector.stop()
         self.membership.notifier.close()
+        if self.store.is_open:
+            self.service.flush_heartbeats()  # a restart then sees the newest beats
         self.store.close()
 
 
@@ -155,9 +157,18 @@ def create_app(
     # exclude_unset: a worker's PS-only fields are absent, not null, until the PS has reported on it
     # (see WorkerStatusOut); every other field is always set by build_status.
     @app.get("/status", dependencies=guard, tags=["status"], response_model_exclude_unset=True)
-    def status() -> StatusOut:
-        """Jobs, workers, scheduler, PS endpoint and counters, as the controller sees them now."""
-        return build_status(service, membership)
+    def status(
+        workers: Annotated[
+            StatusWorkersMode, Query(description="`summary`: counts only, no per-worker rows or links.")
+        ] = "full",
+        limit: Annotated[int | None, Query(ge=1, le=100_000, description="At most this many workers.")] = None,
+        offset: Annotated[int, Query(ge=0, le=2**62, description="Skip this many workers (by name).")] = 0,
+    ) -> StatusOut:
+        """Jobs, workers, scheduler, PS endpoint and counters, as the controller sees them now.
+
+        For a large fleet ask `?workers=summary`, or page through the workers with `limit` and `offset`
+        (`worker_page.next_offset`)."""
+        return build_status(service, membership, workers, offset, limit)
 
     @app.get("/healthz", tags=["status"])
     def healthz() -> HealthOut:

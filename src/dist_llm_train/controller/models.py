@@ -68,6 +68,11 @@ class HeartbeatIn(_Body):
 class HeartbeatOut(BaseModel):
     ok: bool
     commands: list[str]
+    heartbeat_interval_s: float | None = Field(
+        None,
+        description="The interval to heartbeat at from now on (it grows with the fleet: see "
+        "controller.heartbeat_max_rate); absent from controllers that predate it.",
+    )
 
 
 class LinkReportIn(_Body):
@@ -331,6 +336,27 @@ class LinkStatusOut(LinkReportIn):
     worker: str = Field(description="The reporting worker's name.")
 
 
+class WorkerSummaryOut(BaseModel):
+    """The whole fleet in a few numbers; with `?workers=summary` the only view of the workers."""
+
+    total: int
+    by_state: dict[str, int] = Field(description="Workers per state (alive, dead).")
+    by_activity: dict[str, int] = Field(description="Alive workers per reported activity.")
+    max_heartbeat_age_s: float | None = Field(description="The longest silence among alive workers; None if none.")
+
+
+class WorkerPageOut(BaseModel):
+    """Which workers `workers` lists: sorted by name, from `offset`, at most `limit` (None: all)."""
+
+    offset: int
+    limit: int | None
+    total: int
+    next_offset: int | None = Field(description="Pass as `offset` for the next page; None on the last one.")
+
+
+StatusWorkersMode = Literal["full", "summary"]
+
+
 class StatusOut(BaseModel):
     """GET /status: jobs, workers, scheduler, PS endpoint, counters and shaped links, as the controller sees them."""
 
@@ -341,4 +367,10 @@ class StatusOut(BaseModel):
     workers: list[WorkerStatusOut]
     counters: CountersOut
     ps_notify_last_error: str | None
-    links: list[LinkStatusOut]
+    links: list[LinkStatusOut] = Field(description="The links of the workers listed in `workers`.")
+    worker_summary: WorkerSummaryOut | None = Field(
+        None, description="Always sent by this controller; absent from controllers that predate it."
+    )
+    worker_page: WorkerPageOut | None = Field(
+        None, description="Always sent by this controller; absent from controllers that predate it."
+    )
