@@ -84,6 +84,10 @@ class LinkReportIn(_Body):
     configured_rtt_ms: float = Field(ge=0, le=1e6)
     measured_rtt_ms: float | None = Field(None, ge=0, le=1e7)
     rtt_samples: int = Field(0, ge=0, le=MAX_INT)
+    rtt_tolerance_ms: float | None = Field(None, ge=0, le=1e7, description="How far the RTT may be off.")
+    within_tolerance: bool | None = Field(
+        None, description="Measured RTT within rtt_tolerance_ms of the configured one; None before a measurement."
+    )
     configured_rate_mbit: float | None = Field(None, ge=0, le=1e6)
     measured_rate_mbit: float | None = Field(None, ge=0, le=1e7)
     configured_loss: float = Field(ge=0, le=1)
@@ -373,4 +377,9 @@ class StatusOut(BaseModel):
     )
     worker_page: WorkerPageOut | None = Field(
         None, description="Always sent by this controller; absent from controllers that predate it."
+    )
+    links_out_of_tolerance: list[str] = Field(
+        default_factory=list,
+        description="`worker/traffic_class` of every shaped link (of every worker, whatever the page) whose "
+        "measured RTT is outside its tolerance: the host could not keep that link's timing.",
     )

@@ -170,4 +170,5 @@ def build_status(
         links=[
             LinkStatusOut(worker=w.name, **link) for w in workers for link in svc.links.get(w.worker_id, [])
         ],
+        links_out_of_tolerance=svc.links_out_of_tolerance(),
     )
