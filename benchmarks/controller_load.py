@@ -20,7 +20,13 @@ Per fleet size, after every worker has registered and a warm-up, one measurement
 
 Nothing leaves loopback; every fleet is bounded by its window and the run stops by itself.
 
+With `--baseline-src DIR` (another checkout's `src`, e.g. the commit before a change) every fleet size is also
+measured against a controller running that code, right after the current one, so both rows saw the same machine;
+`controller_cpu_us_per_heartbeat` (controller CPU over heartbeats served) is the figure least moved by other load,
+and the `*_ratio` keys compare the two.
+
     python benchmarks/controller_load.py [--quick] [--workers 500 1000 10000] [--window 30] [--label NAME]
+                                         [--baseline-src DIR] [--pacing deadline|after-reply]
 
 Writes results/controller_load[_LABEL].json and .md.
 """
@@ -191,8 +197,9 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _start_controller(db: str) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, db], stderr=subprocess.PIPE, text=True)
+def _start_controller(db: str, src: str | None) -> tuple[subprocess.Popen[str], int]:
+    env = dict(os.environ, PYTHONPATH=src) if src else None
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, db], stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + READY_TIMEOUT_S
     assert proc.stderr is not None
     while time.monotonic() < deadline:
@@ -206,9 +213,11 @@ def _start_controller(db: str) -> tuple[subprocess.Popen[str], int]:
     raise RuntimeError("controller did not start")
 
 
-async def measure_fleet(size: int, window_s: float, warmup_s: float, pacing: str) -> dict[str, Any]:
+async def measure_fleet(
+    size: int, window_s: float, warmup_s: float, pacing: str, src: str | None = None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dlt-ctl-load-") as tmp:
-        proc, port = _start_controller(str(Path(tmp) / "controller.db"))
+        proc, port = _start_controller(str(Path(tmp) / "controller.db"), src)
         # Drain the controller's log so a full pipe never blocks it.
         drain = asyncio.get_running_loop().run_in_executor(None, lambda: proc.stderr and proc.stderr.read())
         fleet = Fleet(port, pacing)
@@ -258,6 +267,7 @@ async def measure_fleet(size: int, window_s: float, warmup_s: float, pacing: str
         "heartbeat_errors": fleet.errors,
         "interval_told_s": round(statistics.median(fleet.intervals.values()), 2) if fleet.intervals else None,
         "controller_cpu_cores": round((cpu1 - cpu0) / wall, 3),
+        "controller_cpu_us_per_heartbeat": round((cpu1 - cpu0) / max(len(hb), 1) * 1e6),
         "loadgen_cpu_cores": round((own1 - own0) / wall, 3),
         "false_deaths": int(deaths) if deaths == deaths else None,
         "false_deaths_during_window": int(deaths - deaths_before) if deaths == deaths else None,
@@ -278,15 +288,17 @@ async def measure_fleet(size: int, window_s: float, warmup_s: float, pacing: str
 
 def _markdown(result: dict[str, Any]) -> str:
     rows = result["results"]
-    cols = ["workers", "interval_told_s", "heartbeats_per_s", "heartbeat_p50_ms", "heartbeat_p99_ms",
-            "controller_cpu_cores", "false_deaths", "status_full_p99_ms", "status_full_bytes",
-            "status_summary_p99_ms", "status_summary_bytes", "status_page_p99_ms", "loadgen_cpu_cores"]
+    cols = ["workers", "code", "interval_told_s", "heartbeats_per_s", "heartbeat_p50_ms", "heartbeat_p99_ms",
+            "controller_cpu_cores", "controller_cpu_us_per_heartbeat", "false_deaths", "status_full_p99_ms",
+            "status_full_bytes", "status_summary_p99_ms", "status_summary_bytes", "status_page_p99_ms",
+            "loadgen_cpu_cores"]
     lines = [f"# Controller under load ({result['label'] or 'current'})", "",
              f"Window {result['window_s']} s per fleet after a {result['warmup_s']} s warm-up; pacing "
              f"`{result['pacing']}`; machine: {result['machine']}.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
+    for r in [*rows, *result.get("baseline", [])]:
+        lines.append("| " + " | ".join(str(r.get(c, "this checkout" if c == "code" else "-")) for c in cols) + " |")
+    lines += ["", f"Load average at the end of each window: {[r['loadavg_1m'] for r in rows]} (this checkout)."]
     lines += ["", "Targets: " + ", ".join(f"{k} < {v}" for k, v in TARGETS.items()) + ", 0 false deaths.", ""]
     for k, v in result.get("meets_target", {}).items():
         lines.append(f"- {k}: {'met' if v else 'NOT met'}")
@@ -301,17 +313,26 @@ def main() -> None:
     ap.add_argument("--pacing", choices=["deadline", "after-reply"], default="deadline")
     ap.add_argument("--quick", action="store_true", help="500 and 1,000 workers, 15 s windows.")
     ap.add_argument("--label", default="", help="Suffix of the result files (e.g. 'before').")
+    ap.add_argument("--baseline-src", help="Also measure a controller running this src directory (side by side).")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     args = ap.parse_args()
     if args.quick:
         args.workers, args.window, args.warmup = [500, 1000], 15.0, 4.0
     from dist_llm_train.experiments.machine import describe_machine, machine_info
 
-    rows = []
+    rows, baseline = [], []
     for size in args.workers:
         row = asyncio.run(measure_fleet(size, args.window, args.warmup, args.pacing))
         print(json.dumps(row), flush=True)
         rows.append(row)
+        if args.baseline_src:
+            base = asyncio.run(measure_fleet(size, args.window, args.warmup, args.pacing, args.baseline_src))
+            base["code"] = f"baseline ({args.baseline_src})"
+            print(json.dumps(base), flush=True)
+            baseline.append(base)
+            for key in ("heartbeat_p99_ms", "controller_cpu_us_per_heartbeat", "status_full_p99_ms"):
+                if row.get(key) and base.get(key):
+                    row[f"{key}_vs_baseline_ratio"] = round(row[key] / base[key], 3)
     at_1000 = next((r for r in rows if r["workers"] == 1000), None)
     meets: dict[str, bool] = {}
     if at_1000 is not None:
@@ -330,6 +351,7 @@ def main() -> None:
         "machine": describe_machine(),
         "machine_info": machine_info(),
         "results": rows,
+        "baseline": baseline,
         "meets_target": meets,
     }
     stem = "controller_load" + (f"_{args.label}" if args.label else "")

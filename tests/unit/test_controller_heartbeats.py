@@ -83,3 +83,49 @@ async def test_the_heartbeat_loop_keeps_its_rate_when_replies_are_slow() -> None
     # A late wake-up is made up by the next, shorter sleep, so the mean holds even on a busy machine;
     # the old schedule would give interval + reply_s = 0.3 s.
     assert sum(periods) / len(periods) < interval + reply_s / 2, periods
+
+
+def test_a_lagging_controller_doubles_the_interval_and_halves_it_once_calm() -> None:
+    from dist_llm_train.controller.heartbeats import LoopLoad
+
+    load = LoopLoad(window_s=5.0, calm_s=10.0, max_factor=4)
+    load.observe(0.1, 0.0, 1.0)
+    assert load.factor == 1 and load.lag_s() == 0.1
+    load.observe(0.3, 0.1, 1.0)  # a quarter of the 1 s interval exceeded
+    assert load.factor == 2 and load.lag_s() == 0.3
+    load.observe(0.6, 0.2, 2.0)
+    assert load.factor == 2  # at most once per window: the workers have not heard of 2 s yet
+    load.observe(0.6, 5.2, 2.0)
+    assert load.factor == 4
+    load.observe(5.0, 10.3, 4.0)
+    assert load.factor == 4 and load.lag_s() == 5.0  # capped; the lag is still the detector's grace
+    t = 10.3
+    while t < 16.0:  # the 5 s lag ages out of the window
+        t += 0.1
+        load.observe(0.01, t, 4.0)
+    assert load.factor == 4 and load.lag_s() == 0.01
+    while t < 26.5:  # calm (under a twentieth of the interval) for 10 s: halve
+        t += 0.1
+        load.observe(0.01, t, 4.0)
+    assert load.factor == 2
+
+
+def test_the_controllers_own_lateness_is_not_counted_against_a_worker() -> None:
+    book = HeartbeatBook()
+    book.admit("w", 100.0, 1.0)
+    assert book.forget_if_silent("w", 100.0, 104.0, 3, 3.0, grace_s=0.0)
+    book.admit("w", 100.0, 1.0)
+    assert not book.forget_if_silent("w", 100.0, 104.0, 3, 3.0, grace_s=1.5)
+
+
+async def test_the_loop_watch_feeds_the_load_gauge() -> None:
+    from dist_llm_train.controller.heartbeats import LoopLoad, watch_loop
+
+    load = LoopLoad()
+    task = asyncio.create_task(watch_loop(load, lambda: 1.0, time.monotonic, period_s=0.01))
+    await asyncio.sleep(0.05)
+    time.sleep(0.3)  # the loop is blocked: the next wake-up is ~0.3 s late
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert load.lag_s() >= 0.25 and load.factor == 2

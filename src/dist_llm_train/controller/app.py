@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dist_llm_train.config import ControllerConfig
 from dist_llm_train.controller.errors import ControllerError
 from dist_llm_train.controller.failure import FailureDetector
+from dist_llm_train.controller.heartbeats import watch_loop
 from dist_llm_train.controller.membership import MembershipNotifier, MembershipSync, PSMembershipNotifier
 from dist_llm_train.controller.metrics import RequestMetricsMiddleware, make_registry
 from dist_llm_train.controller.models import ErrorOut, HealthOut, ReadyOut, StatusOut, StatusWorkersMode
@@ -134,9 +135,16 @@ def create_app(
         # Only the background loop follows the lifespan; the store belongs to whoever called
         # create_app (serve() closes it), so an app can be started and stopped more than once.
         task = detector.start() if run_background else None
+        watch = (
+            asyncio.create_task(watch_loop(service.load, lambda: service.heartbeat_interval_s, service.clock))
+            if run_background
+            else None
+        )
         try:
             yield
         finally:
+            if watch is not None:
+                watch.cancel()
             detector.stop()
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):

@@ -18,7 +18,7 @@ from typing import Any
 
 from dist_llm_train.config import ControllerConfig
 from dist_llm_train.controller.errors import Conflict, NotFound
-from dist_llm_train.controller.heartbeats import HeartbeatBook, interval_for
+from dist_llm_train.controller.heartbeats import HeartbeatBook, LoopLoad, interval_for
 from dist_llm_train.controller.jobs import job_view, normalised_sections, validate_job_config
 from dist_llm_train.controller.models import JobIn, RegisterIn, TelemetryIn
 from dist_llm_train.controller.records import Job, Task, Worker
@@ -63,6 +63,7 @@ class ControllerService:
         self.heartbeats = 0
         # Known-alive workers' last heartbeats; SQLite gets them in batches (see controller.heartbeats).
         self.book = HeartbeatBook()
+        self.load = LoopLoad()  # fed by the app's loop monitor; idle (no lag, factor 1) without one
         self._fleet = store.count_by_state("workers").get("alive", 0) if cfg.heartbeat_max_rate else 0
         # netem: each worker's latest shaped-link report, shown by /status; refreshed by telemetry.
         self.links: dict[str, list[dict[str, Any]]] = {}
@@ -72,7 +73,9 @@ class ControllerService:
     @property
     def heartbeat_interval_s(self) -> float:
         """The interval workers are told now: the configured one, longer for a fleet above `heartbeat_max_rate`."""
-        return interval_for(self._fleet, self.cfg.heartbeat_interval_s, self.cfg.heartbeat_max_rate)
+        if self.cfg.heartbeat_max_rate is None:
+            return self.cfg.heartbeat_interval_s
+        return interval_for(self._fleet, self.cfg.heartbeat_interval_s, self.cfg.heartbeat_max_rate) * self.load.factor
 
     @property
     def heartbeat_timeout_s(self) -> float:
@@ -358,11 +361,11 @@ class ControllerService:
         miss_limit = self.cfg.heartbeat_miss_limit
         with self.store.tx():
             silent = self.store.stale_workers(now - self.cfg.heartbeat_interval_s * miss_limit)
-            timeout = self.heartbeat_timeout_s
+            timeout, grace = self.heartbeat_timeout_s, self.load.lag_s()
             dead = [
                 w
                 for w in silent
-                if self.book.forget_if_silent(w.worker_id, w.last_heartbeat, now, miss_limit, timeout)
+                if self.book.forget_if_silent(w.worker_id, w.last_heartbeat, now, miss_limit, timeout, grace)
             ]
             released = 0
             for w in dead:
