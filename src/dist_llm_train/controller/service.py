@@ -117,7 +117,7 @@ class ControllerService:
             worker_id = old.worker_id if old else new_id("w")
             self.store.upsert_worker(worker_id, req.name, caps, now)
         if old is None or old.state == "dead":
-            self._count_fleet()
+            self._fleet += 1  # counted, not recounted: a scan per registration is quadratic in the fleet
         self.book.admit(worker_id, now, self.heartbeat_interval_s)
         if old is None or old.state == "dead":
             log.info("worker %s registered as %s%s", req.name, worker_id, " (back from dead)" if old else "")
@@ -147,7 +147,7 @@ class ControllerService:
         with self._hb_lock:
             self.heartbeats += 1
         if w.state == "dead":
-            self._count_fleet()
+            self._fleet += 1
         interval = self.heartbeat_interval_s
         self.book.admit(worker_id, now, interval, activity)
         if w.state == "dead":
