@@ -109,10 +109,14 @@ class LoopLoad:
     deaths in 20 s before this guard). So the failure detector adds the loop's recent lateness to every timeout,
     and the interval told to workers doubles while the loop lags by more than a quarter of it (halving again once
     the lag has stayed under a twentieth of it for `calm_s`), which brings the load down to what the CPU can serve.
+    The grace is the worst lag of the window; raising the interval takes a sustained one (its 90th percentile over
+    at least `min_samples`), so one stall — a collection, a large /status — does not slow the whole fleet.
     A mass failure of workers does not look like this: fewer heartbeats make the loop *less* late."""
 
-    def __init__(self, window_s: float = 5.0, calm_s: float = 10.0, max_factor: int = 16) -> None:
-        self.window_s, self.calm_s, self.max_factor = window_s, calm_s, max_factor
+    def __init__(
+        self, window_s: float = 5.0, calm_s: float = 10.0, max_factor: int = 16, min_samples: int = 20
+    ) -> None:
+        self.window_s, self.calm_s, self.max_factor, self.min_samples = window_s, calm_s, max_factor, min_samples
         self.factor = 1
         self._samples: deque[tuple[float, float]] = deque()  # (when, lag)
         self._calm_since: float | None = None
@@ -130,8 +134,9 @@ class LoopLoad:
             self._samples.append((now, max(0.0, lag_s)))
             while self._samples and self._samples[0][0] < now - self.window_s:
                 self._samples.popleft()
-            worst = max(lag for _, lag in self._samples)
-            if worst > interval_s / 4:
+            lags = sorted(lag for _, lag in self._samples)
+            worst, sustained = lags[-1], lags[int(0.9 * (len(lags) - 1))]
+            if sustained > interval_s / 4 and len(lags) >= self.min_samples:
                 # Raised at most once per window: the workers need a beat to hear it, and the lag samples of
                 # before stay (they are the grace the detector gives while it takes effect).
                 if self.factor < self.max_factor and now - self._raised_at >= self.window_s:
