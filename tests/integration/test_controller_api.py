@@ -126,7 +126,7 @@ async def test_conflicting_registration_is_409_and_changes_nothing(client: httpx
 async def test_heartbeat(client: httpx.AsyncClient) -> None:
     wid = await register(client, "w0")
     r = await client.post(f"/v1/workers/{wid}/heartbeat", json={"state": "training"})
-    assert r.status_code == 200 and r.json() == {"ok": True, "commands": []}
+    assert r.status_code == 200 and r.json() == {"ok": True, "commands": [], "heartbeat_interval_s": 1.0}
     assert (await client.post(f"/v1/workers/{wid}/heartbeat")).status_code == 200  # body is optional
     status = (await client.get("/status")).json()
     assert status["workers"][0]["activity"] == "training"

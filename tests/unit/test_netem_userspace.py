@@ -113,7 +113,11 @@ def test_relay_delays_each_direction_and_emulates_the_handshake() -> None:
         await relay.close()
         server.close()
         assert rtts[0] >= 50 + 50 - 2  # the first message also pays the emulated handshake (one RTT)
-        assert all(49 <= x < 75 for x in rtts[1:]), rtts
+        assert all(x >= 49 for x in rtts[1:]), rtts  # never early: guaranteed on any machine
+        # Not late either, unless the CPU was too busy for the loop's timers, which the relay then reports
+        # (measured beside two busy loops at nice 0: 84-100 ms, with late releases counted).
+        late = relay.stats["up"].late_releases + relay.stats["down"].late_releases
+        assert all(x < 75 for x in rtts[1:]) or late > 0, (rtts, relay.stats)
 
     asyncio.run(main())
 

@@ -76,9 +76,16 @@ def status(
     controller: ControllerOpt = "http://127.0.0.1:8000",
     json_out: Annotated[bool, typer.Option("--json", help="Raw JSON.")] = False,
     token: TokenOpt = None,
+    summary: Annotated[
+        bool, typer.Option("--summary", help="Workers as counts only (for large fleets): no per-worker rows.")
+    ] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="List at most this many workers (by name).")] = None,
+    offset: Annotated[int, typer.Option(min=0, help="Skip this many workers (by name).")] = 0,
 ) -> None:
     """Show a controller's /status: jobs, workers and links."""
-    data = _ask(controller, token, lambda c: c.status())
+    data = _ask(
+        controller, token, lambda c: c.status(workers="summary" if summary else "full", offset=offset, limit=limit)
+    )
     if json_out:
         # exclude_unset: the keys the controller sent, no more (see WorkerStatusOut)
         print(json.dumps(data.model_dump(mode="json", exclude_unset=True), indent=2))
@@ -101,7 +108,15 @@ def status(
             str(len(w.tasks)), f"{w.throughput_samples_per_s or 0:,.1f}",
         )
     console.print(jobs)
-    console.print(workers)
+    fleet, page = data.worker_summary, data.worker_page
+    if fleet is not None:
+        states = ", ".join(f"{n} {s}" for s, n in sorted(fleet.by_state.items())) or "none"
+        age = "-" if fleet.max_heartbeat_age_s is None else f"{fleet.max_heartbeat_age_s:.1f}"
+        console.print(f"workers: {fleet.total} ({states}); longest heartbeat silence {age} s")
+    if not summary:
+        console.print(workers)
+        if page is not None and page.next_offset is not None:
+            console.print(f"more workers: --offset {page.next_offset}")
 
 
 def metrics(

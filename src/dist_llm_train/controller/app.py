@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -32,9 +32,10 @@ from dist_llm_train.config import ControllerConfig, ModelConfig, NetworkConfig, 
 from dist_llm_train.controller.auth import AuthMiddleware, ControllerAuth
 from dist_llm_train.controller.errors import ControllerError
 from dist_llm_train.controller.failure import FailureDetector
+from dist_llm_train.controller.heartbeats import watch_loop
 from dist_llm_train.controller.membership import MembershipNotifier, MembershipSync, PSMembershipNotifier
 from dist_llm_train.controller.metrics import RequestMetricsMiddleware, make_registry
-from dist_llm_train.controller.models import ERROR_RESPONSES, ErrorOut, HealthOut, ReadyOut, StatusOut
+from dist_llm_train.controller.models import ERROR_RESPONSES, ErrorOut, HealthOut, ReadyOut, StatusOut, StatusWorkersMode
 from dist_llm_train.controller.routes import router
 from dist_llm_train.controller.schedulers import get_scheduler
 from dist_llm_train.controller.service import ControllerService, PSEndpoint
@@ -61,6 +62,8 @@ class Runtime:
     def close(self) -> None:
         self.detector.stop()
         self.membership.notifier.close()
+        if self.store.is_open:
+            self.service.flush_heartbeats()  # a restart then sees the newest beats
         self.store.close()
 
 
@@ -169,9 +172,16 @@ def create_app(
         # Only the background loop follows the lifespan; the store belongs to whoever called
         # create_app (serve() closes it), so an app can be started and stopped more than once.
         task = detector.start() if run_background else None
+        watch = (
+            asyncio.create_task(watch_loop(service.load, lambda: service.heartbeat_interval_s, service.clock))
+            if run_background
+            else None
+        )
         try:
             yield
         finally:
+            if watch is not None:
+                watch.cancel()
             detector.stop()
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
@@ -201,9 +211,18 @@ def create_app(
         response_model_exclude_unset=True,
         responses={401: ERROR_RESPONSES[401]},
     )
-    def status() -> StatusOut:
-        """Jobs, workers, scheduler, PS endpoint and counters, as the controller sees them now."""
-        return build_status(service, membership)
+    def status(
+        workers: Annotated[
+            StatusWorkersMode, Query(description="`summary`: counts only, no per-worker rows or links.")
+        ] = "full",
+        limit: Annotated[int | None, Query(ge=1, le=100_000, description="At most this many workers.")] = None,
+        offset: Annotated[int, Query(ge=0, le=2**62, description="Skip this many workers (by name).")] = 0,
+    ) -> StatusOut:
+        """Jobs, workers, scheduler, PS endpoint and counters, as the controller sees them now.
+
+        For a large fleet ask `?workers=summary`, or page through the workers with `limit` and `offset`
+        (`worker_page.next_offset`)."""
+        return build_status(service, membership, workers, offset, limit)
 
     @app.get("/healthz", tags=["status"])
     def healthz() -> HealthOut:

@@ -51,6 +51,7 @@ from dist_llm_train.controller.models import (
     RegisterIn,
     RegisterOut,
     StatusOut,
+    StatusWorkersMode,
     TaskDoneIn,
     TaskFailIn,
     TelemetryIn,
@@ -120,7 +121,7 @@ class _Call(Generic[T]):
     path: str
     read: Callable[[httpx.Response], T]
     body: BaseModel | None = None
-    params: Mapping[str, int] | None = None
+    params: Mapping[str, int | str] | None = None
     traffic_class: ControllerTrafficClass = "task"
     names_worker: bool = False  # the path names the calling worker: a 404 means the controller does not know it
     joins: bool = False  # registration: sent with the join credential, not the worker's own
@@ -199,8 +200,10 @@ def _job_telemetry(job_id: str, after_id: int, limit: int | None) -> _Call[JobTe
     return _Call("GET", f"/v1/jobs/{_segment(job_id)}/telemetry", _model(JobTelemetryOut), params=params)
 
 
-def _status() -> _Call[StatusOut]:
-    return _Call("GET", "/status", _model(StatusOut))
+def _status(workers: StatusWorkersMode, offset: int, limit: int | None) -> _Call[StatusOut]:
+    params: dict[str, int | str] = {"workers": workers} if workers != "full" else {}
+    params |= ({"offset": offset} if offset else {}) | ({} if limit is None else {"limit": limit})
+    return _Call("GET", "/status", _model(StatusOut), params=params or None)
 
 
 def _healthz() -> _Call[HealthOut]:
@@ -389,8 +392,10 @@ class ControllerClient(_BaseControllerClient[httpx.Client]):
         return self._send(_job_telemetry(job_id, after_id, limit))
 
     # -- the controller itself --------------------------------------------------------------------------------
-    def status(self) -> StatusOut:
-        return self._send(_status())
+    def status(self, *, workers: StatusWorkersMode = "full", offset: int = 0, limit: int | None = None) -> StatusOut:
+        """`workers="summary"`: counts only (`worker_summary`); `offset`/`limit`: one page of workers by name,
+        the next from `worker_page.next_offset`."""
+        return self._send(_status(workers, offset, limit))
 
     def healthz(self) -> HealthOut:
         return self._send(_healthz())
@@ -492,8 +497,10 @@ class AsyncControllerClient(_BaseControllerClient[httpx.AsyncClient]):
         return await self._send(_job_telemetry(job_id, after_id, limit))
 
     # -- the controller itself --------------------------------------------------------------------------------
-    async def status(self) -> StatusOut:
-        return await self._send(_status())
+    async def status(
+        self, *, workers: StatusWorkersMode = "full", offset: int = 0, limit: int | None = None
+    ) -> StatusOut:
+        return await self._send(_status(workers, offset, limit))
 
     async def healthz(self) -> HealthOut:
         return await self._send(_healthz())

@@ -126,6 +126,11 @@ class HeartbeatIn(_Body):
 class HeartbeatOut(BaseModel):
     ok: bool
     commands: list[str]
+    heartbeat_interval_s: float | None = Field(
+        None,
+        description="The interval to heartbeat at from now on (it grows with the fleet: see "
+        "controller.heartbeat_max_rate); absent from controllers that predate it.",
+    )
 
 
 class LinkReportIn(_Body):
@@ -137,6 +142,10 @@ class LinkReportIn(_Body):
     configured_rtt_ms: float = Field(ge=0, le=1e6)
     measured_rtt_ms: float | None = Field(None, ge=0, le=1e7)
     rtt_samples: int = Field(0, ge=0, le=MAX_INT)
+    rtt_tolerance_ms: float | None = Field(None, ge=0, le=1e7, description="How far the RTT may be off.")
+    within_tolerance: bool | None = Field(
+        None, description="Measured RTT within rtt_tolerance_ms of the configured one; None before a measurement."
+    )
     configured_rate_mbit: float | None = Field(None, ge=0, le=1e6)
     measured_rate_mbit: float | None = Field(None, ge=0, le=1e7)
     configured_loss: float = Field(ge=0, le=1)
@@ -415,6 +424,27 @@ class LinkStatusOut(LinkReportIn):
     worker: str = Field(description="The reporting worker's name.")
 
 
+class WorkerSummaryOut(BaseModel):
+    """The whole fleet in a few numbers; with `?workers=summary` the only view of the workers."""
+
+    total: int
+    by_state: dict[str, int] = Field(description="Workers per state (alive, dead).")
+    by_activity: dict[str, int] = Field(description="Alive workers per reported activity.")
+    max_heartbeat_age_s: float | None = Field(description="The longest silence among alive workers; None if none.")
+
+
+class WorkerPageOut(BaseModel):
+    """Which workers `workers` lists: sorted by name, from `offset`, at most `limit` (None: all)."""
+
+    offset: int
+    limit: int | None
+    total: int
+    next_offset: int | None = Field(description="Pass as `offset` for the next page; None on the last one.")
+
+
+StatusWorkersMode = Literal["full", "summary"]
+
+
 class StatusOut(BaseModel):
     """GET /status: jobs, workers, scheduler, PS endpoint, counters and shaped links, as the controller sees them."""
 
@@ -425,4 +455,15 @@ class StatusOut(BaseModel):
     workers: list[WorkerStatusOut]
     counters: CountersOut
     ps_notify_last_error: str | None
-    links: list[LinkStatusOut]
+    links: list[LinkStatusOut] = Field(description="The links of the workers listed in `workers`.")
+    worker_summary: WorkerSummaryOut | None = Field(
+        None, description="Always sent by this controller; absent from controllers that predate it."
+    )
+    worker_page: WorkerPageOut | None = Field(
+        None, description="Always sent by this controller; absent from controllers that predate it."
+    )
+    links_out_of_tolerance: list[str] = Field(
+        default_factory=list,
+        description="`worker/traffic_class` of every shaped link (of every worker, whatever the page) whose "
+        "measured RTT is outside its tolerance: the host could not keep that link's timing.",
+    )

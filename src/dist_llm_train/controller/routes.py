@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from dist_llm_train.controller.auth import ControllerAuth, require_name, require_worker
 from dist_llm_train.controller.models import (
@@ -54,18 +55,25 @@ def register_worker(body: RegisterIn, request: Request) -> RegisterOut:
     w = svc.register(body)
     return RegisterOut(
         worker_id=w.worker_id,
-        heartbeat_interval_s=svc.cfg.heartbeat_interval_s,
+        heartbeat_interval_s=svc.heartbeat_interval_s,
         heartbeat_miss_limit=svc.cfg.heartbeat_miss_limit,
         token=_auth(request).issue_worker_token(w.worker_id),
     )
 
 
 @router.post("/workers/{worker_id}/heartbeat", response_model=HeartbeatOut, tags=["workers"])
-def heartbeat(
+async def heartbeat(
     worker_id: str, request: Request, body: Annotated[HeartbeatIn | None, Body()] = None
 ) -> HeartbeatOut:
-    _svc(request).heartbeat(worker_id, body.state if body else None)
-    return HeartbeatOut(ok=True, commands=[])
+    """The reply carries the interval to heartbeat at from now on.
+
+    The one async handler: a worker known alive is recorded in memory on the event loop (no thread hop, no
+    SQLite); any other goes through the store on the thread pool."""
+    svc, state = _svc(request), body.state if body else None
+    interval = svc.fast_heartbeat(worker_id, state)
+    if interval is None:
+        interval = await run_in_threadpool(svc.heartbeat, worker_id, state)
+    return HeartbeatOut(ok=True, commands=[], heartbeat_interval_s=interval)
 
 
 @router.post("/workers/{worker_id}/telemetry", status_code=204, tags=["workers"])

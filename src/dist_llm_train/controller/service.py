@@ -18,6 +18,7 @@ from typing import Any
 
 from dist_llm_train.config import ControllerConfig
 from dist_llm_train.controller.errors import BadInput, Conflict, NotFound
+from dist_llm_train.controller.heartbeats import HeartbeatBook, LoopLoad, interval_for
 from dist_llm_train.controller.jobs import job_view, normalised_sections, training_of, validate_job_config
 from dist_llm_train.controller.models import JobIn, RegisterIn, TelemetryIn
 from dist_llm_train.controller.records import Job, Task, Worker
@@ -61,6 +62,10 @@ class ControllerService:
         self.on_change: Callable[[], None] = lambda: None
         self._hb_lock = threading.Lock()
         self.heartbeats = 0
+        # Known-alive workers' last heartbeats; SQLite gets them in batches (see controller.heartbeats).
+        self.book = HeartbeatBook()
+        self.load = LoopLoad()  # fed by the app's loop monitor; idle (no lag, factor 1) without one
+        self._fleet = store.count_by_state("workers").get("alive", 0) if cfg.heartbeat_max_rate else 0
         # netem: each worker's latest shaped-link report, shown by /status; refreshed by telemetry.
         self.links: dict[str, list[dict[str, Any]]] = {}
         self._budgets: dict[str, tuple[int, int]] = {}  # job_id -> (PS versions, step budget); jobs never change
@@ -68,8 +73,21 @@ class ControllerService:
         store.refresh_alive_heartbeats(clock())
 
     @property
+    def heartbeat_interval_s(self) -> float:
+        """The interval workers are told now: the configured one, longer for a fleet above `heartbeat_max_rate`."""
+        if self.cfg.heartbeat_max_rate is None:
+            return self.cfg.heartbeat_interval_s
+        return interval_for(self._fleet, self.cfg.heartbeat_interval_s, self.cfg.heartbeat_max_rate) * self.load.factor
+
+    @property
     def heartbeat_timeout_s(self) -> float:
-        return self.cfg.heartbeat_interval_s * self.cfg.heartbeat_miss_limit
+        """Silence after which a worker told the current interval is declared dead."""
+        return self.heartbeat_interval_s * self.cfg.heartbeat_miss_limit
+
+    def _count_fleet(self) -> None:
+        """Refresh the fleet size the adaptive interval follows (registration, failure detection)."""
+        if self.cfg.heartbeat_max_rate is not None:
+            self._fleet = max(len(self.book), self.store.count_by_state("workers").get("alive", 0))
 
     def _worker(self, worker_id: str) -> Worker:
         w = self.store.get_worker(worker_id)
@@ -101,21 +119,52 @@ class ControllerService:
             worker_id = old.worker_id if old else new_id("w")
             self.store.upsert_worker(worker_id, req.name, caps, now)
         if old is None or old.state == "dead":
+            self._fleet += 1  # counted, not recounted: a scan per registration is quadratic in the fleet
+        self.book.admit(worker_id, now, self.heartbeat_interval_s)
+        if old is None or old.state == "dead":
             log.info("worker %s registered as %s%s", req.name, worker_id, " (back from dead)" if old else "")
             self.on_change()
             self.schedule()  # pending tasks may have been waiting for exactly this worker
         return self._worker(worker_id)
 
-    def heartbeat(self, worker_id: str, activity: str | None) -> None:
-        with self.store.tx():
-            w = self._worker(worker_id)
-            self.store.touch_worker(worker_id, self.clock(), activity)
+    def fast_heartbeat(self, worker_id: str, activity: str | None) -> float | None:
+        """A heartbeat of a worker known alive here, in memory only; the interval to tell it, or None when the
+        worker is not known alive here (then `heartbeat` must take it through the store)."""
+        interval = self.heartbeat_interval_s
+        if not self.book.beat(worker_id, self.clock(), interval, activity):
+            return None
         with self._hb_lock:
             self.heartbeats += 1
+        return interval
+
+    def heartbeat(self, worker_id: str, activity: str | None) -> float:
+        """Any worker's heartbeat (unknown: NotFound; dead: back alive); returns the interval to tell it."""
+        interval = self.fast_heartbeat(worker_id, activity)
+        if interval is not None:
+            return interval
+        now = self.clock()
+        with self.store.tx():
+            w = self._worker(worker_id)
+            self.store.touch_worker(worker_id, now, activity)
+        with self._hb_lock:
+            self.heartbeats += 1
+        if w.state == "dead":
+            self._fleet += 1
+        interval = self.heartbeat_interval_s
+        self.book.admit(worker_id, now, interval, activity)
         if w.state == "dead":
             log.info("worker %s is back (heartbeat after being declared dead)", w.name)
             self.on_change()
             self.schedule()
+        return interval
+
+    def flush_heartbeats(self) -> int:
+        """Write the heartbeats received in memory since the last flush to the store, in one statement."""
+        rows = self.book.take_dirty()
+        if rows:
+            with self.store.tx():
+                self.store.record_heartbeats(rows)
+        return len(rows)
 
     def job_budget(self, job: Job) -> tuple[int, int]:
         """(the PS versions the job runs for, its step budget): what a worker's report is checked against."""
@@ -151,6 +200,15 @@ class ControllerService:
                 self.store.set_throughput(worker_id, ewma)
         if rec.links is not None:
             self.links[worker_id] = [link.model_dump() for link in rec.links]
+
+    def links_out_of_tolerance(self) -> list[str]:
+        """`worker name/traffic class` of every reported link whose RTT is outside its tolerance, sorted."""
+        bad = [(w, link["traffic_class"]) for w, links in list(self.links.items()) for link in links
+               if link.get("within_tolerance") is False]
+        if not bad:
+            return []
+        names = {w.worker_id: w.name for w in self.store.list_workers()}
+        return sorted(f"{names.get(w, w)}/{cls}" for w, cls in bad)
 
     # -- jobs -----------------------------------------------------------------------------
     def submit_job(self, req: JobIn) -> dict[str, Any]:
@@ -341,10 +399,21 @@ class ControllerService:
         return self.store.list_workers("alive"), self.store.worker_loads()
 
     def detect_failures(self) -> list[Worker]:
-        """Declare silent workers dead and put their tasks back to pending."""
+        """Declare silent workers dead and put their tasks back to pending.
+
+        Each worker's timeout is miss_limit × the interval it was last told (the current one for workers this
+        process has not heard yet); the store names the candidates, the heartbeat book has the newest beats."""
+        self.flush_heartbeats()
         now = self.clock()
+        miss_limit = self.cfg.heartbeat_miss_limit
         with self.store.tx():
-            dead = self.store.stale_workers(now - self.heartbeat_timeout_s)
+            silent = self.store.stale_workers(now - self.cfg.heartbeat_interval_s * miss_limit)
+            timeout, grace = self.heartbeat_timeout_s, self.load.lag_s()
+            dead = [
+                w
+                for w in silent
+                if self.book.forget_if_silent(w.worker_id, w.last_heartbeat, now, miss_limit, timeout, grace)
+            ]
             released = 0
             for w in dead:
                 self.store.mark_worker_dead(w.worker_id)
@@ -360,6 +429,7 @@ class ControllerService:
                 self.heartbeat_timeout_s,
             )
         if dead:
+            self._count_fleet()
             self.on_change()
         return dead
 

@@ -1,4 +1,7 @@
-"""GET /status: one document with the truth about jobs, workers, scheduler and PS link (`models.StatusOut`)."""
+"""GET /status: one document with the truth about jobs, workers, scheduler and PS link (`models.StatusOut`).
+
+A large fleet asks for `workers="summary"` (counts only: no per-worker rows or links) or a page of workers
+(`offset`, `limit`, sorted by name); the fleet summary and the page's place are in every answer."""
 
 from __future__ import annotations
 
@@ -15,7 +18,10 @@ from dist_llm_train.controller.models import (
     LinkStatusOut,
     PSEndpointOut,
     StatusOut,
+    StatusWorkersMode,
+    WorkerPageOut,
     WorkerStatusOut,
+    WorkerSummaryOut,
 )
 from dist_llm_train.controller.service import ControllerService
 from dist_llm_train.core.aggregation import aggregation_health
@@ -61,11 +67,19 @@ def _aggregation_health(membership: MembershipSync, job_id: str) -> dict[str, An
     return None if counters is None else aggregation_health(counters)
 
 
-def build_status(svc: ControllerService, membership: MembershipSync) -> StatusOut:
+def build_status(
+    svc: ControllerService,
+    membership: MembershipSync,
+    workers_mode: StatusWorkersMode = "full",
+    offset: int = 0,
+    limit: int | None = None,
+) -> StatusOut:
+    svc.flush_heartbeats()  # the store then holds every heartbeat received so far
     now = svc.clock()
     store = svc.store
     with store.tx():
-        workers = store.list_workers()
+        by_state, by_activity, oldest = store.fleet_summary()
+        workers = [] if workers_mode == "summary" else store.workers_page(offset, limit)
         jobs = store.list_jobs()
         assigned = store.assigned_tasks()
         counters = store.counters()
@@ -87,11 +101,25 @@ def build_status(svc: ControllerService, membership: MembershipSync) -> StatusOu
         jobs_by_worker[t.worker_id or ""].add(t.job_id)
     acked = membership.acknowledged()
     pending = membership.pending()
+    total = sum(by_state.values())
+    listed = 0 if workers_mode == "summary" else len(workers)
     return StatusOut(
+        worker_summary=WorkerSummaryOut(
+            total=total,
+            by_state=by_state,
+            by_activity=by_activity,
+            max_heartbeat_age_s=None if oldest is None else max(0.0, now - oldest),
+        ),
+        worker_page=WorkerPageOut(
+            offset=offset,
+            limit=0 if workers_mode == "summary" else limit,
+            total=total,
+            next_offset=offset + listed if listed and offset + listed < total else None,
+        ),
         scheduler=svc.scheduler.name,
         paramserver=PSEndpointOut(transport=svc.paramserver.transport, address=svc.paramserver.address),
         heartbeat=HeartbeatPolicyOut(
-            interval_s=svc.cfg.heartbeat_interval_s,
+            interval_s=svc.heartbeat_interval_s,
             miss_limit=svc.cfg.heartbeat_miss_limit,
             timeout_s=svc.heartbeat_timeout_s,
         ),
@@ -152,4 +180,5 @@ def build_status(svc: ControllerService, membership: MembershipSync) -> StatusOu
         links=[
             LinkStatusOut(worker=w.name, **link) for w in workers for link in svc.links.get(w.worker_id, [])
         ],
+        links_out_of_tolerance=svc.links_out_of_tolerance(),
     )

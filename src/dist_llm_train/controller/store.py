@@ -153,6 +153,21 @@ class Store:
             rows = self._all("SELECT * FROM workers WHERE state = ? ORDER BY name", (state,))
         return [Worker.from_row(r) for r in rows]
 
+    def workers_page(self, offset: int, limit: int | None) -> list[Worker]:
+        """Workers sorted by name (like `list_workers`), `limit` of them from `offset` (None: all the rest)."""
+        rows = self._all(
+            "SELECT * FROM workers ORDER BY name LIMIT ? OFFSET ?", (-1 if limit is None else limit, offset)
+        )
+        return [Worker.from_row(r) for r in rows]
+
+    def fleet_summary(self) -> tuple[dict[str, int], dict[str, int], float | None]:
+        """(workers per state, alive workers per activity, the oldest alive worker's last heartbeat)."""
+        by_state = self.count_by_state("workers")
+        rows = self._all("SELECT activity, COUNT(*) AS n, MIN(last_heartbeat) AS oldest FROM workers "
+                         "WHERE state = 'alive' GROUP BY activity")
+        oldest = min((r["oldest"] for r in rows), default=None)
+        return by_state, {r["activity"]: r["n"] for r in rows}, oldest
+
     def upsert_worker(self, worker_id: str, name: str, caps: dict[str, Any], now: float) -> None:
         """Insert a new worker, or refresh a known one's capabilities and mark it alive."""
         self._run(_UPSERT_WORKER, _upsert_params(worker_id, name, caps, now))
@@ -168,6 +183,16 @@ class Store:
             "WHERE worker_id = ?",
             (now, activity, worker_id),
         )
+
+    def record_heartbeats(self, rows: Sequence[tuple[str, float, str | None]]) -> None:
+        """Heartbeats received in memory, (worker_id, at, activity) each, written at once; never moves a
+        worker's time back, nor brings a dead worker back (only a heartbeat through `touch_worker` does)."""
+        with self._lock:
+            self._c().executemany(
+                "UPDATE workers SET last_heartbeat = MAX(last_heartbeat, ?), activity = COALESCE(?, activity) "
+                "WHERE worker_id = ? AND state = 'alive'",
+                [(at, activity, worker_id) for worker_id, at, activity in rows],
+            )
 
     def stale_workers(self, cutoff: float) -> list[Worker]:
         rows = self._all("SELECT * FROM workers WHERE state = 'alive' AND last_heartbeat < ?", (cutoff,))

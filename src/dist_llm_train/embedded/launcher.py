@@ -418,6 +418,7 @@ class EmbeddedRun:
                 dead_workers=[w.name for w in status.workers if w.state == "dead"],
                 reassignments=status.counters.reassignments,
                 links=[link.model_dump() for link in status.links],
+                links_out_of_tolerance=list(status.links_out_of_tolerance),
                 profile=self.opts.profile,
                 shaping=self.opts.shaping if self.opts.profile else "none",
                 strategy=strategy_summary(self.cfg.training, ps_stats[0] if ps_stats else None, rows),

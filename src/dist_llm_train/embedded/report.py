@@ -52,6 +52,7 @@ class RunSummary:
     profile: str | None = None  # the netem profile every link was shaped with (None: unshaped loopback)
     shaping: str = "none"
     links: list[dict[str, Any]] = field(default_factory=list)  # netem: shaped links, configured vs measured
+    links_out_of_tolerance: list[str] = field(default_factory=list)  # worker/class whose RTT drifted (busy host)
     strategy: dict[str, Any] = field(default_factory=dict)  # strategy, codec, rule, attack, DP, bytes
     # Churn of transient workers (an availability trace): events applied, goodput, lost updates, short rounds.
     availability: dict[str, Any] = field(default_factory=dict)
@@ -123,6 +124,8 @@ def markdown_summary(s: RunSummary) -> str:
         f"| model | {s.model} |",
         f"| mode / transport | {s.mode} / {s.transport} |",
         f"| links | {s.profile + ' (' + s.shaping + ')' if s.profile else 'unshaped loopback'} |",
+        *([f"| links out of tolerance (host too busy to keep their timing) | "
+           f"{', '.join(s.links_out_of_tolerance) or 'none'} |"] if s.profile else []),
         f"| workers | {s.workers} |",
         f"| global steps (PS versions) | {s.steps} |",
         f"| initial eval loss | {s.initial_loss:.4f} |",

@@ -445,6 +445,7 @@ class SimController:
             scheduler=scheduler,  # type: ignore[arg-type]
             heartbeat_interval_s=heartbeat_interval_s,
             heartbeat_miss_limit=miss_limit,
+            heartbeat_max_rate=None,  # the simulator models a fixed interval
             telemetry_alpha=telemetry_alpha,
         )
         self.scheduler = BlockScheduler(get_scheduler(scheduler))

@@ -293,6 +293,7 @@ def summary(r: SimResult, run_id: str = "", run_dir: str = "") -> dict[str, Any]
             "shaping": f"simulated-{cfg.transport.shaper}",
             "strategy": strategy,
             "links": r.links,
+            "links_out_of_tolerance": [],  # virtual links keep their timing exactly: no busy host to drift on
             # As a real run's summary: the churn block when an availability trace drove the workers.
             "availability": sim["availability"] if cfg.availability is not None else {},
             # As a real run's summary: supervised restarts of the PS and the controller (the simulator has none).

@@ -12,6 +12,12 @@ configured rate follows the segment in force). The measured side is cheap and ho
   * loss — not measurable from above TCP; under the userspace backend loss is *modelled* (recovery stalls), so
     the report carries the configured figure with `loss_kind: "modelled"` and no measured one.
 
+Tolerance: a link whose measured RTT is further than `rtt_tolerance_ms` (RTT_TOLERANCE_REL × configured +
+RTT_TOLERANCE_MS) from the configured one reports `within_tolerance: false`, and the controller's /status and the
+run summary list it. Shaping can only add delay, so a measurement far *below* the configured RTT means the link
+is not shaped; one far above means the host was too busy to keep the timing (the relays, the server, or the
+probing worker itself, which trains at a low priority, were scheduled late) — the run goes on, and says so.
+
 Gauges (`dlt_link_*`, labels link, traffic_class, backend): configured_delay_seconds is the configured round
 trip (the two one-way delays), so it compares directly with measured_rtt_seconds.
 """
@@ -32,6 +38,15 @@ from prometheus_client import CollectorRegistry, Gauge
 from dist_llm_train.netem.profile.schema import Link
 
 WINDOW = 5  # samples kept per link for the medians
+RTT_TOLERANCE_REL = 0.5
+RTT_TOLERANCE_MS = 15.0
+"""|measured − configured| RTT a link may show and count as faithful: the probe's RTT includes the server's
+handling and the scheduling of a worker that trains beside it, so the bound is loose; an unshaped link (~1 ms
+on loopback) is outside it for any configured RTT above 30 ms."""
+
+
+def rtt_tolerance_ms(configured_ms: float) -> float:
+    return RTT_TOLERANCE_REL * configured_ms + RTT_TOLERANCE_MS
 LABELS = ("link", "traffic_class", "backend")
 Probe = Callable[[], Awaitable[float | None]]  # None: no valid sample this time (e.g. a fresh connection)
 
@@ -149,14 +164,18 @@ class LinkMonitor:
             rtt = statistics.median(link.rtt_s) if link.rtt_s else None
             rate = statistics.median(link.rate_bps) if link.rate_bps else None
             loss = 1 - (1 - up.loss_pct / 100) * (1 - down.loss_pct / 100)
+            configured_ms = up.delay_ms + down.delay_ms
+            tolerance = rtt_tolerance_ms(configured_ms)
             out.append(
                 {
                     "link": link.link,
                     "traffic_class": link.traffic_class,
                     "backend": link.backend,
-                    "configured_rtt_ms": round(up.delay_ms + down.delay_ms, 3),
+                    "configured_rtt_ms": round(configured_ms, 3),
                     "measured_rtt_ms": None if rtt is None else round(rtt * 1000, 3),
                     "rtt_samples": len(link.rtt_s),
+                    "rtt_tolerance_ms": round(tolerance, 3),
+                    "within_tolerance": None if rtt is None else abs(rtt * 1000 - configured_ms) <= tolerance,
                     "configured_rate_mbit": up.rate_mbit,
                     "measured_rate_mbit": None if rate is None else round(rate / 1e6, 4),
                     "configured_loss": round(loss, 6),
