@@ -26,7 +26,6 @@ from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dist_llm_train.config import ControllerConfig, ModelConfig, NetworkConfig, TrainingConfig
 from dist_llm_train.controller.auth import AuthMiddleware, ControllerAuth
@@ -35,7 +34,14 @@ from dist_llm_train.controller.failure import FailureDetector
 from dist_llm_train.controller.heartbeats import watch_loop
 from dist_llm_train.controller.membership import MembershipNotifier, MembershipSync, PSMembershipNotifier
 from dist_llm_train.controller.metrics import RequestMetricsMiddleware, make_registry
-from dist_llm_train.controller.models import ERROR_RESPONSES, ErrorOut, HealthOut, ReadyOut, StatusOut, StatusWorkersMode
+from dist_llm_train.controller.models import (
+    ERROR_RESPONSES,
+    ErrorOut,
+    HealthOut,
+    ReadyOut,
+    StatusOut,
+    StatusWorkersMode,
+)
 from dist_llm_train.controller.routes import router
 from dist_llm_train.controller.schedulers import get_scheduler
 from dist_llm_train.controller.service import ControllerService, PSEndpoint
