@@ -41,7 +41,7 @@ def _job_rates(svc: ControllerService, job_id: str, holders: set[str]) -> dict[s
 
 
 def _ps_view(
-    membership: MembershipSync, job_ids: set[str], worker_id: str, trainings: dict[str, Any]
+    membership: MembershipSync, job_ids: set[str], worker_id: str, configured_bounds: dict[str, int]
 ) -> dict[str, Any]:
     """The worker's staleness bound and acceptance rate as the PS reports them (adaptive bounds differ per worker);
     the configured bound stands in until the PS has answered, and `staleness_source` says which it is.
@@ -57,7 +57,7 @@ def _ps_view(
                 "mean_staleness": ws.mean_staleness,
                 "staleness_source": "paramserver",
             }
-    configured = min((trainings[j].initial_staleness_bound for j in job_ids), default=None)
+    configured = min((configured_bounds[j] for j in job_ids), default=None)
     return {"staleness_bound": configured, "staleness_source": "config" if configured is not None else None}
 
 
@@ -92,6 +92,8 @@ def build_status(
         for j in jobs:
             rates[j.job_id] = _job_rates(svc, j.job_id, holders_by_job[j.job_id])
     trainings = {j.job_id: training_of(j) for j in jobs}
+    # Once per job, not per worker: each reading builds the job's strategy object.
+    configured_bounds = {job_id: t.initial_staleness_bound for job_id, t in trainings.items()}
     # Telemetry is checked against the job's last PS version now; rows stored before may hold anything.
     progress = {jid: (min(step, trainings[jid].versions), loss) for jid, (step, loss) in progress.items()}
     tasks_by_worker: dict[str, list[str]] = defaultdict(list)
@@ -158,7 +160,7 @@ def build_status(
                 last_heartbeat_age_s=max(0.0, now - w.last_heartbeat),
                 tasks=tasks_by_worker.get(w.worker_id, []),
                 throughput_samples_per_s=w.throughput_ewma,
-                **_ps_view(membership, jobs_by_worker.get(w.worker_id, set()), w.worker_id, trainings),
+                **_ps_view(membership, jobs_by_worker.get(w.worker_id, set()), w.worker_id, configured_bounds),
                 declared=DeclaredCapabilitiesOut(
                     memory_gb=w.memory_gb,
                     flops=w.flops,
