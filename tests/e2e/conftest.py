@@ -27,6 +27,7 @@ class Stack:
     controller: Http
     prometheus: Http
     ps_metrics: Http
+    admin_token: str = ""  # for a new controller client (its host port can change after a restart)
     profile: str = PROFILE
     workers: int = WORKERS
 
@@ -78,7 +79,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         prometheus = Http(f"http://127.0.0.1:{host_port('prometheus', 9090)}")
         ps_metrics = Http(f"http://127.0.0.1:{host_port('paramserver', 9100)}")
         clients = [controller, prometheus, ps_metrics]
-        yield Stack(compose, controller, prometheus, ps_metrics)
+        yield Stack(compose, controller, prometheus, ps_metrics, admin_token)
     finally:
         for c in clients:
             c.close()

@@ -200,7 +200,8 @@ def test_paramserver_restart_resumes_from_checkpoint(stack: Any) -> None:
 def service_process(container: str, service: str) -> int:
     """The host pid of the `serve <service>` process inside `container` (the entrypoint's child)."""
     rows = run("docker", "top", container, "-eo", "pid,args").strip().splitlines()[1:]
-    pids = [int(r.split(None, 1)[0]) for r in rows if f"serve {service}" in r]
+    # The entrypoint's own command line names the service too; the service is the process it started.
+    pids = [int(r.split(None, 1)[0]) for r in rows if f"serve {service}" in r and "dlt-entrypoint" not in r]
     assert len(pids) == 1, rows
     return pids[0]
 
@@ -220,7 +221,7 @@ def test_killed_services_come_back_by_their_restart_policy(stack: Any) -> None:
                  timeout=60, every=0.5)
         wait_for(f"{service} healthy again", lambda s=service: containers(s)[0]["Health"] == "healthy",
                  timeout=120, every=1.0)
-    controller = Http(f"http://127.0.0.1:{host_port('controller', 8000)}")
+    controller = Http(f"http://127.0.0.1:{host_port('controller', 8000)}", token=stack.admin_token)
     ps_metrics = Http(f"http://127.0.0.1:{host_port('paramserver', 9100)}")
     try:
         v_back = wait_for("PS version after the kill",

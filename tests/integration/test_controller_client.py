@@ -75,15 +75,17 @@ class FakePS:
     def __init__(self) -> None:
         self.stats: list[PSWorkerStats] = []
         self.counters: dict[str, int] = {}
+        self.members: dict[str, list[str]] = {}
 
     def set_members(self, job_id: str, members: list[str]) -> list[str]:
+        self.members[job_id] = list(members)
         return members
 
     def worker_stats(self, job_id: str) -> list[PSWorkerStats]:
         return self.stats
 
     def job_stats(self, job_id: str) -> SimpleNamespace:
-        return SimpleNamespace(workers=self.stats, counters=self.counters)
+        return SimpleNamespace(members=self.members.get(job_id, []), workers=self.stats, counters=self.counters)
 
     def close(self) -> None:
         pass

@@ -81,7 +81,7 @@ def test_a_ps_that_lost_the_membership_gets_it_again() -> None:
 
         def job_stats(self, job_id: str) -> SimpleNamespace:
             self.polls += 1
-            return SimpleNamespace(members=list(reversed(self.held[job_id])), workers=[])
+            return SimpleNamespace(members=list(reversed(self.held[job_id])), workers=[], counters={})
 
     n = RestartableNotifier()
     sync = MembershipSync(n, lambda: {"j": ["a", "b"]})
