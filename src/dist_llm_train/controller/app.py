@@ -215,7 +215,7 @@ def create_app(
         dependencies=guard,
         tags=["status"],
         response_model_exclude_unset=True,
-        responses={401: ERROR_RESPONSES[401]},
+        responses={401: ERROR_RESPONSES[401], 422: ERROR_RESPONSES[422]},  # a bad `workers`, `limit` or `offset`
     )
     def status(
         workers: Annotated[
