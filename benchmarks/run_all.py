@@ -6,7 +6,8 @@ Conventions a benchmark follows to be picked up (nothing else is required):
   pointed at the results folder);
 * for `--quick` (CI) it declares `QUICK_ARGS = [...]` (a literal list, read without importing the script) or
   accepts `--quick` itself; otherwise it runs with its defaults;
-* a benchmark whose quick run needs longer than the default limit declares `QUICK_TIMEOUT_S = <seconds>`.
+* a benchmark whose quick run needs longer than the default limit declares `QUICK_TIMEOUT_S = <seconds>`;
+* one with no meaningful quick run declares `QUICK_SKIP = "<why>"`: `--quick` skips it and says why.
 
 Each benchmark runs in its own interpreter with a time limit; its output goes to results/logs/<name>.log. A
 failing benchmark is reported in BENCHMARKS.md and makes the exit status 1, after every other one has run.
@@ -81,6 +82,14 @@ def quick_args(source: str) -> list[str]:
             raise ValueError("QUICK_ARGS must be a list of strings")
         return value
     return ["--quick"] if '"--quick"' in source else []
+
+
+def quick_skip(source: str) -> str | None:
+    """Why `--quick` skips this script (its `QUICK_SKIP` literal), or None: it runs."""
+    value = _literal(source, "QUICK_SKIP")
+    if value is not None and not isinstance(value, str):
+        raise ValueError("QUICK_SKIP must be a string saying why")
+    return value
 
 
 def result_stem(script: Path) -> str:
@@ -204,6 +213,10 @@ def main() -> int:
     results = []
     for script in discover(args.only):
         print(f"== {script.stem}", flush=True)
+        skip = quick_skip(script.read_text()) if args.quick else None
+        if skip is not None:
+            print(f"   skipped in --quick: {skip}", flush=True)
+            continue
         own = _literal(script.read_text(), "QUICK_TIMEOUT_S") if args.quick and not args.timeout_s else None
         limit = float(own) if isinstance(own, int | float) else timeout
         res = run_one(script, args.quick, args.results.resolve(), limit)

@@ -30,6 +30,15 @@ def test_quick_args_from_literal_option_or_nothing(run_all: ModuleType) -> None:
         run_all.quick_args("QUICK_ARGS = [1, 2]\n")
 
 
+def test_quick_skip_says_why_or_runs(run_all: ModuleType) -> None:
+    assert run_all.quick_skip('QUICK_SKIP = "needs minutes"\n') == "needs minutes"
+    assert run_all.quick_skip('QUICK_ARGS = ["--quick"]\n') is None
+    with pytest.raises(ValueError):
+        run_all.quick_skip("QUICK_SKIP = True\n")
+    # The soak judges growth over minutes: CI's quick pass leaves it to `make soak`.
+    assert run_all.quick_skip((ROOT / "benchmarks" / "soak.py").read_text())
+
+
 def test_figures_pick_ratios_bounds_and_targets(run_all: ModuleType) -> None:
     data = {"rows": [{"measured_over_bound": 1.2, "mb_per_s": 900}, {"profile": "cellular", "speedup": 3}],
             "fitted_exponent": 0.9, "target": {"met": True, "name": "x"}, "ratio_vs_raw_tcp": 0.5}
