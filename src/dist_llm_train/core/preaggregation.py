@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+from abc import abstractmethod
 
 import numpy as np
 
@@ -67,8 +68,9 @@ class Preaggregator(Aggregator):
     def _aggregate(self, x: np.ndarray) -> np.ndarray:
         return self.inner.aggregate(self._mix(x))
 
+    @abstractmethod
     def _mix(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The rows the inner rule sees instead of `x` (bucket means, or nearest-neighbour means)."""
 
 
 class Bucketing(Preaggregator):
