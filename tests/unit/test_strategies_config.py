@@ -116,6 +116,9 @@ def test_rule_parameters_come_from_seed_keys_then_byzantine_f() -> None:
             "central DP",
         ),
         ({"strategy": "diloco", "diloco_local_steps": 50, "steps": 20}, "not one round fits"),
+        ({"strategy": {"name": "diloco", "inner_lr_scale": {"ngram": 0}}}, "must be in (0, 100]"),
+        ({"strategy": {"name": "diloco", "inner_lr_scale": {"ngram": float("inf")}}}, "finite number"),
+        ({"strategy": {"name": "streaming_diloco", "inner_lr_scale": {"": 2.0}}}, "must be non-empty"),
     ],
 )
 def test_nonsense_is_refused_at_parse_time(keys: dict[str, Any], message: str) -> None:

@@ -203,6 +203,27 @@ def test_local_steps_returns_params_delta(dataset: TokenDataset) -> None:
             tr.local_steps(bad_h, bad_lr)  # type: ignore[arg-type]
 
 
+def test_local_steps_scale_lr_by_parameter_name_prefix(dataset: TokenDataset) -> None:
+    plain = LocalTrainer(NGRAM_CFG, train_cfg(), dataset, [0])
+    scaled = LocalTrainer(NGRAM_CFG, train_cfg(), dataset, [0])
+    table = slice(-17 * 17 * 16, None)  # the n-gram rows are registered last: (V+1)^2 rows of V logits
+    plain_delta, _, _ = plain.local_steps(1, 1e-2)
+    scaled_delta, _, _ = scaled.local_steps(1, 1e-2, {"ngram": 3.0, "ngram.table.weight": 4.0, "wpe": 0.5})
+    # Adam's first step moves every coordinate with a gradient by lr (sign of the gradient): the factor shows.
+    moved = np.abs(plain_delta[table]) > 1e-6
+    assert moved.any()
+    assert np.allclose(scaled_delta[table][moved], 4.0 * plain_delta[table][moved], rtol=1e-3)  # longest prefix
+    wpe = next(spec for spec in layout_of(scaled.model) if spec.name == "wpe.weight")
+    seg = slice(wpe.offset, wpe.offset + int(np.prod(wpe.shape)))
+    assert np.allclose(scaled_delta[seg], 0.5 * plain_delta[seg], atol=1e-7)
+    unscaled = np.ones(plain_delta.size, dtype=bool)
+    unscaled[table] = unscaled[seg] = False
+    assert np.array_equal(scaled_delta[unscaled], plain_delta[unscaled])  # factor 1: the very same steps
+    fresh = LocalTrainer(NGRAM_CFG, train_cfg(), dataset, [0])
+    with pytest.raises(ValueError, match="match no parameter"):
+        fresh.local_steps(1, 1e-2, {"ngram": 2.0, "decoder.": 2.0})
+
+
 def test_evaluate_leaves_trainer_params_alone(dataset: TokenDataset) -> None:
     tr = LocalTrainer(GPT_CFG, train_cfg(), dataset, [0])
     own = tr.params()

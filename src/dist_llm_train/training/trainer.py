@@ -10,7 +10,8 @@ lives on `training.device` and trains in `training.autocast`'s precision (both r
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,20 +134,26 @@ class LocalTrainer:
                 return flatten_grads(self.model), loss, self.batch_size
         raise FloatingPointError(f"fp16 gradients overflowed at every loss scale down to {scaler.get_scale()}")
 
-    def local_steps(self, h: int, lr: float) -> tuple[np.ndarray, float, int]:
+    def local_steps(
+        self, h: int, lr: float, lr_scale: Mapping[str, float] | None = None
+    ) -> tuple[np.ndarray, float, int]:
         """Run H AdamW steps from the current params; return (params_before - params_after, mean loss, samples).
 
         The returned delta is DiLoCo's pseudo-gradient. The inner optimizer's moments persist
         across calls (as in DiLoCo), while the params are reset by `set_params` each round.
+        `lr_scale` multiplies lr for parameters whose name starts with one of its prefixes (the
+        longest matching prefix wins); it is fixed by the first call, which builds the optimizer.
         """
         if not isinstance(h, int) or isinstance(h, bool) or h < 1:
             raise ValueError(f"h (local steps) must be an int >= 1, got {h!r}")
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
         if self._inner_opt is None:
-            self._inner_opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.inner_weight_decay)
+            self._inner_opt = torch.optim.AdamW(
+                self._lr_groups(lr_scale or {}), lr=lr, weight_decay=self.inner_weight_decay
+            )
         for group in self._inner_opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         before = flatten_params(self.model)
         losses = []
         scaler = self.precision.scaler
@@ -161,6 +168,20 @@ class LocalTrainer:
                 scaler.update()
         delta = before - flatten_params(self.model)
         return delta, float(np.mean(losses)), h * self.batch_size
+
+    def _lr_groups(self, lr_scale: Mapping[str, float]) -> list[dict[str, Any]]:
+        """The model's parameters as optimizer groups, one per learning-rate multiplier."""
+        unused = set(lr_scale)
+        groups: dict[float, list[torch.nn.Parameter]] = {}
+        for name, param in self.model.named_parameters():
+            matches = [prefix for prefix in lr_scale if name.startswith(prefix)]
+            unused.difference_update(matches)
+            factor = lr_scale[max(matches, key=len)] if matches else 1.0
+            groups.setdefault(factor, []).append(param)
+        if unused:
+            names = ", ".join(name for name, _ in self.model.named_parameters())
+            raise ValueError(f"inner_lr_scale prefixes {sorted(unused)} match no parameter of the model ({names})")
+        return [{"params": params, "lr_scale": factor} for factor, params in groups.items()]
 
     @torch.no_grad()
     def evaluate(self, vec: np.ndarray | None, batches: int) -> float:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -68,8 +68,11 @@ class Trainer(Protocol):
         """(flat gradient, loss, samples) of one batch at the current parameters."""
         ...
 
-    def local_steps(self, h: int, lr: float) -> tuple[np.ndarray, float, int]:
-        """Run h local optimizer steps; (params_before - params_after, mean loss, samples)."""
+    def local_steps(
+        self, h: int, lr: float, lr_scale: Mapping[str, float] | None = None
+    ) -> tuple[np.ndarray, float, int]:
+        """Run h local optimizer steps, lr times `lr_scale`'s factor for parameters whose name has one of its
+        prefixes (longest wins); (params_before - params_after, mean loss, samples)."""
         ...
 
     def params(self) -> np.ndarray:

@@ -9,10 +9,12 @@ strategies' at equal `steps`.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dist_llm_train.core.strategies.base import (
     HonestUpdate,
@@ -33,6 +35,24 @@ class DiLoCoConfig(StrategyConfig):
     straggler_timeout_s: float = Field(
         30.0, gt=0, description="A round closes with whoever pushed after this many seconds"
     )
+    inner_lr_scale: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "Inner lr multipliers by parameter-name prefix (longest prefix wins, e.g. {ngram: 2.0}): a worker's "
+            "Adam normalises its own small-batch gradients, so sparse, noise-dominated rows move ~1/sqrt(workers) "
+            "as far per step as under sync's Adam on the mean gradient (docs/training_protocol.md §7)"
+        ),
+    )
+
+    @field_validator("inner_lr_scale")
+    @classmethod
+    def _finite_positive_scales(cls, scales: dict[str, float]) -> dict[str, float]:
+        for prefix, factor in scales.items():
+            if not prefix or prefix != prefix.strip():
+                raise ValueError(f"inner_lr_scale: parameter-name prefix {prefix!r} must be non-empty, no spaces")
+            if not (math.isfinite(factor) and 0 < factor <= 100):
+                raise ValueError(f"inner_lr_scale[{prefix!r}] must be in (0, 100], got {factor!r}")
+        return scales
 
 
 class DiLoCo(RoundStrategy):
@@ -45,6 +65,7 @@ class DiLoCo(RoundStrategy):
         self.local_steps = config.local_steps
         self.straggler_timeout_s = config.straggler_timeout_s
         self.inner_lr = config.inner_lr
+        self.inner_lr_scale: Mapping[str, float] = dict(config.inner_lr_scale)
         # Nesterov needs momentum to look ahead with; without it (SparseLoCo) the step is plain SGD either way.
         self.outer = OptimizerSpec("sgd", config.outer_lr, config.outer_momentum, nesterov=config.outer_momentum > 0)
 
@@ -73,4 +94,6 @@ class DiLoCo(RoundStrategy):
     def inner_steps(self, trainer: Trainer, h: int) -> tuple[np.ndarray, float, int]:
         """h inner AdamW steps at the inner learning rate: (params before − after, mean loss, samples)."""
         lr = self.inner_lr if self.inner_lr is not None else trainer.learning_rate
+        if self.inner_lr_scale:
+            return trainer.local_steps(h, lr, self.inner_lr_scale)
         return trainer.local_steps(h, lr)
