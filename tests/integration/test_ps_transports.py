@@ -492,6 +492,27 @@ def test_zmq_malformed_request_gets_an_error_reply() -> None:
             ctx.term()
 
 
+def test_a_client_that_initialised_the_params_itself_pulls_no_model(client: PSClient, server: Any) -> None:
+    """`own`: parameters the worker made from the job's seed. When they are what the job started from, the
+    first pull sends no parameter bytes, later ones only the deltas since; other parameters get the model."""
+    n = 20_000
+    spec, initial = new_job(client, n=n, members=["w0"], options={"downlink": '{"name": "int8"}'})
+    before = client.bytes_received
+    first = client.pull(spec.job_id, "w0", own=initial.copy())
+    assert client.bytes_received == before and first.version == 0 and first.epoch != 0
+    assert first.params.tobytes() == initial.tobytes()
+    rng = np.random.default_rng(1)
+    for step in range(2):
+        assert push(client, spec.job_id, "w0", step, step, rng.standard_normal(n)) is PushOutcome.APPLIED
+    before = client.bytes_received
+    late = client.pull(spec.job_id, "w0", own=initial.copy())  # a worker that joins at version 2
+    assert client.bytes_received - before == 2 * (n + 4 * -(-n // 1024))  # two int8 deltas, a scale per 1,024
+    assert late.params.tobytes() == client.pull(spec.job_id, "w0").params.tobytes()
+    before = client.bytes_received
+    client.pull(spec.job_id, "w0", own=initial + np.float32(1.0))  # not the job's initial parameters
+    assert client.bytes_received - before == 4 * n
+
+
 def test_downlink_deltas_keep_the_client_bit_identical_with_fewer_bytes(client: PSClient, server: Any) -> None:
     """A job with a downlink codec: a client passing what it holds gets compressed deltas and rebuilds
     exactly the PS's published parameters; a client that holds nothing gets them in full."""

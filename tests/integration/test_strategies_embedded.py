@@ -67,9 +67,13 @@ def test_diloco_pushes_compressed_pseudo_gradients_and_pulls_compressed_deltas(t
     wire = st["wire_bytes"]
     assert wire["bytes_received_gradient"] == 0
     assert wire["raw_bytes_pseudo_gradient"] >= 50 * wire["bytes_received_pseudo_gradient"] > 0
-    # Each worker pulls the model in full once, then one top-k 5 % delta per round: both directions compressed.
+    # Each worker initialised the model itself from the job's seed, so none pulls it: its first pull names the
+    # parameters by digest and gets the deltas since, then one top-k 5 % delta per round — both directions
+    # compressed. The one full model on the wire is the launcher's final read (a model is a push's raw size).
     assert st["downlink"] == "topk"
-    assert 0 < wire["params_delta_bytes_sent"] < wire["params_bytes_sent"] / 2
+    model_bytes = wire["raw_bytes_pseudo_gradient"] // (2 * 4)  # 2 workers x 4 rounds of pushes
+    assert wire["params_bytes_sent"] == model_bytes
+    assert 0 < wire["params_delta_bytes_sent"] < 2 * 4 * 0.5 * model_bytes
 
 
 def test_adaptive_with_int8_and_local_dp(tmp_path: Path) -> None:
@@ -124,7 +128,7 @@ def test_streaming_diloco_syncs_one_fragment_at_a_time(tmp_path: Path) -> None:
     assert st["strategy"] == "streaming_diloco" and st["strategy_params"]["fragments"] == 4
     assert s["steps"] == 20  # 40 inner steps / (H/P = 2) fragment syncs
     wire = st["wire_bytes"]
-    model_bytes = wire["params_bytes_sent"] // 3  # each worker's first pull and the launcher's final one: whole
-    # Every push and every later pull carries one fragment: a quarter of the model, not all of it.
+    model_bytes = wire["params_bytes_sent"]  # the launcher's final read; workers hold their own initial model
+    # Every push and every pull carries one fragment: a quarter of the model, not all of it.
     assert abs(wire["raw_bytes_pseudo_gradient"] / (40 * model_bytes / 4) - 1) < 0.05
     assert 0 < wire["params_delta_bytes_sent"] <= 40 * model_bytes / 4 * 1.05

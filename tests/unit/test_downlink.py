@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from dist_llm_train.config import parse_config
 from dist_llm_train.core.codecs import CodecConfig, get_codec
-from dist_llm_train.core.downlink import DownlinkPublisher, apply_deltas
+from dist_llm_train.core.downlink import DownlinkPublisher, apply_deltas, params_digest
 from dist_llm_train.core.job import JobSpec, WireJobSpec
 from dist_llm_train.core.types import PushHeader, TensorSpec
 from dist_llm_train.paramserver.job import JobState, ParameterStore
@@ -168,3 +168,44 @@ def test_bad_have_fields_are_refused() -> None:
         store.pull("dl", "a", have_epoch=5, have_version=-3)
     plain = store.pull("dl", "a", have_epoch=5, have_version=0)  # no downlink codec: always full
     assert plain.delta is None and plain.epoch == 0
+
+
+def test_a_holder_of_the_initial_params_named_by_digest_gets_only_the_deltas_since() -> None:
+    d = 300
+    store = ParameterStore()
+    initial = np.linspace(-1, 1, d, dtype=np.float32)
+    store.init_job(_spec(CodecConfig(name="int8")), [TensorSpec("w", (d,), 0)], initial, ["a"])
+    own = params_digest(initial)
+    first = store.pull("dl", "a", have_digest=own)
+    assert first.delta is not None and first.delta.deltas == () and first.delta.base_version == 0
+    rng = np.random.default_rng(5)
+    for step in range(3):
+        _push(store, "a", step, step, rng.standard_normal(d).astype(np.float32))
+    later = store.pull("dl", "a", have_digest=own)
+    assert later.delta is not None and [x.version for x in later.delta.deltas] == [1, 2, 3]
+    assert apply_deltas(initial, later.delta.deltas).tobytes() == later.params.tobytes()
+    other = store.pull("dl", "a", have_digest=params_digest(initial + np.float32(1e-3)))
+    assert other.delta is None  # different parameters: in full
+    counters = store.stats("dl")[0].counters
+    assert counters["pulls_delta"] == 2 and counters["params_bytes_sent"] == 4 * d
+    with pytest.raises(Exception, match="have_digest"):
+        store.pull("dl", "a", have_digest=b"short")
+
+
+def test_a_restored_publisher_does_not_answer_the_initial_digest_with_deltas() -> None:
+    d = 64
+    store = ParameterStore()
+    initial = np.zeros(d, np.float32)
+    store.init_job(_spec(CodecConfig(name="int8")), [TensorSpec("w", (d,), 0)], initial, ["a"])
+    _push(store, "a", 0, 0, np.ones(d, np.float32))
+    snap = store.job_state("dl").snapshot()
+    restored = JobState.restore(snap, clock=lambda: 0.0, observer=store.job_state("dl")._obs)
+    again = restored.read(have_digest=params_digest(initial))
+    assert again.delta is None  # its deltas start at the restored version, not at the initial params
+
+
+def test_a_job_without_deltas_ignores_the_digest() -> None:
+    store = ParameterStore()
+    initial = np.zeros(4, np.float32)
+    store.init_job(_spec(None), [TensorSpec("w", (4,), 0)], initial, [])
+    assert store.pull("dl", "a", have_digest=params_digest(initial)).delta is None

@@ -3,6 +3,7 @@ they become (and its wire form), CLI flags."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -145,6 +146,19 @@ def test_diloco_job_uses_the_outer_nesterov_optimizer_and_counts_rounds() -> Non
     assert spec.to_wire().options["nesterov"] == "true"
     assert spec.total_steps == t.versions == 4
     assert training(strategy="diloco", steps=101, diloco_local_steps=25).training.job_spec("j").total_steps == 5
+
+
+def test_structured_strategy_fields_travel_as_json_and_parse_back_on_the_ps() -> None:
+    for scale in ({"ngram": 2.0, "lm_head": 0.5}, {}):
+        t = parse_config({"training": {"strategy": {"name": "diloco", "inner_lr_scale": scale}}}).training
+        spec = t.job_spec("j")
+        assert spec.to_wire().options["inner_lr_scale"] == json.dumps(scale, sort_keys=True)
+        for back in (JobSpec.from_wire(spec.to_wire()), JobSpec.from_dict(spec.to_dict())):
+            assert back.strategy == spec.strategy
+    wire = spec.to_wire()
+    wire.options["inner_lr_scale"] = "{not json"
+    with pytest.raises(ValueError, match="inner_lr_scale"):
+        JobSpec.from_wire(wire)
 
 
 def test_adaptive_and_central_dp_travel_as_options_the_ps_accepts() -> None:

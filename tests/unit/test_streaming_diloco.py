@@ -235,7 +235,8 @@ def test_the_worker_keeps_computing_while_its_sync_is_in_flight() -> None:
             return store.init_job(*a)
 
         def pull(
-            self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0, have: Any = None
+            self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0, have: Any = None,
+            own: Any = None,
         ) -> Any:
             kw = {} if have is None else {"have_epoch": have.epoch, "have_version": have.version}
             return store.pull(job_id, worker_id, min_version, wait_timeout_s, **kw)

@@ -59,7 +59,7 @@ class RestartingClient(PSClient):
         return self.store.init_job(*a)
 
     def pull(self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0,
-             have: Any = None) -> Any:
+             have: Any = None, own: Any = None) -> Any:
         self._reachable()
         kw = {} if have is None else {"have_epoch": have.epoch, "have_version": have.version}
         return self.store.pull(job_id, worker_id, min_version, min(wait_timeout_s, 5.0), **kw)

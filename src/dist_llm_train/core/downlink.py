@@ -23,6 +23,13 @@ apply to what they hold.
 Workers compute on θ̂ (their copy), the PS applies their updates to θ; checkpoints hold θ and a
 restarted publisher starts with θ̂ = θ.
 
+A worker that built the job's initial parameters itself (every worker initialises the model from the job's
+seed, and one of them created the job with its copy) does not need them sent: its first pull carries a
+digest of what it holds (`params_digest`, BLAKE2b-128 of the float32 bytes), and when that equals the
+digest of the publisher's origin — the parameters it started from — the PS answers with the deltas since
+the origin instead of θ̂ in full (none at all before the first version). A digest that does not match (a
+different seed, another platform's initialisation, a restarted publisher) gets θ̂ in full, as before.
+
 Without a codec the publisher is lossless (θ̂ = θ) and a delta *replaces* the part of the vector a
 version changed with its float32 values (codec name `replace`, meta `start`). Streaming DiLoCo uses
 that: a version changes one fragment, so a worker one version behind pulls 1/P of the model.
@@ -31,6 +38,8 @@ numpy only: the PS imports this.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 from collections import deque
 from dataclasses import dataclass
@@ -42,6 +51,13 @@ from dist_llm_train.core.codecs import Codec, CodecConfig, Encoded, get_codec
 DEFAULT_HISTORY = 16  # deltas kept: a worker up to this many versions behind still gets deltas
 REPLACE = "replace"  # a lossless delta: float32 values for [start, start + len) of the vector
 _F32 = np.dtype("<f4")
+DIGEST_BYTES = 16  # BLAKE2b-128: a pull's claim of what it holds; collisions only ever hurt the claimant
+
+
+def params_digest(params: np.ndarray) -> bytes:
+    """The digest a pull sends for parameters its caller made itself (BLAKE2b-128 of the float32 bytes)."""
+    flat = np.ascontiguousarray(params, dtype=_F32)
+    return hashlib.blake2b(flat.tobytes(), digest_size=DIGEST_BYTES).digest()
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,9 @@ class DownlinkPublisher:
         self.published.flags.writeable = False
         self.version = version
         self._deltas: deque[Delta] = deque(maxlen=history)
+        # The origin: what a worker that initialised the model itself holds, if it matches (module docstring).
+        self.origin_version = version
+        self.origin_digest = params_digest(self.published)
 
     def publish(self, params: np.ndarray, version: int, region: slice | None = None) -> None:
         """θ has reached `version`: encode its distance from θ̂ and advance θ̂ by what was sent.
@@ -120,6 +139,12 @@ class DownlinkPublisher:
             return None
         deltas = tuple(self._deltas)[len(self._deltas) - behind :] if behind else ()
         return DeltaReply(have_version, deltas)
+
+    def since_digest(self, digest: bytes) -> DeltaReply | None:
+        """The deltas since the origin for a holder whose parameters have the origin's digest; None: in full."""
+        if not hmac.compare_digest(digest, self.origin_digest):
+            return None
+        return self.since(self.epoch, self.origin_version)
 
 
 def apply_deltas(params: np.ndarray, deltas: tuple[Delta, ...] | list[Delta]) -> np.ndarray:

@@ -10,6 +10,7 @@ misspelt option or an out-of-range value is refused there, naming the field, bef
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -208,7 +209,7 @@ def _strategy_from_wire(w: WireJobSpec) -> StrategyConfig:
         if name in _DEDICATED_FIELDS:
             data[name] = getattr(w, name)
         elif name != "name" and name in w.options:
-            data[name] = w.options[name]
+            data[name] = _option_value(w.options[name])
     try:
         return parse_strategy_config(data)
     except ValidationError as err:
@@ -219,7 +220,19 @@ def _strategy_from_wire(w: WireJobSpec) -> StrategyConfig:
 def _option_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, sort_keys=True)  # structured fields (e.g. diloco's inner_lr_scale) as JSON
     return repr(value) if isinstance(value, float) else str(value)
+
+
+def _option_value(text: str) -> Any:
+    """A strategy option as its config parses it: JSON for structured fields, else the text (pydantic converts)."""
+    if text[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text  # the strategy's validation says what is wrong with it
+    return text
 
 
 def _bool(text: str) -> bool:

@@ -37,7 +37,7 @@ from typing import TypeVar
 import numpy as np
 
 from dist_llm_train.core.aggregation import FALLBACK_RULE, Aggregator, get_aggregator
-from dist_llm_train.core.downlink import DeltaReply, DownlinkPublisher
+from dist_llm_train.core.downlink import DIGEST_BYTES, DeltaReply, DownlinkPublisher
 from dist_llm_train.core.job import JobSpec
 from dist_llm_train.core.privacy import private_aggregator
 from dist_llm_train.core.strategies import UPDATE_KINDS, Strategy, VersionRule, WorkerLedger, build_strategy
@@ -147,7 +147,9 @@ def check_wait(min_version: int, wait_timeout_s: float) -> float:
     return min(float(wait_timeout_s), MAX_WAIT_S)
 
 
-def check_have(have_epoch: int, have_version: int) -> None:
+def check_have(have_epoch: int, have_version: int, have_digest: bytes = b"") -> None:
+    if not isinstance(have_digest, bytes) or len(have_digest) not in (0, DIGEST_BYTES):
+        raise invalid(f"have_digest must be empty or {DIGEST_BYTES} bytes, got {have_digest!r:.80}")
     if not isinstance(have_epoch, int) or not 0 <= have_epoch < 1 << 63:
         raise invalid(f"have_epoch must be an integer in [0, 2^63), got {have_epoch!r}")
     if not isinstance(have_version, int) or not 0 <= have_version < 1 << 62:
@@ -340,16 +342,19 @@ class JobState:
     def complete(self) -> bool:
         return self.version >= self.spec.total_steps
 
-    def read(self, have_epoch: int = 0, have_version: int = 0) -> PulledParams:
+    def read(self, have_epoch: int = 0, have_version: int = 0, have_digest: bytes = b"") -> PulledParams:
         """What a pull sends: for a job that publishes deltas (a downlink codec, or a strategy with regions),
         the deltas from what the caller holds when the job still has them (`delta`), else the published
-        parameters in full."""
+        parameters in full. A caller without a lineage may name what it holds by `have_digest` (the
+        parameters it initialised itself, `core.downlink.params_digest`)."""
         with self._lock:
             self.counters["pulls"] += 1
             dl = self.downlink
             delta: DeltaReply | None = None
             if dl is not None and have_epoch:
                 delta = dl.since(have_epoch, have_version)
+            elif dl is not None and have_digest:
+                delta = dl.since_digest(have_digest)
             if delta is not None:
                 self.counters["pulls_delta"] += 1
                 self.counters["params_delta_bytes_sent"] += delta.nbytes
@@ -764,11 +769,17 @@ class ParameterStore:
 
     # -- pull ------------------------------------------------------------------------
     def _pull_checked(
-        self, job_id: str, min_version: int, wait_timeout_s: float, have_epoch: int, have_version: int
+        self,
+        job_id: str,
+        min_version: int,
+        wait_timeout_s: float,
+        have_epoch: int,
+        have_version: int,
+        have_digest: bytes = b"",
     ) -> tuple[JobState, float]:
         """The job a pull reads and how long it may wait, every argument checked before anything waits."""
         wait = check_wait(min_version, wait_timeout_s)
-        check_have(have_epoch, have_version)
+        check_have(have_epoch, have_version, have_digest)
         return self._job(job_id), wait
 
     def pull(
@@ -779,16 +790,17 @@ class ParameterStore:
         wait_timeout_s: float = 0.0,
         have_epoch: int = 0,
         have_version: int = 0,
+        have_digest: bytes = b"",
     ) -> PulledParams:
         """Current parameters, after waiting (bounded) for `min_version` or completion.
 
-        A caller holding published parameters (`have_epoch`, `have_version`, from its last pull) may
-        get deltas instead (`PulledParams.delta`, see `JobState.read`). The returned array is read-only
-        and shared; it is never modified afterwards."""
-        job, wait = self._pull_checked(job_id, min_version, wait_timeout_s, have_epoch, have_version)
+        A caller holding published parameters (`have_epoch`, `have_version`, from its last pull, or
+        `have_digest` of parameters it made itself) may get deltas instead (`PulledParams.delta`, see
+        `JobState.read`). The returned array is read-only and shared; it is never modified afterwards."""
+        job, wait = self._pull_checked(job_id, min_version, wait_timeout_s, have_epoch, have_version, have_digest)
         if wait > 0:
             job.waiters.wait(lambda: job.reached(min_version), wait)
-        return job.read(have_epoch, have_version)
+        return job.read(have_epoch, have_version, have_digest)
 
     async def pull_async(
         self,
@@ -798,11 +810,12 @@ class ParameterStore:
         wait_timeout_s: float = 0.0,
         have_epoch: int = 0,
         have_version: int = 0,
+        have_digest: bytes = b"",
     ) -> PulledParams:
-        job, wait = self._pull_checked(job_id, min_version, wait_timeout_s, have_epoch, have_version)
+        job, wait = self._pull_checked(job_id, min_version, wait_timeout_s, have_epoch, have_version, have_digest)
         if wait > 0:
             await job.waiters.wait_async(lambda: job.reached(min_version), wait)
-        return job.read(have_epoch, have_version)
+        return job.read(have_epoch, have_version, have_digest)
 
     # -- push ------------------------------------------------------------------------
     def _counted(self, header: PushHeader) -> JobState:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11paramserver.proto\x12\x11\x64ist_llm_train.v1\"9\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"\xb4\x03\n\x07JobSpec\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x15\n\rmax_staleness\x18\x03 \x01(\x05\x12\x1b\n\x13straggler_timeout_s\x18\x04 \x01(\x01\x12\x11\n\toptimizer\x18\x05 \x01(\t\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\x12\x10\n\x08momentum\x18\x07 \x01(\x01\x12\x13\n\x0b\x61ggregation\x18\x08 \x01(\t\x12M\n\x12\x61ggregation_params\x18\t \x03(\x0b\x32\x31.dist_llm_train.v1.JobSpec.AggregationParamsEntry\x12\x13\n\x0btotal_steps\x18\n \x01(\x03\x12\x38\n\x07options\x18\x0b \x03(\x0b\x32\'.dist_llm_train.v1.JobSpec.OptionsEntry\x1a\x38\n\x16\x41ggregationParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8d\x01\n\rInitJobHeader\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.dist_llm_train.v1.JobSpec\x12-\n\x06layout\x18\x02 \x03(\x0b\x32\x1d.dist_llm_train.v1.TensorSpec\x12\x12\n\nnum_params\x18\x03 \x01(\x03\x12\x0f\n\x07members\x18\x04 \x03(\t\"Z\n\x0cInitJobChunk\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .dist_llm_train.v1.InitJobHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"3\n\x0fInitJobResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x87\x01\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x13\n\x0bmin_version\x18\x03 \x01(\x03\x12\x16\n\x0ewait_timeout_s\x18\x04 \x01(\x01\x12\x12\n\nhave_epoch\x18\x05 \x01(\x03\x12\x14\n\x0chave_version\x18\x06 \x01(\x03\"X\n\x0b\x44\x65ltaHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x12\n\ncodec_meta\x18\x03 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x03\"\xdb\x01\n\x0bParamHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x12\n\nnum_params\x18\x02 \x01(\x03\x12-\n\x06layout\x18\x03 \x03(\x0b\x32\x1d.dist_llm_train.v1.TensorSpec\x12\x14\n\x0cjob_complete\x18\x04 \x01(\x08\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\r\n\x05\x64\x65lta\x18\x06 \x01(\x08\x12\x14\n\x0c\x62\x61se_version\x18\x07 \x01(\x03\x12.\n\x06\x64\x65ltas\x18\x08 \x03(\x0b\x32\x1e.dist_llm_train.v1.DeltaHeader\"V\n\nParamChunk\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.dist_llm_train.v1.ParamHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\xbe\x01\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x03\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x12\n\ncodec_meta\x18\x06 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x08 \x01(\x03\x12\x0c\n\x04loss\x18\t \x01(\x01\x12\x0c\n\x04kind\x18\n \x01(\t\"T\n\tPushChunk\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.dist_llm_train.v1.PushHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"[\n\x0bPushRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1d.dist_llm_train.v1.PushHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07padding\x18\x03 \x01(\x0c\"t\n\x0cPushResponse\x12/\n\x07outcome\x18\x01 \x01(\x0e\x32\x1e.dist_llm_train.v1.PushOutcome\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\tstaleness\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\"4\n\x11SetMembersRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07members\x18\x02 \x03(\t\"6\n\x12SetMembersResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07members\x18\x02 \x03(\t\"\x1e\n\x0cStatsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x9e\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06pushes\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x03\x12\x10\n\x08rejected\x18\x04 \x01(\x03\x12\x17\n\x0fstaleness_bound\x18\x05 \x01(\x03\x12\x17\n\x0fpush_interval_s\x18\x06 \x01(\x01\x12\x16\n\x0emean_staleness\x18\x07 \x01(\x01\"\xa2\x02\n\x08JobStats\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x0f\n\x07members\x18\x04 \x03(\t\x12;\n\x08\x63ounters\x18\x05 \x03(\x0b\x32).dist_llm_train.v1.JobStats.CountersEntry\x12\x11\n\tlast_loss\x18\x06 \x01(\x01\x12\x10\n\x08\x63omplete\x18\x07 \x01(\x08\x12\x12\n\nnum_params\x18\x08 \x01(\x03\x12/\n\x07workers\x18\t \x03(\x0b\x32\x1e.dist_llm_train.v1.WorkerStats\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\":\n\rStatsResponse\x12)\n\x04jobs\x18\x01 \x03(\x0b\x32\x1b.dist_llm_train.v1.JobStats*\x8d\x01\n\x0bPushOutcome\x12\x1c\n\x18PUSH_OUTCOME_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41PPLIED\x10\x01\x12\x0c\n\x08\x42UFFERED\x10\x02\x12\r\n\tDUPLICATE\x10\x03\x12\x12\n\x0eSTALE_REJECTED\x10\x04\x12\x10\n\x0cLATE_DROPPED\x10\x05\x12\x10\n\x0cJOB_COMPLETE\x10\x06\x32\xed\x03\n\x0fParameterServer\x12P\n\x07InitJob\x12\x1f.dist_llm_train.v1.InitJobChunk\x1a\".dist_llm_train.v1.InitJobResponse(\x01\x12G\n\x04Pull\x12\x1e.dist_llm_train.v1.PullRequest\x1a\x1d.dist_llm_train.v1.ParamChunk0\x01\x12G\n\x04Push\x12\x1c.dist_llm_train.v1.PushChunk\x1a\x1f.dist_llm_train.v1.PushResponse(\x01\x12L\n\tPushUnary\x12\x1e.dist_llm_train.v1.PushRequest\x1a\x1f.dist_llm_train.v1.PushResponse\x12Y\n\nSetMembers\x12$.dist_llm_train.v1.SetMembersRequest\x1a%.dist_llm_train.v1.SetMembersResponse\x12M\n\x08GetStats\x12\x1f.dist_llm_train.v1.StatsRequest\x1a .dist_llm_train.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11paramserver.proto\x12\x11\x64ist_llm_train.v1\"9\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"\xb4\x03\n\x07JobSpec\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x15\n\rmax_staleness\x18\x03 \x01(\x05\x12\x1b\n\x13straggler_timeout_s\x18\x04 \x01(\x01\x12\x11\n\toptimizer\x18\x05 \x01(\t\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\x12\x10\n\x08momentum\x18\x07 \x01(\x01\x12\x13\n\x0b\x61ggregation\x18\x08 \x01(\t\x12M\n\x12\x61ggregation_params\x18\t \x03(\x0b\x32\x31.dist_llm_train.v1.JobSpec.AggregationParamsEntry\x12\x13\n\x0btotal_steps\x18\n \x01(\x03\x12\x38\n\x07options\x18\x0b \x03(\x0b\x32\'.dist_llm_train.v1.JobSpec.OptionsEntry\x1a\x38\n\x16\x41ggregationParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8d\x01\n\rInitJobHeader\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.dist_llm_train.v1.JobSpec\x12-\n\x06layout\x18\x02 \x03(\x0b\x32\x1d.dist_llm_train.v1.TensorSpec\x12\x12\n\nnum_params\x18\x03 \x01(\x03\x12\x0f\n\x07members\x18\x04 \x03(\t\"Z\n\x0cInitJobChunk\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .dist_llm_train.v1.InitJobHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"3\n\x0fInitJobResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x9c\x01\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x13\n\x0bmin_version\x18\x03 \x01(\x03\x12\x16\n\x0ewait_timeout_s\x18\x04 \x01(\x01\x12\x12\n\nhave_epoch\x18\x05 \x01(\x03\x12\x14\n\x0chave_version\x18\x06 \x01(\x03\x12\x13\n\x0bhave_digest\x18\x07 \x01(\x0c\"X\n\x0b\x44\x65ltaHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x12\n\ncodec_meta\x18\x03 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x03\"\xdb\x01\n\x0bParamHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x12\n\nnum_params\x18\x02 \x01(\x03\x12-\n\x06layout\x18\x03 \x03(\x0b\x32\x1d.dist_llm_train.v1.TensorSpec\x12\x14\n\x0cjob_complete\x18\x04 \x01(\x08\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\r\n\x05\x64\x65lta\x18\x06 \x01(\x08\x12\x14\n\x0c\x62\x61se_version\x18\x07 \x01(\x03\x12.\n\x06\x64\x65ltas\x18\x08 \x03(\x0b\x32\x1e.dist_llm_train.v1.DeltaHeader\"V\n\nParamChunk\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.dist_llm_train.v1.ParamHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\xbe\x01\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x03\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x12\n\ncodec_meta\x18\x06 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x08 \x01(\x03\x12\x0c\n\x04loss\x18\t \x01(\x01\x12\x0c\n\x04kind\x18\n \x01(\t\"T\n\tPushChunk\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.dist_llm_train.v1.PushHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"[\n\x0bPushRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1d.dist_llm_train.v1.PushHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07padding\x18\x03 \x01(\x0c\"t\n\x0cPushResponse\x12/\n\x07outcome\x18\x01 \x01(\x0e\x32\x1e.dist_llm_train.v1.PushOutcome\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\tstaleness\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\"4\n\x11SetMembersRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07members\x18\x02 \x03(\t\"6\n\x12SetMembersResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07members\x18\x02 \x03(\t\"\x1e\n\x0cStatsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x9e\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06pushes\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x03\x12\x10\n\x08rejected\x18\x04 \x01(\x03\x12\x17\n\x0fstaleness_bound\x18\x05 \x01(\x03\x12\x17\n\x0fpush_interval_s\x18\x06 \x01(\x01\x12\x16\n\x0emean_staleness\x18\x07 \x01(\x01\"\xa2\x02\n\x08JobStats\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x0f\n\x07members\x18\x04 \x03(\t\x12;\n\x08\x63ounters\x18\x05 \x03(\x0b\x32).dist_llm_train.v1.JobStats.CountersEntry\x12\x11\n\tlast_loss\x18\x06 \x01(\x01\x12\x10\n\x08\x63omplete\x18\x07 \x01(\x08\x12\x12\n\nnum_params\x18\x08 \x01(\x03\x12/\n\x07workers\x18\t \x03(\x0b\x32\x1e.dist_llm_train.v1.WorkerStats\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\":\n\rStatsResponse\x12)\n\x04jobs\x18\x01 \x03(\x0b\x32\x1b.dist_llm_train.v1.JobStats*\x8d\x01\n\x0bPushOutcome\x12\x1c\n\x18PUSH_OUTCOME_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41PPLIED\x10\x01\x12\x0c\n\x08\x42UFFERED\x10\x02\x12\r\n\tDUPLICATE\x10\x03\x12\x12\n\x0eSTALE_REJECTED\x10\x04\x12\x10\n\x0cLATE_DROPPED\x10\x05\x12\x10\n\x0cJOB_COMPLETE\x10\x06\x32\xed\x03\n\x0fParameterServer\x12P\n\x07InitJob\x12\x1f.dist_llm_train.v1.InitJobChunk\x1a\".dist_llm_train.v1.InitJobResponse(\x01\x12G\n\x04Pull\x12\x1e.dist_llm_train.v1.PullRequest\x1a\x1d.dist_llm_train.v1.ParamChunk0\x01\x12G\n\x04Push\x12\x1c.dist_llm_train.v1.PushChunk\x1a\x1f.dist_llm_train.v1.PushResponse(\x01\x12L\n\tPushUnary\x12\x1e.dist_llm_train.v1.PushRequest\x1a\x1f.dist_llm_train.v1.PushResponse\x12Y\n\nSetMembers\x12$.dist_llm_train.v1.SetMembersRequest\x1a%.dist_llm_train.v1.SetMembersResponse\x12M\n\x08GetStats\x12\x1f.dist_llm_train.v1.StatsRequest\x1a .dist_llm_train.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSPEC_OPTIONSENTRY']._serialized_options = b'8\001'
   _globals['_JOBSTATS_COUNTERSENTRY']._loaded_options = None
   _globals['_JOBSTATS_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_PUSHOUTCOME']._serialized_start=2512
-  _globals['_PUSHOUTCOME']._serialized_end=2653
+  _globals['_PUSHOUTCOME']._serialized_start=2533
+  _globals['_PUSHOUTCOME']._serialized_end=2674
   _globals['_TENSORSPEC']._serialized_start=40
   _globals['_TENSORSPEC']._serialized_end=97
   _globals['_JOBSPEC']._serialized_start=100
@@ -55,35 +55,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INITJOBRESPONSE']._serialized_start=774
   _globals['_INITJOBRESPONSE']._serialized_end=825
   _globals['_PULLREQUEST']._serialized_start=828
-  _globals['_PULLREQUEST']._serialized_end=963
-  _globals['_DELTAHEADER']._serialized_start=965
-  _globals['_DELTAHEADER']._serialized_end=1053
-  _globals['_PARAMHEADER']._serialized_start=1056
-  _globals['_PARAMHEADER']._serialized_end=1275
-  _globals['_PARAMCHUNK']._serialized_start=1277
-  _globals['_PARAMCHUNK']._serialized_end=1363
-  _globals['_PUSHHEADER']._serialized_start=1366
-  _globals['_PUSHHEADER']._serialized_end=1556
-  _globals['_PUSHCHUNK']._serialized_start=1558
-  _globals['_PUSHCHUNK']._serialized_end=1642
-  _globals['_PUSHREQUEST']._serialized_start=1644
-  _globals['_PUSHREQUEST']._serialized_end=1735
-  _globals['_PUSHRESPONSE']._serialized_start=1737
-  _globals['_PUSHRESPONSE']._serialized_end=1853
-  _globals['_SETMEMBERSREQUEST']._serialized_start=1855
-  _globals['_SETMEMBERSREQUEST']._serialized_end=1907
-  _globals['_SETMEMBERSRESPONSE']._serialized_start=1909
-  _globals['_SETMEMBERSRESPONSE']._serialized_end=1963
-  _globals['_STATSREQUEST']._serialized_start=1965
-  _globals['_STATSREQUEST']._serialized_end=1995
-  _globals['_WORKERSTATS']._serialized_start=1998
-  _globals['_WORKERSTATS']._serialized_end=2156
-  _globals['_JOBSTATS']._serialized_start=2159
-  _globals['_JOBSTATS']._serialized_end=2449
-  _globals['_JOBSTATS_COUNTERSENTRY']._serialized_start=2402
-  _globals['_JOBSTATS_COUNTERSENTRY']._serialized_end=2449
-  _globals['_STATSRESPONSE']._serialized_start=2451
-  _globals['_STATSRESPONSE']._serialized_end=2509
-  _globals['_PARAMETERSERVER']._serialized_start=2656
-  _globals['_PARAMETERSERVER']._serialized_end=3149
+  _globals['_PULLREQUEST']._serialized_end=984
+  _globals['_DELTAHEADER']._serialized_start=986
+  _globals['_DELTAHEADER']._serialized_end=1074
+  _globals['_PARAMHEADER']._serialized_start=1077
+  _globals['_PARAMHEADER']._serialized_end=1296
+  _globals['_PARAMCHUNK']._serialized_start=1298
+  _globals['_PARAMCHUNK']._serialized_end=1384
+  _globals['_PUSHHEADER']._serialized_start=1387
+  _globals['_PUSHHEADER']._serialized_end=1577
+  _globals['_PUSHCHUNK']._serialized_start=1579
+  _globals['_PUSHCHUNK']._serialized_end=1663
+  _globals['_PUSHREQUEST']._serialized_start=1665
+  _globals['_PUSHREQUEST']._serialized_end=1756
+  _globals['_PUSHRESPONSE']._serialized_start=1758
+  _globals['_PUSHRESPONSE']._serialized_end=1874
+  _globals['_SETMEMBERSREQUEST']._serialized_start=1876
+  _globals['_SETMEMBERSREQUEST']._serialized_end=1928
+  _globals['_SETMEMBERSRESPONSE']._serialized_start=1930
+  _globals['_SETMEMBERSRESPONSE']._serialized_end=1984
+  _globals['_STATSREQUEST']._serialized_start=1986
+  _globals['_STATSREQUEST']._serialized_end=2016
+  _globals['_WORKERSTATS']._serialized_start=2019
+  _globals['_WORKERSTATS']._serialized_end=2177
+  _globals['_JOBSTATS']._serialized_start=2180
+  _globals['_JOBSTATS']._serialized_end=2470
+  _globals['_JOBSTATS_COUNTERSENTRY']._serialized_start=2423
+  _globals['_JOBSTATS_COUNTERSENTRY']._serialized_end=2470
+  _globals['_STATSRESPONSE']._serialized_start=2472
+  _globals['_STATSRESPONSE']._serialized_end=2530
+  _globals['_PARAMETERSERVER']._serialized_start=2677
+  _globals['_PARAMETERSERVER']._serialized_end=3170
 # @@protoc_insertion_point(module_scope)

@@ -104,20 +104,22 @@ class InitJobResponse(_message.Message):
     def __init__(self, created: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("job_id", "worker_id", "min_version", "wait_timeout_s", "have_epoch", "have_version")
+    __slots__ = ("job_id", "worker_id", "min_version", "wait_timeout_s", "have_epoch", "have_version", "have_digest")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     WAIT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     HAVE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HAVE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     min_version: int
     wait_timeout_s: float
     have_epoch: int
     have_version: int
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., min_version: _Optional[int] = ..., wait_timeout_s: _Optional[float] = ..., have_epoch: _Optional[int] = ..., have_version: _Optional[int] = ...) -> None: ...
+    have_digest: bytes
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., min_version: _Optional[int] = ..., wait_timeout_s: _Optional[float] = ..., have_epoch: _Optional[int] = ..., have_version: _Optional[int] = ..., have_digest: _Optional[bytes] = ...) -> None: ...
 
 class DeltaHeader(_message.Message):
     __slots__ = ("version", "codec", "codec_meta", "payload_bytes")

@@ -25,6 +25,7 @@ import msgpack
 import numpy as np
 
 from dist_llm_train.config import Config
+from dist_llm_train.core.downlink import params_digest
 from dist_llm_train.core.types import PSError, PushHeader
 from dist_llm_train.paramserver.job import JobState
 from dist_llm_train.sim import adapters
@@ -77,13 +78,15 @@ def training_config_for(base: Config, sim: SimConfig) -> Config:
 class _Life:
     """One life of a worker: its trainer and update pipeline, and the update it has computed but not sent."""
 
-    def __init__(self, trainer: LocalTrainer, pipeline: WorkerUpdate) -> None:
+    def __init__(self, trainer: LocalTrainer, pipeline: WorkerUpdate, own_digest: bytes) -> None:
         self.trainer = trainer
         self.pipeline = pipeline
         self.header: dict[str, Any] | None = None
         self.payload = b""
         self.loss = float("nan")
         self.held: tuple[int, int] = (0, 0)  # (epoch, version) of the parameters it holds; epoch 0: none
+        # Its first pull names the parameters it initialised, as a real worker's does (`core.downlink`).
+        self.own_digest = own_digest
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,9 @@ class RealNumerics:
         attackers = t.attack.attackers if t.attack is not None else 0
         shards = pipeline.train_shards([shard], lambda: self.dataset.mimic_target(self.tasks, attackers))
         trainer = self._trainer_cls(self.cfg.model, t, self.dataset, shards, num_shards=self.tasks)
-        self.lives[agent] = _Life(trainer, pipeline)
+        from dist_llm_train.training.flat import flatten_params
+
+        self.lives[agent] = _Life(trainer, pipeline, params_digest(flatten_params(trainer.model)))
 
     def pulled(self, js: JobState, agent: int, version: int) -> None:
         if js.version != version:  # the engine serves only the job's current version; anything else is a bug
@@ -174,7 +179,7 @@ class RealNumerics:
         # The job's own read: it counts the pull's bytes (deltas from what this life holds, or the full
         # model) and returns what a real worker holds afterwards — θ̂ with a downlink codec, bit-identical
         # to applying the deltas, else θ. The job's array is read-only, hence the copy.
-        got = js.read(*life.held)
+        got = js.read(*life.held, have_digest=b"" if life.held[0] else life.own_digest)
         life.held = (got.epoch, got.version)
         update = life.pipeline.after_pull(life.trainer, np.array(got.params, dtype=np.float32), got.version)
         enc = life.pipeline.encode(update.vec, update.slot)

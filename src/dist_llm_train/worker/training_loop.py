@@ -26,6 +26,7 @@ from functools import partial
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from dist_llm_train.config import Config
 from dist_llm_train.core.types import (
@@ -146,9 +147,10 @@ def run_training(
     def retrying(fn: Callable[[], Any], what: str) -> Any:
         return _retry_unavailable(fn, stop, what, on_retry=restarts.saw_outage)
 
-    def pull_now() -> PulledParams:
-        """The server's current parameters in full, without waiting for any version."""
-        return retrying(lambda: ps.pull(ctx.job_id, ctx.worker_id), "pull")
+    def pull_now(own: np.ndarray | None = None) -> PulledParams:
+        """The server's current parameters in full, without waiting for any version; with `own` (the parameters
+        this worker initialised), only the deltas since them when they are what the job started from."""
+        return retrying(lambda: ps.pull(ctx.job_id, ctx.worker_id, own=own), "pull")
 
     def pull_next(header: PushHeader, payload: bytes, held: PulledParams, outages_before: int,
                   outages_at_ack: int) -> PulledParams:
@@ -203,7 +205,7 @@ def run_training(
     try:
         initial = flatten_params(trainer.model)
         retrying(lambda: ps.init_job(spec, layout_of(trainer.model), initial, ctx.members), "init_job")
-        pulled: PulledParams = pull_now()
+        pulled: PulledParams = pull_now(own=initial)
         pipeline.receive(trainer, pulled.params, pulled.version)
         while not stop.is_set() and not pulled.job_complete:
             new = current_shards() - owned

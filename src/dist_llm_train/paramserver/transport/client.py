@@ -19,6 +19,7 @@ from types import TracebackType
 
 import numpy as np
 
+from dist_llm_train.core.downlink import params_digest
 from dist_llm_train.core.job import JobSpec
 from dist_llm_train.core.types import (
     InitResult,
@@ -57,12 +58,14 @@ class PSClient(ABC):
         min_version: int = 0,
         wait_timeout_s: float = 0.0,
         have: PulledParams | None = None,
+        own: np.ndarray | None = None,
     ) -> PulledParams:
         """Current parameters; with min_version, wait up to wait_timeout_s for that version.
 
         `have`: what the caller got from its last pull; a job that publishes deltas (a downlink codec,
         or Streaming DiLoCo's fragments) then sends only the deltas since (`core.downlink`), applied
-        here to a copy of `have.params`.
+        here to a copy of `have.params`. `own` (without `have`): parameters the caller initialised
+        itself; when they are the ones the job's deltas start from, only those deltas are sent.
         The returned array is a private, writable copy."""
 
     @abstractmethod
@@ -119,3 +122,17 @@ def connect(
 
         return ZmqPSClient(address, timeout_s, credentials)
     raise ValueError(f"unknown transport {transport!r} (grpc, zmq)")
+
+
+def have_fields(have: PulledParams | None, own: np.ndarray | None) -> tuple[int, int, bytes]:
+    """(have_epoch, have_version, have_digest) of a pull request: the lineage held, else the digest of `own`."""
+    if have is not None and have.epoch:
+        return have.epoch, have.version, b""
+    return 0, 0, (params_digest(own) if own is not None else b"")
+
+
+def delta_base(have: PulledParams | None, own: np.ndarray | None, epoch: int, base_version: int) -> PulledParams | None:
+    """What a delta reply applies to: `have`, or `own` when the server answered the digest of `own`."""
+    if (have is None or not have.epoch) and own is not None:
+        return PulledParams(version=base_version, params=own, layout=[], job_complete=False, epoch=epoch)
+    return have

@@ -26,7 +26,7 @@ from dist_llm_train.core.types import (
     TensorSpec,
 )
 from dist_llm_train.paramserver.transport import wire
-from dist_llm_train.paramserver.transport.client import PSClient, as_float32
+from dist_llm_train.paramserver.transport.client import PSClient, as_float32, delta_base, have_fields
 from dist_llm_train.paramserver.transport.security import PSCredentials
 from dist_llm_train.proto import paramserver_pb2 as pb
 from dist_llm_train.proto import paramserver_pb2_grpc as pb_grpc
@@ -137,14 +137,17 @@ class GrpcPSClient(PSClient):
         min_version: int = 0,
         wait_timeout_s: float = 0.0,
         have: PulledParams | None = None,
+        own: np.ndarray | None = None,
     ) -> PulledParams:
+        have_epoch, have_version, have_digest = have_fields(have, own)
         request = pb.PullRequest(
             job_id=job_id,
             worker_id=worker_id,
             min_version=min_version,
             wait_timeout_s=wait_timeout_s,
-            have_epoch=have.epoch if have is not None else 0,
-            have_version=have.version if have is not None else 0,
+            have_epoch=have_epoch,
+            have_version=have_version,
+            have_digest=have_digest,
         )
 
         def collect() -> PulledParams:
@@ -172,8 +175,9 @@ class GrpcPSClient(PSClient):
                 raise PSError(ErrorCode.UNAVAILABLE, f"parameter stream ended early ({filled}/{len(buf)} bytes)")
             self._count(received=filled)
             if header.delta:
+                base = delta_base(have, own, header.epoch, header.base_version)
                 params = wire.params_from_deltas(
-                    have, header.epoch, header.base_version, header.version, header.deltas, buf
+                    base, header.epoch, header.base_version, header.version, header.deltas, buf
                 )
             else:
                 params = np.frombuffer(buf, dtype=wire.FLOAT32)

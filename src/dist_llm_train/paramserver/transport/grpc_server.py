@@ -152,6 +152,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 request.wait_timeout_s,
                 request.have_epoch,
                 request.have_version,
+                request.have_digest,
             )
 
         pulled = await self._guard(context, work)

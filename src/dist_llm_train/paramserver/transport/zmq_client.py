@@ -34,7 +34,7 @@ from dist_llm_train.core.types import (
 )
 from dist_llm_train.netem.profile.classes import tos_byte
 from dist_llm_train.paramserver.transport import wire
-from dist_llm_train.paramserver.transport.client import PSClient, as_float32
+from dist_llm_train.paramserver.transport.client import PSClient, as_float32, delta_base, have_fields
 from dist_llm_train.paramserver.transport.security import PSCredentials
 
 
@@ -132,7 +132,9 @@ class ZmqPSClient(PSClient):
         min_version: int = 0,
         wait_timeout_s: float = 0.0,
         have: PulledParams | None = None,
+        own: np.ndarray | None = None,
     ) -> PulledParams:
+        have_epoch, have_version, have_digest = have_fields(have, own)
         reply, frames = self._request(
             "pull",
             {
@@ -140,8 +142,9 @@ class ZmqPSClient(PSClient):
                 "worker_id": worker_id,
                 "min_version": min_version,
                 "wait_timeout_s": float(wait_timeout_s),
-                "have_epoch": have.epoch if have is not None else 0,
-                "have_version": have.version if have is not None else 0,
+                "have_epoch": have_epoch,
+                "have_version": have_version,
+                "have_digest": have_digest,
             },
             [],
             wait_s=max(wait_timeout_s, 0.0),
@@ -152,9 +155,9 @@ class ZmqPSClient(PSClient):
         self._count(received=len(data))
         epoch, version = int(reply.get("epoch", 0)), int(reply["version"])
         if reply.get("delta"):
-            params = wire.params_from_deltas(
-                have, epoch, int(reply["base_version"]), version, list(reply.get("deltas", [])), data
-            )
+            base_version = int(reply["base_version"])
+            base = delta_base(have, own, epoch, base_version)
+            params = wire.params_from_deltas(base, epoch, base_version, version, list(reply.get("deltas", [])), data)
         elif len(data) != 4 * int(reply["num_params"]):
             raise PSError(ErrorCode.INTERNAL, "pull reply does not carry num_params float32 values")
         else:

@@ -17,7 +17,7 @@ encoded update (push request). ZMQ moves large frames natively, so nothing is ch
 frames are received and sent without copies (`copy=False`, numpy buffers).
 
 Ops: init_job {spec, layout, num_params, members}; pull {job_id, worker_id, min_version,
-wait_timeout_s, have_epoch, have_version}; push {header}; set_members {job_id, members}; stats {job_id}.
+wait_timeout_s, have_epoch, have_version, have_digest}; push {header}; set_members {job_id, members}; stats {job_id}.
 A pull reply answered with downlink deltas (`core.downlink`) adds {delta: true, base_version,
 deltas: [{version, codec, codec_meta, payload_bytes}]} and its one frame is the deltas' payloads.
 The socket is a plain (blocking-API) ZMQ socket driven by the event loop: its FD wakes
@@ -323,6 +323,7 @@ class ZmqServer:
                 _arg(req, "wait_timeout_s", float, 0.0),
                 _arg(req, "have_epoch", int, 0),
                 _arg(req, "have_version", int, 0),
+                _arg(req, "have_digest", bytes, b""),
             )
             reply = {
                 "version": pulled.version,
