@@ -10,6 +10,7 @@ misspelt option or an out-of-range value is refused there, naming the field, bef
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -79,7 +80,11 @@ class JobSpec:
 
     def to_wire(self) -> WireJobSpec:
         strategy = self.strategy.model_dump(exclude={"name"})
-        options = {k: _option_text(v) for k, v in strategy.items() if k not in _DEDICATED_FIELDS and v is not None}
+        options = {
+            k: _option_text(v)
+            for k, v in strategy.items()
+            if k not in _DEDICATED_FIELDS and v is not None and v != {}  # an empty mapping is the default
+        }
         opt = self.optimizer
         if opt.nesterov:
             options["nesterov"] = "true"
@@ -208,7 +213,7 @@ def _strategy_from_wire(w: WireJobSpec) -> StrategyConfig:
         if name in _DEDICATED_FIELDS:
             data[name] = getattr(w, name)
         elif name != "name" and name in w.options:
-            data[name] = w.options[name]
+            data[name] = _option_value(w.options[name])
     try:
         return parse_strategy_config(data)
     except ValidationError as err:
@@ -219,7 +224,20 @@ def _strategy_from_wire(w: WireJobSpec) -> StrategyConfig:
 def _option_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict):  # a mapping field (e.g. DiLoCo's inner_lr_scale) travels as a JSON object
+        return json.dumps(value, sort_keys=True)
     return repr(value) if isinstance(value, float) else str(value)
+
+
+def _option_value(text: str) -> Any:
+    """An option's text for the strategy's parser: a JSON object for a mapping field, else the text as it is
+    (pydantic parses numbers and booleans from text)."""
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text  # the field's own validation names the problem
+    return text
 
 
 def _bool(text: str) -> bool:
