@@ -117,3 +117,30 @@ def test_controller_refuses_a_bad_shard_address() -> None:
     result = CliRunner().invoke(app, ["serve", "controller", "--insecure", "--ps-address", "127.0.0.1:1,,h:2"])
     assert result.exit_code == 2
     assert "empty" in result.output and "--ps-address" in result.output
+
+
+async def test_controller_with_sharded_ps_refuses_whole_vector_jobs_at_submission() -> None:
+    """A controller given P > 1 shard addresses refuses e.g. krum when the job is submitted (HTTP 422, nothing
+    stored), and takes the jobs shards can run (the embedded test above trains through such a controller)."""
+    import httpx
+
+    from dist_llm_train.config import ControllerConfig
+    from dist_llm_train.controller.app import create_app
+
+    class Notifier:
+        def set_members(self, job_id: str, members: list[str]) -> list[str]:
+            return members
+
+        def close(self) -> None:
+            pass
+
+    shards = "127.0.0.1:59991,127.0.0.1:59992"
+    app = create_app(ControllerConfig(), "grpc", shards, Notifier(), run_background=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ctl") as client:
+        krum = {"training": {"num_workers": 5, "aggregation": {"rule": "krum", "f": 1}}}
+        r = await client.post("/v1/jobs", json={"name": "k", "config": krum})
+        assert r.status_code == 422 and "krum" in r.text and "PS shards" in r.text
+        assert (await client.get("/v1/jobs")).json() in ([], {"jobs": []})
+        r = await client.post("/v1/jobs", json={"name": "ok", "config": {"training": {"steps": 5}}})
+        assert r.status_code in (200, 201), r.text
+    app.state.runtime.close()
