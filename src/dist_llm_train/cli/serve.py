@@ -85,6 +85,7 @@ def serve_controller(
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (0 = pick a free one).")] = None,
     ps_address: Annotated[str, typer.Option(
+        envvar="DLT_PS_ADDRESS",
         help="Parameter server HOST:PORT; P sharded PS: HOST:PORT,HOST:PORT,... (shard order).")] = "127.0.0.1:50051",
     ps_transport: Annotated[str, typer.Option(help="grpc or zmq.")] = "grpc",
     state_db: Annotated[str | None, typer.Option(help="SQLite file (state survives restarts).")] = None,
