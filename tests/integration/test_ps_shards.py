@@ -187,3 +187,25 @@ def test_whole_vector_maths_is_refused_with_shards(kw: dict[str, Any], word: str
 def test_coordinate_wise_rules_are_allowed_with_shards() -> None:
     for rule, params in (("mean", {}), ("median", {}), ("trimmed_mean", {"beta": 0.1})):
         check_shardable(spec("ok", aggregation=rule, aggregation_params=params), 3)
+
+
+def test_ingest_benchmark_writes_side_by_side_ratios(tmp_path: Any) -> None:
+    """benchmarks/ps_shards.py with tiny trials: real PS processes, one row per P, ratios to P = 1."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "ps_shards.py"), "--max-shards", "2",
+                           "--mb", "0.4", "--seconds", "0.3", "--repeats", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "ps_shards.json").read_text())
+    assert [r["shards"] for r in data["rows"]] == [1, 2]
+    assert data["rows"][0]["ratio_to_one_shard"] == 1.0
+    assert all(r["ingest_mb_per_s"] > 0 for r in data["rows"])
+    assert "| 2 |" in (tmp_path / "ps_shards.md").read_text()
+    bad = subprocess.run([sys.executable, str(root / "benchmarks" / "ps_shards.py"), "--max-shards", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--max-shards" in bad.stderr
