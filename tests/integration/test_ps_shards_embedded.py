@@ -95,6 +95,24 @@ def test_kill_9_of_one_shard_the_run_completes(tmp_path: Path, marked_processes:
     assert marked_processes(marker) == []
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_run_with_two_shards_trains_and_checkpoints_each_slice(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_llm_train", "run", "--runs-dir", str(tmp_path / "runs"), "--json",
+         "--workers", "2", "--steps", "20", "--ps-shards", "2", "--transport", "zmq", "--checkpoint-every", "5"],
+        capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["job_state"] == "completed" and summary["steps"] == 20 and summary["ps_shards"] == 2
+    assert summary["final_loss"] < summary["initial_loss"]
+    run_dir = Path(summary["run_dir"])
+    assert (run_dir / "logs" / "paramserver-1.log").exists()
+    for folder in ("checkpoints", "checkpoints-1"):
+        assert list((run_dir / folder).glob("*.ckpt.npz"))
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
