@@ -130,11 +130,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="pushing time per trial")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--transport", choices=["grpc", "zmq"], default="grpc")
-    ap.add_argument("--quick", action="store_true", help="short trials (CI): 1 s each, 2 repeats")
+    ap.add_argument("--quick", action="store_true", help="short trials (CI): 0.6 s each, 2 repeats")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     args = ap.parse_args()
     if args.quick:
-        args.seconds, args.repeats = 1.0, 2
+        args.seconds, args.repeats = 0.6, 2
     if not 1 <= args.max_shards <= 64 or args.pushers < 1 or args.mb <= 0 or args.seconds <= 0 or args.repeats < 1:
         ap.error("need 1 <= --max-shards <= 64, --pushers >= 1, --mb > 0, --seconds > 0, --repeats >= 1")
     n = int(args.mb * 1e6 / 4)

@@ -110,7 +110,8 @@ class ShardedPSClient(PSClient):
         if not 1 <= len(shards) <= MAX_SHARDS:
             raise ValueError(f"a sharded client needs 1..{MAX_SHARDS} shard clients, got {len(shards)}")
         self.shards = shards
-        self._pool = ThreadPoolExecutor(len(shards), thread_name_prefix="ps-shard")
+        # Two calls at a time per shard: a long-waiting pull from one thread must not queue another thread's push.
+        self._pool = ThreadPoolExecutor(2 * len(shards), thread_name_prefix="ps-shard")
         self._plans: dict[str, ShardPlan] = {}  # job id -> its split (from init_job or the first pull)
         self._layouts: dict[str, list[TensorSpec]] = {}  # job id -> the full layout given to init_job
 
