@@ -3,11 +3,13 @@
 #   make up PROFILE=cellular WORKERS=4  build what is missing, start, wait until healthy, submit the default job
 #   make up JOB=none | JOB=path.yaml    skip the job / submit another job config
 #   make up TLS=1                       mutual TLS on the PS's gRPC (deploy/docker-compose.tls.yml; certs made once)
+#   make up PS_SHARDS=3                 three PS shards, each holding a slice of the parameters (not with TLS=1)
 #   make status | logs | down | e2e
 PROFILE ?= good
 WORKERS ?= 3
 JOB     ?= default
 TLS     ?= 0
+PS_SHARDS ?= 1
 DEPLOY_COMPOSE  := docker compose -f deploy/docker-compose.yml
 DEPLOY_JOB_FILE := $(if $(filter default,$(JOB)),deploy/jobs/default.yaml,$(JOB))
 DEPLOY_URL      := http://127.0.0.1:$(or $(DLT_CONTROLLER_PORT),8000)
@@ -27,7 +29,7 @@ images: install
 up: install
 	@[ "$(PROFILE)" = none ] || test -f deploy/netem/$(PROFILE).yaml || { echo "no profile deploy/netem/$(PROFILE).yaml; have: $$(ls deploy/netem | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }
 	@scripts/docker/build_images.sh --missing
-	@TLS=$(TLS) scripts/docker/compose_up.sh "$(PROFILE)" "$(WORKERS)"
+	@TLS=$(TLS) PS_SHARDS=$(PS_SHARDS) scripts/docker/compose_up.sh "$(PROFILE)" "$(WORKERS)"
 	@if [ "$(JOB)" != none ]; then \
 	  echo "submitting $(DEPLOY_JOB_FILE)"; \
 	  $(DEPLOY_ADMIN) $(BIN)/dist-llm-train submit-job --config "$(DEPLOY_JOB_FILE)" --controller $(DEPLOY_URL) --name default \

@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e_stack import DASHBOARDS, DEPLOY, ROOT
@@ -184,3 +185,42 @@ def test_tls_paramserver_from_env_passes_the_tls_healthcheck_only(tmp_path: Path
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _compose_config(env: dict[str, str]) -> dict[str, Any]:
+    proc = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "docker-compose.yml"), "config", "--format",
+                           "json"], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/local/bin:/usr/bin:/bin", "DLT_SECRETS_DIR": "/nonexistent", **env})
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout)["services"])
+
+
+def test_compose_runs_ps_shards_as_replicas_with_their_own_checkpoints() -> None:
+    """PS_SHARDS=3 (what compose_up.sh exports for it): two `paramserver-shard` replicas next to `paramserver`,
+    checkpointing per node in their own volume, and the controller given all three addresses in shard order.
+    By default (no PS_SHARDS) there is no shard replica and the controller talks to `paramserver` alone."""
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("compose v2 not installed")
+    address = "paramserver:50051,dlt-paramserver-shard-1:50051,dlt-paramserver-shard-2:50051"
+    svc = _compose_config({"DLT_PS_SHARD_REPLICAS": "2", "DLT_PS_ADDRESS": address})
+    shard = svc["paramserver-shard"]
+    assert shard["deploy"]["replicas"] == 2
+    assert shard["image"] == svc["paramserver"]["image"]
+    assert shard["command"][shard["command"].index("--checkpoint-dir") + 1] == "/data/@NODE@"
+    assert {v["source"] for v in shard["volumes"]} >= {"ps-shard-data"}
+    assert {s["source"] for s in shard["secrets"]} == {"cluster_secret"}
+    assert svc["controller"]["environment"]["DLT_PS_ADDRESS"] == address
+    default = _compose_config({})
+    assert default["paramserver-shard"]["deploy"]["replicas"] == 0
+    assert default["controller"]["environment"]["DLT_PS_ADDRESS"] == "paramserver:50051"
+
+
+@pytest.mark.parametrize(("shards", "tls", "message"), [("0", "0", "1..64"), ("65", "0", "1..64"), ("x", "0", "1..64"),
+                                                        ("2", "1", "TLS")])
+def test_compose_up_refuses_bad_ps_shards_before_doing_anything(shards: str, tls: str, message: str,
+                                                                tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "PS_SHARDS": shards, "TLS": tls, "DLT_SECRETS_DIR": str(tmp_path / "s")}
+    proc = subprocess.run(["bash", str(SCRIPTS / "compose_up.sh"), "good", "2"], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "s").exists()  # no secrets made, nothing started

@@ -126,6 +126,7 @@ def train_with_progress(
     profile: str | None = None,
     shaping: str = "userspace",
     max_restarts: int = 3,
+    ps_shards: int = 1,
 ) -> None:
     """Run the embedded services to the end under a progress bar; print the summary (or JSON)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -135,7 +136,7 @@ def train_with_progress(
 
     run = EmbeddedRun(RunOptions(config=cfg, workers=workers, runs_dir=runs_dir, timeout_s=timeout,
                                  profile=profile, shaping=shaping,
-                                 restart_policy=RestartPolicy(max_restarts=max_restarts)))
+                                 restart_policy=RestartPolicy(max_restarts=max_restarts), ps_shards=ps_shards))
     columns = (
         TextColumn("[bold]training[/bold]"),
         BarColumn(),
@@ -216,6 +217,11 @@ def run(
     checkpoint_every: Annotated[int | None, typer.Option(
         min=1, help="PS checkpoint interval in versions: a PS restart loses fewer than this many "
         "(config: paramserver.checkpoint_every).")] = None,
+    ps_shards: Annotated[int, typer.Option(
+        "--ps-shards", min=1, max=64, help="Parameter-server processes, each holding one contiguous slice of the "
+        "parameters (docs/architecture.md, sharded parameter servers). Refused with rules that need the whole "
+        "vector (krum, multi_krum, bulyan, centered_clipping, bucketing, nnm, central DP, streaming_diloco) and "
+        "with --profile.")] = 1,
 ) -> None:
     """Train for real: controller, PS and workers as local processes on loopback. Auth is on: the run makes its
     own cluster secret and gives each worker its own credential (docs/security.md)."""
@@ -239,7 +245,13 @@ def run(
         except ProfileError as err:
             raise typer.BadParameter(str(err), param_hint="--profile/--shaping") from None
     cfg = apply_availability(cfg, load_availability_or_exit(availability), workers)
-    train_with_progress(cfg, workers, json_out, runs_dir, timeout, profile, shaping, max_restarts)
+    from dist_llm_train.embedded.launcher import check_ps_shards
+
+    try:
+        check_ps_shards(cfg, ps_shards, profile)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--ps-shards") from None
+    train_with_progress(cfg, workers, json_out, runs_dir, timeout, profile, shaping, max_restarts, ps_shards)
 
 
 def demo_ml(

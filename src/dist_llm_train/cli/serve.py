@@ -84,7 +84,9 @@ def serve_controller(
     config: ConfigOpt = None,
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (0 = pick a free one).")] = None,
-    ps_address: Annotated[str, typer.Option(help="Parameter server HOST:PORT.")] = "127.0.0.1:50051",
+    ps_address: Annotated[str, typer.Option(
+        envvar="DLT_PS_ADDRESS",
+        help="Parameter server HOST:PORT; P sharded PS: HOST:PORT,HOST:PORT,... (shard order).")] = "127.0.0.1:50051",
     ps_transport: Annotated[str, typer.Option(help="grpc or zmq.")] = "grpc",
     state_db: Annotated[str | None, typer.Option(help="SQLite file (state survives restarts).")] = None,
     scheduler: Annotated[str | None, typer.Option(help="priority, gale-shapley or capability.")] = None,
@@ -122,6 +124,12 @@ def serve_controller(
     })
     if ps_transport not in ("grpc", "zmq"):
         raise typer.BadParameter("--ps-transport must be grpc or zmq")
+    from dist_llm_train.paramserver.transport.sharded import parse_addresses
+
+    try:
+        parse_addresses(ps_address)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--ps-address") from None
     from dist_llm_train.controller.server import serve
 
     serve(c, ps_transport, ps_address)
@@ -151,7 +159,8 @@ def serve_worker(
     controller_telemetry_url: Annotated[
         str | None, typer.Option(help="Telemetry goes here (default: --controller).")] = None,
     ps_address_override: Annotated[
-        str | None, typer.Option(help="Reach the PS at HOST:PORT instead of the assignment's address.")] = None,
+        str | None, typer.Option(help="Reach the PS at HOST:PORT (shards: HOST:PORT,...) instead of the "
+                                 "assignment's address.")] = None,
     links_file: Annotated[
         str | None, typer.Option(help="Shaper ports file: probe the shaped links, report them.")] = None,
     link_probe_interval: Annotated[float, typer.Option(help="Seconds between link probes.")] = 5.0,

@@ -24,6 +24,7 @@ from dist_llm_train.controller.models import JobIn, RegisterIn, TelemetryIn
 from dist_llm_train.controller.records import Job, Task, Worker
 from dist_llm_train.controller.schedulers import Assignment, Scheduler, TaskView, WorkerView
 from dist_llm_train.controller.store import Store
+from dist_llm_train.core.sharding import check_shardable
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,11 @@ def new_id(prefix: str) -> str:
 @dataclass(frozen=True)
 class PSEndpoint:
     transport: str
-    address: str
+    address: str  # "host:port", or "host:port,host:port,..." for P parameter-server shards
+
+    @property
+    def shards(self) -> int:
+        return self.address.count(",") + 1
 
 
 class ControllerService:
@@ -213,6 +218,10 @@ class ControllerService:
     # -- jobs -----------------------------------------------------------------------------
     def submit_job(self, req: JobIn) -> dict[str, Any]:
         cfg = validate_job_config(req.config)
+        try:  # a job whose maths needs the whole vector on one server is refused here, not by its workers
+            check_shardable(cfg.training.job_spec("submitted"), self.paramserver.shards)
+        except ValueError as err:
+            raise BadInput(f"config.training: {err}") from None
         now = self.clock()
         job = Job(
             job_id=new_id("job"),

@@ -80,7 +80,11 @@ class JobSpec:
 
     def to_wire(self) -> WireJobSpec:
         strategy = self.strategy.model_dump(exclude={"name"})
-        options = {k: _option_text(v) for k, v in strategy.items() if k not in _DEDICATED_FIELDS and v is not None}
+        options = {
+            k: _option_text(v)
+            for k, v in strategy.items()
+            if k not in _DEDICATED_FIELDS and v is not None and v != {}  # an empty mapping is the default
+        }
         opt = self.optimizer
         if opt.nesterov:
             options["nesterov"] = "true"

@@ -12,6 +12,10 @@ kills (SIGKILL, a preemption) and restarts them at the trace's times after submi
 The PS and the controller are supervised (`embedded.supervision`): when one dies it is started again (the PS
 from its newest checkpoint, the controller from its SQLite file), at most `RestartPolicy.max_restarts` times
 each, and the summary's `restarts` block says what each restart cost.
+
+With `ps_shards` = P > 1 (`run --ps-shards P`) the PS is P processes, each holding one slice of the parameters
+(`core.sharding`) with its own checkpoint folder, each supervised on its own; the controller and the workers get
+the comma-separated address of all P (`paramserver.transport.sharded`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dist_llm_train.config import AvailabilityConfig, Config
 from dist_llm_train.controller.client import ControllerClient, ControllerUnavailable
 from dist_llm_train.controller.errors import ControllerError
 from dist_llm_train.controller.models import JobIn
+from dist_llm_train.core.sharding import MAX_SHARDS, check_shardable
 from dist_llm_train.core.types import ErrorCode, PSError
 from dist_llm_train.embedded.availability import AvailabilityDriver, availability_report
 from dist_llm_train.embedded.credentials import RunCredentials
@@ -58,6 +63,7 @@ class RunOptions:
     profile: str | None = None
     shaping: str = "userspace"
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    ps_shards: int = 1  # parameter-server processes, each holding one slice of the parameters
 
 
 def unreachable(err: Exception) -> bool:
@@ -82,8 +88,21 @@ class Snapshot:
     workers_dead: int = 0
 
 
+def check_ps_shards(cfg: Config, shards: int, profile: str | None) -> None:
+    """ValueError, before any process starts, for a shard count this run cannot use."""
+    if not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"--ps-shards must be an integer in 1..{MAX_SHARDS}, got {shards!r}")
+    if shards == 1:
+        return
+    check_shardable(cfg.training.job_spec("check"), shards)
+    if profile is not None or cfg.network.profile:
+        raise ValueError("--ps-shards > 1 with a netem profile is not supported: the userspace shaper relays one "
+                         "PS address (use --ps-shards 1 with --profile)")
+
+
 class EmbeddedRun:
     def __init__(self, opts: RunOptions) -> None:
+        check_ps_shards(opts.config, opts.ps_shards, opts.profile)
         self.opts = opts
         self.cfg = opts.config
         self.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
@@ -91,7 +110,7 @@ class EmbeddedRun:
         self.procs = ProcessGroup(self.run_dir / "logs", env={"PYTHONUNBUFFERED": "1"})
         self.credentials = RunCredentials()  # secure by default: a fresh cluster secret for this run only
         self.transport = self.cfg.paramserver.transport
-        self.ps_address = ""
+        self.ps_address = ""  # "host:port", or one per shard joined by commas
         self.controller_url = ""
         self.job_id = ""
         self.workers: list[Any] = []
@@ -117,43 +136,57 @@ class EmbeddedRun:
             self.cfg.availability = AvailabilityConfig(sessions=list(self.trace.sessions))
 
     # -- start-up -----------------------------------------------------------------
-    def _start_paramserver(self) -> None:
-        port, metrics_port = free_port(), free_port()
-        self.ps_address = f"127.0.0.1:{port}"
-        child = self.procs.start(
-            "paramserver",
-            cli_command(
-                "serve", "paramserver",
-                "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
-                "--transport", self.transport,
-                "--checkpoint-dir", str(self.run_dir / "checkpoints"),
-                "--checkpoint-every", str(self.cfg.paramserver.checkpoint_every),
-            ),
-            env=self.credentials.service_env(),
-        )
-        self._wait_paramserver(child)
-        self.supervisor.watch(child, self._revive_paramserver)
+    def _shard_name(self, shard: int) -> str:
+        """Shard 0 is "paramserver" (what a one-PS run has always called it), shard i "paramserver-i"."""
+        return "paramserver" if shard == 0 else f"paramserver-{shard}"
 
-    def _wait_paramserver(self, child: Child, timeout_s: float = 60.0) -> None:
-        client = self._ps_client(timeout_s=2.0)
+    def _checkpoint_dir(self, service: str) -> Path:
+        shard = service.removeprefix("paramserver").lstrip("-")
+        return self.run_dir / ("checkpoints" if not shard else f"checkpoints-{shard}")
+
+    def _start_paramserver(self) -> None:
+        addresses = []
+        for shard in range(self.opts.ps_shards):
+            port, metrics_port = free_port(), free_port()
+            address = f"127.0.0.1:{port}"
+            name = self._shard_name(shard)
+            child = self.procs.start(
+                name,
+                cli_command(
+                    "serve", "paramserver",
+                    "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+                    "--transport", self.transport,
+                    "--checkpoint-dir", str(self._checkpoint_dir(name)),
+                    "--checkpoint-every", str(self.cfg.paramserver.checkpoint_every),
+                ),
+                env=self.credentials.service_env(),
+            )
+            self._wait_paramserver(child, address)
+            self.supervisor.watch(child, partial(self._revive_paramserver, address=address))
+            addresses.append(address)
+        self.ps_address = ",".join(addresses)
+
+    def _wait_paramserver(self, child: Child, address: str, timeout_s: float = 60.0) -> None:
+        client = self._ps_client(timeout_s=2.0, address=address)
         try:
             self.procs.wait_ready(child, lambda: client.stats() is not None, timeout_s)
         finally:
             client.close()
 
-    def _revive_paramserver(self, child: Child) -> None:
+    def _revive_paramserver(self, child: Child, address: str) -> None:
         self.procs.restart(child)  # same port and checkpoint folder: it resumes from its newest checkpoint
-        self._wait_paramserver(child, self.opts.restart_policy.ready_timeout_s)
+        self._wait_paramserver(child, address, self.opts.restart_policy.ready_timeout_s)
 
     def _note_death(self, event: RestartEvent) -> None:
         """Before a restart: when it died and, for the PS, the newest version seen and the checkpoint it will
         resume from (read now: nothing writes checkpoints while the PS is down)."""
         self._deaths_wall[(event.service, event.restart)] = time.time()
-        if event.service != "paramserver" or not self.job_id:
+        if not event.service.startswith("paramserver") or not self.job_id:
             return
         event.version_seen_before = self._version_seen
         try:
-            event.version_resumed = read_checkpoint(checkpoint_path(self.run_dir / "checkpoints", self.job_id)).version
+            folder = self._checkpoint_dir(event.service)
+            event.version_resumed = read_checkpoint(checkpoint_path(folder, self.job_id)).version
         except CheckpointError:  # no checkpoint yet (it dies before the job's first one): resumes without it
             event.version_resumed = None
 
@@ -188,8 +221,9 @@ class EmbeddedRun:
         """The launcher's client of the controller, with the run's admin credential."""
         return ControllerClient(self.controller_url, token=self.credentials.admin_token, timeout_s=timeout_s)
 
-    def _ps_client(self, timeout_s: float = 30.0) -> Any:
-        return connect(self.transport, self.ps_address, timeout_s=timeout_s,
+    def _ps_client(self, timeout_s: float = 30.0, address: str | None = None) -> Any:
+        """A client of the PS (of every shard, joined), or of the one server at `address`."""
+        return connect(self.transport, address or self.ps_address, timeout_s=timeout_s,
                        credentials=self.credentials.ps_credentials(self.transport))
 
     # --- netem: the shaper child sits between the workers and the controller/PS -------------------
@@ -336,7 +370,7 @@ class EmbeddedRun:
         have reached (the launcher's view and the workers' telemetry before it) and what it lost."""
         for event in self.supervisor.events:
             died = self._deaths_wall.get((event.service, event.restart))
-            if event.service != "paramserver" or died is None or event.version_seen_before is None:
+            if not event.service.startswith("paramserver") or died is None or event.version_seen_before is None:
                 continue
             held = [int(r["ps_version"]) for r in rows
                     if r.get("ps_version") is not None and float(r.get("wall_time") or 0.0) < died]
@@ -423,6 +457,7 @@ class EmbeddedRun:
                 shaping=self.opts.shaping if self.opts.profile else "none",
                 strategy=strategy_summary(self.cfg.training, ps_stats[0] if ps_stats else None, rows),
                 restarts=self._restart_report(rows, ps_stats[0] if ps_stats else None, job),
+                ps_shards=self.opts.ps_shards,
             )
             if self.trace is not None and self.churn is not None:
                 summary.availability = availability_report(

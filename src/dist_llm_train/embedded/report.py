@@ -58,6 +58,7 @@ class RunSummary:
     availability: dict[str, Any] = field(default_factory=dict)
     # Supervised restarts of the PS and the controller: policy, counts, what each cost (embedded.supervision).
     restarts: dict[str, Any] = field(default_factory=dict)
+    ps_shards: int = 1  # parameter-server processes, each holding one slice of the parameters (core.sharding)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

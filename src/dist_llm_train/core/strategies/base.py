@@ -227,7 +227,9 @@ class RoundBarrier(VersionRule):
     def _close(self, job: JobView, now: float, timed_out: bool) -> None:
         rnd = self._round
         assert rnd is not None and rnd.updates
-        updates = list(rnd.updates.values())
+        # In worker-id order, not arrival order: float sums then do not depend on who was first, so a run is
+        # repeatable and P parameter-server shards (each seeing its own arrival order) sum bit-identically.
+        updates = [rnd.updates[w] for w in sorted(rnd.updates)]
         combined = job.aggregate(np.stack(updates))
         self._round = None
         job.apply(np.asarray(combined, dtype=np.float32), len(updates))

@@ -29,6 +29,7 @@ from dist_llm_train.core.types import (
     PushResult,
     TensorSpec,
 )
+from dist_llm_train.paramserver.numerics import Buffer
 from dist_llm_train.paramserver.transport.security import PSCredentials
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -69,7 +70,7 @@ class PSClient(ABC):
         The returned array is a private, writable copy."""
 
     @abstractmethod
-    def push(self, header: PushHeader, payload: bytes) -> PushResult:
+    def push(self, header: PushHeader, payload: Buffer) -> PushResult:
         """Send one encoded update; `header.payload_bytes` must equal len(payload)."""
 
     @abstractmethod
@@ -108,9 +109,21 @@ def connect(
 ) -> PSClient:
     """A client for `address` ("host:port"). Connecting is lazy: an unreachable server shows
     up as PSError(UNAVAILABLE) on the first call, never here. `credentials`: the token (and the
-    PS's CURVE key or TLS files) a secured PS asks for (`transport.security`)."""
+    PS's CURVE key or TLS files) a secured PS asks for (`transport.security`).
+
+    A comma-separated address ("host:port,host:port,...") names P parameter-server shards: the
+    client is a `sharded.ShardedPSClient` over P clients, one per shard, with this same interface."""
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    if "," in address:
+        from dist_llm_train.paramserver.transport.sharded import ShardedPSClient, parse_addresses
+
+        per_shard = [
+            connect(transport, a, timeout_s, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes,
+                    credentials=credentials)
+            for a in parse_addresses(address)
+        ]
+        return ShardedPSClient(per_shard)
     if transport == "grpc":
         from dist_llm_train.paramserver.transport.grpc_client import GrpcPSClient
 

@@ -25,6 +25,7 @@ from dist_llm_train.core.types import (
     PushResult,
     TensorSpec,
 )
+from dist_llm_train.paramserver.numerics import Buffer
 from dist_llm_train.paramserver.transport import wire
 from dist_llm_train.paramserver.transport.client import PSClient, as_float32, delta_base, have_fields
 from dist_llm_train.paramserver.transport.security import PSCredentials
@@ -191,7 +192,7 @@ class GrpcPSClient(PSClient):
 
         return self._call(collect)
 
-    def push(self, header: PushHeader, payload: bytes) -> PushResult:
+    def push(self, header: PushHeader, payload: Buffer) -> PushResult:
         head = wire.header_to_pb(header).SerializeToString()
         data = memoryview(payload).cast("B")
         resp: pb.PushResponse | None = None

@@ -33,6 +33,7 @@ from dist_llm_train.core.types import (
     TensorSpec,
 )
 from dist_llm_train.netem.profile.classes import tos_byte
+from dist_llm_train.paramserver.numerics import Buffer
 from dist_llm_train.paramserver.transport import wire
 from dist_llm_train.paramserver.transport.client import PSClient, as_float32, delta_base, have_fields
 from dist_llm_train.paramserver.transport.security import PSCredentials
@@ -170,7 +171,7 @@ class ZmqPSClient(PSClient):
             epoch=epoch,
         )
 
-    def push(self, header: PushHeader, payload: bytes) -> PushResult:
+    def push(self, header: PushHeader, payload: Buffer) -> PushResult:
         # `vars` is a shallow copy of the flat header; `asdict` deep-copies and costs ~10x more.
         reply, _ = self._request("push", {"header": dict(vars(header))}, [payload])
         self._count(sent=len(payload))
