@@ -36,10 +36,7 @@ Buffer = bytes | bytearray | memoryview
 
 @dataclass(frozen=True)
 class Encoded:
-    """`payload` is `bytes` when a codec made it; a decoder also takes a received buffer as it is (a
-    `memoryview` of a transport's frame), so the PS does not copy what it is about to read once."""
-
-    payload: Buffer
+    payload: bytes
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -145,16 +142,20 @@ class Codec(ABC):
 
     def decode(self, enc: Encoded, size: int) -> np.ndarray:
         """The float32 vector of length `size` that `enc` carries; ValueError if it cannot be one."""
+        return self.decode_payload(enc.payload, enc.meta, size)
+
+    def decode_payload(self, payload: Buffer, meta: dict[str, Any], size: int) -> np.ndarray:
+        """`decode` of a payload as it was received: a `memoryview` of a transport's frame is read in place,
+        not copied first."""
         if not isinstance(size, int) or size < 0:
             raise ValueError(f"size must be a non-negative int, got {size!r}")
-        if not isinstance(enc.meta, dict):
-            raise ValueError(f"{self.name} meta must be a dict, got {type(enc.meta).__name__}")
-        payload = enc.payload
+        if not isinstance(meta, dict):
+            raise ValueError(f"{self.name} meta must be a dict, got {type(meta).__name__}")
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise ValueError(f"{self.name} payload must be bytes, got {type(payload).__name__}")
         if isinstance(payload, memoryview) and (payload.ndim != 1 or payload.itemsize != 1):
             payload = payload.cast("B")  # len() must count bytes
-        out = self._decode(payload, enc.meta, size)
+        out = self._decode(payload, meta, size)
         return out if self.decodes_finite else _finite(out, self.name)
 
     @abstractmethod

@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from dist_llm_train.core.codecs import Encoded, get_codec
+from dist_llm_train.core.codecs import get_codec
 from dist_llm_train.core.types import ErrorCode, PSError
 
 Buffer = bytes | bytearray | memoryview
@@ -45,8 +45,12 @@ def _decode(codec: str, meta: dict[str, Any], payload: Buffer, size: int) -> np.
         vec = np.frombuffer(payload, dtype="<f4")
         # A payload at an odd offset in a receive buffer gives a misaligned view, on which BLAS
         # refuses to work and every later pass runs numpy's slow unaligned loops: one copy is cheaper.
-        return vec if vec.flags.aligned else vec.copy()
-    return get_codec(codec).decode(Encoded(bytes(payload), meta), size)
+        vec = vec if vec.flags.aligned else vec.copy()
+        if not all_finite(vec):
+            raise ValueError("update contains NaN or Inf")
+        return vec
+    # The codec reads the received buffer in place, and refuses a payload that decodes to NaN or Inf itself.
+    return get_codec(codec).decode_payload(payload, meta, size)
 
 
 def decode_update(codec: str, meta: bytes, payload: Buffer, size: int) -> np.ndarray:
@@ -62,8 +66,6 @@ def decode_update(codec: str, meta: bytes, payload: Buffer, size: int) -> np.nda
     vec = np.asarray(vec, dtype=np.float32).reshape(-1)
     if vec.shape[0] != size:
         raise PSError(ErrorCode.INVALID_ARGUMENT, f"update has {vec.shape[0]} elements, job has {size}")
-    if not all_finite(vec):
-        raise PSError(ErrorCode.INVALID_ARGUMENT, "update contains NaN or Inf")
     return vec
 
 
