@@ -9,8 +9,9 @@ a strategy with `overlap_steps` (Streaming DiLoCo) keeps training on this thread
 push and the next pull run on a second one, so communication hides behind compute.
 
 With a barrier per version (`Strategy.rounds`: sync, DiLoCo …) the next version cannot close without this
-worker's push, so the waiting pull is sent while the push is still on the wire (`early_pulls`) instead of
-after its reply: a round then pays one round trip on the link, not two (80 ms of a cellular round's ~1 s).
+worker's push, so the waiting pull is sent while the push is still on the wire (`early_pulls`, on a client
+whose calls overlap: gRPC) instead of after its reply: a round then pays one round trip on the link, not two
+(80 ms of a cellular round's ~1 s).
 A strategy whose next pull does not wait for its own push (async) pulls after the reply, as before, so its
 pull always includes the update it just pushed.
 
@@ -149,7 +150,8 @@ def run_training(
     overlapping = pipeline.overlap_steps > 0
     comms = ThreadPoolExecutor(1, thread_name_prefix="ps-sync") if overlapping else None
     # Two threads: a pull left waiting after a failed push (bounded by its wait timeout) never holds up the next.
-    early_pulls = ThreadPoolExecutor(2, thread_name_prefix="ps-pull") if pipeline.strategy.rounds else None
+    pull_alongside = pipeline.strategy.rounds and ps.overlaps_calls  # a ZMQ client's calls queue behind one another
+    early_pulls = ThreadPoolExecutor(2, thread_name_prefix="ps-pull") if pull_alongside else None
 
     def retrying(fn: Callable[[], Any], what: str) -> Any:
         return _retry_unavailable(fn, stop, what, on_retry=restarts.saw_outage)
