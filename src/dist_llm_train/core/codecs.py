@@ -89,8 +89,9 @@ class _Scratch(threading.local):
     back to the kernel when freed), which takes longer than the arithmetic on it: the fp16 encoder's
     passes measured 0.1 ms each on a reused 4 MB buffer and 0.3-2 ms on a new one. Codecs therefore
     keep their intermediates here and allocate only what they return. One set per thread, because the
-    PS decodes on several; callers work in blocks of at most `_BLOCK` elements, which bounds each
-    buffer to 4 MiB whatever the model size.
+    PS decodes on several. The fp16 and int8 passes work in blocks of at most `_BLOCK` elements (4 MiB
+    of float32 per buffer, whatever the model size); top-k's magnitudes and error feedback's corrected
+    vector are whole vectors, 4 bytes per parameter each in the thread that encodes (the worker's).
     """
 
     def __init__(self) -> None:
@@ -109,8 +110,8 @@ _SCRATCH = _Scratch()
 _BLOCK = 1 << 20  # elements per block of element-wise work: 4 MiB of float32
 
 
-def _block_starts(size: int, block: int = _BLOCK) -> range:
-    return range(0, size, block)
+def _block_starts(size: int) -> range:
+    return range(0, size, _BLOCK)
 
 
 def _expect_len(payload: Buffer, want: int, codec: str, size: int) -> None:
@@ -347,7 +348,9 @@ class Int8Codec(Codec):
         n_chunks = math.ceil(size / chunk)
         _expect_len(payload, 4 * n_chunks + size, self.name, size)
         scales = _scales(payload, n_chunks, self.name)
-        if n_chunks and not np.isfinite(np.multiply(scales.max(), np.float32(128.0), dtype=np.float32)):
+        with np.errstate(over="ignore"):  # overflow is what this looks for
+            too_large = n_chunks > 0 and not np.isfinite(np.multiply(scales.max(), np.float32(128.0), dtype=np.float32))
+        if too_large:
             raise ValueError(f"{self.name} payload decodes to NaN or Inf (a scale too large for its codes)")
         codes = np.frombuffer(payload, dtype=np.int8, offset=4 * n_chunks)
         out = np.empty(size, np.float32)
