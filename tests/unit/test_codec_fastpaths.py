@@ -189,3 +189,12 @@ def test_scratch_buffers_are_per_thread() -> None:
         t.join()
     for i, runs in got.items():
         assert all(run == expect[i] for run in runs)
+
+
+def test_top_k_candidates_found_block_by_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Magnitudes are taken a block at a time (a small block here): the same k largest, in index order."""
+    vec = np.random.default_rng(6).standard_cauchy(50_000).astype(np.float32)
+    monkeypatch.setattr(codecs, "_BLOCK", 4096)
+    idx = top_k_indices(vec, 400)
+    expect = np.sort(np.argsort(-np.abs(vec), kind="stable")[:400])
+    assert idx.tolist() == expect.tolist()

@@ -89,9 +89,9 @@ class _Scratch(threading.local):
     back to the kernel when freed), which takes longer than the arithmetic on it: the fp16 encoder's
     passes measured 0.1 ms each on a reused 4 MB buffer and 0.3-2 ms on a new one. Codecs therefore
     keep their intermediates here and allocate only what they return. One set per thread, because the
-    PS decodes on several. The fp16 and int8 passes work in blocks of at most `_BLOCK` elements (4 MiB
-    of float32 per buffer, whatever the model size); top-k's magnitudes and error feedback's corrected
-    vector are whole vectors, 4 bytes per parameter each in the thread that encodes (the worker's).
+    PS decodes on several. Element-wise passes work in blocks of at most `_BLOCK` elements (4 MiB of
+    float32 per buffer, whatever the model size); error feedback's corrected vector is the one whole
+    vector kept here, 4 bytes per parameter in the thread that encodes (the worker's training thread).
     """
 
     def __init__(self) -> None:
@@ -602,16 +602,19 @@ def top_k_indices(arr: np.ndarray, k: int) -> np.ndarray:
     n = arr.size
     if k == 0:
         return np.empty(0, np.int64)
-    mag = _SCRATCH.get("topk.magnitude", n, np.float32) if arr.dtype == np.float32 else np.empty(n, arr.dtype)
-    np.abs(arr, out=mag)
     if k < n // 8 and n >= 4096:
-        sample = mag[:: max(1, n // 8192)]
         q = 1.0 - min(1.0, 1.5 * k / n)
-        threshold = np.quantile(sample, q)
-        cand = np.flatnonzero(mag >= threshold)
+        threshold = np.quantile(np.abs(arr[:: max(1, n // 8192)]), q)
+        parts = []
+        for start in _block_starts(n):  # magnitudes a block at a time, in a scratch buffer of one block
+            block = arr[start : start + _BLOCK]
+            mag = _SCRATCH.get("topk.magnitude", block.size, arr.dtype)
+            np.abs(block, out=mag)
+            parts.append(np.flatnonzero(mag >= threshold) + start)
+        cand = np.concatenate(parts)
         if cand.size >= k:
-            return cand[_top_k_in_order(mag[cand], k)]
-    return _top_k_in_order(mag, k)
+            return cand[_top_k_in_order(np.abs(arr[cand]), k)]
+    return _top_k_in_order(np.abs(arr), k)
 
 
 def _top_k_in_order(mag: np.ndarray, k: int) -> np.ndarray:
