@@ -205,9 +205,9 @@ class OverlappingClient(RestartingClient):
             self.events.append((event, version))
 
     def pull(self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0,
-             have: Any = None) -> Any:
+             have: Any = None, **more: Any) -> Any:
         self._log("pull sent", min_version)
-        return super().pull(job_id, worker_id, min_version, wait_timeout_s, have)
+        return super().pull(job_id, worker_id, min_version, wait_timeout_s, have, **more)
 
     def push(self, header: PushHeader, payload: bytes) -> PushResult:
         self._log("push sent", header.base_version)
