@@ -191,18 +191,22 @@ def test_other_refusals_still_fail_the_task() -> None:
 
 class OverlappingClient(RestartingClient):
     """The same in-process PS behind a client whose calls overlap (as gRPC's do): the worker sends each round's
-    waiting pull alongside its push. Records when every call starts and ends."""
+    waiting pull alongside its push. Records when every call starts and ends. A push takes up to `wire_s` on
+    the wire, as a real one takes hundreds of ms, and is answered as soon as the next pull is out: on this
+    in-process server an instant push would otherwise race the pull's thread."""
 
     overlaps_calls = True
 
-    def __init__(self) -> None:
+    def __init__(self, wire_s: float = 2.0) -> None:
         super().__init__()
+        self.wire_s = wire_s
         self.events: list[tuple[str, int]] = []
-        self._events_lock = threading.Lock()
+        self._changed = threading.Condition()
 
     def _log(self, event: str, version: int) -> None:
-        with self._events_lock:
+        with self._changed:
             self.events.append((event, version))
+            self._changed.notify_all()
 
     def pull(self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0,
              have: Any = None, **more: Any) -> Any:
@@ -211,6 +215,8 @@ class OverlappingClient(RestartingClient):
 
     def push(self, header: PushHeader, payload: bytes) -> PushResult:
         self._log("push sent", header.base_version)
+        with self._changed:
+            self._changed.wait_for(lambda: ("pull sent", header.base_version + 1) in self.events, self.wire_s)
         result = super().push(header, payload)
         self._log("push answered", header.base_version)
         return result
