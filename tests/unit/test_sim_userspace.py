@@ -113,7 +113,8 @@ def _profile(tmp_path: Path, data: dict[str, Any]) -> str:
 @pytest.mark.parametrize("engine", ["vectorised", "exact"])
 def test_userspace_round_without_jitter_or_loss_is_exact(tmp_path, engine):
     """Every message then takes exactly its serialisation + the one-way delay: a steady round is the
-    straggler's push reply and next pull request, its pull, its compute and its push, as on a kernel path."""
+    straggler's pull, its compute and its push (its next pull request left with the push: `early_pull`), as on
+    a kernel path; a worker that pulls after the push's reply (ZMQ) adds that reply and the request."""
     n, k, d, rate = 4, 0.1, 0.005, 100e6
     slow = {**FLAT, "nodes": {"$last_worker": {"compute_slowdown": 4}}}
     common = {
@@ -127,9 +128,11 @@ def test_userspace_round_without_jitter_or_loss_is_exact(tmp_path, engine):
     r = simulate(build_sim_config({**common, "transport": {"shaper": "userspace"}}))
     assert r.sizes is not None
     pull, push = 8 * r.sizes.pull_bytes / rate, 8 * r.sizes.push_bytes / rate
-    np.testing.assert_allclose(r.round_times[2:], 2 * d + pull + d + 4 * k + push + d, rtol=1e-9)
+    np.testing.assert_allclose(r.round_times[2:], pull + d + 4 * k + push + d, rtol=1e-9)
     kernel = simulate(build_sim_config({**common, "transport": {"shared_ps_egress": False}}))
     np.testing.assert_allclose(r.stats.publish_times, kernel.stats.publish_times, rtol=1e-12)
+    serial = simulate(build_sim_config({**common, "transport": {"shaper": "userspace", "early_pull": False}}))
+    np.testing.assert_allclose(serial.round_times[2:], 2 * d + pull + d + 4 * k + push + d, rtol=1e-9)
 
 
 def test_engines_agree_under_userspace_shaping():

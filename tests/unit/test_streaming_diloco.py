@@ -285,9 +285,10 @@ def _sim_config(strategy: dict[str, Any], profile: str, steps: int = 256, **over
 
 
 def test_the_simulator_hides_the_sync_behind_compute() -> None:
-    """Intercontinental links (250 ms each way): a sync is a push and a pull, two round trips, ~1 s. With 0.3 s
-    inner steps DiLoCo (H = 16: 4.8 s of compute per round) waits ~1 s for every sync; Streaming DiLoCo with
-    τ = H/P = 4 (1.2 s of compute per fragment sync) computes through them."""
+    """Intercontinental links (250 ms each way): a sync is a push and a pull sent alongside it, one round trip
+    plus the transfers, ~0.9 s. With 0.3 s inner steps DiLoCo (H = 16: 4.8 s of compute per round) waits that
+    long for every sync; Streaming DiLoCo with τ = H/P = 4 (1.2 s of compute per fragment sync) computes
+    through them."""
     from dist_llm_train.sim.runner import simulate, summary
 
     timing = {"compute.kind": "constant", "compute.mean_s": 0.3}
@@ -297,7 +298,7 @@ def test_the_simulator_hides_the_sync_behind_compute() -> None:
     assert streaming.strategy_config.fragments == 4  # type: ignore[attr-defined]
     a, b = summary(simulate(diloco))["simulation"], summary(simulate(streaming))["simulation"]
     # Steady state: a DiLoCo round is its compute plus the sync; a streaming one is its compute alone.
-    assert a["round_time_s"]["p50"] > 16 * 0.3 + 0.9
+    assert a["round_time_s"]["p50"] > 16 * 0.3 + 0.5
     assert abs(b["round_time_s"]["p50"] - 4 * 0.3) < 0.01
     # Over the run (start-up included) utilisation follows.
     assert a["compute_utilisation"] < 0.85 and b["compute_utilisation"] > 0.93, (a, b)

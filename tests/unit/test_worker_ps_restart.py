@@ -187,3 +187,65 @@ def test_other_refusals_still_fail_the_task() -> None:
     with pytest.raises(PSError) as err:
         train(client)
     assert err.value.code is ErrorCode.PERMISSION_DENIED
+
+
+class OverlappingClient(RestartingClient):
+    """The same in-process PS behind a client whose calls overlap (as gRPC's do): the worker sends each round's
+    waiting pull alongside its push. Records when every call starts and ends. A push takes up to `wire_s` on
+    the wire, as a real one takes hundreds of ms, and is answered as soon as the next pull is out: on this
+    in-process server an instant push would otherwise race the pull's thread."""
+
+    overlaps_calls = True
+
+    def __init__(self, wire_s: float = 2.0) -> None:
+        super().__init__()
+        self.wire_s = wire_s
+        self.events: list[tuple[str, int]] = []
+        self._changed = threading.Condition()
+
+    def _log(self, event: str, version: int) -> None:
+        with self._changed:
+            self.events.append((event, version))
+            self._changed.notify_all()
+
+    def pull(self, job_id: str, worker_id: str, min_version: int = 0, wait_timeout_s: float = 0.0,
+             have: Any = None, **more: Any) -> Any:
+        self._log("pull sent", min_version)
+        return super().pull(job_id, worker_id, min_version, wait_timeout_s, have, **more)
+
+    def push(self, header: PushHeader, payload: bytes) -> PushResult:
+        self._log("push sent", header.base_version)
+        with self._changed:
+            self._changed.wait_for(lambda: ("pull sent", header.base_version + 1) in self.events, self.wire_s)
+        result = super().push(header, payload)
+        self._log("push answered", header.base_version)
+        return result
+
+
+def test_a_round_s_pull_is_sent_before_its_push_is_answered() -> None:
+    """Sync (a barrier per version): the pull waiting for v + 1 leaves while the push on v is still unanswered,
+    so a round costs the link one round trip; training ends where it does without the overlap."""
+    client = OverlappingClient()
+    out = train(client)
+    assert out.job_complete and client.store.stats("restart")[0].version == STEPS
+    for v in range(1, STEPS):
+        answered = client.events.index(("push answered", v))
+        assert ("pull sent", v + 1) in client.events[:answered], f"the pull for {v + 1} waited for the push on {v}"
+
+
+def test_overlapping_pulls_survive_a_restart_behind_the_worker() -> None:
+    """A pull sent alongside a push that the restarted server refuses is dropped; the worker rebases as before."""
+    client = OverlappingClient()
+    saved: dict[str, JobSnapshot] = {}
+
+    def before(c: RestartingClient, header: PushHeader) -> None:
+        if header.base_version == 3 and "ckpt" not in saved:
+            saved["ckpt"] = c.snapshot()
+        if header.base_version == 6 and "restarted" not in saved:
+            saved["restarted"] = saved["ckpt"]
+            c.restart(saved["ckpt"], unreachable_calls=2)
+
+    client.before_push = before
+    out = train(client)
+    assert out.job_complete and out.restarts.rebases == 1
+    assert client.store.stats("restart")[0].version == STEPS

@@ -18,8 +18,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from dist_llm_train.core.codecs import Encoded, get_codec
+from dist_llm_train.core.codecs import all_finite, get_codec
 from dist_llm_train.core.types import ErrorCode, PSError
+
+__all__ = ["all_finite", "decode_update", "keep_freed_vectors"]  # all_finite: core's, used by job and checkpoint
 
 Buffer = bytes | bytearray | memoryview
 
@@ -45,8 +47,12 @@ def _decode(codec: str, meta: dict[str, Any], payload: Buffer, size: int) -> np.
         vec = np.frombuffer(payload, dtype="<f4")
         # A payload at an odd offset in a receive buffer gives a misaligned view, on which BLAS
         # refuses to work and every later pass runs numpy's slow unaligned loops: one copy is cheaper.
-        return vec if vec.flags.aligned else vec.copy()
-    return get_codec(codec).decode(Encoded(bytes(payload), meta), size)
+        vec = vec if vec.flags.aligned else vec.copy()
+        if not all_finite(vec):
+            raise ValueError("update contains NaN or Inf")
+        return vec
+    # The codec reads the received buffer in place, and refuses a payload that decodes to NaN or Inf itself.
+    return get_codec(codec).decode_payload(payload, meta, size)
 
 
 def decode_update(codec: str, meta: bytes, payload: Buffer, size: int) -> np.ndarray:
@@ -62,26 +68,7 @@ def decode_update(codec: str, meta: bytes, payload: Buffer, size: int) -> np.nda
     vec = np.asarray(vec, dtype=np.float32).reshape(-1)
     if vec.shape[0] != size:
         raise PSError(ErrorCode.INVALID_ARGUMENT, f"update has {vec.shape[0]} elements, job has {size}")
-    if not all_finite(vec):
-        raise PSError(ErrorCode.INVALID_ARGUMENT, "update contains NaN or Inf")
     return vec
-
-
-def all_finite(vec: np.ndarray) -> bool:
-    """True when no element is NaN or +-Inf.
-
-    A finite sum of squares proves every element finite: NaN and Inf propagate through the
-    products and the sum. `np.dot(v, v)` is that sum as one BLAS pass with no temporary, the
-    cheapest full read numpy offers (about 0.14 ms for 4 MB here, against 0.19 ms for
-    `np.isfinite(v).all()` and its 1 MB bool array, and 0.18 ms for the pairwise `sum`).
-    Only when it is not finite (a bad element, or finite values whose squares overflow
-    float32 together) is the exact element-wise check run to tell the two apart."""
-    flat = vec.reshape(-1)
-    if flat.dtype != np.float32 or flat.size == 0:
-        return bool(np.isfinite(flat).all())
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow here is expected, not an error
-        squares = np.dot(flat, flat)
-    return bool(np.isfinite(squares)) or bool(np.isfinite(flat).all())
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)

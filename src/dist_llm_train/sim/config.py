@@ -157,6 +157,10 @@ class TransportModel(_Strict):
     its own relay, so there is no shared PS egress (`shared_ps_egress` defaults to false and may not be true),
     a bulk message leaves in ~5 ms pieces that each draw a delay and are delivered in order, and a lost
     segment stalls its piece (one RTT, or an RTO near the message's tail) without slowing the rest down.
+
+    `early_pull` (default true, the gRPC worker): with a round barrier (sync, DiLoCo …) the worker sends its
+    waiting pull alongside its push, so the pull request reaches the PS with the push, not a reply and a
+    request later (`worker/training_loop.py`). False is the ZMQ worker, whose calls run one after another.
     """
 
     shaper: Literal["kernel", "userspace"] = "kernel"
@@ -164,6 +168,7 @@ class TransportModel(_Strict):
     rto_min_s: Annotated[float, Field(gt=0, le=10)] = 0.2
     max_retries: Annotated[int, Field(ge=1, le=30)] = 15
     shared_ps_egress: bool = True
+    early_pull: bool = True
 
     @model_validator(mode="before")
     @classmethod

@@ -3,10 +3,12 @@
 pull request reaches the PS at Q → served at S (sync: once the version it needs is published) → the PS's
 egress sends the parameters (a FIFO shared by all pulls, or one per worker) → delivered at D → compute K →
 update sent at T = D + K → arrives at the PS at A → the reply returns and the next pull request reaches the
-PS at Q' = A + reply + request. Every method exists twice, vectorised over a round's workers and scalar for
-one event, over the same variates (see `draws`). Under `transport.shaper: userspace` a message's propagation
-and loss recovery are the relay's (`relaymodel`: one lookup at the leg's jitter uniform) instead of the
-kernel path's (`linkmath`: a delay draw plus a retransmission penalty).
+PS at Q' = A + reply + request; with a round barrier and `transport.early_pull` the pull request left with the
+push, so Q' = A (the reply and request legs cost nothing). Every method exists twice, vectorised over a
+round's workers and scalar for one event, over the same variates (see `draws`). Under
+`transport.shaper: userspace` a message's propagation and loss recovery are the relay's (`relaymodel`: one
+lookup at the leg's jitter uniform) instead of the kernel path's (`linkmath`: a delay draw plus a
+retransmission penalty).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dist_llm_train.core.strategies import STRATEGIES
 from dist_llm_train.sim.config import SimConfig
 from dist_llm_train.sim.draws import (
     COL_COMPUTE,
@@ -90,6 +93,7 @@ class StepModel:
         self.shared = cfg.transport.shared_ps_egress
         self.mss = cfg.transport.mss_bytes
         self.retries = cfg.transport.max_retries
+        self.early_pull = cfg.transport.early_pull and STRATEGIES[cfg.mode].rounds
         self.pull_bits = 8.0 * sizes.pull_bytes
         self.push_bits = 8.0 * sizes.push_bytes
         self._ps_rate = topo.ps_rate.tolist()
@@ -176,6 +180,8 @@ class StepModel:
     def next_request(
         self, slots: np.ndarray, arrival: np.ndarray, z: np.ndarray, u: np.ndarray
     ) -> np.ndarray:
+        if self.early_pull:
+            return arrival + 0.0  # a new array, as the legs' sum would be
         reply_at = arrival + self._small("down", slots, arrival, z, u, LEG_REPLY)
         return reply_at + self._small("up", slots, reply_at, z, u, LEG_REQUEST)
 
@@ -233,9 +239,13 @@ class StepModel:
             push_ser=plan.push_ser,
             push_prop=prop(plan.push, LEG_PUSH),
             push_pen=pen(plan.push, LEG_PUSH),
-            reply=prop(plan.reply, LEG_REPLY) + pen(plan.reply, LEG_REPLY),
-            request=prop(plan.request, LEG_REQUEST) + pen(plan.request, LEG_REQUEST),
+            reply=self._after_push_leg(prop(plan.reply, LEG_REPLY) + pen(plan.reply, LEG_REPLY)),
+            request=self._after_push_leg(prop(plan.request, LEG_REQUEST) + pen(plan.request, LEG_REQUEST)),
         )
+
+    def _after_push_leg(self, cost: np.ndarray) -> np.ndarray:
+        """A leg between the push's arrival and the next pull request: free when the pull left with the push."""
+        return np.zeros_like(cost) if self.early_pull else cost
 
     def fixed_legs(self, z: np.ndarray, u: np.ndarray) -> FixedLegs | None:
         """Every slot's leg costs for one version's variates; None when a schedule makes them vary in time."""
@@ -258,8 +268,8 @@ class StepModel:
                 self.relay.extra("down", self.sizes.pull_bytes, g, seg0, u[:, jitter_col(LEG_PULL)]).tolist(),
                 self.compute_time(slots, z, u).tolist(),
                 (ser + self.relay.extra("up", self.sizes.push_bytes, g, seg0, u[:, jitter_col(LEG_PUSH)])).tolist(),
-                (self._small("down", slots, zero, z, u, LEG_REPLY)
-                 + self._small("up", slots, zero, z, u, LEG_REQUEST)).tolist(),
+                self._after_push_leg(self._small("down", slots, zero, z, u, LEG_REPLY)
+                                     + self._small("up", slots, zero, z, u, LEG_REQUEST)).tolist(),
             )
         plan = self._fixed_plan(slots.size, g, ser_in, service)
 
@@ -272,9 +282,9 @@ class StepModel:
         # Summed in the order the scalar and round-at-a-time paths sum them (the same numbers to the last bit).
         pull_extra = prop(plan.pull, LEG_PULL) + pen(plan.pull, LEG_PULL)
         push_total = plan.push_ser + prop(plan.push, LEG_PUSH) + pen(plan.push, LEG_PUSH)
-        after = (prop(plan.reply, LEG_REPLY) + pen(plan.reply, LEG_REPLY)) + (
+        after = self._after_push_leg((prop(plan.reply, LEG_REPLY) + pen(plan.reply, LEG_REPLY)) + (
             prop(plan.request, LEG_REQUEST) + pen(plan.request, LEG_REQUEST)
-        )
+        ))
         return FixedLegs(
             ser_in.tolist(),
             pull_extra.tolist(),
@@ -363,6 +373,8 @@ class StepModel:
         return send + ser + prop + pen
 
     def next_request_1(self, slot: int, arrival: float, row: Row) -> float:
+        if self.early_pull:
+            return arrival
         reply_at = arrival + self._small_1("down", slot, arrival, row, LEG_REPLY)
         return reply_at + self._small_1("up", slot, reply_at, row, LEG_REQUEST)
 

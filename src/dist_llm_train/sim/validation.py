@@ -115,6 +115,7 @@ def sim_config_for_run(run: MeasuredRun, rounds: int = DEFAULT_ROUNDS, **overrid
         "compute": {"kind": "empirical", "samples_s": per_step, "speed_sigma": 0.0},
         "transport.shaper": "userspace" if run.shaper == "userspace" else "kernel",
         "transport.shared_ps_egress": False,
+        "transport.early_pull": run.config.paramserver.transport == "grpc",  # what the run's worker did
     }
     base.update(overrides)
     return SimConfig.from_config(run.config, **base)

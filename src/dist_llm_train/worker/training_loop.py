@@ -8,6 +8,13 @@ For every strategy the loop is receive(pull) → [compute → push ‖ overlap �
 a strategy with `overlap_steps` (Streaming DiLoCo) keeps training on this thread while the
 push and the next pull run on a second one, so communication hides behind compute.
 
+With a barrier per version (`Strategy.rounds`: sync, DiLoCo …) the next version cannot close without this
+worker's push, so the waiting pull is sent while the push is still on the wire (`early_pulls`, on a client
+whose calls overlap: gRPC) instead of after its reply: a round then pays one round trip on the link, not two
+(80 ms of a cellular round's ~1 s).
+A strategy whose next pull does not wait for its own push (async) pulls after the reply, as before, so its
+pull always includes the update it just pushed.
+
 A parameter server that restarts from its last checkpoint is a pause, not a failure (`ServerRestarts`):
 calls retry while it is unreachable; an update refused because its base version is ahead of the
 restarted server (`ErrorCode.ABORTED`) is dropped and the worker pulls again; and after an outage the
@@ -143,6 +150,9 @@ def run_training(
     pushes = 0  # push sequence: an update refused by a restarted server is recomputed under a new step number
     overlapping = pipeline.overlap_steps > 0
     comms = ThreadPoolExecutor(1, thread_name_prefix="ps-sync") if overlapping else None
+    # Two threads: a pull left waiting after a failed push (bounded by its wait timeout) never holds up the next.
+    pull_alongside = pipeline.strategy.rounds and ps.overlaps_calls  # a ZMQ client's calls queue behind one another
+    early_pulls = ThreadPoolExecutor(2, thread_name_prefix="ps-pull") if pull_alongside else None
 
     def retrying(fn: Callable[[], Any], what: str) -> Any:
         return _retry_unavailable(fn, stop, what, on_retry=restarts.saw_outage)
@@ -152,20 +162,24 @@ def run_training(
         this worker initialised), only the deltas since them when they are what the job started from."""
         return retrying(lambda: ps.pull(ctx.job_id, ctx.worker_id, own=own), "pull")
 
+    def waiting_pull(held: PulledParams) -> Callable[[], PulledParams]:
+        """One pull that waits for the version to compute on next after `held`."""
+        return partial(
+            ps.pull,
+            ctx.job_id,
+            ctx.worker_id,
+            min_version=pipeline.next_min_version(held.version),
+            wait_timeout_s=pipeline.strategy.pull_wait_s(),
+            have=held,  # a job that publishes deltas sends only those since (core.downlink)
+        )
+
     def pull_next(header: PushHeader, payload: bytes, held: PulledParams, outages_before: int,
                   outages_at_ack: int) -> PulledParams:
         """The version to compute on next. When the server was away since `held` was pulled it may have restarted
         from a checkpoint behind `held`: ask where it is before waiting for a version it may never reach.
         `outages_before` / `outages_at_ack`: `restarts.outages` before the push, and when its reply came."""
         want = pipeline.next_min_version(held.version)
-        waiting = partial(
-            ps.pull,
-            ctx.job_id,
-            ctx.worker_id,
-            min_version=want,
-            wait_timeout_s=pipeline.strategy.pull_wait_s(),
-            have=held,  # a job that publishes deltas sends only those since (core.downlink)
-        )
+        waiting = waiting_pull(held)
         if restarts.outages == outages_before:
             try:
                 return waiting()
@@ -193,13 +207,23 @@ def run_training(
         return retrying(waiting, "pull")
 
     def sync(header: PushHeader, payload: bytes, held: PulledParams) -> tuple[PushResult, PulledParams, float]:
-        """Push, then pull the version to compute on next (the same call order on either thread)."""
+        """Push, and pull the version to compute on next (the same call order on either thread). With a round
+        barrier the pull goes out alongside the push; its answer is used only when the push went through with
+        no outage in between, else the pull is made again the careful way (`pull_next`)."""
         outages_before = restarts.outages
+        early = early_pulls.submit(waiting_pull(held)) if early_pulls is not None else None
         push_t0 = time.perf_counter()  # netem: push timing gives the ps_sync link's measured rate
         result: PushResult = retrying(partial(ps.push, header, payload), "push")
         push_s = time.perf_counter() - push_t0
         if result.outcome is PushOutcome.JOB_COMPLETE:
             return result, held, push_s
+        if early is not None and restarts.outages == outages_before:
+            try:
+                return result, early.result(), push_s
+            except PSError as err:
+                if err.code not in UNREACHABLE:
+                    raise
+                restarts.saw_outage()
         return result, pull_next(header, payload, held, outages_before, restarts.outages), push_s
 
     try:
@@ -288,6 +312,8 @@ def run_training(
     finally:
         if comms is not None:
             comms.shutdown(wait=True)  # a sync in flight finishes (its retries watch `stop`)
+        if early_pulls is not None:
+            early_pulls.shutdown(wait=False, cancel_futures=True)  # a pull left waiting ends at its timeout
         out.bytes_sent, out.bytes_received = ps.bytes_sent, ps.bytes_received
         if client is None:
             ps.close()

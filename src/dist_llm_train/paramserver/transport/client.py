@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from types import TracebackType
+from typing import ClassVar
 
 import numpy as np
 
@@ -37,6 +38,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
 
 
 class PSClient(ABC):
+    # True when calls made from two threads are on the wire at once (gRPC multiplexes them on one channel);
+    # the worker then sends a round's waiting pull alongside its push. False: calls run one after another.
+    overlaps_calls: ClassVar[bool] = False
+
     def __init__(self) -> None:
         self.bytes_sent = 0
         self.bytes_received = 0

@@ -60,6 +60,8 @@ def _open_channel(address: str, options: list[tuple[str, object]], creds: PSCred
 
 
 class GrpcPSClient(PSClient):
+    overlaps_calls = True  # one HTTP/2 channel, one stream per call
+
     def __init__(
         self,
         address: str,
