@@ -162,7 +162,9 @@ class Fleet:
             conn.close()
 
 
-async def _status_reader(port: int, fleet: Fleet, samples: dict[str, list[tuple[float, int]]]) -> None:
+async def _status_reader(
+    port: int, fleet: Fleet, samples: dict[str, list[tuple[float, int]]], full_every: int = FULL_STATUS_EVERY
+) -> None:
     conn = Connection(port)
     modes = {"full": "/status", "summary": "/status?workers=summary", "page": "/status?limit=100"}
     rounds = 0
@@ -170,7 +172,7 @@ async def _status_reader(port: int, fleet: Fleet, samples: dict[str, list[tuple[
         while not fleet.stop.is_set():
             rounds += 1
             for mode, path in modes.items():
-                if mode == "full" and rounds % FULL_STATUS_EVERY != 1:
+                if mode == "full" and (rounds - 1) % full_every != 0:
                     continue
                 start = time.perf_counter()
                 status, body = await conn.request("GET", path)
@@ -222,7 +224,12 @@ def _start_controller(db: str, src: str | None) -> tuple[subprocess.Popen[str], 
 
 
 async def measure_fleet(
-    size: int, window_s: float, warmup_s: float, pacing: str, src: str | None = None
+    size: int,
+    window_s: float,
+    warmup_s: float,
+    pacing: str,
+    src: str | None = None,
+    full_every: int = FULL_STATUS_EVERY,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dlt-ctl-load-") as tmp:
         proc, port = _start_controller(str(Path(tmp) / "controller.db"), src)
@@ -241,7 +248,7 @@ async def measure_fleet(
                     raise failed[0].exception()  # type: ignore[misc]
             register_s = time.perf_counter() - began
             status_samples: dict[str, list[tuple[float, int]]] = {}
-            reader = asyncio.create_task(_status_reader(port, fleet, status_samples))
+            reader = asyncio.create_task(_status_reader(port, fleet, status_samples, full_every))
             await asyncio.sleep(warmup_s)
             deaths_before = await _metric(port, "dlt_controller_worker_deaths")
             cpu0, own0, wall0 = _cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
@@ -287,6 +294,7 @@ async def measure_fleet(
         row[f"status_{mode}_p50_ms"] = round(_pct(times, 0.5), 1)
         row[f"status_{mode}_p99_ms"] = round(_pct(times, 0.99), 1)
         row[f"status_{mode}_bytes"] = samples[-1][1]
+        row[f"status_{mode}_samples"] = len(samples)
         if mode == "full":
             full_body = samples[-1][1]
     if full_body and row.get("status_summary_bytes"):
@@ -298,11 +306,12 @@ def _markdown(result: dict[str, Any]) -> str:
     rows = result["results"]
     cols = ["workers", "code", "interval_told_s", "heartbeats_per_s", "heartbeat_p50_ms", "heartbeat_p99_ms",
             "controller_cpu_cores", "controller_cpu_us_per_heartbeat", "false_deaths", "status_full_p99_ms",
-            "status_full_bytes", "status_summary_p99_ms", "status_summary_bytes", "status_page_p99_ms",
-            "loadgen_cpu_cores"]
+            "status_full_samples", "status_full_bytes", "status_summary_p99_ms", "status_summary_bytes",
+            "status_page_p99_ms", "loadgen_cpu_cores"]
     lines = [f"# Controller under load ({result['label'] or 'current'})", "",
              f"Window {result['window_s']} s per fleet after a {result['warmup_s']} s warm-up; pacing "
-             f"`{result['pacing']}`; machine: {result['machine']}.", "",
+             f"`{result['pacing']}`; full `/status` every {result.get('full_status_every_rounds', FULL_STATUS_EVERY)} "
+             f"round(s) of 0.5 s; machine: {result['machine']}.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in [*rows, *result.get("baseline", [])]:
         lines.append("| " + " | ".join(str(r.get(c, "this checkout" if c == "code" else "-")) for c in cols) + " |")
@@ -323,18 +332,28 @@ def main() -> None:
     ap.add_argument("--label", default="", help="Suffix of the result files (e.g. 'before').")
     ap.add_argument("--baseline-src", help="Also measure a controller running this src directory (side by side).")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
+    ap.add_argument(
+        "--full-status-every",
+        type=int,
+        default=FULL_STATUS_EVERY,
+        help="Ask the full /status every Nth round of 0.5 s (1: twice a second, enough samples for its p99).",
+    )
     args = ap.parse_args()
+    if args.full_status_every < 1:
+        ap.error("--full-status-every must be at least 1")
     if args.quick:
         args.workers, args.window, args.warmup = [500, 1000], 15.0, 4.0
     from dist_llm_train.experiments.machine import describe_machine, machine_info
 
     rows, baseline = [], []
     for size in args.workers:
-        row = asyncio.run(measure_fleet(size, args.window, args.warmup, args.pacing))
+        row = asyncio.run(measure_fleet(size, args.window, args.warmup, args.pacing, None, args.full_status_every))
         print(json.dumps(row), flush=True)
         rows.append(row)
         if args.baseline_src:
-            base = asyncio.run(measure_fleet(size, args.window, args.warmup, args.pacing, args.baseline_src))
+            base = asyncio.run(
+                measure_fleet(size, args.window, args.warmup, args.pacing, args.baseline_src, args.full_status_every)
+            )
             base["code"] = f"baseline ({args.baseline_src})"
             print(json.dumps(base), flush=True)
             baseline.append(base)
@@ -356,6 +375,7 @@ def main() -> None:
         "window_s": args.window,
         "warmup_s": args.warmup,
         "pacing": args.pacing,
+        "full_status_every_rounds": args.full_status_every,
         "machine": describe_machine(),
         "machine_info": machine_info(),
         "results": rows,
