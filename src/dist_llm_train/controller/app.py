@@ -170,6 +170,7 @@ def create_app(
     )
     detector = FailureDetector(service, membership)
     service.on_change = detector.wake
+    service.ps_version_past = membership.version_past
     registry, latency = make_registry(service, membership)
     runtime = Runtime(service, membership, detector, registry, auth)
 
