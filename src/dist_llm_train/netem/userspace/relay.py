@@ -337,7 +337,10 @@ class Pipe:
                 self.stats.bytes += len(buf)
             if eof:
                 if transport.can_write_eof():
-                    transport.write_eof()
+                    # The peer may be gone already (reset, or never finished connecting): then there is
+                    # nothing to half-close, and `Connection._run` closes both sockets anyway.
+                    with contextlib.suppress(OSError):
+                        transport.write_eof()
                 return
 
 
