@@ -201,7 +201,7 @@ class MembershipSync:
                     if stats is not None and tuple(sorted(stats.members)) != members:
                         self._forget(job_id, members, list(stats.members))
                     self._job_counters[job_id] = dict(stats.counters) if stats is not None else {}
-                    if stats is not None:
+                    if getattr(stats, "version", None) is not None:
                         self._ps_versions[job_id] = (int(stats.version), asked_at)
                 self._worker_stats[job_id] = {w.worker_id: w for w in workers}
             except Exception as err:  # the PS being away only makes /status older, never the controller fail
@@ -251,9 +251,10 @@ class MembershipSync:
                 self._version_ask_failed_at = time.monotonic()
                 log.debug("PS version of %s unavailable: %s", job_id, err)
                 return None
-            if stats is None:
+            version = getattr(stats, "version", None)  # None: the PS does not know the job yet
+            if version is None:
                 return None
-            version = int(stats.version)
+            version = int(version)
             self._ps_versions[job_id] = (version, asked_at)
             self.version_asks += 1
         return None if claimed <= version else version

@@ -40,7 +40,7 @@ def readable(value: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=4096)
-def _labels_of(raw: str) -> dict[str, str]:
+def labels_of(raw: str) -> dict[str, str]:
     """A stored labels column, parsed and made readable once per distinct text (a fleet shares a few label sets,
     and `/status` reads every worker's): callers get a copy."""
     labels: dict[str, str] = readable(json.loads(raw))
@@ -81,7 +81,7 @@ class Worker:
             flops=r["flops"],
             bandwidth_mbps=r["bandwidth_mbps"],
             compute_slowdown=r["compute_slowdown"],
-            labels=dict(_labels_of(r["labels"])),
+            labels=dict(labels_of(r["labels"])),
             state=r["state"],
             activity=r["activity"],
             registered_at=r["registered_at"],

@@ -28,7 +28,6 @@ from dist_llm_train.controller.models import (
     WorkerPageOut,
     WorkerSummaryOut,
 )
-from dist_llm_train.controller.records import Worker
 from dist_llm_train.controller.service import ControllerService
 from dist_llm_train.core.aggregation import aggregation_health
 
@@ -74,38 +73,40 @@ def _aggregation_health(membership: MembershipSync, job_id: str) -> dict[str, An
 
 
 def _worker_rows(
-    workers: list[Worker],
+    rows: list[tuple[Any, ...]],
     now: float,
     membership: MembershipSync,
     tasks_by_worker: dict[str, list[str]],
     jobs_by_worker: dict[str, set[str]],
     configured_bounds: dict[str, int],
 ) -> list[dict[str, Any]]:
-    """`WorkerStatusOut` rows as dicts (its field order; the PS-only keys only once the PS has reported)."""
+    """`WorkerStatusOut` rows as dicts (its field order; the PS-only keys only once the PS has reported), from
+    `Store.worker_status_rows`."""
     idle_view = _ps_view(membership, set(), "", configured_bounds)  # a worker without tasks: the same for all
     return [
         {
-            "worker_id": w.worker_id,
-            "name": w.name,
-            "state": w.state,
-            "activity": w.activity,
-            "last_heartbeat_age_s": max(0.0, now - w.last_heartbeat),
-            "tasks": tasks_by_worker.get(w.worker_id, []),
-            "throughput_samples_per_s": w.throughput_ewma,
+            "worker_id": worker_id,
+            "name": name,
+            "state": state,
+            "activity": activity,
+            "last_heartbeat_age_s": max(0.0, now - last_heartbeat),
+            "tasks": tasks_by_worker.get(worker_id, []),
+            "throughput_samples_per_s": throughput,
             **(
-                _ps_view(membership, jobs_by_worker[w.worker_id], w.worker_id, configured_bounds)
-                if w.worker_id in jobs_by_worker
+                _ps_view(membership, jobs_by_worker[worker_id], worker_id, configured_bounds)
+                if worker_id in jobs_by_worker
                 else idle_view
             ),
             "declared": {
-                "memory_gb": w.memory_gb,
-                "flops": w.flops,
-                "bandwidth_mbps": w.bandwidth_mbps,
-                "compute_slowdown": w.compute_slowdown,
+                "memory_gb": memory_gb,
+                "flops": flops,
+                "bandwidth_mbps": bandwidth_mbps,
+                "compute_slowdown": compute_slowdown,
             },
-            "labels": w.labels,
+            "labels": labels,
         }
-        for w in workers
+        for (worker_id, name, state, activity, last_heartbeat, throughput, memory_gb, flops, bandwidth_mbps,
+             compute_slowdown, labels) in rows
     ]
 
 
@@ -122,7 +123,7 @@ def status_document(
     store = svc.store
     with store.tx():
         by_state, by_activity, oldest = store.fleet_summary()
-        workers = [] if workers_mode == "summary" else store.workers_page(offset, limit)
+        workers = [] if workers_mode == "summary" else store.worker_status_rows(offset, limit)
         jobs = store.list_jobs()
         assigned = store.assigned_tasks()
         counters = store.counters()
@@ -208,7 +209,7 @@ def status_document(
         "counters": dumped["counters"],
         "ps_notify_last_error": membership.last_error,
         # netem: per shaped link, backend and configured vs measured, from each worker's telemetry.
-        "links": [{**link, "worker": w.name} for w in workers for link in svc.links.get(w.worker_id, [])],
+        "links": [{**link, "worker": w[1]} for w in workers for link in svc.links.get(w[0], [])],
         "worker_summary": dumped["worker_summary"],
         "worker_page": dumped["worker_page"],
         "links_out_of_tolerance": svc.links_out_of_tolerance(),
