@@ -67,6 +67,51 @@ logging.getLogger("dist_llm_train.controller.server").setLevel(logging.INFO)
 serve(ControllerConfig(host="127.0.0.1", port=0, state_db=sys.argv[1]), "grpc", "127.0.0.1:9")
 """
 
+RENDER = r"""
+import asyncio, json, statistics, sys, tempfile, time, os
+import httpx
+from dist_llm_train.config import ControllerConfig
+from dist_llm_train.controller.app import create_app
+
+class Notifier:
+    def set_members(self, job_id, members): return members
+    def close(self): pass
+
+async def main(size, repeats):
+    with tempfile.TemporaryDirectory() as tmp:
+        app = create_app(ControllerConfig(state_db=os.path.join(tmp, "c.db")), "grpc", "127.0.0.1:9", Notifier(),
+                         run_background=False)
+        out = {}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ctl") as client:
+            for i in range(size):
+                body = {"name": f"w{i:05d}", "labels": {"zone": str(i % 3)}}
+                r = await client.post("/v1/workers/register", json=body)
+                assert r.status_code == 200, r.text
+            modes = (("full", "/status"), ("summary", "/status?workers=summary"), ("page", "/status?limit=100"))
+            for mode, path in modes:
+                cpu = []
+                for _ in range(repeats):
+                    t0 = time.process_time()
+                    r = await client.get(path)
+                    cpu.append((time.process_time() - t0) * 1e3)
+                    assert r.status_code == 200
+                out[mode] = {"cpu_ms_median": round(statistics.median(cpu), 2), "bytes": len(r.content)}
+        app.state.runtime.close()
+    print(json.dumps(out))
+
+asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+"""
+"""Controller CPU to answer `/status` in-process (ASGI, no sockets, no heartbeats): the cost of the document itself,
+which moves least with other load. Run in a child so `--baseline-src` can point it at another checkout."""
+
+
+def measure_render_cpu(size: int, repeats: int, src: str | None = None) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=src) if src else None
+    out = subprocess.run([sys.executable, "-c", RENDER, str(size), str(repeats)], env=env, check=True,
+                         capture_output=True, text=True, timeout=600)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
 
 # -- a minimal HTTP/1.1 keep-alive client ------------------------------------------------------------------
 class Connection:
@@ -162,7 +207,9 @@ class Fleet:
             conn.close()
 
 
-async def _status_reader(port: int, fleet: Fleet, samples: dict[str, list[tuple[float, int]]]) -> None:
+async def _status_reader(
+    port: int, fleet: Fleet, samples: dict[str, list[tuple[float, int]]], full_every: int = FULL_STATUS_EVERY
+) -> None:
     conn = Connection(port)
     modes = {"full": "/status", "summary": "/status?workers=summary", "page": "/status?limit=100"}
     rounds = 0
@@ -170,7 +217,7 @@ async def _status_reader(port: int, fleet: Fleet, samples: dict[str, list[tuple[
         while not fleet.stop.is_set():
             rounds += 1
             for mode, path in modes.items():
-                if mode == "full" and rounds % FULL_STATUS_EVERY != 1:
+                if mode == "full" and (rounds - 1) % full_every != 0:
                     continue
                 start = time.perf_counter()
                 status, body = await conn.request("GET", path)
@@ -222,7 +269,12 @@ def _start_controller(db: str, src: str | None) -> tuple[subprocess.Popen[str], 
 
 
 async def measure_fleet(
-    size: int, window_s: float, warmup_s: float, pacing: str, src: str | None = None
+    size: int,
+    window_s: float,
+    warmup_s: float,
+    pacing: str,
+    src: str | None = None,
+    full_every: int = FULL_STATUS_EVERY,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dlt-ctl-load-") as tmp:
         proc, port = _start_controller(str(Path(tmp) / "controller.db"), src)
@@ -241,7 +293,7 @@ async def measure_fleet(
                     raise failed[0].exception()  # type: ignore[misc]
             register_s = time.perf_counter() - began
             status_samples: dict[str, list[tuple[float, int]]] = {}
-            reader = asyncio.create_task(_status_reader(port, fleet, status_samples))
+            reader = asyncio.create_task(_status_reader(port, fleet, status_samples, full_every))
             await asyncio.sleep(warmup_s)
             deaths_before = await _metric(port, "dlt_controller_worker_deaths")
             cpu0, own0, wall0 = _cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
@@ -287,6 +339,7 @@ async def measure_fleet(
         row[f"status_{mode}_p50_ms"] = round(_pct(times, 0.5), 1)
         row[f"status_{mode}_p99_ms"] = round(_pct(times, 0.99), 1)
         row[f"status_{mode}_bytes"] = samples[-1][1]
+        row[f"status_{mode}_samples"] = len(samples)
         if mode == "full":
             full_body = samples[-1][1]
     if full_body and row.get("status_summary_bytes"):
@@ -298,15 +351,25 @@ def _markdown(result: dict[str, Any]) -> str:
     rows = result["results"]
     cols = ["workers", "code", "interval_told_s", "heartbeats_per_s", "heartbeat_p50_ms", "heartbeat_p99_ms",
             "controller_cpu_cores", "controller_cpu_us_per_heartbeat", "false_deaths", "status_full_p99_ms",
-            "status_full_bytes", "status_summary_p99_ms", "status_summary_bytes", "status_page_p99_ms",
-            "loadgen_cpu_cores"]
+            "status_full_samples", "status_full_bytes", "status_summary_p99_ms", "status_summary_bytes",
+            "status_page_p99_ms", "loadgen_cpu_cores"]
     lines = [f"# Controller under load ({result['label'] or 'current'})", "",
              f"Window {result['window_s']} s per fleet after a {result['warmup_s']} s warm-up; pacing "
-             f"`{result['pacing']}`; machine: {result['machine']}.", "",
+             f"`{result['pacing']}`; full `/status` every {result.get('full_status_every_rounds', FULL_STATUS_EVERY)} "
+             f"round(s) of 0.5 s; machine: {result['machine']}.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in [*rows, *result.get("baseline", [])]:
         lines.append("| " + " | ".join(str(r.get(c, "this checkout" if c == "code" else "-")) for c in cols) + " |")
     lines += ["", f"Load average at the end of each window: {[r['loadavg_1m'] for r in rows]} (this checkout)."]
+    for entry in result.get("status_render_cpu", []):
+        mine, base = entry["this_checkout"], entry.get("baseline")
+        lines.append(
+            f"- `/status` CPU in-process at {entry['workers']} workers (median of 20): full "
+            f"{mine['full']['cpu_ms_median']} ms"
+            + (f" vs baseline {base['full']['cpu_ms_median']} ms (ratio {entry['full_cpu_vs_baseline_ratio']})"
+               if base else "")
+            + f", summary {mine['summary']['cpu_ms_median']} ms, page of 100 {mine['page']['cpu_ms_median']} ms."
+        )
     lines += ["", "Targets: " + ", ".join(f"{k} < {v}" for k, v in TARGETS.items()) + ", 0 false deaths.", ""]
     for k, v in result.get("meets_target", {}).items():
         lines.append(f"- {k}: {'met' if v else 'NOT met'}")
@@ -323,24 +386,51 @@ def main() -> None:
     ap.add_argument("--label", default="", help="Suffix of the result files (e.g. 'before').")
     ap.add_argument("--baseline-src", help="Also measure a controller running this src directory (side by side).")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
+    ap.add_argument(
+        "--full-status-every",
+        type=int,
+        default=FULL_STATUS_EVERY,
+        help="Ask the full /status every Nth round of 0.5 s (1: twice a second, enough samples for its p99).",
+    )
+    ap.add_argument(
+        "--render-cpu",
+        action="store_true",
+        help="Also measure the CPU of one /status answer in-process (median of 20, per mode), side by side with "
+        "--baseline-src when given.",
+    )
     args = ap.parse_args()
+    if args.full_status_every < 1:
+        ap.error("--full-status-every must be at least 1")
     if args.quick:
         args.workers, args.window, args.warmup = [500, 1000], 15.0, 4.0
     from dist_llm_train.experiments.machine import describe_machine, machine_info
 
     rows, baseline = [], []
     for size in args.workers:
-        row = asyncio.run(measure_fleet(size, args.window, args.warmup, args.pacing))
+        row = asyncio.run(measure_fleet(size, args.window, args.warmup, args.pacing, None, args.full_status_every))
         print(json.dumps(row), flush=True)
         rows.append(row)
         if args.baseline_src:
-            base = asyncio.run(measure_fleet(size, args.window, args.warmup, args.pacing, args.baseline_src))
+            base = asyncio.run(
+                measure_fleet(size, args.window, args.warmup, args.pacing, args.baseline_src, args.full_status_every)
+            )
             base["code"] = f"baseline ({args.baseline_src})"
             print(json.dumps(base), flush=True)
             baseline.append(base)
             for key in ("heartbeat_p99_ms", "controller_cpu_us_per_heartbeat", "status_full_p99_ms"):
                 if row.get(key) and base.get(key):
                     row[f"{key}_vs_baseline_ratio"] = round(row[key] / base[key], 3)
+    render: list[dict[str, Any]] = []
+    if args.render_cpu:
+        for size in args.workers:
+            entry: dict[str, Any] = {"workers": size, "this_checkout": measure_render_cpu(size, 20)}
+            if args.baseline_src:
+                entry["baseline"] = measure_render_cpu(size, 20, args.baseline_src)
+                entry["full_cpu_vs_baseline_ratio"] = round(
+                    entry["this_checkout"]["full"]["cpu_ms_median"] / entry["baseline"]["full"]["cpu_ms_median"], 3
+                )
+            print(json.dumps(entry), flush=True)
+            render.append(entry)
     at_1000 = next((r for r in rows if r["workers"] == 1000), None)
     meets: dict[str, bool] = {}
     if at_1000 is not None:
@@ -356,10 +446,12 @@ def main() -> None:
         "window_s": args.window,
         "warmup_s": args.warmup,
         "pacing": args.pacing,
+        "full_status_every_rounds": args.full_status_every,
         "machine": describe_machine(),
         "machine_info": machine_info(),
         "results": rows,
         "baseline": baseline,
+        "status_render_cpu": render,
         "meets_target": meets,
     }
     stem = "controller_load" + (f"_{args.label}" if args.label else "")

@@ -377,7 +377,7 @@ async def test_status_json_keeps_its_keys_and_parses_back(asgi_app: FastAPI) -> 
         raw = (await http.get("/status")).json()
         assert list(raw) == [
             "scheduler", "paramserver", "heartbeat", "jobs", "workers", "counters", "ps_notify_last_error", "links",
-            "worker_summary", "worker_page", "links_out_of_tolerance",  # added later, after every earlier key
+            "worker_summary", "worker_page", "links_out_of_tolerance", "generated_at",  # added later, at the end
         ]
         assert list(raw["jobs"][0]) == [
             "job_id", "name", "state", "priority", "step", "total_steps", "loss", "tokens_per_s", "samples_per_s",

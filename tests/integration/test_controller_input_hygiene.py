@@ -1,7 +1,8 @@
 """Issue 14, item 3 on the controller: every failure the issue measured, with its exact input, as a regression.
 
 Lone surrogates and control characters in labels and names, `/status` over a legacy row holding one, a 10 MB
-chunked body, `Infinity` and `seed: -1` in a job config, telemetry with `ps_version = 2^62`, `text_path:
+chunked body, `Infinity` and `seed: -1` in a job config, telemetry with `ps_version = 2^62` (against the job's
+last version, and against the PS's real version when the PS can say), `text_path:
 /etc/passwd`, the same failure report replayed five times, and `required_memory_gb: false`.
 """
 
@@ -21,6 +22,7 @@ from fastapi import FastAPI
 
 from dist_llm_train.config import ControllerConfig
 from dist_llm_train.controller.app import create_app
+from dist_llm_train.core.types import ErrorCode, JobStats, PSError
 
 TEN_MB = 10 << 20
 
@@ -309,3 +311,68 @@ def test_the_checks_hold_across_restarts(tmp_path: Path) -> None:
 
     tid, report = asyncio.run(first())
     asyncio.run(second(tid, report))
+
+
+# -- telemetry against the PS's real version ------------------------------------------------------------------
+class VersionedPS(NullNotifier):
+    """A PS that reports each job at `version` (`job_stats`, as the real notifier does), counting the asks."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.asks = 0
+        self.down = False
+
+    def job_stats(self, job_id: str) -> JobStats:
+        self.asks += 1
+        if self.down:
+            raise PSError(ErrorCode.UNAVAILABLE, "connection refused")
+        return JobStats(job_id, self.version, "sync", [], {}, 0.0, False, 10)
+
+
+@pytest.fixture
+async def versioned() -> AsyncIterator[tuple[httpx.AsyncClient, VersionedPS]]:
+    ps = VersionedPS(version=3)
+    application = create_app(ControllerConfig(), "grpc", "127.0.0.1:1", ps, run_background=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://ctl") as c:
+        yield c, ps
+    application.state.runtime.close()
+
+
+async def test_telemetry_past_the_ps_real_version_is_refused(
+    versioned: tuple[httpx.AsyncClient, VersionedPS],
+) -> None:
+    """The issue's input, 2^62, and a claim within the job's 20 versions but past the PS's 3: both refused, and
+    the job's step stays what the PS has."""
+    client, ps = versioned
+    wid = await register(client, "a")
+    jid = (await client.post("/v1/jobs", json={"name": "j", "config": {"training": {"steps": 20}}})).json()["job_id"]
+    r = await client.post(f"/v1/workers/{wid}/telemetry", json=telemetry(jid, ps_version=2**62))
+    assert r.status_code == 422 and "body.ps_version" in r.json()["detail"]
+    r = await client.post(f"/v1/workers/{wid}/telemetry", json=telemetry(jid, ps_version=20))
+    assert r.status_code == 422, r.text
+    assert "past the parameter server's version 3" in r.json()["detail"]
+    assert (await client.get(f"/v1/jobs/{jid}")).json()["progress"]["step"] == 0  # nothing stored
+    assert (await client.post(f"/v1/workers/{wid}/telemetry", json=telemetry(jid, ps_version=3))).status_code == 204
+    asks = ps.asks
+    assert (await client.post(f"/v1/workers/{wid}/telemetry", json=telemetry(jid, ps_version=2))).status_code == 204
+    assert ps.asks == asks  # within the version already seen: judged without asking the PS
+    ps.version = 7  # the PS published since: an honest claim past the last answer is asked about, and accepted
+    assert (await client.post(f"/v1/workers/{wid}/telemetry", json=telemetry(jid, ps_version=7))).status_code == 204
+    assert ps.asks == asks + 1
+    status = (await client.get("/status")).json()
+    assert status["jobs"][0]["step"] == 7
+
+
+async def test_telemetry_is_judged_by_the_job_bound_while_the_ps_is_away(
+    versioned: tuple[httpx.AsyncClient, VersionedPS],
+) -> None:
+    client, ps = versioned
+    ps.down = True
+    wid = await register(client, "a")
+    jid = (await client.post("/v1/jobs", json={"name": "j", "config": {"training": {"steps": 20}}})).json()["job_id"]
+    assert (await client.post(f"/v1/workers/{wid}/telemetry", json=telemetry(jid, ps_version=5))).status_code == 204
+    asks = ps.asks
+    r = await client.post(f"/v1/workers/{wid}/telemetry", json=telemetry(jid, ps_version=2**62))
+    assert r.status_code == 422  # the job's own bound still holds
+    assert (await client.post(f"/v1/workers/{wid}/telemetry", json=telemetry(jid, ps_version=6))).status_code == 204
+    assert ps.asks == asks  # no new ask within the backoff after a failed one

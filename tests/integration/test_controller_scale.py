@@ -76,8 +76,9 @@ async def test_heartbeats_stay_in_memory_until_the_detector_flushes_them(ctl: An
     clock.t += 0.7
     await beat(client, wid, "training")
     assert stored_heartbeat(app, wid) == registered_at  # no SQLite write on the hot path
-    age = (await client.get("/status")).json()["workers"][0]["last_heartbeat_age_s"]
-    assert age == 0.0  # /status flushes first: it shows the newest beat
+    status = (await client.get("/status")).json()
+    assert status["workers"][0]["last_heartbeat_age_s"] == 0.0  # /status flushes first: it shows the newest beat
+    assert status["generated_at"] == clock.t  # ages are as of this moment, on the controller's clock
     assert stored_heartbeat(app, wid) == clock.t
     clock.t += 0.5
     await beat(client, wid)

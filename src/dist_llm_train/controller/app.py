@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
@@ -45,7 +45,7 @@ from dist_llm_train.controller.models import (
 from dist_llm_train.controller.routes import router
 from dist_llm_train.controller.schedulers import get_scheduler
 from dist_llm_train.controller.service import ControllerService, PSEndpoint
-from dist_llm_train.controller.status import build_status
+from dist_llm_train.controller.status import render_status
 from dist_llm_train.controller.store import Store
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ def create_app(
     )
     detector = FailureDetector(service, membership)
     service.on_change = detector.wake
+    service.ps_version_past = membership.version_past
     registry, latency = make_registry(service, membership)
     runtime = Runtime(service, membership, detector, registry, auth)
 
@@ -208,12 +209,13 @@ def create_app(
     app.add_middleware(AuthMiddleware, auth=auth)
     app.add_middleware(RequestMetricsMiddleware, latency=latency, max_body_bytes=max_body_bytes)
 
-    # exclude_unset: a worker's PS-only fields are absent, not null, until the PS has reported on it
-    # (see WorkerStatusOut); every other field is always set by build_status.
+    # The route renders its own JSON (controller/status.py says why); `response_model` documents it. A worker's
+    # PS-only fields are absent, not null, until the PS has reported on it (see WorkerStatusOut).
     @app.get(
         "/status",
         dependencies=guard,
         tags=["status"],
+        response_model=StatusOut,
         response_model_exclude_unset=True,
         responses={401: ERROR_RESPONSES[401], 422: ERROR_RESPONSES[422]},  # a bad `workers`, `limit` or `offset`
     )
@@ -223,12 +225,12 @@ def create_app(
         ] = "full",
         limit: Annotated[int | None, Query(ge=1, le=100_000, description="At most this many workers.")] = None,
         offset: Annotated[int, Query(ge=0, le=2**62, description="Skip this many workers (by name).")] = 0,
-    ) -> StatusOut:
+    ) -> Response:
         """Jobs, workers, scheduler, PS endpoint and counters, as the controller sees them now.
 
         For a large fleet ask `?workers=summary`, or page through the workers with `limit` and `offset`
         (`worker_page.next_offset`)."""
-        return build_status(service, membership, workers, offset, limit)
+        return Response(render_status(service, membership, workers, offset, limit), media_type="application/json")
 
     @app.get("/healthz", tags=["status"])
     def healthz() -> HealthOut:

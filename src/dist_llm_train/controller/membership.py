@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,6 +19,9 @@ from typing import Any, Protocol
 from dist_llm_train.core.types import ErrorCode, PSError
 
 log = logging.getLogger(__name__)
+
+VERSION_ASK_BACKOFF_S = 2.0
+"""After a failed ask for a job's PS version, claims are judged by the job's bound alone for this long."""
 
 
 class MembershipNotifier(Protocol):
@@ -120,9 +124,14 @@ class MembershipSync:
         self.sends = 0
         self.last_error: str | None = None
         self.resyncs = 0  # acknowledgements forgotten because the PS no longer held them (a PS restart)
+        self.version_asks = 0  # PS stats read to judge a telemetry claim past the version last seen
         self._worker_stats: dict[str, dict[str, Any]] = {}
         self._job_counters: dict[str, dict[str, int]] = {}
         self._stats_polled_at = float("-inf")
+        # The PS's version per job: (version, monotonic time the asking started), from the stats poll or an ask.
+        self._ps_versions: dict[str, tuple[int, float]] = {}
+        self._version_lock = threading.Lock()  # one version ask at a time
+        self._version_ask_failed_at = float("-inf")
 
     def pending(self) -> dict[str, list[str]]:
         """Jobs whose PS membership differs from the desired one (what the next sync will send)."""
@@ -183,6 +192,7 @@ class MembershipSync:
             if not members:
                 continue
             try:
+                asked_at = time.monotonic()
                 if fetch_job is None:
                     workers = fetch(job_id) if fetch is not None else []
                 else:
@@ -191,6 +201,8 @@ class MembershipSync:
                     if stats is not None and tuple(sorted(stats.members)) != members:
                         self._forget(job_id, members, list(stats.members))
                     self._job_counters[job_id] = dict(stats.counters) if stats is not None else {}
+                    if getattr(stats, "version", None) is not None:
+                        self._ps_versions[job_id] = (int(stats.version), asked_at)
                 self._worker_stats[job_id] = {w.worker_id: w for w in workers}
             except Exception as err:  # the PS being away only makes /status older, never the controller fail
                 log.debug("PS stats for %s unavailable: %s", job_id, err)
@@ -202,6 +214,50 @@ class MembershipSync:
                 self.resyncs += 1
         log.warning("PS holds members %s for %s, not the acknowledged %s (restarted?); sending them again",
                     sorted(held), job_id, list(acked))
+
+    def version_past(self, job_id: str, claimed: int) -> int | None:
+        """The PS's version of `job_id` if `claimed` is past it, else None (also when the PS cannot say now).
+
+        A worker reports the PS version it trained on (`TelemetryIn.ps_version`); the PS published it, so a
+        claim past the PS's version is made up. A claim within the version last seen (stats poll, every 2 s) is
+        judged at once; one past it makes the controller ask the PS *after the claim arrived* (one ask at a
+        time; claims that waited for it share its answer), since the PS may have published since. When the PS
+        is away, does not know the job, or the notifier cannot report jobs, None: the caller's bound (the
+        job's last version) still holds, and after a failed ask none is tried for `VERSION_ASK_BACKOFF_S`, so
+        a PS that is down does not slow telemetry. A PS restarted from a checkpoint is seen at its older
+        version at the next poll; until then claims up to its version before the restart pass."""
+        arrived = time.monotonic()
+        known = self._ps_versions.get(job_id)
+        if known is not None and claimed <= known[0]:
+            return None
+        fetch_job = getattr(self.notifier, "job_stats", None)
+        if fetch_job is None:
+            return None
+        with self._version_lock:
+            known = self._ps_versions.get(job_id)
+            if known is not None and (claimed <= known[0] or known[1] >= arrived):
+                return None if claimed <= known[0] else known[0]
+            if arrived - self._version_ask_failed_at < VERSION_ASK_BACKOFF_S:
+                return None
+            asked_at = time.monotonic()
+            try:
+                stats = fetch_job(job_id)
+            except PSError as err:
+                if err.code is not ErrorCode.NOT_FOUND:  # a job the PS has not created yet is no failure
+                    self._version_ask_failed_at = time.monotonic()
+                log.debug("PS version of %s unavailable: %s", job_id, err)
+                return None
+            except Exception as err:  # the PS being away must not refuse honest telemetry
+                self._version_ask_failed_at = time.monotonic()
+                log.debug("PS version of %s unavailable: %s", job_id, err)
+                return None
+            version = getattr(stats, "version", None)  # None: the PS does not know the job yet
+            if version is None:
+                return None
+            version = int(version)
+            self._ps_versions[job_id] = (version, asked_at)
+            self.version_asks += 1
+        return None if claimed <= version else version
 
     def worker_stats(self, job_id: str, worker_id: str) -> Any | None:
         return self._worker_stats.get(job_id, {}).get(worker_id)

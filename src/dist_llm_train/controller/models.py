@@ -467,3 +467,8 @@ class StatusOut(BaseModel):
         description="`worker/traffic_class` of every shaped link (of every worker, whatever the page) whose "
         "measured RTT is outside its tolerance: the host could not keep that link's timing.",
     )
+    generated_at: float | None = Field(
+        None,
+        description="When the controller built this document (Unix seconds, its clock); heartbeat ages are as of "
+        "then. Always sent by this controller; absent from controllers that predate it.",
+    )

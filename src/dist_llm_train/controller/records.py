@@ -6,6 +6,7 @@ label of "\ud800" once made every GET /status answer 500, permanently) shows U+F
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ def readable(value: Any) -> Any:
     if isinstance(value, list):
         return [readable(v) for v in value]
     return value
+
+
+@functools.lru_cache(maxsize=4096)
+def labels_of(raw: str) -> dict[str, str]:
+    """A stored labels column, parsed and made readable once per distinct text (a fleet shares a few label sets,
+    and `/status` reads every worker's): callers get a copy."""
+    labels: dict[str, str] = readable(json.loads(raw))
+    return labels
 
 
 @dataclass
@@ -72,7 +81,7 @@ class Worker:
             flops=r["flops"],
             bandwidth_mbps=r["bandwidth_mbps"],
             compute_slowdown=r["compute_slowdown"],
-            labels=readable(json.loads(r["labels"])),
+            labels=dict(labels_of(r["labels"])),
             state=r["state"],
             activity=r["activity"],
             registered_at=r["registered_at"],

@@ -65,6 +65,9 @@ class ControllerService:
         self.clock = clock
         self.max_task_attempts = max_task_attempts
         self.on_change: Callable[[], None] = lambda: None
+        # (job_id, claimed ps_version) -> the PS's version when the claim is past it, else None; the app wires
+        # `MembershipSync.version_past` (it talks to the PS). Without one only the job's last version bounds it.
+        self.ps_version_past: Callable[[str, int], int | None] = lambda job_id, claimed: None
         self._hb_lock = threading.Lock()
         self.heartbeats = 0
         # Known-alive workers' last heartbeats; SQLite gets them in batches (see controller.heartbeats).
@@ -194,8 +197,17 @@ class ControllerService:
     def record_telemetry(self, worker_id: str, rec: TelemetryIn) -> None:
         alpha = self.cfg.telemetry_alpha
         with self.store.tx():
-            w = self._worker(worker_id)
+            self._worker(worker_id)
             self._check_report(self._job(rec.job_id), rec)
+        # Outside the store's lock: judging the version may ask the PS (membership.version_past).
+        ps_version = self.ps_version_past(rec.job_id, rec.ps_version)
+        if ps_version is not None:
+            raise BadInput(
+                f"body.ps_version: {rec.ps_version} is past the parameter server's version {ps_version} of job "
+                f"{rec.job_id}"
+            )
+        with self.store.tx():
+            w = self._worker(worker_id)
             self.store.insert_telemetry(
                 rec.job_id, worker_id, rec.model_dump(exclude={"job_id"}), self.clock()
             )

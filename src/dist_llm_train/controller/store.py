@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from dist_llm_train.controller.records import TELEMETRY_FIELDS, Job, Task, Worker, readable
+from dist_llm_train.controller.records import TELEMETRY_FIELDS, Job, Task, Worker, labels_of, readable
 from dist_llm_train.controller.schema import MIGRATIONS, SCHEMA_VERSION
 
 _UPSERT_WORKER = """INSERT INTO workers (worker_id, name, memory_gb, flops, bandwidth_mbps, compute_slowdown,
@@ -159,6 +159,20 @@ class Store:
             "SELECT * FROM workers ORDER BY name LIMIT ? OFFSET ?", (-1 if limit is None else limit, offset)
         )
         return [Worker.from_row(r) for r in rows]
+
+    def worker_status_rows(self, offset: int, limit: int | None) -> list[tuple[Any, ...]]:
+        """What `/status` shows of each worker, sorted by name, as plain tuples (no `Worker` per row: a full
+        fleet is read at every full `/status`): (worker_id, name, state, activity, last_heartbeat,
+        throughput_ewma, memory_gb, flops, bandwidth_mbps, compute_slowdown, labels), text made `readable`."""
+        with self._lock:
+            cur = self._c().execute(
+                "SELECT worker_id, name, state, activity, last_heartbeat, throughput_ewma, memory_gb, flops, "
+                "bandwidth_mbps, compute_slowdown, labels FROM workers ORDER BY name LIMIT ? OFFSET ?",
+                (-1 if limit is None else limit, offset),
+            )
+            cur.row_factory = None  # tuples: a Row per worker costs more than the rest of the row's work
+            rows = cur.fetchall()
+        return [(readable(r[0]), readable(r[1]), *r[2:10], labels_of(r[10])) for r in rows]
 
     def fleet_summary(self) -> tuple[dict[str, int], dict[str, int], float | None]:
         """(workers per state, alive workers per activity, the oldest alive worker's last heartbeat)."""
