@@ -13,7 +13,8 @@
 #   DLT_PROBE_LISTEN   HOST:PORT: run a `netem probe --listen` responder beside the service (the peer end of
 #                      the fidelity probes).
 #   DLT_PROBE_TARGET   HOST:PORT of a responder, with DLT_PROBE_PEER (its node name) and DLT_PROBE_METRICS_PORT:
-#                      run the link exporter (configured vs measured RTT/loss as dlt_link_* metrics).
+#                      run the link exporter (configured vs measured RTT/loss as dlt_link_* metrics, and as
+#                      `links` records in $DLT_LINK_REPORT_FILE, which the worker sends with its telemetry).
 #
 # Why a script and not the service itself: shaping needs NET_ADMIN-time setup before the first packet, and must be
 # undone even when the service crashes. Bash stays PID 1, forwards SIGTERM/SIGINT to the service, then clears.
@@ -103,9 +104,12 @@ if [ -n "${DLT_PROBE_LISTEN:-}" ] && [ ${#netem[@]} -gt 0 ]; then
   helpers+=($!)
 fi
 if [ -n "${DLT_PROBE_TARGET:-}" ] && [ -n "$profile" ] && [ "$profile" != none ]; then
+  # The exporter also writes the path's configured vs measured figures as telemetry `links` records; the worker
+  # finds the file through DLT_LINK_REPORT_FILE and sends them to the controller (/status shows them).
+  export DLT_LINK_REPORT_FILE=$state_dir/links.json
   python /usr/local/bin/dlt-link-exporter.py --target "$DLT_PROBE_TARGET" --peer-node "${DLT_PROBE_PEER:-paramserver}" \
     --node "$node" --profile "$profile" --workers "${workers:-}" --dev "$dev" \
-    --port "${DLT_PROBE_METRICS_PORT:-9101}" &
+    --port "${DLT_PROBE_METRICS_PORT:-9101}" --report-file "$DLT_LINK_REPORT_FILE" &
   helpers+=($!)
 fi
 stop_helpers() {

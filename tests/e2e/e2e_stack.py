@@ -89,6 +89,7 @@ class Http:
     """JSON over HTTP to one service's published port."""
 
     def __init__(self, base: str, token: str | None = None) -> None:
+        self.base = base
         headers = {"Authorization": f"Bearer {token}"} if token else None
         self.client = httpx.Client(base_url=base, timeout=10, headers=headers)
 
