@@ -55,3 +55,4 @@ e2e: install
 	@scripts/docker/setup_engine.sh
 	@scripts/docker/build_images.sh
 	TESTCONTAINERS_RYUK_DISABLED=true $(BIN)/python -m pytest -m e2e tests/e2e -q
+-include scripts/docker/swarm.mk
