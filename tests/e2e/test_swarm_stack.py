@@ -123,6 +123,7 @@ def test_every_task_runs_healthy_with_distinct_worker_names(swarm: SwarmStack) -
         desc = json.loads(run("docker", "exec", t["id"], "python", "-m", "dist_llm_train.netem", "show", "--dev",
                               "eth0", "--json"))
         assert desc["applied"] and desc["profile"] == PROFILE, desc
+        assert desc["node"] == t["node"], desc  # shaped as the node it registers as: overrides hit this task
         assert desc["backend"] in ("tc_netem", "kernel_fallback"), desc
 
 
