@@ -46,21 +46,17 @@ for svc in controller paramserver worker prometheus; do
 done
 docker stack deploy --prune --resolve-image never -c "$root/deploy/swarm/stack.yml" "$stack" >&2
 
-# 4. Wait until every service has all its replicas running and every task's container reports healthy.
+# 4. Wait until every service has all its replicas running, on whichever node. A task whose image has a
+#    healthcheck counts as running only once it is healthy (Swarm keeps it `starting` until then), so the
+#    replica counts of `docker service ls` say it all, for tasks on every node.
 expected() { case "$1" in worker) echo "$workers" ;; *) echo 1 ;; esac; }
 healthy() {
-  local svc want ids id n=0
+  local svc want have
   for svc in paramserver controller worker prometheus; do
     want=$(expected "$svc")
-    ids=$(docker ps -q --filter "label=com.docker.swarm.service.name=${stack}_$svc" --filter status=running)
-    n=0
-    for id in $ids; do
-      # Prometheus' image has no healthcheck: running is all it can say.
-      case "$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}healthy{{end}}' "$id")" in
-        healthy) n=$((n + 1)) ;;
-      esac
-    done
-    [ "$n" -eq "$want" ] || { pending="$svc $n/$want healthy"; return 1; }
+    have=$(docker service ls --filter "name=${stack}_$svc" --format '{{.Name}} {{.Replicas}}' \
+      | awk -v n="${stack}_$svc" '$1 == n {print $2}')
+    [ "$have" = "$want/$want" ] || { pending="$svc ${have:-0/$want} running"; return 1; }
   done
 }
 pending=""

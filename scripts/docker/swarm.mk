@@ -2,7 +2,9 @@
 # PROFILE, WORKERS, JOB, DEPLOY_JOB_FILE, DEPLOY_SECRETS and DEPLOY_ADMIN they share.
 #   make stack-up PROFILE=cellular WORKERS=4   swarm init if needed, build missing images, deploy, wait until healthy,
 #                                              submit the default job (one task per worker), print the URLs
-#   make stack-status | stack-down | test-swarm
+#   make stack-status | stack-down
+#   make test-swarm       the Swarm suites: single node, images to a second engine, a two-node swarm (~9 min;
+#                         `make e2e` runs all but the two-node one)
 #   make swarm-images NODES="ssh://root@10.0.0.2"   copy the images to other engines (no registry); NODES=--nodes: all
 STACK      ?= dlt-swarm
 STACK_URL  := http://127.0.0.1:$(or $(DLT_CONTROLLER_PORT),8000)
@@ -33,4 +35,5 @@ swarm-images:
 test-swarm: install
 	@scripts/docker/setup_engine.sh
 	@scripts/docker/build_images.sh
-	TESTCONTAINERS_RYUK_DISABLED=true $(BIN)/python -m pytest -m e2e tests/e2e/test_swarm_stack.py -q
+	TESTCONTAINERS_RYUK_DISABLED=true DLT_E2E_MULTINODE=1 $(BIN)/python -m pytest -m e2e tests/e2e/test_swarm_files.py \
+	  tests/e2e/test_swarm_images.py tests/e2e/test_swarm_stack.py tests/e2e/test_swarm_multinode.py -q

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_stack import ROOT, Http, logs, metric_value, run, wait_for
+from e2e_stack import ROOT, Http, has_network, leave_swarm_made_here, logs, metric_value, run, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -84,7 +84,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwarmStack]:
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         pytest.fail("docker daemon not answering: run scripts/docker/setup_engine.sh (make test-swarm does)")
     run(str(SCRIPTS / "build_images.sh"), "--missing", timeout=1800)
-    was = swarm_state()
+    was, gwbridge_before = swarm_state(), has_network("docker_gwbridge")
     work = tmp_path_factory.mktemp("swarm")
     ports = {name: str(_free_port()) for name in
              ("DLT_CONTROLLER_PORT", "DLT_PS_PORT", "DLT_PS_METRICS_PORT", "DLT_PROMETHEUS_PORT")}
@@ -108,7 +108,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwarmStack]:
             c.close()
         subprocess.run([str(SCRIPTS / "stack_down.sh")], env=env, capture_output=True, timeout=180)
         if was == "inactive":
-            subprocess.run(["docker", "swarm", "leave", "--force"], capture_output=True, timeout=60)
+            leave_swarm_made_here(gwbridge_before)
 
 
 def test_every_task_runs_healthy_with_distinct_worker_names(swarm: SwarmStack) -> None:
