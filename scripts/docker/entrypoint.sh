@@ -67,7 +67,11 @@ if [ -n "$profile" ] && [ "$profile" != none ]; then
   if [ ${#netem[@]} -gt 0 ]; then
     extra=()
     workers=""
-    if [ -n "${DLT_WORKERS:-}" ] && "${netem[@]}" apply --help 2>/dev/null | grep -q -- '--workers'; then
+    # The help text in a variable, not piped into `grep -q`: grep exits at the first match, the CLI then dies of
+    # SIGPIPE while still writing, and pipefail turned that into "no --workers" at random — and with it every
+    # `$last_worker` override (the straggler) silently missed its node.
+    apply_help=$("${netem[@]}" apply --help 2>/dev/null || true)
+    if [ -n "${DLT_WORKERS:-}" ] && [[ "$apply_help" == *--workers* ]]; then
       for i in $(seq 1 "$DLT_WORKERS"); do workers+="${workers:+,}worker-$i"; done
       extra=(--workers "$workers")
     fi

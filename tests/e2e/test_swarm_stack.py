@@ -1,4 +1,4 @@
-"""The Swarm deployment, end to end on a single-node swarm: `stack_up.sh cellular 3` (what `make stack-up` runs),
+"""The Swarm deployment, end to end on a single-node swarm: `stack_up.sh straggler 3` (what `make stack-up` runs),
 real images, shaping inside every task, real Prometheus; then a killed worker task replaced by Swarm, and
 `stack_down.sh` leaving nothing behind. Tests run in file order against one stack. `make test-swarm`.
 
@@ -20,10 +20,15 @@ from typing import Any
 import pytest
 from e2e_stack import ROOT, Http, has_network, leave_swarm_made_here, logs, metric_value, run, wait_for
 
+from dist_llm_train.netem.measure.path_report import configured_path
+from dist_llm_train.netem.profile.loading import load_profile
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 STACK = "dlt-e2e-swarm"
-PROFILE = "cellular"
+# Straggler: the last worker has its own, slower link (a `$last_worker` node override), so the links in /status
+# show whether each task was shaped as the node it registers as.
+PROFILE = "straggler"
 WORKERS = 3
 SCRIPTS = ROOT / "scripts" / "docker"
 CLI = str(ROOT / ".venv" / "bin" / "dist-llm-train")
@@ -159,9 +164,17 @@ def test_status_shows_every_worker_live_and_its_link(swarm: SwarmStack) -> None:
 
     status = wait_for("every worker's measured link in /status", measured, timeout=90, every=2.0)
     assert sorted(w["name"] for w in status["workers"] if w["state"] == "alive") == names
-    for lk in status["links"]:
-        assert lk["backend"] in ("tc_netem", "kernel_fallback") and lk["configured_rtt_ms"] == pytest.approx(80.0)
+    profile = load_profile(PROFILE)
+    by_worker = {lk["worker"]: lk for lk in status["links"]}
+    for name, lk in by_worker.items():
+        want = configured_path(profile, name, "paramserver", names)
+        assert lk["backend"] in ("tc_netem", "kernel_fallback"), lk
+        assert lk["configured_rtt_ms"] == pytest.approx(want.rtt_ms) and lk["configured_rate_mbit"] == want.up_rate_mbit
         assert lk["within_tolerance"] is True, lk
+    # The override hit worker-3 (slot 3) and no other: its path is the slow one, configured and measured.
+    slow, fast = by_worker[f"worker-{WORKERS}"], by_worker["worker-1"]
+    assert slow["configured_rate_mbit"] == 5 and fast["configured_rate_mbit"] == 100, (slow, fast)
+    assert slow["measured_rtt_ms"] > fast["measured_rtt_ms"] + 20, (slow, fast)
 
 
 def test_prometheus_finds_every_task(swarm: SwarmStack) -> None:
