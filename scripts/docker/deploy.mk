@@ -32,7 +32,7 @@ up: install
 	@TLS=$(TLS) PS_SHARDS=$(PS_SHARDS) scripts/docker/compose_up.sh "$(PROFILE)" "$(WORKERS)"
 	@if [ "$(JOB)" != none ]; then \
 	  echo "submitting $(DEPLOY_JOB_FILE)"; \
-	  $(DEPLOY_ADMIN) $(BIN)/dist-llm-train submit-job --config "$(DEPLOY_JOB_FILE)" --controller $(DEPLOY_URL) --name default \
+	  $(DEPLOY_ADMIN) $(BIN)/dist-llm-train submit-job --config "$(DEPLOY_JOB_FILE)" --workers $(WORKERS) --controller $(DEPLOY_URL) --name default \
 	    || exit 1; fi
 	@echo "controller   $(DEPLOY_URL)/status  (make status)"
 	@echo "prometheus   http://127.0.0.1:$(or $(DLT_PROMETHEUS_PORT),9090)"
@@ -57,3 +57,4 @@ e2e: install
 	@scripts/docker/setup_engine.sh
 	@scripts/docker/build_images.sh
 	TESTCONTAINERS_RYUK_DISABLED=true $(BIN)/python -m pytest -m e2e tests/e2e -q
+-include scripts/docker/swarm.mk

@@ -13,7 +13,8 @@
 #   DLT_PROBE_LISTEN   HOST:PORT: run a `netem probe --listen` responder beside the service (the peer end of
 #                      the fidelity probes).
 #   DLT_PROBE_TARGET   HOST:PORT of a responder, with DLT_PROBE_PEER (its node name) and DLT_PROBE_METRICS_PORT:
-#                      run the link exporter (configured vs measured RTT/loss as dlt_link_* metrics).
+#                      run the link exporter (configured vs measured RTT/loss as dlt_link_* metrics, and as
+#                      `links` records in $DLT_LINK_REPORT_FILE, which the worker sends with its telemetry).
 #
 # Why a script and not the service itself: shaping needs NET_ADMIN-time setup before the first packet, and must be
 # undone even when the service crashes. Bash stays PID 1, forwards SIGTERM/SIGINT to the service, then clears.
@@ -66,7 +67,11 @@ if [ -n "$profile" ] && [ "$profile" != none ]; then
   if [ ${#netem[@]} -gt 0 ]; then
     extra=()
     workers=""
-    if [ -n "${DLT_WORKERS:-}" ] && "${netem[@]}" apply --help 2>/dev/null | grep -q -- '--workers'; then
+    # The help text in a variable, not piped into `grep -q`: grep exits at the first match, the CLI then dies of
+    # SIGPIPE while still writing, and pipefail turned that into "no --workers" at random — and with it every
+    # `$last_worker` override (the straggler) silently missed its node.
+    apply_help=$("${netem[@]}" apply --help 2>/dev/null || true)
+    if [ -n "${DLT_WORKERS:-}" ] && [[ "$apply_help" == *--workers* ]]; then
       for i in $(seq 1 "$DLT_WORKERS"); do workers+="${workers:+,}worker-$i"; done
       extra=(--workers "$workers")
     fi
@@ -103,9 +108,12 @@ if [ -n "${DLT_PROBE_LISTEN:-}" ] && [ ${#netem[@]} -gt 0 ]; then
   helpers+=($!)
 fi
 if [ -n "${DLT_PROBE_TARGET:-}" ] && [ -n "$profile" ] && [ "$profile" != none ]; then
+  # The exporter also writes the path's configured vs measured figures as telemetry `links` records; the worker
+  # finds the file through DLT_LINK_REPORT_FILE and sends them to the controller (/status shows them).
+  export DLT_LINK_REPORT_FILE=$state_dir/links.json
   python /usr/local/bin/dlt-link-exporter.py --target "$DLT_PROBE_TARGET" --peer-node "${DLT_PROBE_PEER:-paramserver}" \
     --node "$node" --profile "$profile" --workers "${workers:-}" --dev "$dev" \
-    --port "${DLT_PROBE_METRICS_PORT:-9101}" &
+    --port "${DLT_PROBE_METRICS_PORT:-9101}" --report-file "$DLT_LINK_REPORT_FILE" &
   helpers+=($!)
 fi
 stop_helpers() {

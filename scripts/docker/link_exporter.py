@@ -1,10 +1,14 @@
 """Network fidelity exporter: configured vs measured link figures for this container's path to a peer.
 
-Runs in the background of a worker container (started by the entrypoint when DLT_PROBE_TARGET is set) and serves
-`dlt_link_*` gauges on its own port for Prometheus, which the "network fidelity" dashboard plots. Every interval it
-sends a short paced UDP probe train to the peer's `dist-llm-train netem probe --listen` responder and compares the
-median RTT and round-trip loss with what the profile configures for this path (this node's egress plus the peer's
-egress, both resolved by the project's own profile code, so the figures mean exactly what shaping applied).
+Runs in the background of a worker container (started by the entrypoint when DLT_PROBE_TARGET is set). Every
+interval it sends a short paced UDP probe train, marked as the ps_sync class, to the peer's
+`dist-llm-train netem probe --listen` responder and compares the median RTT and the round-trip loss with what the
+profile configures for this path (this node's egress plus the peer's, and either end's ingress override, all
+resolved by the project's own profile code, so the figures mean exactly what shaping applied). Two outputs:
+
+* `dlt_link_*` gauges on its own port for Prometheus (the "network fidelity" dashboard);
+* `--report-file`: the same figures as the `links` records of worker telemetry (netem/measure/path_report.py);
+  the worker, told the file by DLT_LINK_REPORT_FILE, sends them to the controller, whose /status shows them.
 
 Why here and not in the worker: measurement must not depend on training traffic, and the probe train is tiny
 (default 50 x 64 B every 15 s) so it does not disturb what it measures.
@@ -22,24 +26,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from dist_llm_train.netem.backends import ShapingError
 from dist_llm_train.netem.kernel import shell
 from dist_llm_train.netem.measure import probe
+from dist_llm_train.netem.measure.path_report import ProbeWindow, configured_path, path_report, write_reports
 from dist_llm_train.netem.profile.loading import load_profile
-from dist_llm_train.netem.profile.resolve import egress_links
 
 log = logging.getLogger("dlt-link-exporter")
-
-
-def configured_path(profile_name: str, node: str, peer: str, workers: list[str] | None) -> dict[str, float]:
-    """Round-trip figures the profile sets for node -> peer -> node on the default (unmarked) class."""
-    profile = load_profile(profile_name)
-    out_link = egress_links(profile, node, workers)[None]
-    back_link = egress_links(profile, peer, workers)[None]
-    keep = (1 - out_link.loss_pct / 100) * (1 - back_link.loss_pct / 100)
-    rates = [r for r in (out_link.rate_mbit, back_link.rate_mbit) if r]
-    return {
-        "rtt_s": (out_link.delay_ms + back_link.delay_ms) / 1000,
-        "loss_ratio": 1 - keep,
-        "rate_bps": min(rates) * 1e6 if rates else math.nan,
-    }
+TRAFFIC_CLASS = "ps_sync"  # the probes carry training's mark, so a per-class override applies to both alike
 
 
 def backend_of(dev: str) -> str:
@@ -60,6 +51,7 @@ def main() -> None:
     ap.add_argument("--workers", default="", help="comma-separated worker names (for $last_worker overrides)")
     ap.add_argument("--dev", default="eth0")
     ap.add_argument("--port", type=int, default=9101, help="metrics port")
+    ap.add_argument("--report-file", default=None, help="write the path's `links` records here (JSON)")
     ap.add_argument("--interval", type=float, default=15.0)
     ap.add_argument("--count", type=int, default=50)
     args = ap.parse_args()
@@ -79,22 +71,32 @@ def main() -> None:
     probes = Counter("dlt_link_probes", "Probe packets sent.", ["src", "dst"], registry=reg)
     start_http_server(args.port, registry=reg)
 
-    cfg = configured_path(args.profile, args.node, args.peer_node, workers)
+    cfg = configured_path(load_profile(args.profile), args.node, args.peer_node, workers, TRAFFIC_CLASS)
+    window = ProbeWindow()
+    link = f"{args.node}->{args.peer_node}"
     while True:
         backend = backend_of(args.dev)
         lab = (args.node, args.peer_node, backend)
-        conf["rtt_seconds"].labels(*lab).set(cfg["rtt_s"])
-        conf["loss_ratio"].labels(*lab).set(cfg["loss_ratio"])
-        rate.labels(*lab).set(cfg["rate_bps"])
+        conf["rtt_seconds"].labels(*lab).set(cfg.rtt_ms / 1000)
+        conf["loss_ratio"].labels(*lab).set(cfg.loss_ratio)
+        bottleneck = cfg.bottleneck_rate_mbit
+        rate.labels(*lab).set(math.nan if bottleneck is None else bottleneck * 1e6)
+        if args.report_file and window.loss_ratio is None:  # the configured side at once, before the first train
+            write_reports(args.report_file, [path_report(link, TRAFFIC_CLASS, backend, cfg, window)])
         try:
-            res = probe.measure_udp(host, int(port), count=args.count, interval_s=0.02, drain_s=1.0).summary()
+            res = probe.measure_udp(host, int(port), count=args.count, interval_s=0.02, drain_s=1.0,
+                                    traffic_class=TRAFFIC_CLASS)
         except OSError as err:
             log.warning("probe to %s failed: %s", args.target, err)
         else:
             probes.labels(args.node, args.peer_node).inc(args.count)
-            if not math.isnan(res["rtt_ms_median"]):
-                meas["rtt_seconds"].labels(*lab).set(res["rtt_ms_median"] / 1000)
-            meas["loss_ratio"].labels(*lab).set(res["round_trip_loss"])
+            window.add(res.sent, res.rtt_ms)
+            if window.rtt_ms is not None:
+                meas["rtt_seconds"].labels(*lab).set(window.rtt_ms / 1000)
+            if window.loss_ratio is not None:
+                meas["loss_ratio"].labels(*lab).set(window.loss_ratio)
+            if args.report_file:
+                write_reports(args.report_file, [path_report(link, TRAFFIC_CLASS, backend, cfg, window)])
         time.sleep(args.interval)
 
 

@@ -89,6 +89,7 @@ class Http:
     """JSON over HTTP to one service's published port."""
 
     def __init__(self, base: str, token: str | None = None) -> None:
+        self.base = base
         headers = {"Authorization": f"Bearer {token}"} if token else None
         self.client = httpx.Client(base_url=base, timeout=10, headers=headers)
 
@@ -136,3 +137,16 @@ def metric_value(text: str, name: str) -> float | None:
         if line.startswith(name) and line[len(name)] in " {":
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+def leave_swarm_made_here(gwbridge_before: bool) -> None:
+    """Leave the swarm a test initialised, and remove the `docker_gwbridge` network `docker swarm init` made (it
+    outlives `swarm leave`) unless it was there before."""
+    subprocess.run(["docker", "swarm", "leave", "--force"], capture_output=True, timeout=60)
+    if not gwbridge_before:
+        subprocess.run(["docker", "network", "rm", "docker_gwbridge"], capture_output=True, timeout=60)
+
+
+def has_network(name: str) -> bool:
+    return subprocess.run(["docker", "network", "inspect", name], capture_output=True).returncode == 0
+

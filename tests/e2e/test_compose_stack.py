@@ -1,19 +1,24 @@
 """The compose deployment, end to end: `PROFILE=cellular`, 3 workers, real images, real shaping, real Prometheus.
 
-Tests run in file order against one stack (conftest.py): health -> shaping -> training -> observability ->
-worker death -> PS restart -> crash restarts -> teardown. Each asserts a claim of docs/deploy.md.
+Tests run in file order against one stack (conftest.py): health -> shaping -> a job with one task per worker ->
+training -> links in /status -> observability -> worker death -> PS restart -> crash restarts -> teardown. Each
+asserts a claim of docs/deploy.md.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from e2e_stack import (
+    ROOT,
     Http,
     containers,
     exec_json,
@@ -36,16 +41,12 @@ HEARTBEAT_S = 1.0  # the compose controller runs --heartbeat-interval 1 --miss-l
 MISS_LIMIT = 3
 CHECKPOINT_EVERY = 20  # the compose paramserver runs --checkpoint-every 20
 # A model small enough that a sync step over a 10 Mbit/s, 80 ms link takes well under a second, and a step budget
-# large enough that the job is still training when the kill and restart tests run.
-JOB = {
-    "name": "e2e",
-    "num_tasks": 2,
-    "config": {
-        "model": {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32},
-        "training": {"strategy": "sync", "steps": 100000, "num_workers": 2, "learning_rate": 0.01,
-                     "batch_size": 16, "seq_length": 32},
-    },
-}
+# large enough that the job is still training when the kill and restart tests run. No `num_workers`: it is
+# submitted as `make up` submits the default job (`submit-job --workers $WORKERS`), so it gets one task per worker.
+JOB_CONFIG = """\
+model: {name: gpt, n_layer: 1, n_head: 2, n_embd: 32}
+training: {strategy: sync, steps: 100000, learning_rate: 0.01, batch_size: 16, seq_length: 32}
+"""
 _state: dict[str, Any] = {}
 
 
@@ -93,9 +94,25 @@ def test_shaping_is_on_in_every_container(stack: Any) -> None:
     _state["rtt"] = (configured_ms, measured_ms)
 
 
-def test_a_job_trains_and_the_loss_falls(stack: Any) -> None:
-    job = stack.controller.post("/v1/jobs", JOB)
+def test_a_job_submitted_like_make_up_uses_every_worker(stack: Any, tmp_path: Path) -> None:
+    config = tmp_path / "job.yaml"
+    config.write_text(JOB_CONFIG)
+    out = run(str(ROOT / ".venv" / "bin" / "dist-llm-train"), "submit-job", "--config", str(config), "--workers",
+              str(stack.workers), "--name", "e2e", "--controller", stack.controller.base,
+              "--token", stack.admin_token)
+    job = json.loads(out)
     _state["job_id"] = job["job_id"]
+    assert job["num_tasks"] == stack.workers, job
+
+    def one_task_each() -> set[str] | None:
+        holders = [t["worker_name"] for t in job_view(stack.controller)["tasks"] if t["state"] == "assigned"]
+        return set(holders) if len(holders) == stack.workers == len(set(holders)) else None
+
+    assert wait_for("one task on every worker", one_task_each, timeout=30) == {
+        f"worker-{i}" for i in range(1, stack.workers + 1)}
+
+
+def test_the_job_trains_and_the_loss_falls(stack: Any) -> None:
     samples: list[tuple[int, float]] = []
 
     def progressed() -> bool:
@@ -107,6 +124,37 @@ def test_a_job_trains_and_the_loss_falls(stack: Any) -> None:
     wait_for("40 training steps", progressed, timeout=300, every=1.0)
     first, last = samples[0][1], samples[-1][1]
     assert math.isfinite(last) and last < first * 0.9, samples
+
+
+def test_status_shows_every_workers_link_configured_and_measured(stack: Any) -> None:
+    """Each worker's link to the PS in /status, as embedded runs have it: the kernel backend that shaped it, the
+    profile's figures for the path and the measured ones (RTT and loss from the exporter's probes, rate from the
+    worker's pushes)."""
+    configured_ms = _state["rtt"][0]
+    names = [f"worker-{i}" for i in range(1, stack.workers + 1)]
+
+    def measured_links() -> list[dict[str, Any]] | None:
+        links = stack.controller.get("/status")["links"]
+        done = [lk for lk in links if lk["measured_rtt_ms"] is not None and lk["measured_rate_mbit"] is not None
+                and lk["measured_loss"] is not None]
+        return links if sorted(lk["worker"] for lk in done) == names else None
+
+    links = wait_for("a measured link for every worker in /status", measured_links, timeout=90, every=2.0)
+    for lk in links:
+        assert lk["link"] == f"{lk['worker']}->paramserver" and lk["traffic_class"] == "ps_sync", lk
+        assert lk["backend"] in ("tc_netem", "kernel_fallback"), lk
+        assert lk["configured_rtt_ms"] == pytest.approx(configured_ms, abs=0.01), lk
+        assert lk["within_tolerance"] is True, lk
+        assert lk["configured_rate_mbit"] == 10 and 0 < lk["measured_rate_mbit"] <= 10 * 1.2, lk
+        assert lk["configured_loss"] == pytest.approx(0.02, abs=1e-4) and 0 <= lk["measured_loss"] < 0.2, lk
+    # `make status` is this command: the links table is in it.
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "dist-llm-train"), "status", "--controller",
+                           stack.controller.base, "--token", stack.admin_token],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    text = proc.stdout + proc.stderr  # the tables go to the CLI's console (stderr)
+    assert proc.returncode == 0 and "links (configured / measured)" in text, text
+    assert all(f"{name}->paramserver" in text for name in names), text
+    print(text)  # the figures, for whoever reads the log (pytest -s)
 
 
 def test_prometheus_targets_up_and_every_panel_has_data(stack: Any) -> None:
@@ -155,9 +203,11 @@ def test_killed_worker_is_declared_dead_and_its_task_reassigned(stack: Any) -> N
     assert took <= (MISS_LIMIT + 1) * HEARTBEAT_S + 1.0, f"declared dead after {took:.1f}s"
 
     def reassigned() -> bool:
+        # Every task held again, none by the dead worker: a survivor trains on two shards.
         tasks = job_view(stack.controller)["tasks"]
         names = {t["worker_name"] for t in tasks if t["state"] == "assigned"}
-        return len(names) == len(holders) and victim_node not in names
+        held = sum(t["state"] == "assigned" for t in tasks)
+        return held == len(tasks) and victim_node not in names
 
     wait_for("the dead worker's task on another worker", reassigned, timeout=30, every=0.5)
     counters = stack.controller.get("/status")["counters"]

@@ -12,10 +12,11 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from dist_llm_train.cli.common import console, load_or_exit
-from dist_llm_train.config import format_validation_error
+from dist_llm_train.cli.run import apply_training_overrides
+from dist_llm_train.config import Config, format_validation_error
 from dist_llm_train.controller.client import ControllerClient, ControllerUnavailable
 from dist_llm_train.controller.errors import ControllerError
-from dist_llm_train.controller.models import JobIn
+from dist_llm_train.controller.models import JobIn, LinkStatusOut
 
 ControllerOpt = Annotated[
     str, typer.Option("--controller", envvar="DLT_CONTROLLER", help="Controller base URL.")
@@ -44,16 +45,33 @@ def _ask(url: str, token: str | None, call: Callable[[ControllerClient], T]) -> 
         raise typer.Exit(1) from None
 
 
+def use_every_worker(cfg: Config, workers: int | None) -> Config:
+    """`cfg` sized for a cluster of `workers`: a config that does not set `training.num_workers` itself gets
+    that many (and so, by the controller's default, that many tasks: no worker idles); one that sets it keeps it.
+    Validated like any training flag (e.g. Krum's n >= 2f + 3 against the new n)."""
+    if workers is None or "num_workers" in cfg.training.model_fields_set:
+        return cfg
+    return apply_training_overrides(cfg, {"num_workers": workers})
+
+
 def submit_job(
     config: Annotated[Path, typer.Option("--config", "-c", help="Config with model/training sections.")],
     controller: ControllerOpt = "http://127.0.0.1:8000",
     name: Annotated[str, typer.Option(help="Job name.")] = "job",
     num_tasks: Annotated[int | None, typer.Option(min=1, help="Data shards (default: training.num_workers).")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=1024,
+            help="Workers the cluster runs: the job's training.num_workers (and so its tasks) when the config "
+            "does not set it.",
+        ),
+    ] = None,
     priority: Annotated[int, typer.Option(help="Scheduling priority.")] = 1,
     token: TokenOpt = None,
 ) -> None:
     """Submit a training job to a running controller."""
-    cfg = load_or_exit(config)
+    cfg = use_every_worker(load_or_exit(config), workers)
     try:
         job = JobIn(
             name=name,
@@ -117,6 +135,33 @@ def status(
         console.print(workers)
         if page is not None and page.next_offset is not None:
             console.print(f"more workers: --offset {page.next_offset}")
+        if data.links:
+            console.print(links_table(data.links))
+        if data.links_out_of_tolerance:
+            console.print(f"[yellow]links out of tolerance[/yellow]: {', '.join(data.links_out_of_tolerance)}")
+
+
+def _figure(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def links_table(links: list[LinkStatusOut]) -> Table:
+    """Each shaped link as its worker last reported it: configured against measured round trip, rate and loss
+    ("-": not measured yet, or not measurable by that backend, e.g. loss under the userspace relays)."""
+    table = Table(title="links (configured / measured)")
+    for col in ("link", "class", "backend", "RTT ms", "rate Mbit/s", "loss %", "within tolerance"):
+        table.add_column(col)
+    for link in links:
+        table.add_row(
+            link.link, link.traffic_class, link.backend,
+            f"{link.configured_rtt_ms:.1f} / {_figure(link.measured_rtt_ms, '.1f')}",
+            f"{_figure(link.configured_rate_mbit, '.1f')} / {_figure(link.measured_rate_mbit, '.1f')}",
+            f"{link.configured_loss * 100:.2f} / "
+            f"{_figure(None if link.measured_loss is None else link.measured_loss * 100, '.2f')}"
+            + (" (modelled)" if link.loss_kind == "modelled" else ""),
+            {True: "yes", False: "[red]no[/red]", None: "-"}[link.within_tolerance],
+        )
+    return table
 
 
 def metrics(

@@ -164,6 +164,12 @@ def serve_worker(
     links_file: Annotated[
         str | None, typer.Option(help="Shaper ports file: probe the shaped links, report them.")] = None,
     link_probe_interval: Annotated[float, typer.Option(help="Seconds between link probes.")] = 5.0,
+    link_report_file: Annotated[
+        str | None,
+        typer.Option(envvar="DLT_LINK_REPORT_FILE",
+                     help="Link records measured beside this worker (kernel shaping: the link exporter's file); "
+                     "sent with telemetry."),
+    ] = None,
     log_level: LogLevelOpt = "INFO",
 ) -> None:
     """Run a training worker (needs the [worker] extra: torch). Needs a join credential (--token or
@@ -200,6 +206,7 @@ def serve_worker(
             ps_address_override=ps_address_override,
             links_file=links_file,
             link_probe_interval_s=link_probe_interval,
+            link_report_file=link_report_file,
         )
     )
     logging.getLogger(__name__).info("worker exited cleanly")

@@ -20,7 +20,7 @@ from dist_llm_train.config import ConfigError, parse_config
 from dist_llm_train.controller.models import AssignedJobOut, RegisterIn, TaskOut, TelemetryIn, WorkerActivity
 from dist_llm_train.paramserver.transport.security import PSCredentials
 from dist_llm_train.worker.controller_api import ControllerAPI, ControllerGone, Unauthorized, UnknownWorker
-from dist_llm_train.worker.links import WorkerLinks
+from dist_llm_train.worker.links import ReportedLinks, WorkerLinks
 from dist_llm_train.worker.metrics import WorkerMetrics
 from dist_llm_train.worker.training_loop import TrainingContext, TrainingOutcome, run_training
 
@@ -46,6 +46,7 @@ class WorkerOptions:
     ps_address_override: str | None = None
     links_file: str | None = None  # the shaper's ports document: enables link probes and `links` telemetry
     link_probe_interval_s: float = 5.0
+    link_report_file: str | None = None  # kernel shaping: the link exporter's records, sent as `links` telemetry
 
 
 def next_due(due: float, interval_s: float, now: float) -> float:
@@ -71,6 +72,9 @@ class WorkerAgent:
         self.metrics = WorkerMetrics()
         self.links = (WorkerLinks.from_file(opts.links_file, opts.name, self.api, self.metrics.registry,
                                             opts.link_probe_interval_s) if opts.links_file else None)
+        # What annotates telemetry with `links`: the relays' monitor, else the exporter's report file, else nothing.
+        self.link_reports: WorkerLinks | ReportedLinks | None = self.links or (
+            ReportedLinks(opts.link_report_file) if opts.link_report_file else None)
 
     async def _register(self) -> None:
         reply = await self.api.register(
@@ -115,8 +119,8 @@ class WorkerAgent:
     async def _telemetry_loop(self) -> None:
         while True:
             record = await self._telemetry.get()
-            if self.links is not None:
-                record = self.links.annotate(record)
+            if self.link_reports is not None:
+                record = self.link_reports.annotate(record)
             try:
                 assert self.worker_id is not None
                 await self.api.telemetry(self.worker_id, TelemetryIn.model_validate(record, strict=False))

@@ -1,11 +1,17 @@
-"""The worker's side of link fidelity: probe its shaped links, report configured vs measured.
+"""The worker's side of link fidelity: report its shaped links, configured vs measured, in telemetry.
 
-Only active when the worker was started behind the shaper (`--links-file`, the shaper's ports document). Every
-`interval_s` it sends one tiny request per traffic class through that class's own relay — GET /healthz for
-heartbeat, task and telemetry, a stats call to the parameter server for ps_sync — and its pushes give the
-ps_sync rate. The `links` list rides on every telemetry record, so the controller's /status can show it; the
-numbers are also `dlt_link_*` gauges on the worker's /metrics. See netem/measure/link_monitor.py for what each figure
-means.
+Two sources, one per way links are shaped:
+
+* `ReportedLinks` — kernel shaping (Compose, Swarm): the link exporter beside the worker measures the path to the
+  PS and writes its records to a file (`--link-report-file`, netem/measure/path_report.py); the worker attaches
+  them, with its own push goodput as the measured rate.
+* `WorkerLinks` — the userspace relays (embedded runs, `--links-file`, the shaper's ports document). Every
+  `interval_s` it sends one tiny request per traffic class through that class's own relay — GET /healthz for
+  heartbeat, task and telemetry, a stats call to the parameter server for ps_sync — and its pushes give the
+  ps_sync rate. The numbers are also `dlt_link_*` gauges on the worker's /metrics. See
+  netem/measure/link_monitor.py for what each figure means.
+
+Either way the `links` list rides on every telemetry record, so the controller's /status can show it.
 """
 
 from __future__ import annotations
@@ -13,13 +19,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import statistics
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
-from dist_llm_train.netem.measure.link_monitor import LinkMonitor, Probe
+from dist_llm_train.controller.models import LinkReportIn
+from dist_llm_train.netem.measure.link_monitor import WINDOW, LinkMonitor, Probe, push_goodput_bps
+from dist_llm_train.netem.measure.path_report import read_reports
 from dist_llm_train.worker.controller_api import ControllerAPI
 
 if TYPE_CHECKING:
@@ -28,6 +40,53 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 PROBE_JOB = "__dlt_link_probe__"
 PROBE_MAX_MESSAGE_BYTES = 4 << 20
+
+
+class ReportedLinks:
+    """Link records measured beside the worker (the link exporter's report file), with the worker's push goodput
+    as the ps_sync link's measured rate. The file is re-read only when it changes; a record the controller
+    would refuse is dropped here (with one warning), so it cannot cost the telemetry record it rides on."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._rates_bps: deque[float] = deque(maxlen=WINDOW)
+        self._stamp: tuple[int, int] | None = None
+        self._records: list[dict[str, Any]] = []
+        self._warned = False
+
+    def _load(self) -> list[dict[str, Any]]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return self._records  # not written yet (the exporter's first train is under way), or gone
+        if (st.st_mtime_ns, st.st_size) != self._stamp:
+            self._stamp = (st.st_mtime_ns, st.st_size)
+            try:
+                raw = read_reports(self.path)
+                self._records = [LinkReportIn.model_validate(r).model_dump() for r in raw]
+            except (OSError, ValueError, ValidationError) as err:  # ValidationError is a ValueError; named anyway
+                if not self._warned:
+                    log.warning("ignoring the link report %s: %s", self.path, err)
+                    self._warned = True
+                self._records = []
+        return self._records
+
+    def annotate(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Feed the record's push timing to the rate estimate and attach the current `links` list (none before
+        the exporter's first report)."""
+        records = self._load()
+        ps_sync = next((r for r in records if r["traffic_class"] == "ps_sync"), None)
+        push_s, push_bytes = record.get("push_time_s"), record.get("push_bytes")
+        if push_s is not None and push_bytes is not None:
+            rtt_ms = ps_sync["measured_rtt_ms"] if ps_sync else None
+            rate = push_goodput_bps(int(push_bytes), float(push_s), (rtt_ms or 0.0) / 1000)
+            if rate is not None:
+                self._rates_bps.append(rate)
+        if not records:
+            return record
+        rate_mbit = round(statistics.median(self._rates_bps) / 1e6, 4) if self._rates_bps else None
+        links = [r | {"measured_rate_mbit": rate_mbit} if r is ps_sync else r for r in records]
+        return {**record, "links": links}
 
 
 class WorkerLinks:

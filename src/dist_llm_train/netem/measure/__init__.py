@@ -2,6 +2,7 @@
 
     probe.py               UDP echo (RTT, one-way delay, forward loss), TCP goodput, paced UDP flood; `netem probe`
     link_monitor.py        a worker's links, configured vs measured, as `dlt_link_*` gauges and telemetry
+    path_report.py         a kernel-shaped path (Compose, Swarm), configured vs measured, as telemetry `links` records
     kernel_fidelity.py     kernel backends: two namespaces and a veth pair, shaped with the CLI, measured
     tcp_probe.py           userspace backend: framed TCP probes, sinks and bulk transfers through its relays
     userspace_fidelity.py  userspace backend: a real shaper process on loopback, measured from outside

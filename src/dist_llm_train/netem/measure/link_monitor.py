@@ -47,6 +47,16 @@ on loopback) is outside it for any configured RTT above 30 ms."""
 
 def rtt_tolerance_ms(configured_ms: float) -> float:
     return RTT_TOLERANCE_REL * configured_ms + RTT_TOLERANCE_MS
+
+
+def push_goodput_bps(nbytes: int, seconds: float, rtt_s: float) -> float | None:
+    """Goodput of one push of `nbytes` payload that took `seconds`, with one round trip (`rtt_s`, the path's
+    median) taken off — unless that would leave under a quarter of the time (then the RTT estimate is the
+    larger error). None for an empty or instantaneous push."""
+    if nbytes <= 0 or seconds <= 0:
+        return None
+    transfer = seconds - rtt_s if seconds - rtt_s > 0.25 * seconds else seconds
+    return nbytes * 8 / transfer
 LABELS = ("link", "traffic_class", "backend")
 Probe = Callable[[], Awaitable[float | None]]  # None: no valid sample this time (e.g. a fresh connection)
 
@@ -149,11 +159,11 @@ class LinkMonitor:
     def add_push(self, nbytes: int, seconds: float) -> None:
         """One push of `nbytes` payload that took `seconds`: goodput once one round trip is taken off."""
         link = self.links.get("ps_sync")
-        if link is None or nbytes <= 0 or seconds <= 0:
+        if link is None:
             return
-        rtt = statistics.median(link.rtt_s) if link.rtt_s else 0.0
-        transfer = seconds - rtt if seconds - rtt > 0.25 * seconds else seconds
-        link.rate_bps.append(nbytes * 8 / transfer)
+        rate = push_goodput_bps(nbytes, seconds, statistics.median(link.rtt_s) if link.rtt_s else 0.0)
+        if rate is not None:
+            link.rate_bps.append(rate)
 
     def reports(self, now: float | None = None) -> list[dict[str, Any]]:
         """One record per link, as sent in telemetry and shown by the controller's /status."""
