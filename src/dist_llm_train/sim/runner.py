@@ -298,6 +298,7 @@ def summary(r: SimResult, run_id: str = "", run_dir: str = "") -> dict[str, Any]
             "availability": sim["availability"] if cfg.availability is not None else {},
             # As a real run's summary: supervised restarts of the PS and the controller (the simulator has none).
             "restarts": {},
+            "ps_shards": 1,  # the simulated PS is one server (sharding changes no arithmetic, core.sharding)
             "simulation": sim,
         }
     )
