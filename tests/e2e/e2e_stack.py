@@ -6,6 +6,7 @@ Kept apart from the tests so each test reads as the claim it checks. Every wait 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -150,3 +151,9 @@ def leave_swarm_made_here(gwbridge_before: bool) -> None:
 def has_network(name: str) -> bool:
     return subprocess.run(["docker", "network", "inspect", name], capture_output=True).returncode == 0
 
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a stack's published ports)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from e2e_stack import ROOT, Http, has_network, leave_swarm_made_here, run, wait_for
+from e2e_stack import ROOT, Http, free_port, has_network, leave_swarm_made_here, run, wait_for
 from engine_node import engine_node
 
 # ~5 minutes (the images cross to the second engine, ~2.3 GB): `make test-swarm` sets DLT_E2E_MULTINODE=1;
@@ -41,12 +40,6 @@ training: {strategy: sync, steps: 100000, learning_rate: 0.01, batch_size: 16, s
 _timing: dict[str, float] = {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class TwoNodes:
     node2: str  # the second engine's `docker -H` address
@@ -62,7 +55,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     run(str(SCRIPTS / "build_images.sh"), "--missing", timeout=1800)
     bridge = run("docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}").strip()
     work = tmp_path_factory.mktemp("two-nodes")
-    ports = {name: str(_free_port()) for name in
+    ports = {name: str(free_port()) for name in
              ("DLT_CONTROLLER_PORT", "DLT_PS_PORT", "DLT_PS_METRICS_PORT", "DLT_PROMETHEUS_PORT")}
     env = {**os.environ, **ports, "DLT_STACK": STACK, "DLT_SECRETS_DIR": str(work / "secrets")}
     gwbridge_before = has_network("docker_gwbridge")

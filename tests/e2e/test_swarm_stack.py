@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_stack import ROOT, Http, has_network, leave_swarm_made_here, logs, metric_value, run, wait_for
+from e2e_stack import ROOT, Http, free_port, has_network, leave_swarm_made_here, logs, metric_value, run, wait_for
 
 from dist_llm_train.netem.measure.path_report import configured_path
 from dist_llm_train.netem.profile.loading import load_profile
@@ -37,12 +36,6 @@ model: {name: gpt, n_layer: 1, n_head: 2, n_embd: 32}
 training: {strategy: sync, steps: 100000, learning_rate: 0.01, batch_size: 16, seq_length: 32}
 """
 _state: dict[str, Any] = {}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -91,7 +84,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwarmStack]:
     run(str(SCRIPTS / "build_images.sh"), "--missing", timeout=1800)
     was, gwbridge_before = swarm_state(), has_network("docker_gwbridge")
     work = tmp_path_factory.mktemp("swarm")
-    ports = {name: str(_free_port()) for name in
+    ports = {name: str(free_port()) for name in
              ("DLT_CONTROLLER_PORT", "DLT_PS_PORT", "DLT_PS_METRICS_PORT", "DLT_PROMETHEUS_PORT")}
     env = {**os.environ, **ports, "DLT_STACK": STACK, "DLT_SECRETS_DIR": str(work / "secrets")}
     if was == "active":  # a stack left by an interrupted earlier run would make every claim below meaningless

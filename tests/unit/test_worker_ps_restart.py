@@ -8,6 +8,7 @@ next calls find the server unreachable, as a worker sees a PS killed and restart
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -94,20 +95,26 @@ def train(client: RestartingClient) -> TrainingOutcome:
     return run_training(ctx, threading.Event(), lambda: {0}, lambda row: None, client=client)
 
 
+def restart_behind(checkpoint_at: int, dies_at: int) -> Callable[[RestartingClient, PushHeader], None]:
+    """A before-push hook: checkpoint when a push is based on `checkpoint_at`, and when one is based on `dies_at`
+    restart the server from that checkpoint (unreachable for two calls), once."""
+    saved: dict[str, JobSnapshot] = {}
+
+    def before(c: RestartingClient, header: PushHeader) -> None:
+        if header.base_version == checkpoint_at and "ckpt" not in saved:
+            saved["ckpt"] = c.snapshot()
+        if header.base_version == dies_at and "restarted" not in saved:
+            saved["restarted"] = saved["ckpt"]
+            c.restart(saved["ckpt"], unreachable_calls=2)
+
+    return before
+
+
 def test_push_refused_by_a_server_restarted_behind_it_is_pulled_again() -> None:
     """Checkpoint at version 3, server dies at 6: the worker's update on 6 is refused (ABORTED), it pulls
     version 3 and trains on to the end; the run loses 3 versions, not the task."""
     client = RestartingClient()
-    saved: dict[str, JobSnapshot] = {}
-
-    def before(c: RestartingClient, header: PushHeader) -> None:
-        if header.base_version == 3 and "ckpt" not in saved:
-            saved["ckpt"] = c.snapshot()
-        if header.base_version == 6 and "restarted" not in saved:
-            saved["restarted"] = saved["ckpt"]
-            c.restart(saved["ckpt"], unreachable_calls=2)
-
-    client.before_push = before
+    client.before_push = restart_behind(checkpoint_at=3, dies_at=6)
     out = train(client)
     assert out.job_complete
     assert out.restarts.rebases == 1 and out.restarts.outages >= 2
@@ -236,16 +243,7 @@ def test_a_round_s_pull_is_sent_before_its_push_is_answered() -> None:
 def test_overlapping_pulls_survive_a_restart_behind_the_worker() -> None:
     """A pull sent alongside a push that the restarted server refuses is dropped; the worker rebases as before."""
     client = OverlappingClient()
-    saved: dict[str, JobSnapshot] = {}
-
-    def before(c: RestartingClient, header: PushHeader) -> None:
-        if header.base_version == 3 and "ckpt" not in saved:
-            saved["ckpt"] = c.snapshot()
-        if header.base_version == 6 and "restarted" not in saved:
-            saved["restarted"] = saved["ckpt"]
-            c.restart(saved["ckpt"], unreachable_calls=2)
-
-    client.before_push = before
+    client.before_push = restart_behind(checkpoint_at=3, dies_at=6)
     out = train(client)
     assert out.job_complete and out.restarts.rebases == 1
     assert client.store.stats("restart")[0].version == STEPS
