@@ -76,3 +76,20 @@ def test_listening_socket_lets_asyncio_disable_nagle() -> None:
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+def test_serve_collects_garbage_less_often_and_freezes_the_built_app() -> None:
+    """The collector's pauses were the controller's latency tail (server.GC_THRESHOLDS says why): `serve` sets the
+    thresholds and freezes what the built app holds before it answers anything."""
+    code = (
+        "import gc\n"
+        "from dist_llm_train.config import ControllerConfig\n"
+        "from dist_llm_train.controller import server\n"
+        "server._Server.run = lambda self, sockets=None: print(list(gc.get_threshold()), gc.get_freeze_count())\n"
+        "server.serve(ControllerConfig(port=0), 'grpc', '127.0.0.1:1')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True).stdout
+    thresholds, frozen = out.strip().splitlines()[-1].rsplit(" ", 1)
+    from dist_llm_train.controller.server import GC_THRESHOLDS
+
+    assert thresholds == str(list(GC_THRESHOLDS)) and int(frozen) > 10_000  # modules, schemas, routes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 
@@ -11,6 +12,14 @@ from dist_llm_train.config import ControllerConfig
 from dist_llm_train.controller.app import create_app
 
 log = logging.getLogger(__name__)
+
+# The cyclic garbage collector's pauses were the controller's latency tail: at 1,000 workers heartbeating at 1 Hz
+# (default thresholds 700/10/10) a young-generation pass took 5-30 ms and a full one 67-113 ms, all under the GIL,
+# while the rest of a request takes ~1 ms. Collecting the youngest generation every 10,000 net allocations instead
+# of 700 collects the same garbage ~14x less often: side by side at 1,000 workers, heartbeat p99 43 -> 11 ms and
+# full /status p99 168 -> 59 ms, CPU 0.60 -> 0.53 cores (results/controller_load_gc_side_by_side.md). What is
+# alive once the app is built (modules, schemas, routes) is frozen out of every later scan.
+GC_THRESHOLDS = (10_000, 10, 10)
 
 
 class _Server(uvicorn.Server):
@@ -47,6 +56,8 @@ def serve(cfg: ControllerConfig, ps_transport: str, ps_address: str) -> None:
     sock = bind_listening_socket(cfg.host, cfg.port)
     port = int(sock.getsockname()[1])
     app = create_app(cfg, ps_transport, ps_address)
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze()
     config = uvicorn.Config(app, log_level="info", access_log=False, lifespan="on")
     try:
         _Server(config, port).run(sockets=[sock])
