@@ -68,7 +68,7 @@ class PSMembershipNotifier:
             try:
                 return self._client.set_members(job_id, members)
             except PSError as err:
-                if err.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
+                if err.unreachable:
                     self._drop_client()
                 raise
             except Exception:

@@ -57,7 +57,7 @@ DIGEST_BYTES = 16  # BLAKE2b-128: a pull's claim of what it holds; collisions on
 def params_digest(params: np.ndarray) -> bytes:
     """The digest a pull sends for parameters its caller made itself (BLAKE2b-128 of the float32 bytes)."""
     flat = np.ascontiguousarray(params, dtype=_F32)
-    return hashlib.blake2b(flat.tobytes(), digest_size=DIGEST_BYTES).digest()
+    return hashlib.blake2b(flat.data.cast("B"), digest_size=DIGEST_BYTES).digest()  # no copy
 
 
 @dataclass(frozen=True)

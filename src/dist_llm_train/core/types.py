@@ -38,6 +38,11 @@ class PSError(Exception):
         self.code = code
         self.message = message
 
+    @property
+    def unreachable(self) -> bool:
+        """The server could not be reached or did not answer in time (a restart, a partition): retry, not refusal."""
+        return self.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
+
 
 class PushOutcome(StrEnum):
     APPLIED = "APPLIED"

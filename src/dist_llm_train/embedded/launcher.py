@@ -37,7 +37,7 @@ from dist_llm_train.controller.client import ControllerClient, ControllerUnavail
 from dist_llm_train.controller.errors import ControllerError
 from dist_llm_train.controller.models import JobIn
 from dist_llm_train.core.sharding import MAX_SHARDS, check_shardable
-from dist_llm_train.core.types import ErrorCode, PSError
+from dist_llm_train.core.types import PSError
 from dist_llm_train.embedded.availability import AvailabilityDriver, availability_report
 from dist_llm_train.embedded.credentials import RunCredentials
 from dist_llm_train.embedded.processes import Child, ProcessGroup, cli_command, free_port
@@ -69,7 +69,7 @@ class RunOptions:
 def unreachable(err: Exception) -> bool:
     """An error that means "the service is not answering now" (dead, restarting), not a refusal."""
     if isinstance(err, PSError):
-        return err.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
+        return err.unreachable
     return isinstance(err, ControllerUnavailable)
 
 

@@ -98,9 +98,6 @@ class TrainingOutcome:
     restarts: ServerRestarts = field(default_factory=ServerRestarts)
 
 
-UNREACHABLE = (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
-
-
 def _retry_unavailable(
     fn: Callable[[], Any], stop: threading.Event, what: str, give_up_s: float = 120.0,
     on_retry: Callable[[], None] | None = None,
@@ -111,7 +108,7 @@ def _retry_unavailable(
         try:
             return fn()
         except PSError as err:
-            if err.code not in UNREACHABLE or waited >= give_up_s:
+            if not err.unreachable or waited >= give_up_s:
                 raise
             if on_retry is not None:
                 on_retry()
@@ -184,7 +181,7 @@ def run_training(
             try:
                 return waiting()
             except PSError as err:
-                if err.code not in UNREACHABLE:
+                if not err.unreachable:
                     raise
                 restarts.saw_outage()
         now = pull_now()
@@ -201,7 +198,7 @@ def run_training(
             try:
                 retrying(partial(ps.push, header, payload), "push")
             except PSError as err:
-                if err.code in UNREACHABLE:
+                if err.unreachable:
                     raise
                 log.info("resent update not taken (%s); waiting for the next version", err)
         return retrying(waiting, "pull")
@@ -221,7 +218,7 @@ def run_training(
             try:
                 return result, early.result(), push_s
             except PSError as err:
-                if err.code not in UNREACHABLE:
+                if not err.unreachable:
                     raise
                 restarts.saw_outage()
         return result, pull_next(header, payload, held, outages_before, restarts.outages), push_s

@@ -55,7 +55,6 @@ _OUTCOME_ORDER = (
     PushOutcome.DUPLICATE,
     PushOutcome.JOB_COMPLETE,
 )
-_UNREACHABLE = (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
 
 
 def parse_addresses(address: str) -> list[str]:
@@ -97,7 +96,7 @@ def _raise_first(errors: list[PSError]) -> None:
     """Raise the error the caller should act on: a refusal, else ABORTED, else unreachable."""
     if not errors:
         return
-    refusals = [e for e in errors if e.code not in _UNREACHABLE and e.code is not ErrorCode.ABORTED]
+    refusals = [e for e in errors if not e.unreachable and e.code is not ErrorCode.ABORTED]
     aborted = [e for e in errors if e.code is ErrorCode.ABORTED]
     raise (refusals or aborted or errors)[0]
 
