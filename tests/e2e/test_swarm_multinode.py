@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 from e2e_stack import ROOT, Http, free_port, has_network, leave_swarm_made_here, run, wait_for
 from engine_node import engine_node
@@ -106,6 +107,29 @@ def test_workers_run_on_both_nodes_and_shape_their_links(two_nodes: TwoNodes) ->
         assert desc["applied"] and desc["profile"] == "cellular" and desc["node"].startswith("worker-"), desc
 
 
+def stack_diagnostics(controller: Http, job_id: str) -> str:
+    """What a failed wait needs to be understood on a machine nobody can log into (CI): the job's step, each
+    worker's state and link, where every task ran and why it stopped, and the last lines each service logged."""
+    parts: list[str] = []
+    try:
+        status = controller.get("/status")
+        parts.append("job: " + json.dumps([j for j in status["jobs"] if j["job_id"] == job_id]))
+        parts.append("workers: " + json.dumps([(w["name"], w["state"], w.get("last_heartbeat_age_s"))
+                                               for w in status["workers"]]))
+        parts.append("links: " + json.dumps([(lk["worker"], lk.get("backend"), lk.get("measured_rtt_ms"),
+                                              lk.get("measured_loss")) for lk in status["links"]]))
+    except (httpx.HTTPError, KeyError, ValueError) as err:
+        parts.append(f"/status unreadable: {err}")
+    for service in ("worker", "paramserver", "controller"):
+        name = f"{STACK}_{service}"
+        parts.append(run("docker", "service", "ps", name, "--no-trunc", "--format",
+                         "{{.Name}} {{.Node}} {{.DesiredState}} {{.CurrentState}} {{.Error}}", check=False))
+        proc = subprocess.run(["docker", "service", "logs", "--tail", "25", "--no-trunc", name],
+                              capture_output=True, text=True, timeout=60)
+        parts.append(f"-- {name} logs --\n{proc.stdout[-6000:]}{proc.stderr[-6000:]}")
+    return "\n".join(parts)
+
+
 def test_a_job_trains_across_nodes_with_every_link_in_status(two_nodes: TwoNodes, tmp_path: Any) -> None:
     config = tmp_path / "job.yaml"
     config.write_text(JOB_CONFIG)
@@ -114,14 +138,23 @@ def test_a_job_trains_across_nodes_with_every_link_in_status(two_nodes: TwoNodes
     assert job["num_tasks"] == WORKERS
     names = [f"worker-{i}" for i in range(1, WORKERS + 1)]
 
-    def trained_and_measured() -> dict[str, Any] | None:
+    def trained() -> bool:
         status = two_nodes.controller.get("/status")
-        steps = next(j["step"] for j in status["jobs"] if j["job_id"] == job["job_id"])
-        measured = sorted(lk["worker"] for lk in status["links"] if lk["measured_rtt_ms"] is not None)
-        return status if steps >= 20 and measured == names else None
+        return next(j["step"] for j in status["jobs"] if j["job_id"] == job["job_id"]) >= 20
 
-    status = wait_for("20 steps and every worker's measured link", trained_and_measured, timeout=300, every=2.0)
-    assert sorted(w["name"] for w in status["workers"] if w["state"] == "alive") == names
+    def every_worker_measured() -> dict[str, Any] | None:
+        status = two_nodes.controller.get("/status")
+        alive = sorted(w["name"] for w in status["workers"] if w["state"] == "alive")
+        measured = sorted(lk["worker"] for lk in status["links"] if lk["measured_rtt_ms"] is not None)
+        return status if alive == names and measured == names else None
+
+    t0 = time.monotonic()
+    try:
+        wait_for("20 synchronous steps", trained, timeout=300, every=2.0)
+        _timing["20_steps_s"] = time.monotonic() - t0
+        status = wait_for("every worker alive with a measured link", every_worker_measured, timeout=120, every=2.0)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{stack_diagnostics(two_nodes.controller, job['job_id'])}") from None
     assert all(lk["within_tolerance"] is True for lk in status["links"]), status["links"]
 
 
