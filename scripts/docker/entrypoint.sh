@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Container entry point for every service image: shape this container's link, run the service, unshape on stop.
 #
-#   dlt-entrypoint CMD [ARGS...]     every argument equal to @NODE@ is replaced by this container's node name.
+#   dlt-entrypoint CMD [ARGS...]     @NODE@ in any argument is replaced by this container's node name (so a
+#                                    sharded PS replica checkpoints under /data/shard-N, not a shared /data/@NODE@).
 #
 # Environment:
 #   PROFILE            netem profile name (deploy/netem/$PROFILE.yaml, mounted at $DLT_NETEM_PROFILE_DIR);
@@ -22,7 +23,7 @@ set -uo pipefail
 
 dev=${DLT_NETEM_DEV:-eth0}
 backend=${DLT_NETEM_BACKEND:-auto}
-state_dir=/run/dlt
+state_dir=${DLT_STATE_DIR:-/run/dlt}  # overridable for the script's own tests only
 mkdir -p "$state_dir"
 log() { echo "dlt-entrypoint: $*" >&2; }
 
@@ -49,7 +50,7 @@ echo "$node" >"$state_dir/node"
 
 args=()
 for a in "$@"; do
-  if [ "$a" = "@NODE@" ]; then args+=("$node"); else args+=("$a"); fi
+  args+=("${a//@NODE@/$node}")
 done
 [ ${#args[@]} -gt 0 ] || { log "no command given"; exit 64; }
 
