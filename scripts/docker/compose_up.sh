@@ -9,7 +9,7 @@ profile=${1:?profile}
 workers=${2:?workers}
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || { echo "WORKERS must be a positive integer, got '$workers'" >&2; exit 2; }
 # PS_SHARDS=P: P parameter servers, each holding one slice of the parameters (docs/architecture.md). Shard 0 is
-# `paramserver`, shard N replica N of `paramserver-shard`, reached by its container name.
+# `paramserver`, shard N replica N of `paramserver-shard`, reached by its container name (<project>-paramserver-shard-N).
 shards=${PS_SHARDS:-1}
 [[ "$shards" =~ ^[1-9][0-9]*$ ]] && [ "$shards" -le 64 ] \
   || { echo "PS_SHARDS must be an integer in 1..64, got '$shards'" >&2; exit 2; }
@@ -17,7 +17,7 @@ if [ "$shards" -gt 1 ] && [ "${TLS:-0}" = 1 ]; then
   echo "PS_SHARDS > 1 with TLS=1 is not supported (the PS certificate names only 'paramserver')" >&2; exit 2
 fi
 DLT_PS_ADDRESS=paramserver:50051
-for ((i = 1; i < shards; i++)); do DLT_PS_ADDRESS+=",dlt-paramserver-shard-$i:50051"; done
+for ((i = 1; i < shards; i++)); do DLT_PS_ADDRESS+=",${COMPOSE_PROJECT_NAME:-dlt}-paramserver-shard-$i:50051"; done
 export DLT_PS_ADDRESS DLT_PS_SHARD_REPLICAS=$((shards - 1))
 compose=(docker compose -f "$root/deploy/docker-compose.yml")
 # Auth without a user step: the stack's secret and tokens, made once (docs/security.md).
