@@ -5,13 +5,18 @@
 # Environment: DLT_STACK (stack name, default dlt-swarm), DLT_SWARM_ADVERTISE_ADDR (address `docker swarm init`
 # advertises when this engine is in no swarm yet; default 127.0.0.1, i.e. a single-node swarm — give a reachable
 # address to add nodes later), DLT_STACK_WAIT (seconds, default 300), DLT_SECRETS_DIR, DLT_CLI, and the port
-# variables of deploy/swarm/stack.yml; DLT_TAG (image tag, default latest) or DLT_<SERVICE>_IMAGE (an image).
+# variables of deploy/swarm/stack.yml; DLT_TAG (image tag, default latest) or DLT_<SERVICE>_IMAGE (an image);
+# PS_SHARDS (P parameter servers, default 1) and DLT_PS_SHARD_CONSTRAINT (where shards 1..P-1 may run; default
+# `node.role == manager`, beside `paramserver`, because each checkpoints to a volume of the node it runs on).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 profile=${1:?profile}
 workers=${2:?workers}
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || { echo "WORKERS must be a positive integer, got '$workers'" >&2; exit 2; }
+shards=${PS_SHARDS:-1}
+[[ "$shards" =~ ^[1-9][0-9]*$ ]] && [ "$shards" -le 64 ] \
+  || { echo "PS_SHARDS must be an integer in 1..64, got '$shards'" >&2; exit 2; }
 stack=${DLT_STACK:-dlt-swarm}
 wait_s=${DLT_STACK_WAIT:-300}
 say() { echo "stack_up: $*" >&2; }
@@ -44,15 +49,57 @@ for svc in controller paramserver worker prometheus; do
     || { say "image ${!var:-dlt-$svc:$tag} is missing: make images"; exit 1; }
   export "$var=$id"
 done
-docker stack deploy --prune --resolve-image never -c "$root/deploy/swarm/stack.yml" "$stack" >&2
+# PS_SHARDS=P (docs/architecture.md, "Sharded parameter servers"): `paramserver` is shard 0; shards 1..P-1 are
+# services `paramserver-shard-N` of one replica each (a service name is the only per-task name Swarm's DNS
+# gives, and the controller must list the shards in order), written to a second stack file deployed with the
+# first. They share the network alias `paramserver-shards`, by which Prometheus finds them all.
+files=(-c "$root/deploy/swarm/stack.yml")
+DLT_PS_ADDRESS=paramserver:50051
+if [ "$shards" -gt 1 ]; then
+  shard_file=$(mktemp "${TMPDIR:-/tmp}/dlt-stack-shards.XXXXXX.yml")
+  trap 'rm -f "$shard_file"' EXIT
+  {
+    echo 'version: "3.8"'
+    echo 'services:'
+    for ((i = 1; i < shards; i++)); do
+      DLT_PS_ADDRESS+=",paramserver-shard-$i:50051"
+      cat <<YAML
+  paramserver-shard-$i:
+    image: \${DLT_PARAMSERVER_IMAGE}
+    cap_add: [NET_ADMIN]
+    networks:
+      dlt: {aliases: [paramserver-shards]}
+    stop_grace_period: 15s
+    environment:
+      PROFILE: \${PROFILE}
+      DLT_WORKERS: \${WORKERS}
+      DLT_NODE: shard-$i
+      DLT_CLUSTER_SECRET_FILE: /run/secrets/cluster_secret
+    volumes: ["ps-shard-$i-data:/data"]
+    secrets: [cluster_secret]
+    deploy:
+      endpoint_mode: dnsrr
+      restart_policy: {condition: any, delay: 2s}
+      placement: {constraints: ["\${DLT_PS_SHARD_CONSTRAINT:-node.role == manager}"]}
+YAML
+    done
+    echo 'volumes:'
+    for ((i = 1; i < shards; i++)); do echo "  ps-shard-$i-data: {}"; done
+  } >"$shard_file"
+  files+=(-c "$shard_file")
+fi
+export DLT_PS_ADDRESS
+docker stack deploy --prune --resolve-image never "${files[@]}" "$stack" >&2
 
 # 4. Wait until every service has all its replicas running, on whichever node. A task whose image has a
 #    healthcheck counts as running only once it is healthy (Swarm keeps it `starting` until then), so the
 #    replica counts of `docker service ls` say it all, for tasks on every node.
 expected() { case "$1" in worker) echo "$workers" ;; *) echo 1 ;; esac; }
+shard_services=()
+for ((i = 1; i < shards; i++)); do shard_services+=("paramserver-shard-$i"); done
 healthy() {
   local svc want have
-  for svc in paramserver controller worker prometheus; do
+  for svc in paramserver "${shard_services[@]}" controller worker prometheus; do
     want=$(expected "$svc")
     have=$(docker service ls --filter "name=${stack}_$svc" --format '{{.Name}} {{.Replicas}}' \
       | awk -v n="${stack}_$svc" '$1 == n {print $2}')

@@ -2,6 +2,7 @@
 # PROFILE, WORKERS, JOB, DEPLOY_JOB_FILE, DEPLOY_SECRETS and DEPLOY_ADMIN they share.
 #   make stack-up PROFILE=cellular WORKERS=4   swarm init if needed, build missing images, deploy, wait until healthy,
 #                                              submit the default job (one task per worker), print the URLs
+#   make stack-up PS_SHARDS=3                  three PS shards (paramserver + services paramserver-shard-1, -2)
 #   make stack-status | stack-down
 #   make test-swarm       the Swarm suites: single node, images to a second engine, a two-node swarm (~9 min;
 #                         `make e2e` runs all but the two-node one)
@@ -15,7 +16,7 @@ STACK_URL  := http://127.0.0.1:$(or $(DLT_CONTROLLER_PORT),8000)
 stack-up: install
 	@[ "$(PROFILE)" = none ] || test -f deploy/netem/$(PROFILE).yaml || { echo "no profile deploy/netem/$(PROFILE).yaml; have: $$(ls deploy/netem | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }
 	@scripts/docker/build_images.sh --missing
-	@DLT_STACK=$(STACK) scripts/docker/stack_up.sh "$(PROFILE)" "$(WORKERS)"
+	@DLT_STACK=$(STACK) PS_SHARDS=$(PS_SHARDS) scripts/docker/stack_up.sh "$(PROFILE)" "$(WORKERS)"
 	@if [ "$(JOB)" != none ]; then \
 	  echo "submitting $(DEPLOY_JOB_FILE)"; \
 	  $(DEPLOY_ADMIN) $(BIN)/dist-llm-train submit-job --config "$(DEPLOY_JOB_FILE)" --workers $(WORKERS) --controller $(STACK_URL) --name default \

@@ -3,6 +3,7 @@ by tests/e2e/test_swarm_stack.py (`make test-swarm`)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -68,9 +69,12 @@ def test_swarm_prometheus_scrapes_every_job_of_the_compose_one() -> None:
     compose = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     swarm = yaml.safe_load((SWARM / "prometheus.yml").read_text())
     assert [j["job_name"] for j in swarm["scrape_configs"]] == [j["job_name"] for j in compose["scrape_configs"]]
+    # Worker tasks by `tasks.worker`; PS shards 1..P-1 (services of their own, made by stack_up.sh for
+    # PS_SHARDS) by the network alias they share.
+    want = {"worker": ["tasks.worker"], "link": ["tasks.worker"], "paramserver": ["paramserver-shards"]}
     for job in swarm["scrape_configs"]:
         for sd in job.get("dns_sd_configs", []):
-            assert sd["names"] == ["tasks.worker"], job["job_name"]
+            assert sd["names"] == want[job["job_name"]], job["job_name"]
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
@@ -85,5 +89,11 @@ def test_scripts_refuse_bad_input_before_touching_the_engine(tmp_path: Path) -> 
     bad = subprocess.run([str(scripts / "stack_up.sh"), "cellular", "three"], capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 2 and "WORKERS must be a positive integer" in bad.stderr
+    for shards in ("0", "65", "two"):
+        env = {**os.environ, "PS_SHARDS": shards, "DLT_SECRETS_DIR": str(tmp_path / "s")}
+        bad = subprocess.run([str(scripts / "stack_up.sh"), "cellular", "3"], capture_output=True, text=True,
+                             timeout=30, env=env)
+        assert bad.returncode == 2 and "PS_SHARDS must be an integer in 1..64" in bad.stderr, bad.stderr
+        assert not (tmp_path / "s").exists()
     usage = subprocess.run([str(scripts / "swarm_images.sh")], capture_output=True, text=True, timeout=30)
     assert usage.returncode == 2 and "docker -H" in usage.stderr

@@ -1,6 +1,7 @@
-"""The Swarm deployment, end to end on a single-node swarm: `stack_up.sh straggler 3` (what `make stack-up` runs),
-real images, shaping inside every task, real Prometheus; then a killed worker task replaced by Swarm, and
-`stack_down.sh` leaving nothing behind. Tests run in file order against one stack. `make test-swarm`.
+"""The Swarm deployment, end to end on a single-node swarm: `PS_SHARDS=2 stack_up.sh straggler 3` (what `make
+stack-up PS_SHARDS=2` runs), real images, shaping inside every task, a sharded PS, real Prometheus; then a killed
+worker task replaced by Swarm, and `stack_down.sh` leaving nothing behind. Tests run in file order against one
+stack. `make test-swarm`.
 
 If the engine was in no swarm before, the fixture leaves the single-node swarm it made at the end.
 """
@@ -17,7 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_stack import ROOT, Http, free_port, has_network, leave_swarm_made_here, logs, metric_value, run, wait_for
+from e2e_stack import (
+    ROOT,
+    Http,
+    free_port,
+    has_network,
+    leave_swarm_made_here,
+    logs,
+    metric_value,
+    prom_query,
+    run,
+    wait_for,
+)
 
 from dist_llm_train.netem.measure.path_report import configured_path
 from dist_llm_train.netem.profile.loading import load_profile
@@ -29,6 +41,7 @@ STACK = "dlt-e2e-swarm"
 # show whether each task was shaped as the node it registers as.
 PROFILE = "straggler"
 WORKERS = 3
+PS_SHARDS = 2  # `paramserver` and the service `paramserver-shard-1`
 SCRIPTS = ROOT / "scripts" / "docker"
 CLI = str(ROOT / ".venv" / "bin" / "dist-llm-train")
 JOB_CONFIG = """\
@@ -86,7 +99,8 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwarmStack]:
     work = tmp_path_factory.mktemp("swarm")
     ports = {name: str(free_port()) for name in
              ("DLT_CONTROLLER_PORT", "DLT_PS_PORT", "DLT_PS_METRICS_PORT", "DLT_PROMETHEUS_PORT")}
-    env = {**os.environ, **ports, "DLT_STACK": STACK, "DLT_SECRETS_DIR": str(work / "secrets")}
+    env = {**os.environ, **ports, "DLT_STACK": STACK, "DLT_SECRETS_DIR": str(work / "secrets"),
+           "PS_SHARDS": str(PS_SHARDS)}
     if was == "active":  # a stack left by an interrupted earlier run would make every claim below meaningless
         subprocess.run([str(SCRIPTS / "stack_down.sh")], env=env, capture_output=True, timeout=180)
     t0 = time.monotonic()
@@ -110,14 +124,16 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwarmStack]:
 
 
 def test_every_task_runs_healthy_with_distinct_worker_names(swarm: SwarmStack) -> None:
-    for service in ("paramserver", "controller", "prometheus"):
+    shards = [f"paramserver-shard-{i}" for i in range(1, PS_SHARDS)]
+    for service in ("paramserver", "controller", "prometheus", *shards):
         assert len(tasks(service)) == 1, service
     workers = tasks("worker")
     assert all(t["health"] == "healthy" for t in workers), workers
     # The node name comes from the task slot: worker-N for slot N, so per-node overrides hit one task.
     assert sorted(t["node"] for t in workers) == [f"worker-{i}" for i in range(1, WORKERS + 1)]
     assert all(t["node"] == f"worker-{t['slot']}" for t in workers), workers
-    for t in [*workers, *tasks("paramserver"), *tasks("controller")]:
+    assert [tasks(s)[0]["node"] for s in shards] == [f"shard-{i}" for i in range(1, PS_SHARDS)]
+    for t in [*workers, *tasks("paramserver"), *tasks("controller"), *(t for s in shards for t in tasks(s))]:
         desc = json.loads(run("docker", "exec", t["id"], "python", "-m", "dist_llm_train.netem", "show", "--dev",
                               "eth0", "--json"))
         assert desc["applied"] and desc["profile"] == PROFILE, desc
@@ -177,10 +193,28 @@ def test_prometheus_finds_every_task(swarm: SwarmStack) -> None:
         for t in targets:
             if t["health"] == "up":
                 per_job[t["labels"]["job"]] = per_job.get(t["labels"]["job"], 0) + 1
-        want = {"controller": 1, "paramserver": 1, "prometheus": 1, "worker": WORKERS, "link": WORKERS}
+        want = {"controller": 1, "paramserver": PS_SHARDS, "prometheus": 1, "worker": WORKERS, "link": WORKERS}
         return targets if per_job == want and len(targets) == sum(want.values()) else None
 
-    wait_for("every Prometheus target up (workers through tasks.worker)", all_up, timeout=90, every=2.0)
+    wait_for("every Prometheus target up (workers through tasks.worker, shards through their alias)", all_up,
+             timeout=90, every=2.0)
+
+
+def test_every_ps_shard_holds_its_slice_of_the_job(swarm: SwarmStack) -> None:
+    """The controller lists the shards in order (DLT_PS_ADDRESS from stack_up.sh), so each holds one half of
+    the parameters and advances the job's versions; Prometheus has a version series per shard."""
+    job_id = _state["job_id"]
+
+    def created(service: str) -> int:
+        text = logs(tasks(service)[0]["id"])
+        return int(text.split(f"job {job_id} created: ", 1)[1].split(" params", 1)[0])
+
+    sizes = [created("paramserver"), *(created(f"paramserver-shard-{i}") for i in range(1, PS_SHARDS))]
+    assert all(abs(n - sum(sizes) / PS_SHARDS) <= sum(sizes) * 0.05 for n in sizes), sizes
+    query = f'dlt_ps_version{{job="paramserver",exported_job="{job_id}"}}'
+    wait_for("a version series per shard, each past 10",
+             lambda: len(r := prom_query(swarm.prometheus, query)) == PS_SHARDS
+             and min(float(x["value"][1]) for x in r) > 10, timeout=90, every=2.0)
 
 
 def test_a_killed_worker_task_is_replaced_and_rejoins(swarm: SwarmStack) -> None:
