@@ -14,6 +14,7 @@ import contextlib
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from e2e_stack import ROOT, run, wait_for
@@ -49,9 +50,18 @@ def ensure_node_image() -> None:
         str(Path(__file__).parent / "swarm_node"), timeout=900)
 
 
+@dataclass(frozen=True)
+class EngineNode:
+    host: str  # its `docker -H` address
+    container: str  # the container it runs in: `docker stop` it to take the "machine" down
+
+    def stop(self) -> None:
+        run("docker", "stop", "-t", "0", self.container, timeout=60)
+
+
 @contextlib.contextmanager
-def engine_node(sock_dir: Path, hostname: str = "node2") -> Iterator[str]:
-    """Start a second engine; yield its `docker -H` address; stop it and remove all it made on exit."""
+def engine_node(sock_dir: Path, hostname: str = "node2") -> Iterator[EngineNode]:
+    """Start another engine; yield it; stop it and remove all it made on exit (also after `stop()`)."""
     ensure_node_image()
     name = f"dlt-test-engine-{uuid.uuid4().hex[:8]}"
     run("docker", "run", "-d", "--name", name, "--hostname", hostname, *engine_flags(),
@@ -62,7 +72,7 @@ def engine_node(sock_dir: Path, hostname: str = "node2") -> Iterator[str]:
         wait_for("the second engine answering",
                  lambda: subprocess.run(["docker", "-H", host, "info"], capture_output=True).returncode == 0,
                  timeout=60, every=1.0)
-        yield host
+        yield EngineNode(host, name)
     finally:
         # Its own containers first (so their cgroups empty), then the engine, then the emptied cgroups.
         ids = subprocess.run(["docker", "-H", host, "ps", "-aq"], capture_output=True, text=True).stdout.split()

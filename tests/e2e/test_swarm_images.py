@@ -21,8 +21,8 @@ IMAGE = "dlt-prometheus:latest"  # the smallest of the four; the script moves an
 
 @pytest.fixture(scope="module")
 def other_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with engine_node(tmp_path_factory.mktemp("engine")) as host:
-        yield host
+    with engine_node(tmp_path_factory.mktemp("engine")) as node:
+        yield node.host
 
 
 def test_images_reach_another_engine_without_a_registry(other_engine: str) -> None:

@@ -42,6 +42,7 @@ STACK = "dlt-e2e-swarm"
 PROFILE = "straggler"
 WORKERS = 3
 PS_SHARDS = 2  # `paramserver` and the service `paramserver-shard-1`
+CHECKPOINT_EVERY = 20  # the paramserver image runs --checkpoint-every 20
 SCRIPTS = ROOT / "scripts" / "docker"
 CLI = str(ROOT / ".venv" / "bin" / "dist-llm-train")
 JOB_CONFIG = """\
@@ -241,6 +242,36 @@ def test_a_killed_worker_task_is_replaced_and_rejoins(swarm: SwarmStack) -> None
     assert version is not None
     wait_for("training continues", lambda: (v := metric_value(swarm.ps_metrics.text("/metrics"), "dlt_ps_version"))
              is not None and v > version, timeout=120, every=1.0)
+
+
+def test_a_killed_paramserver_task_resumes_from_its_volume(swarm: SwarmStack) -> None:
+    """`docker kill` of the PS task (shard 0), as a crash would: Swarm starts a new task on the manager, with the
+    same `ps-data` volume, which resumes the job from its last checkpoint (at most CHECKPOINT_EVERY versions
+    back), and training goes on; no task attempt is spent on it."""
+    def version() -> float | None:
+        return metric_value(swarm.ps_metrics.text("/metrics"), "dlt_ps_version")
+
+    wait_for("PS version past a checkpoint", lambda: (v := version()) is not None and v >= CHECKPOINT_EVERY,
+             timeout=180, every=1.0)
+    victim = tasks("paramserver")[0]
+    attempts = [t["attempts"] for t in swarm.controller.get(f"/v1/jobs/{_state['job_id']}")["tasks"]]
+    v_before = version()
+    assert v_before is not None
+    run("docker", "kill", victim["id"])
+
+    def replaced() -> dict[str, str] | None:
+        fresh = [t for t in tasks("paramserver") if t["id"] != victim["id"]]
+        return fresh[0] if fresh and fresh[0]["health"] == "healthy" else None
+
+    fresh = wait_for("Swarm's new paramserver task healthy", replaced, timeout=180, every=2.0)
+    assert f"resumed job {_state['job_id']} at version" in logs(fresh["id"])
+    v_after = wait_for("PS version after the restart", version, timeout=60)
+    assert v_after >= v_before - CHECKPOINT_EVERY, (v_before, v_after)
+    wait_for("training resumes after the restart", lambda: (v := version()) is not None and v > v_after,
+             timeout=180, every=1.0)
+    view = swarm.controller.get(f"/v1/jobs/{_state['job_id']}")
+    assert view["state"] == "running", view["state"]
+    assert [t["attempts"] for t in view["tasks"]] == attempts, view["tasks"]
 
 
 def test_stack_down_leaves_nothing(swarm: SwarmStack) -> None:
