@@ -45,6 +45,6 @@ test-swarm-3node: install
 	@scripts/docker/setup_engine.sh
 	@scripts/docker/build_images.sh --missing
 	@log=$$(mktemp); TESTCONTAINERS_RYUK_DISABLED=true DLT_E2E_MULTINODE=1 $(BIN)/python -m pytest -m e2e \
-	  tests/e2e/test_swarm_multinode.py -q -rs >"$$log" 2>&1; status=$$?; cat "$$log"; \
+	  tests/e2e/test_swarm_multinode.py -q -rsP >"$$log" 2>&1; status=$$?; cat "$$log"; \
 	  if grep -q ' skipped' "$$log"; then echo "test-swarm-3node: a skipped test counts as a failure"; status=1; fi; \
 	  rm -f "$$log"; exit $$status
