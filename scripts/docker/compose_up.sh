@@ -13,9 +13,6 @@ workers=${2:?workers}
 shards=${PS_SHARDS:-1}
 [[ "$shards" =~ ^[1-9][0-9]*$ ]] && [ "$shards" -le 64 ] \
   || { echo "PS_SHARDS must be an integer in 1..64, got '$shards'" >&2; exit 2; }
-if [ "$shards" -gt 1 ] && [ "${TLS:-0}" = 1 ]; then
-  echo "PS_SHARDS > 1 with TLS=1 is not supported (the PS certificate names only 'paramserver')" >&2; exit 2
-fi
 DLT_PS_ADDRESS=paramserver:50051
 for ((i = 1; i < shards; i++)); do DLT_PS_ADDRESS+=",${COMPOSE_PROJECT_NAME:-dlt}-paramserver-shard-$i:50051"; done
 export DLT_PS_ADDRESS DLT_PS_SHARD_REPLICAS=$((shards - 1))

@@ -4,7 +4,9 @@
     dlt-healthcheck grpc://127.0.0.1:50051           grpc.health.v1 SERVING (TCP connect when grpc is absent)
 
 With DLT_PS_TLS_CA set, the gRPC check speaks TLS, trusting that CA (and presents DLT_PS_TLS_CERT / DLT_PS_TLS_KEY
-when set: a PS with mutual TLS accepts no other client), as the PS of `docker-compose.tls.yml` requires.
+when set: a PS with mutual TLS accepts no other client), as the PS of `docker-compose.tls.yml` requires;
+DLT_PS_TLS_SERVER_NAME checks the server's certificate against that name instead of the target's host (every PS
+shard serves the certificate made for `paramserver`).
 
 Why Python and not curl: the images carry Python anyway, and the gRPC health protocol needs a real client.
 """
@@ -49,7 +51,8 @@ def _channel(grpc: Any, target: str) -> Any:
         private_key=_read(os.environ.get("DLT_PS_TLS_KEY")),
         certificate_chain=_read(os.environ.get("DLT_PS_TLS_CERT")),
     )
-    return grpc.secure_channel(target, creds)
+    name = os.environ.get("DLT_PS_TLS_SERVER_NAME")
+    return grpc.secure_channel(target, creds, options=[("grpc.ssl_target_name_override", name)] if name else None)
 
 
 def check_grpc(target: str) -> tuple[bool, str]:

@@ -1,8 +1,4 @@
-"""The compose stack the e2e suite runs against: PROFILE=cellular, 3 workers, 2 PS shards, project `dlt-e2e`.
-
-Two shards (`make up PS_SHARDS=2`: `paramserver` and one `paramserver-shard` replica), so every claim below —
-training, links, Prometheus, a PS restart resuming from its checkpoint, crash restarts — also holds for a sharded
-PS; the Swarm suites run the unsharded one.
+"""The compose stack the e2e suite runs against: PROFILE=cellular, 3 workers, project `dlt-e2e`.
 
 One stack per session (starting it costs ~40 s); the tests in test_compose_stack.py run in file order against it,
 because the later claims (kill, restart, teardown) are about what happens to a stack that is training.
@@ -23,7 +19,6 @@ from e2e_stack import DEPLOY, PROJECT, ROOT, Http, host_port, run
 
 PROFILE = "cellular"
 WORKERS = 3
-PS_SHARDS = 2
 
 
 @dataclass
@@ -35,7 +30,6 @@ class Stack:
     admin_token: str = ""  # for a new controller client (its host port can change after a restart)
     profile: str = PROFILE
     workers: int = WORKERS
-    ps_shards: int = PS_SHARDS
 
 
 def _require_engine() -> None:
@@ -65,10 +59,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             f"DLT_SECRETS_DIR={secrets}",
             f"PROFILE={PROFILE}",
             f"WORKERS={WORKERS}",
-            # What compose_up.sh exports for PS_SHARDS (shard N is container <project>-paramserver-shard-N).
-            f"DLT_PS_SHARD_REPLICAS={PS_SHARDS - 1}",
-            "DLT_PS_ADDRESS=" + ",".join(["paramserver:50051"] + [f"{PROJECT}-paramserver-shard-{i}:50051"
-                                                                  for i in range(1, PS_SHARDS)]),
             # Empty host ports: Docker picks free ones (looked up with `docker compose port`).
             "DLT_CONTROLLER_PORT=",
             "DLT_PS_PORT=",

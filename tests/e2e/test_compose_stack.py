@@ -60,9 +60,8 @@ def test_every_service_is_healthy(stack: Any) -> None:
     by_service: dict[str, list[str]] = {}
     for r in rows:
         by_service.setdefault(r["Service"], []).append(r["Health"] or r["State"])
-    assert sorted(by_service) == ["controller", "paramserver", "paramserver-shard", "prometheus", "worker"]
+    assert sorted(by_service) == ["controller", "paramserver", "prometheus", "worker"]
     assert len(by_service["worker"]) == stack.workers
-    assert len(by_service["paramserver-shard"]) == stack.ps_shards - 1
     assert all(h == "healthy" for hs in by_service.values() for h in hs), by_service
     assert stack.controller.get("/readyz") is not None
 
@@ -168,7 +167,6 @@ def test_prometheus_targets_up_and_every_panel_has_data(stack: Any) -> None:
 
     targets = wait_for("every Prometheus target up", all_up, timeout=90, every=2.0)
     assert sum(t["labels"]["job"] == "worker" for t in targets) == stack.workers
-    assert sum(t["labels"]["job"] == "paramserver" for t in targets) == stack.ps_shards  # shard 0 and the replicas
     assert sum(t["labels"]["job"] == "link" for t in targets) == stack.workers
 
     queries = panel_queries()
@@ -184,39 +182,6 @@ def test_prometheus_targets_up_and_every_panel_has_data(stack: Any) -> None:
         except AssertionError:
             empty.append(f"{dashboard} / {title}: {expr}")
     assert not empty, "panels whose PromQL returns no data:\n" + "\n".join(empty)
-
-
-def test_every_ps_shard_trains_its_slice_and_checkpoints_it_under_its_own_name(stack: Any) -> None:
-    """`paramserver` is shard 0; each `paramserver-shard` replica N holds slice N of the parameters, advances the
-    same versions, and checkpoints under /data/shard-N (its node name), so replicas sharing the volume never
-    overwrite each other's files."""
-    job_id = _state["job_id"]
-
-    def every_shard_past_a_checkpoint() -> list[dict[str, Any]] | None:
-        # The gauge's own `job` label (the job id) is `exported_job` once Prometheus adds its scrape job.
-        series = prom_query(stack.prometheus, f'dlt_ps_version{{job="paramserver",exported_job="{job_id}"}}')
-        versions = [float(r["value"][1]) for r in series]
-        return series if len(series) == stack.ps_shards and min(versions) > CHECKPOINT_EVERY else None
-
-    # (Scrapes of different shards are seconds apart, so their versions differ here by the steps in between;
-    # that every shard applies the same versions is tests/integration/test_ps_shards.py's P = 1 vs P = 3.)
-    wait_for("every shard's version past a checkpoint in Prometheus", every_shard_past_a_checkpoint,
-             timeout=180, every=2.0)
-    replicas = containers("paramserver-shard")
-    assert len(replicas) == stack.ps_shards - 1
-    sizes = []
-    for r in replicas:
-        node = exec_text(r["Name"], "cat", "/run/dlt/node")
-        assert node.startswith("shard-"), node
-        assert f"job {job_id} created" in logs(r["Name"])
-        files = exec_text(r["Name"], "ls", f"/data/{node}").split()
-        assert f"{job_id}.ckpt.npz" in files, (node, files)
-        sizes.append(int(logs(r["Name"]).split(f"job {job_id} created: ", 1)[1].split(" params", 1)[0]))
-    shard0 = int(logs(containers("paramserver")[0]["Name"]).split(f"job {job_id} created: ", 1)[1]
-                 .split(" params", 1)[0])
-    # Byte-balanced contiguous slices: every shard holds about 1/P of the parameters.
-    total = shard0 + sum(sizes)
-    assert all(abs(n - total / stack.ps_shards) <= total * 0.05 for n in [shard0, *sizes]), (shard0, sizes)
 
 
 def test_killed_worker_is_declared_dead_and_its_task_reassigned(stack: Any) -> None:

@@ -142,10 +142,18 @@ def test_tls_override_wires_certificates_into_every_service() -> None:
     svc = json.loads(proc.stdout)["services"]
     ps_env = svc["paramserver"]["environment"]
     assert ps_env["DLT_TLS_CLIENT_CA"] == "/etc/dlt/certs/ca.pem"  # mutual TLS
-    for name in ("paramserver", "controller", "worker"):
+    for name in ("paramserver", "paramserver-shard", "controller", "worker"):
         assert "/etc/dlt/certs" in {v["target"] for v in svc[name]["volumes"]}
         assert svc[name]["environment"]["DLT_PS_TLS_CA"] == "/etc/dlt/certs/ca.pem"
         assert svc[name]["environment"]["DLT_PS_TLS_CERT"].endswith(".pem")
+    # Every shard serves the PS's certificate (and keeps its own env: node, secret); clients check each shard
+    # against the name that certificate holds, so one certificate covers any PS_SHARDS.
+    shard_env = svc["paramserver-shard"]["environment"]
+    assert {k: shard_env[k] for k in ps_env if k.startswith("DLT_TLS")} == {k: v for k, v in ps_env.items()
+                                                                          if k.startswith("DLT_TLS")}
+    assert shard_env["DLT_CLUSTER_SECRET_FILE"] == "/run/secrets/cluster_secret"
+    for name in ("controller", "worker"):
+        assert svc[name]["environment"]["DLT_PS_TLS_SERVER_NAME"] == "paramserver"
 
 
 def test_tls_paramserver_from_env_passes_the_tls_healthcheck_only(tmp_path: Path) -> None:
@@ -216,7 +224,7 @@ def test_compose_runs_ps_shards_as_replicas_with_their_own_checkpoints() -> None
 
 
 @pytest.mark.parametrize(("shards", "tls", "message"), [("0", "0", "1..64"), ("65", "0", "1..64"), ("x", "0", "1..64"),
-                                                        ("2", "1", "TLS")])
+                                                        ("0", "1", "1..64")])
 def test_compose_up_refuses_bad_ps_shards_before_doing_anything(shards: str, tls: str, message: str,
                                                                 tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "PS_SHARDS": shards, "TLS": tls, "DLT_SECRETS_DIR": str(tmp_path / "s")}
