@@ -9,6 +9,7 @@ their slices, and rounds sum their updates in worker-id order whatever the arriv
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -146,6 +147,68 @@ def test_a_version_is_complete_only_when_every_shard_has_it(transport: str) -> N
             stats = ps.stats("v")[0]
             assert stats.version == 2 and stats.num_params == n
             assert stats.counters["bytes_received"] == 4 * n * 2
+
+
+def push_all(ps: Any, job_id: str, step: int, update: np.ndarray) -> PushOutcome:
+    data = np.asarray(update, dtype="<f4").tobytes()
+    header = PushHeader(job_id=job_id, worker_id="w0", step=step, base_version=step, payload_bytes=len(data))
+    outcome: PushOutcome = ps.push(header, data).outcome
+    return outcome
+
+
+@pytest.mark.parametrize("transport", ["grpc", "zmq"])
+def test_downlink_deltas_per_shard_keep_the_client_bit_identical_with_fewer_bytes(transport: str) -> None:
+    """A job with a downlink codec on 3 shards: a pull passing the vector the client returned last gets each
+    shard's deltas since its piece, and rebuilds exactly the shards' published parameters; a `have` the client
+    did not return gets them in full."""
+    n = 30_000
+    with shards(transport, 3) as address, connect(transport, address) as ps:
+        assert isinstance(ps, ShardedPSClient)
+        ps.init_job(spec("dl", mode="async", options={"downlink": '{"name": "topk", "ratio": 0.01}'}),
+                    [TensorSpec("w", (n,), 0)], np.linspace(-1, 1, n, dtype=np.float32), ["w0"])
+        held = ps.pull("dl", "w0")
+        assert held.epoch != 0
+        rng = np.random.default_rng(0)
+        for step in range(4):
+            assert push_all(ps, "dl", step, rng.standard_normal(n)) is PushOutcome.APPLIED
+            before = ps.bytes_received
+            held = ps.pull("dl", "w0", min_version=step + 1, wait_timeout_s=5, have=held)
+            assert held.version == step + 1
+            assert ps.bytes_received - before < 0.05 * 4 * n  # 1 % of each slice and its indices, not the model
+        full = ps.pull("dl", "w0")  # holds nothing: every shard's published slice in full
+        assert full.params.tobytes() == held.params.tobytes()
+        assert all(shard.stats("dl")[0].counters["pulls_delta"] == 4 for shard in ps.shards)
+        stranger = dataclasses.replace(held)  # equal, but not a vector this client returned: full, still exact
+        before = ps.bytes_received
+        assert ps.pull("dl", "w0", have=stranger).params.tobytes() == held.params.tobytes()
+        assert ps.bytes_received - before == 4 * n
+
+
+@pytest.mark.parametrize("transport", ["grpc", "zmq"])
+def test_a_worker_that_initialised_the_params_pulls_no_model_from_any_shard(transport: str) -> None:
+    """`own` is cut as the job is split, and each shard checks its piece: a client that did not create the job
+    (a fresh connection) gets nothing at version 0, then only the deltas; other parameters get the model."""
+    n = 30_000
+    initial = np.linspace(-1, 1, n, dtype=np.float32)
+    job = spec("own", mode="async", options={"downlink": '{"name": "int8"}'})
+    with shards(transport, 3) as address:
+        with connect(transport, address) as creator:
+            creator.init_job(job, [TensorSpec("w", (n,), 0)], initial, ["w0"])
+        with connect(transport, address) as ps:
+            first = ps.pull("own", "w0", own=initial.copy())
+            assert ps.bytes_received == 0 and first.version == 0 and first.params.tobytes() == initial.tobytes()
+            rng = np.random.default_rng(1)
+            for step in range(2):
+                assert push_all(ps, "own", step, rng.standard_normal(n)) is PushOutcome.APPLIED
+        with connect(transport, address) as late:  # joins at version 2
+            pulled = late.pull("own", "w0", own=initial.copy())
+            plan = ShardPlan.balanced(n, 3)
+            # two int8 deltas per shard, a scale per 1,024 values of each slice
+            assert late.bytes_received == sum(2 * (k + 4 * -(-k // 1024)) for k in (plan.size(i) for i in range(3)))
+            assert pulled.params.tobytes() == late.pull("own", "w0").params.tobytes()
+            before = late.bytes_received
+            late.pull("own", "w0", own=initial + np.float32(1.0))  # not the job's initial parameters
+            assert late.bytes_received - before == 4 * n
 
 
 def test_bad_push_is_refused_before_any_shard_sees_it() -> None:

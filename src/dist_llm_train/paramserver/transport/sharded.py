@@ -16,11 +16,22 @@ ahead drop that round as late and the restarted one applies it, until all agree 
 A push is answered with the most telling of the shards' outcomes (a refusal before a buffered update before an
 applied one before a duplicate); JOB_COMPLETE only when every shard says it. A refusal by any shard is raised:
 a server-side refusal first, then ABORTED, then unreachable; the worker's retry of the whole push is safe since
-shards that already took it answer DUPLICATE. Pulls are full pulls (the shards' downlink deltas are not used).
+shards that already took it answer DUPLICATE.
+
+Downlink deltas (a job with a downlink codec, `core.downlink`) work per shard: each shard publishes deltas of its
+own slice. The client keeps the per-shard pieces of the last few vectors it returned (`HELD_PER_JOB`), so a
+pull that passes one of them as `have` sends each shard the piece that shard sent, and each answers with its
+deltas since; `own` (the parameters a worker initialised) is cut by the job's split and each shard checks its
+piece's digest. A `have` this client did not return (or no longer holds) gets a full pull: more bytes, same
+parameters. Each shard quantises its own slice, so a compressed downlink's chunks start at slice bounds: the same
+maths as one PS up to where chunk scales fall, not bit for bit.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -101,6 +112,11 @@ def _raise_first(errors: list[PSError]) -> None:
     raise (refusals or aborted or errors)[0]
 
 
+HELD_PER_JOB = 2
+"""Joined pulls per job whose per-shard pieces are kept for delta pulls: the vector a worker computes on and
+the one it pulled alongside its push (which it may discard and pull again from the first)."""
+
+
 class ShardedPSClient(PSClient):
     """P per-shard clients behind the one-server interface (see the module docstring)."""
 
@@ -113,6 +129,9 @@ class ShardedPSClient(PSClient):
         self._pool = ThreadPoolExecutor(2 * len(shards), thread_name_prefix="ps-shard")
         self._plans: dict[str, ShardPlan] = {}  # job id -> its split (from init_job or the first pull)
         self._layouts: dict[str, list[TensorSpec]] = {}  # job id -> the full layout given to init_job
+        # job id -> (a joined PulledParams we returned, weakly; the shards' pieces of it), newest last
+        self._held: dict[str, deque[tuple[weakref.ref[PulledParams], list[PulledParams]]]] = {}
+        self._held_lock = threading.Lock()
 
     @property
     def count(self) -> int:
@@ -158,8 +177,10 @@ class ShardedPSClient(PSClient):
         have: PulledParams | None = None,
         own: np.ndarray | None = None,
     ) -> PulledParams:
-        # `have` and `own` are not passed on: shards always send their slices in full (no delta pulls yet).
-        parts = self._each(lambda i, c: c.pull(job_id, worker_id, min_version, wait_timeout_s))
+        haves = self._pieces_of(job_id, have)
+        owns = self._split_own(job_id, own) if haves is None else None
+        parts = self._each(lambda i, c: c.pull(job_id, worker_id, min_version, wait_timeout_s,
+                                                have=haves[i] if haves else None, own=owns[i] if owns else None))
         plan = ShardPlan((0, *np.cumsum([p.params.shape[0] for p in parts]).tolist()))
         known = self._plans.setdefault(job_id, plan)
         if known != plan:
@@ -168,12 +189,37 @@ class ShardedPSClient(PSClient):
         layout = self._layouts.get(job_id)
         if layout is None:  # a client that did not create the job: the shards' pieces, offsets made global
             layout = [replace(t, offset=t.offset + plan.bounds[i]) for i, p in enumerate(parts) for t in p.layout]
-        return PulledParams(
+        joined = PulledParams(
             version=min(p.version for p in parts),
             params=plan.join([p.params for p in parts]),
             layout=layout,
             job_complete=all(p.job_complete for p in parts),
+            # Non-zero when every shard publishes deltas; the lineages themselves stay with the pieces.
+            epoch=parts[0].epoch if all(p.epoch for p in parts) else 0,
         )
+        if joined.epoch:
+            with self._held_lock:
+                held = self._held.setdefault(job_id, deque(maxlen=HELD_PER_JOB))
+                held.append((weakref.ref(joined), parts))
+        return joined
+
+    def _pieces_of(self, job_id: str, have: PulledParams | None) -> list[PulledParams] | None:
+        """The shards' pieces of `have`, when it is a vector this client returned and still holds."""
+        if have is None or not have.epoch:
+            return None
+        with self._held_lock:
+            for ref, parts in self._held.get(job_id, ()):
+                if ref() is have:
+                    return parts
+        return None
+
+    def _split_own(self, job_id: str, own: np.ndarray | None) -> list[np.ndarray] | None:
+        """`own` cut as the job's parameters are (a balanced split depends only on the size and the count)."""
+        if own is None:
+            return None
+        flat = as_float32(own)
+        plan = self._plans.get(job_id) or ShardPlan.balanced(int(flat.shape[0]), self.count)
+        return plan.split(flat) if plan.num_params == flat.shape[0] else None
 
     def push(self, header: PushHeader, payload: Buffer) -> PushResult:
         plan = self._plans.get(header.job_id)
