@@ -48,7 +48,8 @@ def run(tmp_path: Path, training: dict[str, Any], *flags: str, min_drop: float =
     return summary
 
 
-def test_diloco_pushes_compressed_pseudo_gradients_and_pulls_compressed_deltas(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ps_shards", [1, 2])
+def test_diloco_pushes_compressed_pseudo_gradients_and_pulls_compressed_deltas(tmp_path: Path, ps_shards: int) -> None:
     s = run(
         tmp_path,
         {"diloco_local_steps": 10, "downlink": {"name": "topk", "ratio": 0.05}},
@@ -60,16 +61,22 @@ def test_diloco_pushes_compressed_pseudo_gradients_and_pulls_compressed_deltas(t
         "diloco",
         "--codec",
         "topk",
+        "--ps-shards",
+        str(ps_shards),
     )
     st = s["strategy"]
     assert (st["strategy"], st["codec"], st["error_feedback"]) == ("diloco", "topk", True)
     assert s["steps"] == 4  # 40 inner steps / H = 10 -> 4 outer rounds
     wire = st["wire_bytes"]
     assert wire["bytes_received_gradient"] == 0
-    assert wire["raw_bytes_pseudo_gradient"] >= 50 * wire["bytes_received_pseudo_gradient"] > 0
+    if ps_shards == 1:
+        assert wire["raw_bytes_pseudo_gradient"] >= 50 * wire["bytes_received_pseudo_gradient"] > 0
+    else:  # a top-k payload describes the whole vector: the client decodes it and sends float32 slices
+        assert wire["raw_bytes_pseudo_gradient"] == wire["bytes_received_pseudo_gradient"] > 0
     # Each worker initialised the model itself from the job's seed, so none pulls it: its first pull names the
     # parameters by digest and gets the deltas since, then one top-k 5 % delta per round — both directions
-    # compressed. The one full model on the wire is the launcher's final read (a model is a push's raw size).
+    # compressed, with one PS or per shard. The one full model on the wire is the launcher's final read (a model
+    # is a push's raw size).
     assert st["downlink"] == "topk"
     model_bytes = wire["raw_bytes_pseudo_gradient"] // (2 * 4)  # 2 workers x 4 rounds of pushes
     assert wire["params_bytes_sent"] == model_bytes
