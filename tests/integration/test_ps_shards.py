@@ -58,16 +58,16 @@ def shards(transport: str, count: int) -> Iterator[str]:
         yield ",".join(s.address for s in servers)
 
 
-def config(strategy: dict[str, Any], codec: str = "none") -> Any:
+def config(strategy: dict[str, Any], codec: str = "none", n_embd: int = 16) -> Any:
     return parse_config({
-        "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+        "model": {"n_layer": 1, "n_embd": n_embd, "n_head": 2},
         "training": {"num_workers": 3, "steps": 8, "batch_size": 4, "seq_length": 8, "num_samples": 400,
                      "strategy": strategy, "codec": {"name": codec}, "seed": 7},
     })
 
 
-def train(transport: str, address: str, cfg: Any, job_id: str) -> tuple[dict[str, list[float]], np.ndarray]:
-    """Every worker's loss per step, and the final parameters."""
+def train(transport: str, address: str, cfg: Any, job_id: str) -> tuple[dict[str, list[float]], np.ndarray, int]:
+    """Every worker's loss per step, the final parameters, and the update bytes the PS (all shards) received."""
     losses: dict[str, list[float]] = {w: [] for w in WORKERS}
     errors: list[BaseException] = []
 
@@ -89,25 +89,41 @@ def train(transport: str, address: str, cfg: Any, job_id: str) -> tuple[dict[str
     with connect(transport, address) as ps:
         final = ps.pull(job_id, "reader")
         assert final.job_complete
-    return losses, final.params
+        counters = ps.stats(job_id)[0].counters
+    received = sum(v for k, v in counters.items() if k.startswith("bytes_received_"))
+    return losses, final.params, received
 
 
 @pytest.mark.parametrize("transport", ["grpc", "zmq"])
 @pytest.mark.parametrize(
-    ("strategy", "codec"),
-    [({"name": "sync"}, "none"), ({"name": "diloco", "local_steps": 2}, "none"), ({"name": "sync"}, "int8")],
-    ids=["sync", "diloco", "sync-int8"],
+    ("strategy", "codec", "n_embd"),
+    [
+        ({"name": "sync"}, "none", 16),
+        ({"name": "diloco", "local_steps": 2}, "none", 16),
+        ({"name": "sync"}, "int8", 16),  # 3,696 parameters: too few to cut between int8's chunks, pushed as floats
+        ({"name": "diloco", "local_steps": 2}, "int4", 64),  # 51,648: each shard gets its slice in int4
+        ({"name": "sync"}, "sparseloco", 64),
+    ],
+    ids=["sync", "diloco", "sync-int8-small", "diloco-int4", "sync-sparseloco"],
 )
-def test_one_and_three_shards_give_identical_training(transport: str, strategy: dict[str, Any], codec: str) -> None:
-    cfg = config(strategy, codec)
+def test_one_and_three_shards_give_identical_training(
+    transport: str, strategy: dict[str, Any], codec: str, n_embd: int
+) -> None:
+    cfg = config(strategy, codec, n_embd)
     with shards(transport, 1) as one:
-        losses_1, params_1 = train(transport, one, cfg, "p1")
+        losses_1, params_1, bytes_1 = train(transport, one, cfg, "p1")
     with shards(transport, 3) as three:
-        losses_3, params_3 = train(transport, three, cfg, "p3")
+        losses_3, params_3, bytes_3 = train(transport, three, cfg, "p3")
     assert all(len(v) >= 2 for v in losses_1.values())
     assert losses_3 == losses_1  # every worker's loss at every step, bit for bit
     assert params_3.dtype == np.float32 and np.array_equal(params_3, params_1)
     assert losses_1["w0"][-1] < losses_1["w0"][0]  # and it trained
+    if n_embd == 64:  # compressed on every shard's link: int4 cut at chunk bounds costs nothing, SparseLoCo's
+        # re-packed bit streams at most a padding byte per stream per shard
+        pushes = sum(len(v) for v in losses_1.values()) // (2 if strategy["name"] == "diloco" else 1)
+        assert bytes_1 <= bytes_3 <= bytes_1 + 2 * 3 * pushes
+        if codec == "int4":
+            assert bytes_3 == bytes_1
 
 
 def spec(job_id: str, **kw: Any) -> JobSpec:

@@ -7,18 +7,18 @@ import itertools
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from dist_llm_train.core.codecs import get_codec
+from dist_llm_train.core.codecs import Encoded, get_codec
 from dist_llm_train.core.job import JobSpec, WireJobSpec
-from dist_llm_train.core.sharding import MAX_SHARDS, ShardPlan
+from dist_llm_train.core.sharding import ALIGN, MAX_SHARDS, ShardPlan
 from dist_llm_train.core.types import ErrorCode, PSError, PushHeader, TensorSpec
 from dist_llm_train.paramserver.job import ParameterStore
 from dist_llm_train.paramserver.transport.sharded import parse_addresses, split_update
 
 
-@given(n=st.integers(1, 10_000), p=st.integers(1, MAX_SHARDS))
+@given(n=st.integers(1, 300_000), p=st.integers(1, MAX_SHARDS))
 def test_plan_is_contiguous_and_byte_balanced(n: int, p: int) -> None:
     if n < p:
         with pytest.raises(ValueError, match="cannot be split"):
@@ -27,7 +27,11 @@ def test_plan_is_contiguous_and_byte_balanced(n: int, p: int) -> None:
     plan = ShardPlan.balanced(n, p)
     assert plan.bounds[0] == 0 and plan.bounds[-1] == n and plan.shards == p
     sizes = [plan.size(i) for i in range(p)]
-    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1  # float32: bytes balanced = elements balanced
+    if n // ALIGN >= p:  # inner bounds between codec chunks; float32: bytes balanced = elements balanced
+        assert all(b % ALIGN == 0 for b in plan.bounds[1:-1]) and max(sizes) - min(sizes) <= ALIGN
+    else:
+        assert max(sizes) - min(sizes) <= 1
+    assert min(sizes) >= 1
     vec = np.arange(n, dtype=np.float32)
     assert np.array_equal(plan.join(plan.split(vec)), vec)
 
@@ -63,25 +67,58 @@ def test_addresses() -> None:
             parse_addresses(bad)
 
 
-@pytest.mark.parametrize("codec", ["none", "fp16", "int8", "topk"])
-def test_split_update_carries_exactly_the_decoded_values(codec: str) -> None:
-    vec = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
-    enc = get_codec(codec, ratio=0.1).encode(vec)
-    header = PushHeader(job_id="j", worker_id="w", step=1, base_version=0, codec=codec,
-                        codec_meta=msgpack.packb(enc.meta), payload_bytes=len(enc.payload))
-    plan = ShardPlan.balanced(1000, 3)
-    pieces = split_update(header, enc.payload, plan)
-    whole = get_codec(codec, ratio=0.1).decode(enc, 1000)
-    got = [get_codec(h.codec).decode(_encoded(h, p), plan.size(i)) for i, (h, p) in enumerate(pieces)]
-    assert np.array_equal(np.concatenate(got), whole)
-    assert all(h.payload_bytes == len(p) for h, p in pieces)
-    if codec in ("none", "fp16"):  # cut as bytes: the same wire size
-        assert sum(len(p) for _, p in pieces) == len(enc.payload) and pieces[0][0].codec == codec
+SPLIT_CODECS = [
+    ("none", {}),
+    ("fp16", {}),
+    ("int8", {}),
+    ("int4", {}),
+    ("int2", {}),
+    ("topk", {"ratio": 0.01}),
+    ("topk", {"ratio": 0.05, "index": "delta"}),
+    ("sparseloco", {}),
+    ("sparseloco", {"ratio": 0.03, "bits": 4, "chunk": 1024}),
+]
 
 
-def _encoded(header: PushHeader, payload: memoryview) -> object:
-    from dist_llm_train.core.codecs import Encoded
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 60_000), p=st.integers(1, 5), which=st.integers(0, len(SPLIT_CODECS) - 1),
+       seed=st.integers(0, 2**32 - 1))
+def test_a_push_is_cut_into_pieces_that_decode_to_exactly_its_slices(n: int, p: int, which: int, seed: int) -> None:
+    """Every codec's pieces decode, each at its slice's length, to exactly the slices of the whole decode; they
+    stay in the pushed codec (same codes and scales) wherever the bounds fall between its chunks, which
+    `ShardPlan.balanced` arranges for vectors of at least `ALIGN` elements per shard."""
+    assume(n >= p)
+    name, params = SPLIT_CODECS[which]
+    codec = get_codec(name, **params)
+    enc = codec.encode(np.random.default_rng(seed).standard_normal(n).astype(np.float32))
+    plan = ShardPlan.balanced(n, p)
+    pieces = split_update(_header(name, enc), enc.payload, plan)
+    got = [get_codec(h.codec).decode(_encoded(h, piece), plan.size(i)) for i, (h, piece) in enumerate(pieces)]
+    assert np.array_equal(np.concatenate(got), codec.decode(enc, n))
+    assert all(h.payload_bytes == len(piece) for h, piece in pieces)
+    sent = sum(len(piece) for _, piece in pieces)
+    compressed = {h.codec for h, _ in pieces} == {name}
+    if p == 1 or n // ALIGN >= p or name in ("none", "fp16", "topk"):
+        assert compressed
+    if compressed:  # cut between chunks and bytes: nothing added; SparseLoCo re-packs two bit streams per piece
+        assert len(enc.payload) <= sent <= len(enc.payload) + (2 * p if name == "sparseloco" else 0)
+    else:  # a chunk straddles a bound (possible only below ALIGN elements per shard): the slices go as float32
+        assert {h.codec for h, _ in pieces} == {"none"} and sent == 4 * n
 
+
+def test_a_chunk_size_that_straddles_the_bounds_falls_back_to_float32_slices() -> None:
+    n = 3 * ALIGN + 5
+    enc = get_codec("int8", chunk=1000).encode(np.linspace(-1, 1, n, dtype=np.float32))
+    pieces = split_update(_header("int8", enc), enc.payload, ShardPlan.balanced(n, 3))
+    assert [(h.codec, len(piece)) for h, piece in pieces] == [("none", 4 * ALIGN)] * 2 + [("none", 4 * (ALIGN + 5))]
+
+
+def _header(codec: str, enc: Encoded) -> PushHeader:
+    return PushHeader(job_id="j", worker_id="w", step=1, base_version=0, codec=codec,
+                      codec_meta=msgpack.packb(enc.meta), payload_bytes=len(enc.payload))
+
+
+def _encoded(header: PushHeader, payload: memoryview) -> Encoded:
     meta = msgpack.unpackb(header.codec_meta) if header.codec_meta else {}
     return Encoded(bytes(payload), meta)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar, Literal
@@ -43,6 +44,33 @@ class Encoded:
     def nbytes(self) -> int:
         """Bytes on the wire for the payload (meta is a handful of msgpack bytes on top)."""
         return len(self.payload)
+
+
+Piece = tuple[Buffer, dict[str, Any]]
+"""One slice's payload and its meta, as `Codec.split` cuts them."""
+
+
+def _pairs(bounds: Sequence[int]) -> list[tuple[int, int]]:
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _cuts_whole_chunks(bounds: Sequence[int], chunk: int) -> bool:
+    """True when every inner bound falls between two chunks of `chunk` elements."""
+    return all(b % chunk == 0 for b in bounds[1:-1])
+
+
+def _split_dense(payload: Buffer, meta: dict[str, Any], bounds: Sequence[int], chunk: int, bits: int) -> list[Piece]:
+    """Pieces of a payload laid out as one float32 scale per chunk, then one `bits`-bit code per element packed
+    back to back: each piece is its chunks' scales and its elements' code bytes (bounds on chunk bounds whose
+    codes start on a byte, so nothing is re-packed; the last piece keeps the stream's zero padding)."""
+    data = memoryview(payload).cast("B")
+    codes_at = 4 * math.ceil(bounds[-1] / chunk)
+    pieces: list[Piece] = []
+    for a, b in _pairs(bounds):
+        scales = data[4 * (a // chunk) : 4 * math.ceil(b / chunk)]
+        codes = data[codes_at + a * bits // 8 : codes_at + _packed_len(b, bits)]
+        pieces.append((bytes(scales) + codes, meta))
+    return pieces
 
 
 def _as_float32(vec: np.ndarray) -> np.ndarray:
@@ -180,6 +208,14 @@ class Codec(ABC):
 
     def payload_nbytes(self, size: int) -> int | None:
         """This codec's payload length for a vector of `size`, or None when it depends on the values."""
+        return None
+
+    def split(self, payload: Buffer, meta: dict[str, Any], bounds: Sequence[int]) -> list[Piece] | None:
+        """`payload` (one that decodes: check it first) cut into pieces, piece i carrying elements
+        [bounds[i], bounds[i + 1]) of the vector of bounds[-1] elements, so that decoding piece i at its length
+        gives exactly those elements of the whole decode: the same codes and scales, not a re-encoding. None when
+        this codec cannot cut there (a bound inside one of its chunks). Sharded parameter servers push the
+        pieces, so each shard receives its slice as compressed as the worker sent it."""
         return None
 
 
@@ -349,6 +385,11 @@ class Int8Codec(Codec):
 
     def payload_nbytes(self, size: int) -> int:
         return 4 * math.ceil(size / self.chunk) + size
+
+    def split(self, payload: Buffer, meta: dict[str, Any], bounds: Sequence[int]) -> list[Piece] | None:
+        """At chunk bounds: each piece is its chunks' scales and its elements' codes."""
+        chunk = _meta_int(meta, "chunk", self.name)
+        return _split_dense(payload, meta, bounds, chunk, 8) if _cuts_whole_chunks(bounds, chunk) else None
 
     def _decode(self, payload: Buffer, meta: dict[str, Any], size: int) -> np.ndarray:
         chunk = _meta_int(meta, "chunk", self.name)
@@ -563,6 +604,14 @@ class _LowBitCodec(Codec):
         codes = self.levels.codes(arr, self.chunk, units, pad_to=_packed_len(arr.size, self.bits) * 8 // self.bits)
         return Encoded(units.astype(_F32).tobytes() + _pack(codes, self.bits), {"chunk": self.chunk})
 
+    def split(self, payload: Buffer, meta: dict[str, Any], bounds: Sequence[int]) -> list[Piece] | None:
+        """At chunk bounds whose codes start on a byte: each piece is its chunks' steps and its code bytes."""
+        chunk = _meta_int(meta, "chunk", self.name)
+        on_bytes = all(b * self.bits % 8 == 0 for b in bounds[1:-1])
+        if not (_cuts_whole_chunks(bounds, chunk) and on_bytes):
+            return None
+        return _split_dense(payload, meta, bounds, chunk, self.bits)
+
     def _decode(self, payload: Buffer, meta: dict[str, Any], size: int) -> np.ndarray:
         chunk = _meta_int(meta, "chunk", self.name)
         if not 1 <= chunk <= (1 << 24):
@@ -696,6 +745,25 @@ class TopKCodec(Codec):
             raise ValueError("topk indices must be strictly increasing (a zero gap repeats an index)")
         return np.cumsum(gaps), width * k
 
+    def split(self, payload: Buffer, meta: dict[str, Any], bounds: Sequence[int]) -> list[Piece]:
+        """Anywhere: each piece keeps the kept coordinates inside its slice, indices made local, values as they
+        were, in the payload's index coding (its own k, and its own gap width when delta-coded)."""
+        k = _meta_int(meta, "k", self.name)
+        idx, offset = self._indices(payload, meta, k, bounds[-1])
+        values = np.frombuffer(payload, dtype=_F32, offset=offset, count=k)
+        cuts = np.searchsorted(idx, bounds)
+        pieces: list[Piece] = []
+        for (a, _), lo, hi in zip(_pairs(bounds), cuts[:-1], cuts[1:], strict=True):
+            local = idx[lo:hi] - a
+            if "gap_bytes" not in meta:
+                pieces.append((local.astype(_I32).tobytes() + values[lo:hi].tobytes(), {"k": int(hi - lo)}))
+                continue
+            gaps = np.diff(local, prepend=0)
+            gap_dtype = _U16 if hi == lo or int(gaps.max()) <= 0xFFFF else _U32
+            piece_meta = {"k": int(hi - lo), "gap_bytes": gap_dtype.itemsize}
+            pieces.append((gaps.astype(gap_dtype).tobytes() + values[lo:hi].tobytes(), piece_meta))
+        return pieces
+
     def residual(self, sent: np.ndarray, enc: Encoded, out: np.ndarray | None = None) -> np.ndarray:
         """Kept values travel exactly, so the residual is `sent` with the kept coordinates zeroed."""
         idx, _ = self._indices(enc.payload, enc.meta, _meta_int(enc.meta, "k", self.name), sent.size)
@@ -740,6 +808,9 @@ def _top_k_rows(rows: np.ndarray, k: int) -> np.ndarray:
         tied = keep & ~above
         keep = above | (tied & (np.cumsum(tied, axis=1) <= room))
     return (np.flatnonzero(keep) % width).reshape(n, k)
+
+
+_SparseFields = tuple[int, int, int, np.ndarray, np.ndarray, np.ndarray]
 
 
 class SparseLoCoCodec(Codec):
@@ -819,8 +890,8 @@ class SparseLoCoCodec(Codec):
         )
         return Encoded(payload, {"chunk": chunk, "k": k, "bits": self.bits})
 
-    def _kept_values(self, payload: Buffer, meta: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(global indices, reconstructed float32 values) of the coordinates `payload` carries."""
+    def _fields(self, payload: Buffer, meta: dict[str, Any], size: int) -> _SparseFields:
+        """(chunk, k, bits, per-chunk steps, value codes, chunk-local indices) as `payload` holds them."""
         chunk = _meta_int(meta, "chunk", self.name)
         _check_sparse_chunk(chunk, "sparseloco meta chunk")
         bits = _meta_int(meta, "bits", self.name)
@@ -830,14 +901,34 @@ class SparseLoCoCodec(Codec):
         if not 0 <= k <= chunk:
             raise ValueError(f"sparseloco meta k={k} is outside [0, {chunk}]")
         _expect_len(payload, self.nbytes_for(size, chunk, k, bits), self.name, size)
-        tail, tail_k = size % chunk, self.tail_k(size, chunk, k)
-        n_chunks, n_full = math.ceil(size / chunk), size // chunk
-        kept = n_full * k + tail_k
+        n_chunks = math.ceil(size / chunk)
+        kept = (size // chunk) * k + self.tail_k(size, chunk, k)
         units = _scales(payload, n_chunks, self.name)
         buf = np.frombuffer(payload, dtype=np.uint8, offset=4 * n_chunks)
         code_bytes = _packed_len(kept, bits)
         codes = _unpack(buf[:code_bytes], kept, bits, "sparseloco value codes")
         local = _unpack(buf[code_bytes:], kept, chunk.bit_length() - 1, "sparseloco indices")
+        return chunk, k, bits, units, codes, local
+
+    def split(self, payload: Buffer, meta: dict[str, Any], bounds: Sequence[int]) -> list[Piece] | None:
+        """At chunk bounds: each piece is its chunks' steps, value codes and local indices, re-packed as they
+        were (a piece of a bit stream need not start on a byte)."""
+        chunk, k, bits, units, codes, local = self._fields(payload, meta, bounds[-1])
+        if not _cuts_whole_chunks(bounds, chunk):
+            return None
+        pieces: list[Piece] = []
+        for a, b in _pairs(bounds):
+            first, last = a // chunk, math.ceil(b / chunk)
+            lo, hi = first * k, min(last * k, codes.size)
+            body = _pack(codes[lo:hi], bits) + _pack(local[lo:hi], chunk.bit_length() - 1)
+            pieces.append((units[first:last].astype(_F32).tobytes() + body, meta))
+        return pieces
+
+    def _kept_values(self, payload: Buffer, meta: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(global indices, reconstructed float32 values) of the coordinates `payload` carries."""
+        chunk, k, bits, units, codes, local = self._fields(payload, meta, size)
+        tail, kept, n_full = size % chunk, codes.size, size // chunk
+        tail_k = kept - n_full * k
         levels = _LEVELS[bits]
         kept_levels = levels.table[codes]
         levels.check(kept_levels, "sparseloco payload")

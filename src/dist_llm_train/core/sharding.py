@@ -2,8 +2,10 @@
 
 With P parameter-server shards, shard i holds `vec[bounds[i]:bounds[i + 1]]` and serves it as if it were the
 whole vector: its own versions, optimizer state, update bound and checkpoints. The parameters are flat float32,
-so a byte-balanced split is an element-balanced one: slices differ in length by at most one element, and a
-tensor may straddle two shards (each holds its piece, named `name[a:b]`).
+so a byte-balanced split is an element-balanced one. Inner bounds fall on multiples of `ALIGN` (4096) elements
+when the vector has at least that many per shard, so compressed updates can be cut between their codecs' chunks;
+slices then differ by at most 4096 elements (16 KiB), and by at most one element for smaller vectors. A tensor
+may straddle two shards (each holds its piece, named `name[a:b]`).
 
 What carries over from one server to P unchanged is every rule that works element by element: the mean and the
 coordinate-wise rules (median, trimmed mean), SGD / Adam / Nesterov outer steps, per-element codecs. What does
@@ -34,6 +36,10 @@ from dist_llm_train.core.job import JobSpec
 from dist_llm_train.core.types import TensorSpec
 
 MAX_SHARDS = 64
+# Inner bounds fall on multiples of this many elements when every shard gets at least one such unit: then the
+# chunked codecs' payloads (int8 chunks of 1024, int4 / int2 of 128, SparseLoCo of 4096 by default) can be cut
+# between chunks and each shard pushed its slice still compressed (`Codec.split`).
+ALIGN = 4096
 # Codecs whose payload is one fixed-width value per element, in order: a slice of elements is a slice of bytes.
 BYTES_PER_ELEMENT = {"none": 4, "fp16": 2}
 # Aggregation rules that need every coordinate of every update at once.
@@ -54,10 +60,12 @@ class ShardPlan:
             raise ValueError(f"parameter-server shards must be an integer in 1..{MAX_SHARDS}, got {shards!r}")
         if num_params < shards:
             raise ValueError(f"{num_params} parameters cannot be split over {shards} shards (one element each)")
-        base, extra = divmod(num_params, shards)
+        unit = ALIGN if num_params // ALIGN >= shards else 1
+        base, extra = divmod(num_params // unit, shards)
         bounds = [0]
         for i in range(shards):
-            bounds.append(bounds[-1] + base + (1 if i < extra else 0))  # the first `extra` shards take one more
+            bounds.append(bounds[-1] + unit * (base + (1 if i < extra else 0)))  # the first `extra` take one more
+        bounds[-1] = num_params  # the elements short of a whole unit go to the last shard
         return cls(tuple(bounds))
 
     @property

@@ -21,12 +21,14 @@ import numpy as np
 from dist_llm_train.core.codecs import all_finite, get_codec
 from dist_llm_train.core.types import ErrorCode, PSError
 
-__all__ = ["all_finite", "decode_update", "keep_freed_vectors"]  # all_finite: core's, used by job and checkpoint
+# all_finite: core's, re-exported for job and checkpoint
+__all__ = ["all_finite", "decode_update", "keep_freed_vectors", "unpack_meta"]
 
 Buffer = bytes | bytearray | memoryview
 
 
-def _unpack_meta(meta: bytes) -> dict[str, Any]:
+def unpack_meta(meta: bytes) -> dict[str, Any]:
+    """A push's `codec_meta` bytes as the codec's meta dict; PSError(INVALID_ARGUMENT) when they are not one."""
     if not meta:
         return {}
     try:
@@ -60,7 +62,7 @@ def decode_update(codec: str, meta: bytes, payload: Buffer, size: int) -> np.nda
 
     The result may be a read-only view of `payload`; callers must not write to it.
     """
-    meta_dict = _unpack_meta(meta)
+    meta_dict = unpack_meta(meta)
     try:
         vec = _decode(codec, meta_dict, payload, size)
     except (ValueError, TypeError, KeyError) as err:

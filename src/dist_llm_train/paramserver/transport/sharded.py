@@ -37,8 +37,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TypeVar
 
+import msgpack
 import numpy as np
 
+from dist_llm_train.core.codecs import get_codec
 from dist_llm_train.core.job import JobSpec
 from dist_llm_train.core.sharding import BYTES_PER_ELEMENT, MAX_SHARDS, ShardPlan, check_shardable
 from dist_llm_train.core.types import (
@@ -52,7 +54,7 @@ from dist_llm_train.core.types import (
     PushResult,
     TensorSpec,
 )
-from dist_llm_train.paramserver.numerics import Buffer, decode_update
+from dist_llm_train.paramserver.numerics import Buffer, decode_update, unpack_meta
 from dist_llm_train.paramserver.transport.client import PSClient, as_float32
 
 T = TypeVar("T")
@@ -83,10 +85,12 @@ def parse_addresses(address: str) -> list[str]:
 def split_update(header: PushHeader, payload: Buffer, plan: ShardPlan) -> list[tuple[PushHeader, memoryview]]:
     """One pushed update as P per-shard pushes carrying the same values.
 
-    `none` and `fp16` payloads are cut as bytes (no copy, same wire size). Every other codec's payload describes
-    the whole vector (per-chunk scales, top-k indices), so it is decoded here and each slice goes as `none`: the
-    shards apply exactly the values one server would, at the price of float32 bytes on the push link
-    (docs/architecture.md). PSError(INVALID_ARGUMENT), nothing sent, for a payload that does not decode."""
+    `none` and `fp16` payloads are cut as bytes (no copy, same wire size). Any other payload is decoded here first,
+    so one that does not decode is refused before any shard sees it (PSError(INVALID_ARGUMENT), nothing sent);
+    then its codec cuts it at the slice bounds (`Codec.split`: the same codes and scales, each shard gets its
+    slice as compressed as the worker sent it). A payload whose chunks straddle a bound (a chunk size that does
+    not divide `sharding.ALIGN`, or a vector too small to align) goes to each shard as its slice of the decoded
+    values, `none`: the same values at float32's wire size (docs/architecture.md)."""
     data = memoryview(payload).cast("B")
     width = BYTES_PER_ELEMENT.get(header.codec)
     if width is not None:
@@ -95,9 +99,17 @@ def split_update(header: PushHeader, payload: Buffer, plan: ShardPlan) -> list[t
                           f"{plan.num_params} elements need {width * plan.num_params}")
         pieces = [data[width * s.start : width * s.stop] for s in plan.slices()]
         return [(replace(header, payload_bytes=len(p)), p) for p in pieces]
-    vec = np.ascontiguousarray(decode_update(header.codec, header.codec_meta, data, plan.num_params), dtype="<f4")
+    vec = decode_update(header.codec, header.codec_meta, data, plan.num_params)
+    meta = unpack_meta(header.codec_meta)
+    cut = get_codec(header.codec).split(data, meta, plan.bounds)
+    if cut is not None:
+        return [
+            (replace(header, codec_meta=header.codec_meta if piece_meta is meta else msgpack.packb(piece_meta),
+                     payload_bytes=len(piece)), memoryview(piece).cast("B"))
+            for piece, piece_meta in cut
+        ]
     out = []
-    for part in plan.split(vec):
+    for part in plan.split(np.ascontiguousarray(vec, dtype="<f4")):
         piece = memoryview(part.tobytes())
         out.append((replace(header, codec="none", codec_meta=b"", payload_bytes=len(piece)), piece))
     return out
