@@ -18,7 +18,7 @@ from dist_llm_train.core.aggregation import get_aggregator
 from dist_llm_train.core.job import JobSpec, WireJobSpec
 from dist_llm_train.core.privacy import CentralDP, DPSettings
 from dist_llm_train.core.types import ErrorCode, PSError, PushHeader, PushOutcome, TensorSpec
-from dist_llm_train.core.update_bound import UpdateBound, UpdateBoundConfig, l2_norm
+from dist_llm_train.core.update_bound import UpdateBound, UpdateBoundConfig, l2_norm, scale_to_norm
 from dist_llm_train.paramserver import checkpoint as ck
 from dist_llm_train.paramserver.job import JobState, ParameterStore
 
@@ -126,6 +126,17 @@ def test_the_bound_adapts_to_honest_norms_and_max_norm_caps_it() -> None:
         bound.record(norm)
     assert bound.bound(params_norm=3.0) == 50.0  # 10 x 20 = 200, capped by max_norm
     assert UpdateBound(UpdateBoundConfig(enabled=False)).bound(1.0) == math.inf
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, F32_MAX / 10])  # the last: bound/norm below float32's normal range
+def test_a_clipped_update_lands_just_under_the_bound_in_float32(scale: float) -> None:
+    vec = (np.random.default_rng(0).standard_normal(100_000) * scale).astype(np.float32)
+    norm, bound = l2_norm(vec), 1e-3
+    out = scale_to_norm(vec, norm, bound)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    assert bound * (1 - 1e-5) <= l2_norm(out) <= bound
+    expected = vec.astype(np.float64) * (bound / norm * (1 - 1e-6))  # the exact direction, kept
+    assert np.allclose(out, expected, rtol=1e-6, atol=0)
 
 
 def test_l2_norm_does_not_overflow() -> None:

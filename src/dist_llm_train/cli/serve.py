@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import platform
+import sys
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -14,6 +17,7 @@ from dist_llm_train.cli.common import load_or_exit, setup_logging
 from dist_llm_train.cli.options import ConfigOpt, LogLevelOpt
 from dist_llm_train.cli.security import InsecureOpt, SecretFileOpt, cluster_secret_or_exit
 from dist_llm_train.cli.serve_shaper import serve_shaper
+from dist_llm_train.paramserver.numerics import hugepage_malloc_active, with_hugepage_malloc
 
 serve_app = typer.Typer(help="Run one service in the foreground (what each container runs).", no_args_is_help=True)
 
@@ -28,6 +32,18 @@ def _with_overrides(section: Section, overrides: dict[str, Any]) -> Section:
         return type(section).model_validate({**section.model_dump(), **given})
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+
+
+def _restart_with_hugepage_malloc() -> None:
+    """Re-execute this process (same pid, same arguments, before anything is read) with glibc's huge-page malloc
+    tunable, which glibc reads only at start-up: big pushes arrive in freshly mapped buffers, and with 2 MiB pages
+    the PS ingests 64 MB pushes 1.4-2.1x faster (`paramserver.numerics.with_hugepage_malloc`). Only when this
+    process was started as `serve paramserver` (not when called in-process, e.g. by tests), only under glibc,
+    and never over an explicit `glibc.malloc.hugetlb` setting (GLIBC_TUNABLES=glibc.malloc.hugetlb=0 opts out)."""
+    if sys.argv[1:3] != ["serve", "paramserver"] or platform.libc_ver()[0] != "glibc" or hugepage_malloc_active():
+        return
+    os.execve(sys.executable, [sys.executable, "-m", "dist_llm_train", *sys.argv[1:]],
+              with_hugepage_malloc(os.environ))
 
 
 @serve_app.command("paramserver")
@@ -59,7 +75,9 @@ def serve_paramserver(
 ) -> None:
     """Run the parameter server (numpy only; no torch). Needs the cluster secret (every call then carries a
     credential; ZMQ runs CURVE) unless --insecure is given."""
+    _restart_with_hugepage_malloc()
     setup_logging(log_level)
+    logging.getLogger(__name__).info("malloc tunables: GLIBC_TUNABLES=%s", os.environ.get("GLIBC_TUNABLES", ""))
     cfg = load_or_exit(config).paramserver
     ps = _with_overrides(cfg, {
         "host": host,

@@ -52,6 +52,9 @@ class UpdateBoundConfig(BaseModel):
     max_norm: float | None = Field(None, gt=0, le=1e30, description="An absolute cap on B (None: none)")
 
 
+_F32_TINY = float(np.finfo(np.float32).tiny)
+
+
 def l2_norm(vec: np.ndarray) -> float:
     """The L2 norm of a finite vector without overflow (inf only if an element is not finite).
 
@@ -74,8 +77,10 @@ def l2_norm(vec: np.ndarray) -> float:
 def scale_to_norm(vec: np.ndarray, norm: float, bound: float) -> np.ndarray:
     """`vec` (of L2 norm `norm` > `bound`) scaled to norm a hair under `bound`, as a fresh float32 vector.
 
-    The factor is applied in float64: for huge inputs bound/norm is below float32's normal range."""
+    A factor below float32's normal range (a huge input) is applied in float64, and the result cast back."""
     factor = bound / norm * (1.0 - 1e-6)  # float32 rounding can never land above the bound
+    if factor >= _F32_TINY:  # the usual case: one float32 pass (rounding moves the norm by ~1e-7 relative)
+        return np.multiply(vec, np.float32(factor), dtype=np.float32)
     return (vec.astype(np.float64) * factor).astype(np.float32)
 
 
