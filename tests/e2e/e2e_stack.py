@@ -17,6 +17,12 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
+CLI = str(ROOT / ".venv" / "bin" / "dist-llm-train")
+# A job that trains until the test cancels it: a small GPT, sync, no end in sight.
+LONG_JOB_CONFIG = """\
+model: {name: gpt, n_layer: 1, n_head: 2, n_embd: 32}
+training: {strategy: sync, steps: 100000, learning_rate: 0.01, batch_size: 16, seq_length: 32}
+"""
 DASHBOARDS = DEPLOY / "grafana" / "dashboards"
 PROJECT = "dlt-e2e"
 T = TypeVar("T")

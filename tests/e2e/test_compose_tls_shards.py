@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_stack import DEPLOY, ROOT, Http, logs, prom_query, run, wait_for
+from e2e_stack import CLI, DEPLOY, LONG_JOB_CONFIG, ROOT, Http, logs, prom_query, run, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -27,11 +27,6 @@ PROJECT = "dlt-e2e-tls"
 WORKERS = 2
 PS_SHARDS = 2
 CHECKPOINT_EVERY = 20  # the paramserver image's --checkpoint-every
-CLI = str(ROOT / ".venv" / "bin" / "dist-llm-train")
-JOB_CONFIG = """\
-model: {name: gpt, n_layer: 1, n_head: 2, n_embd: 32}
-training: {strategy: sync, steps: 100000, learning_rate: 0.01, batch_size: 16, seq_length: 32}
-"""
 _state: dict[str, Any] = {}
 
 
@@ -96,7 +91,7 @@ def test_every_service_and_both_shards_are_healthy(tls_stack: TlsStack) -> None:
 
 def test_a_job_trains_over_mutual_tls_on_two_shards(tls_stack: TlsStack, tmp_path: Path) -> None:
     config = tmp_path / "job.yaml"
-    config.write_text(JOB_CONFIG)
+    config.write_text(LONG_JOB_CONFIG)
     job = json.loads(run(CLI, "submit-job", "--config", str(config), "--workers", str(WORKERS), "--name", "tls",
                          "--controller", tls_stack.controller.base, "--token", tls_stack.admin_token))
     _state["job_id"] = job["job_id"]

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 from e2e_stack import (
+    CLI,
+    LONG_JOB_CONFIG,
     ROOT,
     Http,
     free_port,
@@ -44,11 +46,6 @@ WORKERS = 3
 PS_SHARDS = 2  # `paramserver` and the service `paramserver-shard-1`
 CHECKPOINT_EVERY = 20  # the paramserver image runs --checkpoint-every 20
 SCRIPTS = ROOT / "scripts" / "docker"
-CLI = str(ROOT / ".venv" / "bin" / "dist-llm-train")
-JOB_CONFIG = """\
-model: {name: gpt, n_layer: 1, n_head: 2, n_embd: 32}
-training: {strategy: sync, steps: 100000, learning_rate: 0.01, batch_size: 16, seq_length: 32}
-"""
 _state: dict[str, Any] = {}
 
 
@@ -144,7 +141,7 @@ def test_every_task_runs_healthy_with_distinct_worker_names(swarm: SwarmStack) -
 
 def test_a_job_with_one_task_per_worker_trains(swarm: SwarmStack, tmp_path: Path) -> None:
     config = tmp_path / "job.yaml"
-    config.write_text(JOB_CONFIG)
+    config.write_text(LONG_JOB_CONFIG)
     job = json.loads(run(CLI, "submit-job", "--config", str(config), "--workers", str(WORKERS), "--name", "e2e",
                          "--controller", swarm.controller.base, "--token", swarm.admin_token))
     _state["job_id"] = job["job_id"]

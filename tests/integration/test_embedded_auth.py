@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serve_process import insecure_paramserver
 
 from dist_llm_train.core.types import ErrorCode, PSError
 from dist_llm_train.paramserver.transport.client import connect
@@ -128,23 +129,9 @@ def test_serve_refuses_a_short_secret(tmp_path: Path) -> None:
 @pytest.mark.timeout(60)
 def test_serve_insecure_starts_and_says_so() -> None:
     env = {k: v for k, v in os.environ.items() if k != "DLT_CLUSTER_SECRET"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dist_llm_train", "serve", "paramserver", "--port", "0", "--metrics-port", "0",
-         "--insecure"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        seen = []
-        for line in proc.stdout:  # bounded: the server logs "paramserver ready" within seconds
-            seen.append(line)
-            if "paramserver ready" in line:
-                break
-        text = " ".join("".join(seen).split())
+    with insecure_paramserver(env) as (_, said):
+        text = " ".join(said.split())
         assert "WARNING" in text and "--insecure: no authentication" in text and "paramserver ready" in text
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_token_and_secret_commands(tmp_path: Path) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
-import sys
 
 import pytest
+from serve_process import insecure_paramserver
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc tunable")
 
@@ -26,19 +25,7 @@ def test_the_paramserver_process_runs_with_huge_page_malloc(given: str | None, r
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DLT_CLUSTER_SECRET")}
     if given is not None:
         env["GLIBC_TUNABLES"] = given
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dist_llm_train", "serve", "paramserver", "--port", "0", "--metrics-port", "0",
-         "--insecure"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        seen = []
-        for line in proc.stdout:  # bounded: the server logs "paramserver ready" within seconds
-            seen.append(line)
-            if "paramserver ready" in line:
-                break
-        said = "".join(seen)
+    with insecure_paramserver(env) as (proc, said):
         assert "paramserver ready" in said
         # The environment as the serving interpreter sees it (/proc/<pid>/environ is no witness: glibc's tunable
         # parser cuts the original string in place).
@@ -46,6 +33,3 @@ def test_the_paramserver_process_runs_with_huge_page_malloc(given: str | None, r
         with open(f"/proc/{proc.pid}/cmdline", "rb") as f:  # the pid Popen started is the one serving
             assert f.read().split(b"\0")[1:5] == [b"-m", b"dist_llm_train", b"serve", b"paramserver"]
         assert said.count("--insecure: no authentication") == 1  # one process said it, once
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
