@@ -74,7 +74,8 @@ def serve_paramserver(
     log_level: LogLevelOpt = "INFO",
 ) -> None:
     """Run the parameter server (numpy only; no torch). Needs the cluster secret (every call then carries a
-    credential; ZMQ runs CURVE) unless --insecure is given."""
+    credential; ZMQ runs CURVE) unless --insecure is given. Restarts itself once at start-up, same pid, with
+    glibc's huge-page malloc (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; setting it to 0 opts out)."""
     _restart_with_hugepage_malloc()
     setup_logging(log_level)
     logging.getLogger(__name__).info("malloc tunables: GLIBC_TUNABLES=%s", os.environ.get("GLIBC_TUNABLES", ""))

@@ -59,6 +59,12 @@ def _cuts_whole_chunks(bounds: Sequence[int], chunk: int) -> bool:
     return all(b % chunk == 0 for b in bounds[1:-1])
 
 
+def _split_fixed(payload: Buffer, meta: dict[str, Any], bounds: Sequence[int], width: int) -> list[Piece]:
+    """Pieces of a payload of one `width`-byte value per element: views of its bytes, no copy."""
+    data = memoryview(payload).cast("B")
+    return [(data[width * a : width * b], meta) for a, b in _pairs(bounds)]
+
+
 def _split_dense(payload: Buffer, meta: dict[str, Any], bounds: Sequence[int], chunk: int, bits: int) -> list[Piece]:
     """Pieces of a payload laid out as one float32 scale per chunk, then one `bits`-bit code per element packed
     back to back: each piece is its chunks' scales and its elements' code bytes (bounds on chunk bounds whose
@@ -174,6 +180,9 @@ class Codec(ABC):
     # True when `_decode` itself proves its output finite (it checks the few numbers the output is made
     # of: per-chunk scales against the largest code, or the kept values), so `decode` skips a full pass.
     decodes_finite: ClassVar[bool] = False
+    # Bytes per element when the payload is one fixed-width value per element, in order (else None): a slice of
+    # elements is then a slice of bytes, and each value stands alone, so a receiver of a slice checks it alone.
+    element_bytes: ClassVar[int | None] = None
 
     @abstractmethod
     def encode(self, vec: np.ndarray) -> Encoded: ...
@@ -215,14 +224,16 @@ class Codec(ABC):
         [bounds[i], bounds[i + 1]) of the vector of bounds[-1] elements, so that decoding piece i at its length
         gives exactly those elements of the whole decode: the same codes and scales, not a re-encoding. None when
         this codec cannot cut there (a bound inside one of its chunks). Sharded parameter servers push the
-        pieces, so each shard receives its slice as compressed as the worker sent it."""
-        return None
+        pieces, so each shard receives its slice as compressed as the worker sent it. Fixed-width codecs cut
+        anywhere, as views of the bytes (each piece keeps the whole payload's meta)."""
+        return None if self.element_bytes is None else _split_fixed(payload, meta, bounds, self.element_bytes)
 
 
 class NoneCodec(Codec):
     """Raw little-endian float32: the baseline every other codec is measured against."""
 
     name = "none"
+    element_bytes = 4
 
     def encode(self, vec: np.ndarray) -> Encoded:
         return Encoded(_as_vector(vec).astype(_F32, copy=False).tobytes())
@@ -245,6 +256,7 @@ class FP16Codec(Codec):
 
     name = "fp16"
     decodes_finite = True  # `_decode` refuses the infinity / NaN codes before converting
+    element_bytes = 2
 
     def encode(self, vec: np.ndarray) -> Encoded:
         arr = _as_float32(vec)
@@ -913,9 +925,9 @@ class SparseLoCoCodec(Codec):
     def split(self, payload: Buffer, meta: dict[str, Any], bounds: Sequence[int]) -> list[Piece] | None:
         """At chunk bounds: each piece is its chunks' steps, value codes and local indices, re-packed as they
         were (a piece of a bit stream need not start on a byte)."""
-        chunk, k, bits, units, codes, local = self._fields(payload, meta, bounds[-1])
-        if not _cuts_whole_chunks(bounds, chunk):
+        if not _cuts_whole_chunks(bounds, _meta_int(meta, "chunk", self.name)):
             return None
+        chunk, k, bits, units, codes, local = self._fields(payload, meta, bounds[-1])
         pieces: list[Piece] = []
         for a, b in _pairs(bounds):
             first, last = a // chunk, math.ceil(b / chunk)

@@ -40,8 +40,6 @@ MAX_SHARDS = 64
 # chunked codecs' payloads (int8 chunks of 1024, int4 / int2 of 128, SparseLoCo of 4096 by default) can be cut
 # between chunks and each shard pushed its slice still compressed (`Codec.split`).
 ALIGN = 4096
-# Codecs whose payload is one fixed-width value per element, in order: a slice of elements is a slice of bytes.
-BYTES_PER_ELEMENT = {"none": 4, "fp16": 2}
 # Aggregation rules that need every coordinate of every update at once.
 WHOLE_VECTOR_RULES = ("krum", "multi_krum", "bulyan", "centered_clipping")
 WHOLE_VECTOR_WRAPPERS = {"bucket_size": "bucketing", "nnm_f": "nnm"}

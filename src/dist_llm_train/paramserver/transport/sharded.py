@@ -42,7 +42,7 @@ import numpy as np
 
 from dist_llm_train.core.codecs import get_codec
 from dist_llm_train.core.job import JobSpec
-from dist_llm_train.core.sharding import BYTES_PER_ELEMENT, MAX_SHARDS, ShardPlan, check_shardable
+from dist_llm_train.core.sharding import MAX_SHARDS, ShardPlan, check_shardable
 from dist_llm_train.core.types import (
     ErrorCode,
     InitResult,
@@ -83,31 +83,35 @@ def parse_addresses(address: str) -> list[str]:
 
 
 def split_update(header: PushHeader, payload: Buffer, plan: ShardPlan) -> list[tuple[PushHeader, memoryview]]:
-    """One pushed update as P per-shard pushes carrying the same values.
+    """One pushed update as P per-shard pushes carrying the same values, cut by its codec (`Codec.split`): each
+    shard gets its slice as compressed as the worker sent it (the same codes and scales, not a re-encoding).
 
-    `none` and `fp16` payloads are cut as bytes (no copy, same wire size). Any other payload is decoded here first,
-    so one that does not decode is refused before any shard sees it (PSError(INVALID_ARGUMENT), nothing sent);
-    then its codec cuts it at the slice bounds (`Codec.split`: the same codes and scales, each shard gets its
-    slice as compressed as the worker sent it). A payload whose chunks straddle a bound (a chunk size that does
-    not divide `sharding.ALIGN`, or a vector too small to align) goes to each shard as its slice of the decoded
-    values, `none`: the same values at float32's wire size (docs/architecture.md)."""
+    `none` and `fp16` payloads are cut as bytes, no copy, once their length is right (each value stands alone and
+    each shard checks its own). Any other payload is decoded here first, so one that does not decode is refused
+    before any shard sees it (PSError(INVALID_ARGUMENT), nothing sent). A payload whose chunks straddle a bound
+    (a chunk size that does not divide `sharding.ALIGN`, or a vector too small to align) goes to each shard as its
+    slice of the decoded values, `none`: the same values at float32's wire size (docs/architecture.md)."""
     data = memoryview(payload).cast("B")
-    width = BYTES_PER_ELEMENT.get(header.codec)
-    if width is not None:
-        if len(data) != width * plan.num_params:
+    try:
+        codec = get_codec(header.codec)
+    except ValueError as err:
+        raise PSError(ErrorCode.INVALID_ARGUMENT, str(err)) from None
+    vec = None
+    if codec.element_bytes is not None:
+        if len(data) != codec.element_bytes * plan.num_params:
             raise PSError(ErrorCode.INVALID_ARGUMENT, f"{header.codec} payload is {len(data)} bytes; "
-                          f"{plan.num_params} elements need {width * plan.num_params}")
-        pieces = [data[width * s.start : width * s.stop] for s in plan.slices()]
-        return [(replace(header, payload_bytes=len(p)), p) for p in pieces]
-    vec = decode_update(header.codec, header.codec_meta, data, plan.num_params)
+                          f"{plan.num_params} elements need {codec.element_bytes * plan.num_params}")
+    else:
+        vec = decode_update(header.codec, header.codec_meta, data, plan.num_params)
     meta = unpack_meta(header.codec_meta)
-    cut = get_codec(header.codec).split(data, meta, plan.bounds)
+    cut = codec.split(data, meta, plan.bounds)
     if cut is not None:
         return [
             (replace(header, codec_meta=header.codec_meta if piece_meta is meta else msgpack.packb(piece_meta),
                      payload_bytes=len(piece)), memoryview(piece).cast("B"))
             for piece, piece_meta in cut
         ]
+    assert vec is not None  # fixed-width codecs cut anywhere
     out = []
     for part in plan.split(np.ascontiguousarray(vec, dtype="<f4")):
         piece = memoryview(part.tobytes())
