@@ -18,7 +18,7 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install_system_deps.sh
+$(STAMP): pyproject.toml setup.py src/dist_llm_train/core/_kernels.c scripts/install_system_deps.sh
 	bash scripts/install_system_deps.sh
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -8,11 +8,13 @@ same machine load; each figure is the best of the repeats (the least disturbed o
 The issue's target is a ratio >= 0.25. Compression ratios (raw bytes /
 payload bytes, index bytes included for top-k) are reported too.
 
-`--baseline REV` (default: the commit before the numpy fast paths) loads `core/codecs.py` as it was at
-that git revision and times it in the same interleaved loop, so the table shows both ratios and the
-speed-up side by side; `--baseline none` skips it (e.g. outside a git checkout).
+The current codecs use the native kernels (`core/_kernels.c`) when the install compiled them (the
+table says whether it did). `--baseline numpy` (the default) times the same `core/codecs.py` with the
+kernels off, its numpy path, in the same interleaved loop, so the table shows both ratios and the
+speed-up side by side; `--baseline REV` loads `core/codecs.py` as it was at that git revision instead
+(e.g. 8c9ec4c, before the numpy fast paths); `--baseline none` skips it.
 
-    python benchmarks/codecs.py [--size 1000000] [--repeats 7] [--baseline REV|none] [--out results]
+    python benchmarks/codecs.py [--size 1000000] [--repeats 7] [--baseline numpy|REV|none] [--out results]
 
 Writes results/codecs.json and results/codecs.md.
 """
@@ -35,11 +37,11 @@ from typing import Any
 import numpy as np
 
 from dist_llm_train.core import codecs as current
+from dist_llm_train.core import kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.25
-# main before the numpy fast paths (fp16 by bit arithmetic, scratch buffers, one-pass checks)
-DEFAULT_BASELINE = "8c9ec4c"
+DEFAULT_BASELINE = "numpy"  # this tree's codecs with the native kernels off
 CODECS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),
     "fp16": ("fp16", {}),
@@ -57,16 +59,25 @@ Row = tuple[Callable[[np.ndarray], Any], Any]
 
 
 def load_baseline(rev: str) -> ModuleType:
-    """`core/codecs.py` as it was at git revision `rev`, as a module of its own (numpy + pydantic only)."""
+    """`core/codecs.py` as it was at git revision `rev` ('numpy': as it is, with the native kernels off), as a
+    module of its own (numpy + pydantic only)."""
+    if rev == "numpy":
+        module = _module_from(Path(current.__file__).read_text(), "the numpy path")
+        module.NATIVE = None
+        return module
     path = "src/dist_llm_train/core/codecs.py"
     source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True,
                             check=True).stdout
+    return _module_from(source, f"{rev}:{path}")
+
+
+def _module_from(source: str, origin: str) -> ModuleType:
     name = "baseline_codecs"
     spec = importlib.util.spec_from_loader(name, loader=None)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the class is built
-    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+    exec(compile(source, origin, "exec"), module.__dict__)
     return module
 
 
@@ -139,7 +150,10 @@ def markdown(result: dict[str, Any]) -> str:
         "MB/s counts the raw vector's bytes per encode+decode round trip; "
         "the ratio is memcpy time / codec time "
         f"(target >= {TARGET}). Compression = raw bytes / payload bytes (top-k index bytes included).",
-        (f"Baseline: `core/codecs.py` at `{base}`, timed in the same loop; speed-up = its time / this one's."
+        ("Codecs: " + ("with the native kernels (core/_kernels.c)." if result.get("native_kernels") else
+                       "numpy path only: the native kernels are not in use here.")),
+        (("Baseline: the same `core/codecs.py` with the native kernels off (its numpy path)" if base == "numpy" else
+          f"Baseline: `core/codecs.py` at `{base}`") + ", timed in the same loop; speed-up = its time / this one's."
          if base else f"No baseline timed: {result.get('baseline_note', 'not requested')}."),
         "",
         "| codec | ms / round trip | MB/s | ratio vs memcpy | baseline ratio | speed-up | compression | target met |",
@@ -172,6 +186,9 @@ def main() -> None:
     load = os.getloadavg()
     result = measure(args.size, args.repeats, baseline)
     result["baseline"] = baseline_note if baseline is not None else None
+    result["native_kernels"] = current.NATIVE is not None
+    result["native_note"] = (f"native kernels: {kernels.library_path()}" if current.NATIVE is not None else
+                             "native kernels: not in use (not built, DLT_NATIVE_KERNELS=0, or no AVX2/F16C)")
     result["baseline_note"] = baseline_note
     result["machine"] = (
         f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "

@@ -9,7 +9,7 @@ and what it read, so a skip is visible in the summary (`-ra`) rather than a fail
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -66,3 +66,20 @@ def processes_with_marker(marker: str) -> list[int]:
 def marked_processes() -> Callable[[str], list[int]]:
     """`processes_with_marker`, for tests that check a run leaves no process behind."""
     return processes_with_marker
+
+
+@pytest.fixture(scope="module", params=["native", "numpy"])
+def codec_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a codec test module twice: with the native kernels (core/_kernels.c) and with the numpy reference
+    path they replace, so both are held to every test. Module-scoped, so hypothesis tests may use it."""
+    from dist_llm_train.core import codecs
+
+    saved = codecs.NATIVE
+    if request.param == "native" and saved is None:
+        pytest.skip("the native codec kernels are not built here (test_kernels.py says whether they should be)")
+    if request.param == "numpy":
+        codecs.NATIVE = None
+    try:
+        yield request.param
+    finally:
+        codecs.NATIVE = saved

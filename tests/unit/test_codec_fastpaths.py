@@ -16,6 +16,8 @@ import pytest
 from dist_llm_train.core import codecs
 from dist_llm_train.core.codecs import Encoded, ErrorFeedback, get_codec, top_k_indices
 
+pytestmark = pytest.mark.usefixtures("codec_path")  # every test with the native kernels and with numpy
+
 ALL_HALVES = np.arange(1 << 16, dtype=np.uint16)
 FINITE_HALVES = ALL_HALVES[np.isfinite(ALL_HALVES.view(np.float16))]
 

@@ -22,6 +22,8 @@ from dist_llm_train.core.codecs import Codec, CodecConfig, Encoded, ErrorFeedbac
 from dist_llm_train.sim.config import PayloadModel
 from dist_llm_train.sim.metrics import codec_payload_bytes
 
+pytestmark = pytest.mark.usefixtures("codec_path")  # every test with the native kernels and with numpy
+
 SIZES = [0, 1, 2, 3, 4, 5, 7, 8, 9, 63, 64, 65, 127, 128, 129, 1000, 4095, 4096, 4097, 10_001]
 LEVELS = {"int4": np.arange(-7, 8, dtype=np.float32), "int2": np.array([-3, -1, 1, 3], np.float32)}
 DIVISOR = {"int4": 7.0, "int2": 4.0}

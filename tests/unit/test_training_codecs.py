@@ -13,6 +13,8 @@ from hypothesis.extra import numpy as hnp
 
 from dist_llm_train.core.codecs import CODECS, Encoded, ErrorFeedback, get_codec
 
+pytestmark = pytest.mark.usefixtures("codec_path")  # every test with the native kernels and with numpy
+
 vectors = hnp.arrays(
     np.float32,
     st.integers(1, 3000),

@@ -9,7 +9,9 @@ it: `JobState.update_size`) and must check it.
 `decode` is the PS's first line of defence: any inconsistency between size, meta and
 payload, and any non-finite value, is a ValueError before a single number is used.
 
-numpy (and pydantic for the config) only: the parameter server imports this module.
+numpy (and pydantic for the config) only: the parameter server imports this module. The hottest loops
+(fp16 both ways, int8 both ways, top-k's candidate scan) run in `_kernels.c` when the install compiled it
+(`core/kernels.py`), with byte-identical results; the numpy code below is the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dist_llm_train.core.kernels import NATIVE, address
 
 _F32 = np.dtype("<f4")
 _F16 = np.dtype("<f2")
@@ -250,8 +254,9 @@ class FP16Codec(Codec):
     """IEEE half precision, 2x smaller. Values beyond ±65504 saturate; `meta.saturated` counts them.
 
     The bytes are exactly numpy's `astype(float16)` (round to nearest, ties to even) and its way back,
-    computed with integer and float32 passes (`_float32_to_half_bits`, `_half_bits_to_float32`):
-    numpy's own casts run one element at a time, 10-20x slower.
+    computed by the CPU's F16C conversions in one pass each way (`_kernels.c`), or without them by integer
+    and float32 passes (`_float32_to_half_bits`, `_half_bits_to_float32`): numpy's own casts run one
+    element at a time, 10-20x slower.
     """
 
     name = "fp16"
@@ -262,6 +267,12 @@ class FP16Codec(Codec):
         arr = _as_float32(vec)
         if arr.size == 0:
             return Encoded(b"", {"saturated": 0})
+        if NATIVE is not None:  # one pass: checks, saturates and converts
+            out = np.empty(arr.size, _U16)
+            saturated = int(NATIVE.dlt_f32_to_f16(address(arr), address(out), arr.size))
+            if saturated < 0:
+                raise ValueError("cannot encode a vector containing NaN or Inf")
+            return Encoded(out.tobytes(), {"saturated": saturated})
         lo, hi = _range(arr)
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("cannot encode a vector containing NaN or Inf")
@@ -281,6 +292,10 @@ class FP16Codec(Codec):
         _expect_len(payload, self.payload_nbytes(size), self.name, size)
         half = np.frombuffer(payload, dtype=_U16)
         out = np.empty(size, np.float32)
+        if NATIVE is not None and size:
+            if NATIVE.dlt_f16_to_f32(address(half), address(out), size) < 0:
+                raise ValueError(f"{self.name} payload decodes to NaN or Inf")
+            return out
         for start in _block_starts(size):
             chunk = half[start : start + _BLOCK]
             magnitude = _SCRATCH.get("fp16.magnitude", chunk.size, _U16)
@@ -359,16 +374,23 @@ class Int8Codec(Codec):
         if size == 0:
             return Encoded(b"", {"chunk": chunk})
         n_full, n_chunks = size // chunk, math.ceil(size / chunk)
+        payload = np.empty(4 * n_chunks + size, np.uint8)
+        if NATIVE is not None:  # the same arithmetic as below, one fused pass per chunk
+            scales = payload[: 4 * n_chunks].view(_F32)
+            codes = payload[4 * n_chunks :]
+            if NATIVE.dlt_int8_encode(address(arr), size, chunk, address(scales), address(codes)) < 0:
+                raise ValueError("cannot encode a vector containing NaN or Inf")
+            return Encoded(payload.tobytes(), {"chunk": chunk})
         absmax = np.empty(n_chunks, np.float32)
         rows = arr[: n_full * chunk].reshape(n_full, chunk)
         if n_full:
             np.maximum(np.maximum.reduce(rows, axis=1), -np.minimum.reduce(rows, axis=1), out=absmax[:n_full])
         if n_full < n_chunks:
             tail = arr[n_full * chunk :]
-            absmax[n_full] = np.maximum(tail.max(), -tail.min())  # as the rows: -0.0 for an all-zero chunk
+            absmax[n_full] = np.maximum(tail.max(), -tail.min())
         if not np.isfinite(absmax).all():
             raise ValueError("cannot encode a vector containing NaN or Inf")
-        payload = np.empty(4 * n_chunks + size, np.uint8)
+        absmax += np.float32(0.0)  # an all-zero chunk's -0.0 becomes +0.0, the native kernel's absmax
         scales = payload[: 4 * n_chunks].view(_F32)
         np.divide(absmax, np.float32(127.0), out=scales)
         # A normal scale s gives |x|·(1/s) <= 127·(1 + 2^-24)^3 < 127.5, so rounding stays in [-127, 127]
@@ -416,6 +438,9 @@ class Int8Codec(Codec):
             raise ValueError(f"{self.name} payload decodes to NaN or Inf (a scale too large for its codes)")
         codes = np.frombuffer(payload, dtype=np.int8, offset=4 * n_chunks)
         out = np.empty(size, np.float32)
+        if NATIVE is not None and size:
+            NATIVE.dlt_int8_decode(address(codes), address(scales), size, chunk, address(out))
+            return out
         n_full = size // chunk
         body = n_full * chunk
         np.copyto(out, codes)  # int8 -> float32, then scaled in place by one broadcast
@@ -610,8 +635,18 @@ class _LowBitCodec(Codec):
         arr = _as_vector(vec)
         if arr.size == 0:
             return Encoded(b"", {"chunk": self.chunk})
+        if NATIVE is not None:  # the same arithmetic as below, fused per chunk
+            n_chunks = math.ceil(arr.size / self.chunk)
+            payload = np.empty(self.nbytes_for(arr.size, self.chunk), np.uint8)
+            units_out = payload[: 4 * n_chunks].view(_F32)
+            packed = payload[4 * n_chunks :]
+            if NATIVE.dlt_lowbit_encode(address(arr), arr.size, self.chunk, self.bits, address(units_out),
+                                        address(packed)) < 0:
+                raise ValueError("cannot encode a vector containing NaN or Inf")
+            return Encoded(payload.tobytes(), {"chunk": self.chunk})
         starts = np.arange(0, arr.size, self.chunk)  # reduceat on the flat vector: 2x a row-wise max
         absmax = np.maximum(np.maximum.reduceat(arr, starts), -np.minimum.reduceat(arr, starts))
+        absmax += np.float32(0.0)  # an all-zero chunk's -0.0 becomes +0.0, the native kernel's absmax
         units = self.levels.units(absmax)
         codes = self.levels.codes(arr, self.chunk, units, pad_to=_packed_len(arr.size, self.bits) * 8 // self.bits)
         return Encoded(units.astype(_F32).tobytes() + _pack(codes, self.bits), {"chunk": self.chunk})
@@ -633,6 +668,11 @@ class _LowBitCodec(Codec):
         units = _scales(payload, n_chunks, self.name)
         packed = np.frombuffer(payload, dtype=np.uint8, offset=4 * n_chunks)
         _check_padding(packed, size, self.bits, f"{self.name} codes")
+        if NATIVE is not None and size:
+            out = np.empty(size, np.float32)
+            if NATIVE.dlt_lowbit_decode(address(packed), address(units), size, chunk, self.bits, address(out)) < 0:
+                raise ValueError(f"{self.name} payload: code 0 names no level of the {self.bits}-bit set")
+            return out
         levels = self.levels.byte_table[packed].view(np.float32)[:size]
         self.levels.check(levels, f"{self.name} payload")
         _per_chunk(np.multiply, levels, chunk, units, out=levels)  # level · u, in place
@@ -674,17 +714,33 @@ def top_k_indices(arr: np.ndarray, k: int) -> np.ndarray:
         return np.empty(0, np.int64)
     if k < n // 8 and n >= 4096:
         q = 1.0 - min(1.0, 1.5 * k / n)
-        threshold = np.quantile(np.abs(arr[:: max(1, n // 8192)]), q)
-        parts = []
-        for start in _block_starts(n):  # magnitudes a block at a time, in a scratch buffer of one block
-            block = arr[start : start + _BLOCK]
-            mag = _SCRATCH.get("topk.magnitude", block.size, arr.dtype)
-            np.abs(block, out=mag)
-            parts.append(np.flatnonzero(mag >= threshold) + start)
-        cand = np.concatenate(parts)
+        sample = np.abs(arr[:: max(1, n // 8192)])
+        rank = min(sample.size - 1, int(q * sample.size))
+        threshold = np.partition(sample, rank)[rank]  # the sample's q-quantile, to within one element
+        cand = _at_least(arr, threshold, 2 * k + 1024)
         if cand.size >= k:
             return cand[_top_k_in_order(np.abs(arr[cand]), k)]
     return _top_k_in_order(np.abs(arr), k)
+
+
+def _at_least(arr: np.ndarray, threshold: float, expect: int) -> np.ndarray:
+    """Ascending positions of the elements with |arr| >= threshold (about `expect` of them)."""
+    if NATIVE is not None and arr.dtype == _F32 and arr.flags.c_contiguous and arr.size < 2**31:
+        # float32 comparison (the numpy path compares in float64): the set may differ at the threshold, which
+        # changes only how many candidates the exact selection looks at, never the result
+        limit = np.float32(threshold)
+        for room in (expect, arr.size):  # almost always once: the estimate keeps ~1.5k of them
+            cand = np.empty(room, np.int32)
+            count = int(NATIVE.dlt_at_least(address(arr), arr.size, limit, address(cand), room))
+            if count <= room:
+                return cand[:count].astype(np.int64)
+    parts = []
+    for start in _block_starts(arr.size):  # magnitudes a block at a time, in a scratch buffer of one block
+        block = arr[start : start + _BLOCK]
+        mag = _SCRATCH.get("topk.magnitude", block.size, arr.dtype)
+        np.abs(block, out=mag)
+        parts.append(np.flatnonzero(mag >= threshold) + start)
+    return np.concatenate(parts)
 
 
 def _top_k_in_order(mag: np.ndarray, k: int) -> np.ndarray:
