@@ -57,15 +57,16 @@ def test_status_lists_links_out_of_tolerance_in_every_mode() -> None:
     asyncio.run(_status_lists(mon.reports()))
 
 
+class _Notifier:
+    def set_members(self, job_id: str, members: list[str]) -> list[str]:
+        return members
+
+    def close(self) -> None:
+        pass
+
+
 async def _status_lists(links: list[dict[str, Any]]) -> None:
-    class Notifier:
-        def set_members(self, job_id: str, members: list[str]) -> list[str]:
-            return members
-
-        def close(self) -> None:
-            pass
-
-    app = create_app(ControllerConfig(), "grpc", "127.0.0.1:9", Notifier(), run_background=False)
+    app = create_app(ControllerConfig(), "grpc", "127.0.0.1:9", _Notifier(), run_background=False)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ctl") as client:
             ids = [(await client.post("/v1/workers/register", json={"name": n})).json()["worker_id"]
@@ -84,6 +85,40 @@ async def _status_lists(links: list[dict[str, Any]]) -> None:
             assert summary["links_out_of_tolerance"] == ["w1/ps_sync"]
     finally:
         app.state.runtime.close()
+
+
+def _shard_links(n: int) -> list[dict[str, Any]]:
+    """What a worker's link exporter reports with `n` PS shards: one ps_sync path per shard, all drifted."""
+    return [{"link": f"w1->{'paramserver' if i == 0 else f'shard-{i}'}", "traffic_class": "ps_sync",
+             "backend": "tc_netem", "configured_rtt_ms": 20.0, "measured_rtt_ms": 90.0, "rtt_samples": 50,
+             "rtt_tolerance_ms": 25.0, "within_tolerance": False, "configured_rate_mbit": 100.0,
+             "measured_rate_mbit": None, "configured_loss": 0.002, "measured_loss": 0.0, "loss_kind": "measured"}
+            for i in range(n)]
+
+
+def test_status_shows_a_link_per_ps_shard_and_names_a_drifted_worker_once() -> None:
+    """Sharded PS: a worker's telemetry carries a path per shard, up to 64 (PS_SHARDS' bound); /status lists
+    each, and `links_out_of_tolerance` names the worker's class once however many of its paths drifted."""
+
+    async def main() -> None:
+        app = create_app(ControllerConfig(), "grpc", "127.0.0.1:9", _Notifier(), run_background=False)
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ctl") as client:
+                wid = (await client.post("/v1/workers/register", json={"name": "w1"})).json()["worker_id"]
+                job = (await client.post("/v1/jobs", json={"name": "j", "config": {}, "num_tasks": 1})).json()
+                url = f"/v1/workers/{wid}/telemetry"
+                r = await client.post(url, json=_telemetry(job["job_id"], _shard_links(65)))
+                assert r.status_code == 422, r.text
+                r = await client.post(url, json=_telemetry(job["job_id"], _shard_links(64)))
+                assert r.status_code == 204, r.text
+                status = (await client.get("/status")).json()
+                assert [lk["link"] for lk in status["links"]] == [lk["link"] for lk in _shard_links(64)]
+                assert {lk["worker"] for lk in status["links"]} == {"w1"}
+                assert status["links_out_of_tolerance"] == ["w1/ps_sync"]
+        finally:
+            app.state.runtime.close()
+
+    asyncio.run(main())
 
 
 def test_run_summary_names_the_links_out_of_tolerance() -> None:

@@ -128,6 +128,18 @@ def test_reported_links_attach_the_file_and_measure_the_push_rate(tmp_path: Path
     assert out["links"][0]["measured_rtt_ms"] == 95.0
 
 
+def test_reported_links_of_ps_shards_pass_through_with_the_push_rate_on_the_first(tmp_path: Path) -> None:
+    """The exporter's records for a sharded PS, one per shard in shard order: all sent, and the push goodput
+    (one push to every shard at once) on the first path only."""
+    path = tmp_path / "links.json"
+    reports = [_report([80.0] * 49) | {"link": f"worker-1->{peer}"} for peer in ("paramserver", "shard-1", "shard-2")]
+    write_reports(path, reports)
+    out = ReportedLinks(str(path)).annotate(_telemetry(push_time_s=0.88, push_bytes=1_000_000))
+    assert [lk["link"] for lk in out["links"]] == ["worker-1->paramserver", "worker-1->shard-1", "worker-1->shard-2"]
+    assert [lk["measured_rate_mbit"] for lk in out["links"]] == [pytest.approx(10.0), None, None]
+    TelemetryIn.model_validate(out)
+
+
 def test_a_bad_report_costs_the_links_not_the_telemetry(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "links.json"
     bad = _report([80.0]) | {"traffic_class": "gossip"}

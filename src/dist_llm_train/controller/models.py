@@ -169,7 +169,8 @@ class TelemetryIn(_Body):
     push_outcome: SafeText | None = Field(None, max_length=32)
     push_time_s: float | None = Field(None, ge=0, le=1e9)
     push_bytes: int | None = Field(None, ge=0, le=MAX_INT)
-    links: list[LinkReportIn] | None = Field(None, max_length=16, description="Shaped links (netem), if any.")
+    # 64: one ps_sync path per parameter-server shard (PS_SHARDS is at most 64 in Compose and Swarm).
+    links: list[LinkReportIn] | None = Field(None, max_length=64, description="Shaped links (netem), if any.")
 
 
 class TaskDoneIn(_Body):
@@ -465,7 +466,8 @@ class StatusOut(BaseModel):
     links_out_of_tolerance: list[str] = Field(
         default_factory=list,
         description="`worker/traffic_class` of every shaped link (of every worker, whatever the page) whose "
-        "measured RTT is outside its tolerance: the host could not keep that link's timing.",
+        "measured RTT is outside its tolerance: the host could not keep that link's timing. Listed once when "
+        "several of a worker's links of one class are (its paths to several PS shards); `links` says which.",
     )
     generated_at: float | None = Field(
         None,

@@ -219,13 +219,14 @@ class ControllerService:
             self.links[worker_id] = [link.model_dump() for link in rec.links]
 
     def links_out_of_tolerance(self) -> list[str]:
-        """`worker name/traffic class` of every reported link whose RTT is outside its tolerance, sorted."""
+        """`worker name/traffic class` of every reported link whose RTT is outside its tolerance, sorted, each once
+        (a worker with several PS shards reports a ps_sync link per shard)."""
         bad = [(w, link["traffic_class"]) for w, links in list(self.links.items()) for link in links
                if link.get("within_tolerance") is False]
         if not bad:
             return []
         names = {w.worker_id: w.name for w in self.store.list_workers()}
-        return sorted(f"{names.get(w, w)}/{cls}" for w, cls in bad)
+        return sorted({f"{names.get(w, w)}/{cls}" for w, cls in bad})
 
     # -- jobs -----------------------------------------------------------------------------
     def submit_job(self, req: JobIn) -> dict[str, Any]:

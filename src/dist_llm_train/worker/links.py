@@ -3,8 +3,8 @@
 Two sources, one per way links are shaped:
 
 * `ReportedLinks` — kernel shaping (Compose, Swarm): the link exporter beside the worker measures the path to the
-  PS and writes its records to a file (`--link-report-file`, netem/measure/path_report.py); the worker attaches
-  them, with its own push goodput as the measured rate.
+  PS (to every shard of a sharded PS, one record each) and writes its records to a file (`--link-report-file`,
+  netem/measure/path_report.py); the worker attaches them, with its own push goodput as the measured rate.
 * `WorkerLinks` — the userspace relays (embedded runs, `--links-file`, the shaper's ports document). Every
   `interval_s` it sends one tiny request per traffic class through that class's own relay — GET /healthz for
   heartbeat, task and telemetry, a stats call to the parameter server for ps_sync — and its pushes give the
@@ -44,8 +44,11 @@ PROBE_MAX_MESSAGE_BYTES = 4 << 20
 
 class ReportedLinks:
     """Link records measured beside the worker (the link exporter's report file), with the worker's push goodput
-    as the ps_sync link's measured rate. The file is re-read only when it changes; a record the controller
-    would refuse is dropped here (with one warning), so it cannot cost the telemetry record it rides on."""
+    as the ps_sync link's measured rate. With PS shards there is a ps_sync record per shard, and one push goes
+    to all of them at once through the worker's one shaped egress: its goodput is the whole push's, put on the
+    first record (the path to shard 0), the others' rate stays unmeasured. The file is re-read only when it
+    changes; a record the controller would refuse is dropped here (with one warning), so it cannot cost the
+    telemetry record it rides on."""
 
     def __init__(self, path: str) -> None:
         self.path = path
