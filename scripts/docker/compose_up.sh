@@ -9,13 +9,19 @@ profile=${1:?profile}
 workers=${2:?workers}
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || { echo "WORKERS must be a positive integer, got '$workers'" >&2; exit 2; }
 # PS_SHARDS=P: P parameter servers, each holding one slice of the parameters (docs/architecture.md). Shard 0 is
-# `paramserver`, shard N replica N of `paramserver-shard`, reached by its container name (<project>-paramserver-shard-N).
+# `paramserver`, shard N replica N of `paramserver-shard` (node shard-N), reached by its container name
+# (<project>-paramserver-shard-N). Workers' link exporters probe every shard's responder (DLT_PROBE_TARGETS).
 shards=${PS_SHARDS:-1}
 [[ "$shards" =~ ^[1-9][0-9]*$ ]] && [ "$shards" -le 64 ] \
   || { echo "PS_SHARDS must be an integer in 1..64, got '$shards'" >&2; exit 2; }
 DLT_PS_ADDRESS=paramserver:50051
-for ((i = 1; i < shards; i++)); do DLT_PS_ADDRESS+=",${COMPOSE_PROJECT_NAME:-dlt}-paramserver-shard-$i:50051"; done
-export DLT_PS_ADDRESS DLT_PS_SHARD_REPLICAS=$((shards - 1))
+DLT_PROBE_TARGETS=""
+if [ "$shards" -gt 1 ]; then DLT_PROBE_TARGETS=paramserver=paramserver:9199; fi
+for ((i = 1; i < shards; i++)); do
+  DLT_PS_ADDRESS+=",${COMPOSE_PROJECT_NAME:-dlt}-paramserver-shard-$i:50051"
+  DLT_PROBE_TARGETS+=",shard-$i=${COMPOSE_PROJECT_NAME:-dlt}-paramserver-shard-$i:9199"
+done
+export DLT_PS_ADDRESS DLT_PROBE_TARGETS DLT_PS_SHARD_REPLICAS=$((shards - 1))
 compose=(docker compose -f "$root/deploy/docker-compose.yml")
 # Auth without a user step: the stack's secret and tokens, made once (docs/security.md).
 export DLT_SECRETS_DIR=${DLT_SECRETS_DIR:-$root/deploy/.secrets}

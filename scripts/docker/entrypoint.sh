@@ -16,6 +16,9 @@
 #   DLT_PROBE_TARGET   HOST:PORT of a responder, with DLT_PROBE_PEER (its node name) and DLT_PROBE_METRICS_PORT:
 #                      run the link exporter (configured vs measured RTT/loss as dlt_link_* metrics, and as
 #                      `links` records in $DLT_LINK_REPORT_FILE, which the worker sends with its telemetry).
+#   DLT_PROBE_TARGETS  NODE=HOST:PORT,NODE=HOST:PORT,...: several responders (every PS shard's, set by
+#                      compose_up.sh / stack_up.sh for PS_SHARDS > 1); when set it replaces DLT_PROBE_TARGET and
+#                      DLT_PROBE_PEER, and the exporter reports one path per peer.
 #
 # Why a script and not the service itself: shaping needs NET_ADMIN-time setup before the first packet, and must be
 # undone even when the service crashes. Bash stays PID 1, forwards SIGTERM/SIGINT to the service, then clears.
@@ -108,11 +111,17 @@ if [ -n "${DLT_PROBE_LISTEN:-}" ] && [ ${#netem[@]} -gt 0 ]; then
   "${netem[@]}" probe --listen "$DLT_PROBE_LISTEN" --seconds 0 &
   helpers+=($!)
 fi
-if [ -n "${DLT_PROBE_TARGET:-}" ] && [ -n "$profile" ] && [ "$profile" != none ]; then
-  # The exporter also writes the path's configured vs measured figures as telemetry `links` records; the worker
+probe_targets=()
+if [ -n "${DLT_PROBE_TARGETS:-}" ]; then
+  probe_targets=(--target "$DLT_PROBE_TARGETS")
+elif [ -n "${DLT_PROBE_TARGET:-}" ]; then
+  probe_targets=(--target "$DLT_PROBE_TARGET" --peer-node "${DLT_PROBE_PEER:-paramserver}")
+fi
+if [ ${#probe_targets[@]} -gt 0 ] && [ -n "$profile" ] && [ "$profile" != none ]; then
+  # The exporter also writes each path's configured vs measured figures as telemetry `links` records; the worker
   # finds the file through DLT_LINK_REPORT_FILE and sends them to the controller (/status shows them).
   export DLT_LINK_REPORT_FILE=$state_dir/links.json
-  python /usr/local/bin/dlt-link-exporter.py --target "$DLT_PROBE_TARGET" --peer-node "${DLT_PROBE_PEER:-paramserver}" \
+  python /usr/local/bin/dlt-link-exporter.py "${probe_targets[@]}" \
     --node "$node" --profile "$profile" --workers "${workers:-}" --dev "$dev" \
     --port "${DLT_PROBE_METRICS_PORT:-9101}" --report-file "$DLT_LINK_REPORT_FILE" &
   helpers+=($!)

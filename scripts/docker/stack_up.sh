@@ -52,10 +52,13 @@ done
 # PS_SHARDS=P (docs/architecture.md, "Sharded parameter servers"): `paramserver` is shard 0; shards 1..P-1 are
 # services `paramserver-shard-N` of one replica each (a service name is the only per-task name Swarm's DNS
 # gives, and the controller must list the shards in order), written to a second stack file deployed with the
-# first. They share the network alias `paramserver-shards`, by which Prometheus finds them all.
+# first. They share the network alias `paramserver-shards`, by which Prometheus finds them all. Each runs a probe
+# responder like `paramserver`, and every worker's link exporter probes them all (DLT_PROBE_TARGETS).
 files=(-c "$root/deploy/swarm/stack.yml")
 DLT_PS_ADDRESS=paramserver:50051
+DLT_PROBE_TARGETS=""
 if [ "$shards" -gt 1 ]; then
+  DLT_PROBE_TARGETS=paramserver=paramserver:9199
   shard_file=$(mktemp "${TMPDIR:-/tmp}/dlt-stack-shards.XXXXXX.yml")
   trap 'rm -f "$shard_file"' EXIT
   {
@@ -63,6 +66,7 @@ if [ "$shards" -gt 1 ]; then
     echo 'services:'
     for ((i = 1; i < shards; i++)); do
       DLT_PS_ADDRESS+=",paramserver-shard-$i:50051"
+      DLT_PROBE_TARGETS+=",shard-$i=paramserver-shard-$i:9199"
       cat <<YAML
   paramserver-shard-$i:
     image: \${DLT_PARAMSERVER_IMAGE}
@@ -74,6 +78,7 @@ if [ "$shards" -gt 1 ]; then
       PROFILE: \${PROFILE}
       DLT_WORKERS: \${WORKERS}
       DLT_NODE: shard-$i
+      DLT_PROBE_LISTEN: 0.0.0.0:9199
       DLT_CLUSTER_SECRET_FILE: /run/secrets/cluster_secret
     volumes: ["ps-shard-$i-data:/data"]
     secrets: [cluster_secret]
@@ -88,7 +93,7 @@ YAML
   } >"$shard_file"
   files+=(-c "$shard_file")
 fi
-export DLT_PS_ADDRESS
+export DLT_PS_ADDRESS DLT_PROBE_TARGETS
 docker stack deploy --prune --resolve-image never "${files[@]}" "$stack" >&2
 
 # 4. Wait until every service has all its replicas running, on whichever node. A task whose image has a

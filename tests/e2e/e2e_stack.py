@@ -163,3 +163,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+FAKE_DOCKER = r"""#!/usr/bin/env bash
+# A stand-in for `docker` that records what compose_up.sh / stack_up.sh deploy (their environment and the stack
+# files they pass), with no engine: every other call answers as an idle, healthy one would.
+out=${FAKE_DOCKER_OUT:?}
+case "$*" in
+  *LocalNodeState*) echo active ;;
+  *ControlAvailable*) echo true ;;
+  "image inspect"*) echo sha256:0000 ;;
+  "compose "*" up "*|"stack deploy "*)
+    env >"$out/env"
+    n=0 prev=""
+    for a in "$@"; do
+      if [ "$prev" = -c ]; then cp "$a" "$out/stack-$n.yml"; n=$((n + 1)); fi
+      prev=$a
+    done ;;
+  "service ls "*)
+    all="$*" && name=${all##*--filter name=} && name=${name%% *}
+    if [[ "$name" == *_worker ]]; then echo "$name $WORKERS/$WORKERS"; else echo "$name 1/1"; fi ;;
+esac
+"""
+
+
+def fake_docker_deploy(tmp_path: Path, script: str, *args: str, **env: str) -> dict[str, str]:
+    """Run a deploy script (compose_up.sh, stack_up.sh) against FAKE_DOCKER; the environment it deployed with.
+    The stack files it passed are left as tmp_path/deployed/stack-N.yml."""
+    bindir, out, secrets = tmp_path / "fake-bin", tmp_path / "deployed", tmp_path / "secrets"
+    for d in (bindir, out, secrets):
+        d.mkdir(parents=True, exist_ok=True)
+    docker = bindir / "docker"
+    docker.write_text(FAKE_DOCKER)
+    docker.chmod(0o755)
+    for name in ("cluster_secret", "join_token", "admin_token"):  # made already: secrets.sh leaves them be
+        (secrets / name).write_text("x\n")
+    full = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(tmp_path), "FAKE_DOCKER_OUT": str(out),
+            "DLT_SECRETS_DIR": str(secrets), "DLT_CLI": "/bin/false", **env}
+    proc = subprocess.run([str(ROOT / "scripts" / "docker" / script), *args], capture_output=True, text=True,
+                          env=full, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = (out / "env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)

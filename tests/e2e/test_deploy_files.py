@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_stack import DASHBOARDS, DEPLOY, ROOT
+from e2e_stack import DASHBOARDS, DEPLOY, ROOT, fake_docker_deploy
 
 SCRIPTS = ROOT / "scripts" / "docker"
 
@@ -221,6 +221,34 @@ def test_compose_runs_ps_shards_as_replicas_with_their_own_checkpoints() -> None
     default = _compose_config({})
     assert default["paramserver-shard"]["deploy"]["replicas"] == 0
     assert default["controller"]["environment"]["DLT_PS_ADDRESS"] == "paramserver:50051"
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_compose_up_gives_workers_every_shards_probe_responder(shards: int, tmp_path: Path) -> None:
+    """`make up PS_SHARDS=3` (compose_up.sh, here against a recording stand-in for docker): the workers' link
+    exporters get every shard's responder, NODE=HOST:PORT in shard order, NODE being the name the shard's
+    entrypoint gives itself (replica N of `paramserver-shard` is shard-N), and every shard replica runs the
+    responder. One PS: DLT_PROBE_TARGETS stays empty, so workers probe `paramserver` alone as before."""
+    env = fake_docker_deploy(tmp_path, "compose_up.sh", "cellular", "2", PS_SHARDS=str(shards),
+                             COMPOSE_PROJECT_NAME="proj")
+    if shards == 1:
+        assert env["DLT_PROBE_TARGETS"] == "" and env["DLT_PS_ADDRESS"] == "paramserver:50051"
+    else:
+        assert env["DLT_PROBE_TARGETS"] == ("paramserver=paramserver:9199,shard-1=proj-paramserver-shard-1:9199,"
+                                            "shard-2=proj-paramserver-shard-2:9199")
+        assert env["DLT_PS_ADDRESS"] == ("paramserver:50051,proj-paramserver-shard-1:50051,"
+                                         "proj-paramserver-shard-2:50051")
+    if shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"],
+                                                         capture_output=True).returncode != 0:
+        return
+    keys = ("DLT_PROBE_TARGETS", "DLT_PS_ADDRESS", "DLT_PS_SHARD_REPLICAS", "PROFILE", "WORKERS")
+    svc = _compose_config({k: env[k] for k in keys})
+    worker = svc["worker"]["environment"]
+    assert worker["DLT_PROBE_TARGETS"] == env["DLT_PROBE_TARGETS"]
+    assert (worker["DLT_PROBE_TARGET"], worker["DLT_PROBE_PEER"]) == ("paramserver:9199", "paramserver")
+    assert svc["paramserver-shard"]["deploy"]["replicas"] == shards - 1
+    for name in ("paramserver", "paramserver-shard"):
+        assert svc[name]["environment"]["DLT_PROBE_LISTEN"] == "0.0.0.0:9199", name
 
 
 @pytest.mark.parametrize(("shards", "tls", "message"), [("0", "0", "1..64"), ("65", "0", "1..64"), ("x", "0", "1..64"),

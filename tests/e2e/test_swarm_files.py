@@ -11,18 +11,20 @@ from typing import Any
 
 import pytest
 import yaml
-from e2e_stack import DEPLOY, ROOT
+from e2e_stack import DEPLOY, ROOT, fake_docker_deploy
 
 SWARM = DEPLOY / "swarm"
 
 
-def _stack_config(env: dict[str, str]) -> dict[str, Any]:
-    """`docker stack config`: the stack file as `docker stack deploy` would read it (interpolated, merged)."""
+def _stack_config(env: dict[str, str], *more: Path) -> dict[str, Any]:
+    """`docker stack config`: the stack file (and `more` stack files) as `docker stack deploy` would read it
+    (interpolated, merged)."""
     if shutil.which("docker") is None:
         pytest.skip("docker CLI not installed")
     base = {"PATH": "/usr/local/bin:/usr/bin:/bin", "DLT_SECRETS_DIR": "/nonexistent"}
-    proc = subprocess.run(["docker", "stack", "config", "-c", str(SWARM / "stack.yml")], capture_output=True,
-                          text=True, env=base | env, timeout=60)
+    files = [arg for f in (SWARM / "stack.yml", *more) for arg in ("-c", str(f))]
+    proc = subprocess.run(["docker", "stack", "config", *files], capture_output=True, text=True, env=base | env,
+                          timeout=60)
     if proc.returncode != 0 and "unknown command" in proc.stderr:
         pytest.skip("this docker CLI has no `docker stack config`")
     assert proc.returncode == 0, proc.stderr
@@ -97,3 +99,23 @@ def test_scripts_refuse_bad_input_before_touching_the_engine(tmp_path: Path) -> 
         assert not (tmp_path / "s").exists()
     usage = subprocess.run([str(scripts / "swarm_images.sh")], capture_output=True, text=True, timeout=30)
     assert usage.returncode == 2 and "docker -H" in usage.stderr
+
+
+def test_stack_up_gives_workers_every_shards_probe_responder(tmp_path: Path) -> None:
+    """`make stack-up PS_SHARDS=3` (stack_up.sh, here against a recording stand-in for docker): every shard
+    service runs a probe responder and the workers' link exporters get all of them, NODE=HOST:PORT in shard
+    order with the node names the shard services carry. One PS: DLT_PROBE_TARGETS empty, one stack file."""
+    env = fake_docker_deploy(tmp_path / "p3", "stack_up.sh", "straggler", "3", PS_SHARDS="3", DLT_STACK="t")
+    assert env["DLT_PROBE_TARGETS"] == ("paramserver=paramserver:9199,shard-1=paramserver-shard-1:9199,"
+                                        "shard-2=paramserver-shard-2:9199")
+    assert env["DLT_PS_ADDRESS"] == "paramserver:50051,paramserver-shard-1:50051,paramserver-shard-2:50051"
+    keys = ("DLT_PROBE_TARGETS", "DLT_PS_ADDRESS", "PROFILE", "WORKERS", "DLT_PARAMSERVER_IMAGE")
+    svc = _stack_config({k: env[k] for k in keys}, tmp_path / "p3" / "deployed" / "stack-1.yml")["services"]
+    assert svc["worker"]["environment"]["DLT_PROBE_TARGETS"] == env["DLT_PROBE_TARGETS"]
+    for i in (1, 2):
+        shard = svc[f"paramserver-shard-{i}"]["environment"]
+        assert (shard["DLT_NODE"], shard["DLT_PROBE_LISTEN"]) == (f"shard-{i}", "0.0.0.0:9199"), shard
+    assert svc["paramserver"]["environment"]["DLT_PROBE_LISTEN"] == "0.0.0.0:9199"
+    one = fake_docker_deploy(tmp_path / "p1", "stack_up.sh", "straggler", "3", DLT_STACK="t")
+    assert one["DLT_PROBE_TARGETS"] == "" and one["DLT_PS_ADDRESS"] == "paramserver:50051"
+    assert sorted(p.name for p in (tmp_path / "p1" / "deployed").iterdir()) == ["env", "stack-0.yml"]
