@@ -78,17 +78,17 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
         "dist-llm-train / network fidelity (configured vs measured)",
         [
             ("Worker -> PS round trip: configured vs measured", "s", [
-                ("dlt_link_configured_rtt_seconds", "configured {{src}}"),
-                ("dlt_link_measured_rtt_seconds", "measured {{src}}"),
+                ("dlt_link_configured_rtt_seconds", "configured {{src}}->{{dst}}"),
+                ("dlt_link_measured_rtt_seconds", "measured {{src}}->{{dst}}"),
             ]),
             ("Round-trip loss: configured vs measured", "percentunit", [
-                ("dlt_link_configured_loss_ratio", "configured {{src}}"),
-                ("dlt_link_measured_loss_ratio", "measured {{src}}"),
+                ("dlt_link_configured_loss_ratio", "configured {{src}}->{{dst}}"),
+                ("dlt_link_measured_loss_ratio", "measured {{src}}->{{dst}}"),
             ]),
             ("Measured / configured RTT", "none", [
-                ("dlt_link_measured_rtt_seconds / dlt_link_configured_rtt_seconds", "{{src}} ({{backend}})"),
+                ("dlt_link_measured_rtt_seconds / dlt_link_configured_rtt_seconds", "{{src}}->{{dst}} ({{backend}})"),
             ]),
-            ("Configured bottleneck rate", "bps", [("dlt_link_configured_rate_bits_per_second", "{{src}}")]),
+            ("Configured bottleneck rate", "bps", [("dlt_link_configured_rate_bits_per_second", "{{src}}->{{dst}}")]),
             ("Worker -> PS payload throughput", "Bps", [("deriv(dlt_worker_ps_bytes_sent[1m])", "{{instance}}")]),
         ],
     ),
