@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages the WAN-emulation backends need (iproute2's tc, iptables with the statistic match and NFQUEUE,
-# and the libnetfilter_queue headers the NetfilterQueue wheel is built against). Idempotent: installs only what is
+# and the libnetfilter_queue headers the NetfilterQueue wheel is built against), and gcc for that wheel and the
+# codecs' native kernels (core/_kernels.c). Idempotent: installs only what is
 # missing, and does nothing when everything is present or when not root (prints why instead).
 set -euo pipefail
 need=()
