@@ -71,6 +71,27 @@ def test_run_with_cellular_profile_reports_links(tmp_path: Path) -> None:
     assert not (run_dir / "shaper" / "ports.json").exists()  # the shaper stopped and cleaned up
 
 
+def test_run_with_ps_shards_shapes_a_path_to_every_shard(tmp_path: Path) -> None:
+    """`--ps-shards 2 --profile cellular`: each worker reaches each shard over its own relay, measured apart, and
+    the two relays share the worker's 10 Mbit/s (one uplink): its push goodput, the whole push's, stays at the
+    link's rate. Relays with a bucket each would let it reach ~20 Mbit/s."""
+    proc = _run(tmp_path, "--profile", "cellular", "--ps-shards", "2", "--workers", "2", "--steps", "20", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["ps_shards"] == 2 and summary["steps"] >= 20 and summary["final_loss"] < summary["initial_loss"]
+    ps_paths = {(x["worker"], x["link"]): x for x in summary["links"] if x["traffic_class"] == "ps_sync"}
+    assert set(ps_paths) == {(w, f"{w}->{n}") for w in ("worker-0", "worker-1") for n in ("paramserver", "shard-1")}
+    for (_, link), x in ps_paths.items():
+        assert x["configured_rtt_ms"] == 80.0 and x["configured_rate_mbit"] == 10.0, x
+        assert x["rtt_samples"] >= 3 and x["measured_rtt_ms"] >= 80.0 - x["rtt_tolerance_ms"], x
+        if link.endswith("->paramserver"):
+            assert 4.0 <= x["measured_rate_mbit"] <= 12.0, x  # the shared uplink, not two of them
+        else:
+            assert x["measured_rate_mbit"] is None, x  # the push's goodput is reported once, on shard 0's path
+    topology = json.loads((Path(summary["run_dir"]) / "shaper" / "topology.json").read_text())
+    assert set(topology["targets"]) == {"controller", "paramserver", "shard-1"}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

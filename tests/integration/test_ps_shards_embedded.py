@@ -121,7 +121,7 @@ def test_run_with_two_shards_trains_and_checkpoints_each_slice(tmp_path: Path) -
         (["--ps-shards", "two"], "--ps-shards"),
         (["--ps-shards", "3", "--aggregation", "krum", "--byzantine-f", "1", "--workers", "5"], "krum"),
         (["--ps-shards", "2", "--strategy", "streaming_diloco"], "streaming_diloco"),
-        (["--ps-shards", "2", "--profile", "good"], "netem profile"),
+        (["--ps-shards", "2", "--profile", "good", "--shaping", "kernel"], "--shaping kernel is not available"),
     ],
 )
 def test_bad_shard_settings_exit_2_before_anything_starts(tmp_path: Path, args: list[str], message: str) -> None:

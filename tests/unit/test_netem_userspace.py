@@ -308,6 +308,58 @@ def test_shaper_service_plays_a_schedule() -> None:
     asyncio.run(main())
 
 
+def test_star_with_ps_shards_names_them_as_compose_does() -> None:
+    topo = ShapingTopology.star(["w0", "w1"], "127.0.0.1:8000", "127.0.0.1:50051, 127.0.0.1:50052,127.0.0.1:50053")
+    assert topo.ps_nodes == ["paramserver", "shard-1", "shard-2"]
+    assert [(lk.src, lk.dst) for lk in topo.links if lk.classes == ["ps_sync"]] == [
+        (w, n) for w in ("w0", "w1") for n in ("paramserver", "shard-1", "shard-2")
+    ]
+    assert topo.target("shard-2") == ("127.0.0.1", 50053)
+
+
+def test_a_worker_s_relays_to_ps_shards_share_its_rate() -> None:
+    """Two shards, one worker pushing 400 KB to each at once over an 8 Mbit/s link: 0.8 s of serialisation
+    through one shared token bucket (0.4 s if each relay had its own, i.e. twice the configured rate)."""
+    nbytes, rate_mbit = 400_000, 8.0
+
+    async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read()  # until the client's EOF
+        w.write(b"k")
+        await w.drain()
+        w.close()
+
+    async def main() -> float:
+        servers = [await asyncio.start_server(sink, "127.0.0.1", 0) for _ in range(2)]
+        addrs = ",".join(f"127.0.0.1:{s.sockets[0].getsockname()[1]}" for s in servers)
+        profile = load_profile({"name": "flat", "figures": "one_way", "link": {"rate_mbit": rate_mbit}})
+        svc = ShaperService(profile, ShapingTopology.star(["w0", "w1"], "127.0.0.1:9", addrs))
+        await svc.start()
+        relays = {(spec.src, spec.dst, cls): relay for relay, spec, cls in svc.entries}
+        w0 = [relays["w0", n, "ps_sync"] for n in ("paramserver", "shard-1")]
+        assert w0[0].buckets is w0[1].buckets  # one worker, one uplink and one downlink
+        assert relays["w1", "paramserver", "ps_sync"].buckets is not w0[0].buckets
+        assert relays["w0", "controller", "task"].buckets is not w0[0].buckets
+
+        async def push(relay: rl.Relay) -> None:
+            r, w = await asyncio.open_connection("127.0.0.1", relay.port)
+            w.write(bytes(nbytes))
+            w.write_eof()
+            assert await asyncio.wait_for(r.read(), timeout=20) == b"k"
+            w.close()
+
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.gather(*(push(relay) for relay in w0))
+        elapsed = asyncio.get_running_loop().time() - t0
+        await svc.close()
+        for s in servers:
+            s.close()
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    shared_s = 2 * nbytes * 8 / (rate_mbit * 1e6)
+    assert shared_s * 0.95 <= elapsed < shared_s * 1.6, elapsed
+
+
 # -- the backend and auto ---------------------------------------------------------------------------------
 def test_backend_apply_show_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DLT_NETEM_STATE_DIR", str(tmp_path / "state"))

@@ -220,8 +220,9 @@ def run(
     ps_shards: Annotated[int, typer.Option(
         "--ps-shards", min=1, max=64, help="Parameter-server processes, each holding one contiguous slice of the "
         "parameters (docs/architecture.md, sharded parameter servers). Refused with rules that need the whole "
-        "vector (krum, multi_krum, bulyan, centered_clipping, bucketing, nnm, central DP, streaming_diloco) and "
-        "with --profile.")] = 1,
+        "vector (krum, multi_krum, bulyan, centered_clipping, bucketing, nnm, central DP, streaming_diloco). With "
+        "--profile each worker reaches each shard over its own shaped path (nodes paramserver, shard-1, ...), "
+        "all of them sharing the worker's link rate.")] = 1,
 ) -> None:
     """Train for real: controller, PS and workers as local processes on loopback. Auth is on: the run makes its
     own cluster secret and gives each worker its own credential (docs/security.md)."""
@@ -248,7 +249,7 @@ def run(
     from dist_llm_train.embedded.launcher import check_ps_shards
 
     try:
-        check_ps_shards(cfg, ps_shards, profile)
+        check_ps_shards(cfg, ps_shards)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--ps-shards") from None
     train_with_progress(cfg, workers, json_out, runs_dir, timeout, profile, shaping, max_restarts, ps_shards)

@@ -88,21 +88,18 @@ class Snapshot:
     workers_dead: int = 0
 
 
-def check_ps_shards(cfg: Config, shards: int, profile: str | None) -> None:
+def check_ps_shards(cfg: Config, shards: int) -> None:
     """ValueError, before any process starts, for a shard count this run cannot use."""
     if not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
         raise ValueError(f"--ps-shards must be an integer in 1..{MAX_SHARDS}, got {shards!r}")
     if shards == 1:
         return
     check_shardable(cfg.training.job_spec("check"), shards)
-    if profile is not None or cfg.network.profile:
-        raise ValueError("--ps-shards > 1 with a netem profile is not supported: the userspace shaper relays one "
-                         "PS address (use --ps-shards 1 with --profile)")
 
 
 class EmbeddedRun:
     def __init__(self, opts: RunOptions) -> None:
-        check_ps_shards(opts.config, opts.ps_shards, opts.profile)
+        check_ps_shards(opts.config, opts.ps_shards)
         self.opts = opts
         self.cfg = opts.config
         self.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)

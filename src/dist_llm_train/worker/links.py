@@ -98,12 +98,12 @@ class WorkerLinks:
             raise ValueError(f"link probe interval must be > 0, got {interval_s}")
         self.monitor = monitor
         self.interval_s = interval_s
-        self._probes: dict[str, Probe] = {
-            cls: functools.partial(api.ping, cls)
+        self._probes: dict[tuple[str, int], Probe] = {
+            (cls, 0): functools.partial(api.ping, cls)
             for cls in ("heartbeat", "task", "telemetry")
             if cls in monitor.links
         }
-        self._ps: Any = None
+        self._ps: list[Any] = []  # one probe client per PS shard, in shard order
         self._ps_lock = threading.Lock()
 
     @classmethod
@@ -115,26 +115,32 @@ class WorkerLinks:
     def use_paramserver(
         self, transport: str, address: str, credentials: PSCredentials | None = None, job_id: str = PROBE_JOB
     ) -> None:
-        """Probe ps_sync through `address` (the relay) with a client of its own, separate from training's.
-        The probe is a `GetStats` of `job_id`: a secured PS answers a worker's only for its own job."""
+        """Probe ps_sync through `address` (the relay; with PS shards, every shard's relay, comma-separated in
+        shard order, each probed on its own path) with clients of its own, separate from training's. The probe
+        is a `GetStats` of `job_id`: a secured PS answers a worker's only for its own job."""
         from dist_llm_train.paramserver.transport.client import connect
 
         self.close_paramserver()
         with self._ps_lock:
             # Small messages only; the different limit also gives the probe a connection of its own (gRPC
             # shares one between channels with identical arguments), so it never waits behind a bulk push.
-            self._ps = connect(
-                transport, address, timeout_s=10.0, max_message_bytes=PROBE_MAX_MESSAGE_BYTES, credentials=credentials
-            )
+            self._ps = [
+                connect(transport, shard.strip(), timeout_s=10.0, max_message_bytes=PROBE_MAX_MESSAGE_BYTES,
+                        credentials=credentials)
+                for shard in address.split(",")
+            ]
+        for index in range(len(self._ps)):
+            self._probes[("ps_sync", index)] = self._stats_probe(index, job_id)
 
+    def _stats_probe(self, index: int, job_id: str) -> Probe:
         first = [True]
 
         def stats_rtt() -> float | None:
             with self._ps_lock:
-                if self._ps is None:
+                if index >= len(self._ps):
                     raise RuntimeError("no parameter server client")
                 t0 = time.perf_counter()
-                self._ps.stats(job_id)
+                self._ps[index].stats(job_id)
                 elapsed = time.perf_counter() - t0
             fresh, first[0] = first[0], False
             return None if fresh else elapsed  # the first call also set the connection up
@@ -142,14 +148,15 @@ class WorkerLinks:
         async def probe() -> float | None:
             return await asyncio.to_thread(stats_rtt)
 
-        self._probes["ps_sync"] = probe
+        return probe
 
     def close_paramserver(self) -> None:
-        self._probes.pop("ps_sync", None)
+        for key in [k for k in self._probes if k[0] == "ps_sync"]:
+            del self._probes[key]
         with self._ps_lock:
-            if self._ps is not None:
-                self._ps.close()
-                self._ps = None
+            for client in self._ps:
+                client.close()
+            self._ps = []
 
     def annotate(self, record: dict[str, Any]) -> dict[str, Any]:
         """Feed the record's push timing to the rate estimate and attach the current `links` list."""

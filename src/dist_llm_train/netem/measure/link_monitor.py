@@ -116,14 +116,16 @@ class LinkMonitor:
         self.backend = str(info.get("backend", "unknown"))
         self.loss_kind = "modelled" if info.get("loss") == "modelled" else "measured"
         self.schedule: dict[str, Any] | None = info.get("schedule")
-        self.links: dict[str, MonitoredLink] = {}
+        # class -> its links in the order the shaper lists them: one per class, except ps_sync with parameter-server
+        # shards, where there is one per shard, in shard order (topology.py)
+        self.links: dict[str, list[MonitoredLink]] = {}
         for r in info.get("relays", []):
             if r.get("src") != node:
                 continue
             segs = [
                 (Link.model_validate(s["up"]), Link.model_validate(s["down"])) for s in r.get("segments", [])
             ]
-            self.links[r["traffic_class"]] = MonitoredLink(
+            self.links.setdefault(r["traffic_class"], []).append(MonitoredLink(
                 r["link"],
                 r["traffic_class"],
                 self.backend,
@@ -131,7 +133,7 @@ class LinkMonitor:
                 Link.model_validate(r["up"]),
                 Link.model_validate(r["down"]),
                 segs,
-            )
+            ))
         if not self.links:
             raise ValueError(f"the shaper shapes no link from {node!r}; is the topology for this run?")
         self.gauges = LinkGauges(registry) if registry is not None else None
@@ -145,22 +147,29 @@ class LinkMonitor:
         return cls(info, node, registry)
 
     def url(self, traffic_class: str) -> str | None:
-        link = self.links.get(traffic_class)
-        return f"http://{link.listen}" if link else None
+        address = self.address(traffic_class)
+        return f"http://{address}" if address else None
 
     def address(self, traffic_class: str) -> str | None:
-        link = self.links.get(traffic_class)
-        return link.listen if link else None
+        """The relay of the class (with PS shards, ps_sync's relays comma-separated in shard order)."""
+        links = self.links.get(traffic_class)
+        return ",".join(link.listen for link in links) if links else None
 
-    def add_rtt(self, traffic_class: str, seconds: float) -> None:
-        if traffic_class in self.links and seconds >= 0:
-            self.links[traffic_class].rtt_s.append(seconds)
+    def add_rtt(self, traffic_class: str, seconds: float, index: int = 0) -> None:
+        """An RTT sample of the class's link (`index`: which shard's, for ps_sync with PS shards)."""
+        links = self.links.get(traffic_class, [])
+        if 0 <= index < len(links) and seconds >= 0:
+            links[index].rtt_s.append(seconds)
 
     def add_push(self, nbytes: int, seconds: float) -> None:
-        """One push of `nbytes` payload that took `seconds`: goodput once one round trip is taken off."""
-        link = self.links.get("ps_sync")
-        if link is None:
+        """One push of `nbytes` payload that took `seconds`: goodput once one round trip is taken off. With PS
+        shards one push goes to every shard at once through the worker's one shaped uplink (the shaper shares
+        its rate): the goodput is the whole push's, put on the path to shard 0, as the link exporter's reports
+        do in Compose (worker/links.py)."""
+        links = self.links.get("ps_sync")
+        if not links:
             return
+        link = links[0]
         rate = push_goodput_bps(nbytes, seconds, statistics.median(link.rtt_s) if link.rtt_s else 0.0)
         if rate is not None:
             link.rate_bps.append(rate)
@@ -169,7 +178,7 @@ class LinkMonitor:
         """One record per link, as sent in telemetry and shown by the controller's /status."""
         now = time.time() if now is None else now
         out = []
-        for link in self.links.values():
+        for link in (link for links in self.links.values() for link in links):
             up, down = link.configured(self.schedule, now)
             rtt = statistics.median(link.rtt_s) if link.rtt_s else None
             rate = statistics.median(link.rate_bps) if link.rate_bps else None
@@ -213,13 +222,14 @@ class LinkMonitor:
             if r["measured_loss"] is not None:
                 g.measured_loss.labels(*labels).set(r["measured_loss"])
 
-    async def probe_once(self, probes: dict[str, Probe]) -> None:
-        """One RTT sample per class that has a probe; a failing probe just yields no sample this round."""
-        for cls, fn in list(probes.items()):
+    async def probe_once(self, probes: dict[tuple[str, int], Probe]) -> None:
+        """One RTT sample per (class, link index) that has a probe; a failing probe just yields no sample this
+        round."""
+        for (cls, index), fn in list(probes.items()):
             try:
                 rtt = await fn()
             except Exception:  # noqa: BLE001 - a link being down is what the next sample will show
                 continue
             if rtt is not None:
-                self.add_rtt(cls, rtt)
+                self.add_rtt(cls, rtt, index)
         self.reports()

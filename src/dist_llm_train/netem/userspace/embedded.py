@@ -2,10 +2,11 @@
 
 Userspace (the default, no root): the launcher starts the shaper service (`serve shaper`) after the controller
 and the parameter server and before the workers, with a star topology — each worker → controller for
-heartbeat, task and telemetry (three relays, same target) and → parameter server for ps_sync. Each worker then
-gets its per-class controller URLs, its PS relay (replacing the address the assignment carries) and the ports
-file, from which it learns the configured links it measures against. A node override's `compute_slowdown` (the
-straggler) becomes that worker's `--compute-slowdown`.
+heartbeat, task and telemetry (three relays, same target) and → parameter server for ps_sync, one relay per
+shard with `--ps-shards P` (the relays of a worker share its rate: topology.py, shaper.py). Each worker then
+gets its per-class controller URLs, its PS relays (replacing the addresses the assignment carries, in shard
+order) and the ports file, from which it learns the configured links it measures against. A node override's
+`compute_slowdown` (the straggler) becomes that worker's `--compute-slowdown`.
 
 `--shaping kernel` would put every worker in its own network namespace behind a veth pair shaped by the kernel
 backends; embedded mode does not do that (yet) and refuses with a pointer to Compose mode, which does.
@@ -87,8 +88,13 @@ class EmbeddedShaping:
         return self.ports_file.is_file()
 
     def _relays(self) -> dict[tuple[str, str], str]:
+        """(src, class) -> relay address; ps_sync: every shard's relay, comma-separated in shard order."""
         info = json.loads(self.ports_file.read_text())
-        return {(r["src"], r["traffic_class"]): r["listen"] for r in info["relays"]}
+        by_dst = {(r["src"], r["traffic_class"], r["dst"]): r["listen"] for r in info["relays"]}
+        relays = {(src, cls): addr for (src, cls, _), addr in by_dst.items() if cls != "ps_sync"}
+        for w in self.topology.workers:
+            relays[(w, "ps_sync")] = ",".join(by_dst[(w, "ps_sync", n)] for n in self.topology.ps_nodes)
+        return relays
 
     def worker_argv(self, name: str) -> list[str]:
         """The `serve worker` options that route `name`'s traffic through its relays."""

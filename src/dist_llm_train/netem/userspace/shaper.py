@@ -25,7 +25,7 @@ from dist_llm_train.netem.profile.classes import TrafficClass
 from dist_llm_train.netem.profile.loading import load_profile
 from dist_llm_train.netem.profile.resolve import to_one_way
 from dist_llm_train.netem.profile.schema import Link, Profile, ProfileError
-from dist_llm_train.netem.userspace.relay import Relay, make_relay, rto_s
+from dist_llm_train.netem.userspace.relay import Relay, TokenBucket, make_relay, rto_s
 from dist_llm_train.netem.userspace.topology import LinkSpec, ShapingTopology, directions, load_topology
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,14 @@ class ShaperService:
         return directions(self.profile, self.topo, spec, cls, seg)
 
     async def start(self) -> dict[str, Any]:
-        """Bind every relay (ports chosen by the OS), apply the first schedule segment, start the schedule."""
+        """Bind every relay (ports chosen by the OS), apply the first schedule segment, start the schedule.
+
+        Relays of one source node and class share that node's rate (one token bucket per direction): a worker
+        pushing to P parameter-server shards at once has one uplink and one downlink, as a container has one
+        interface, so P shards give it the bandwidth one PS would, not P times it. (The PS side's egress is
+        modelled per worker, with shards as with one PS; `round_time.py` labels it.)"""
         first = 0 if self.segments else None
+        shared: dict[tuple[str, str], tuple[TokenBucket, TokenBucket]] = {}
         try:
             for spec in self.topo.links:
                 for cls in spec.classes:
@@ -88,6 +94,7 @@ class ShaperService:
                         seed=f"{self.seed}:{spec.name}:{cls}",
                         host=self.host,
                     )
+                    relay.buckets = shared.setdefault((spec.src, cls), relay.buckets)
                     self.entries.append((relay, spec, cls))
                     await relay.start()
         except OSError as err:

@@ -3,7 +3,9 @@
 A shaping topology names the nodes (workers in order, so `$last_worker` resolves), the targets relays forward
 to, and the links: `src → dst` for some traffic classes. The standard embedded run is a star
 (`ShapingTopology.star`): every worker reaches the controller over three relays (heartbeat, task, telemetry) and
-the parameter server over one (ps_sync).
+the parameter server over one (ps_sync) — or, with P parameter-server shards, each shard over one, the shards
+named as in Compose (`ps_node_names`: `paramserver` for shard 0, `shard-N` for shard N), so a profile's node
+overrides reach the same shard in either deployment.
 
 Directions follow the kernel backends' model, where every node shapes its own egress and a node's `ingress`
 block shapes what it receives: `src → dst` ("up") is src's egress for the class then dst's ingress extra;
@@ -65,19 +67,32 @@ class ShapingTopology(BaseModel):
 
     @classmethod
     def star(cls, workers: list[str], controller: str, paramserver: str) -> ShapingTopology:
-        """Every worker → controller (heartbeat, task, telemetry) and → paramserver (ps_sync)."""
+        """Every worker → controller (heartbeat, task, telemetry) and → paramserver (ps_sync); `paramserver`
+        may list P shards' addresses in shard order, comma-separated: then → each shard (ps_sync)."""
+        shards = [a.strip() for a in paramserver.split(",")]
+        nodes = ps_node_names(len(shards))
         links = [
             LinkSpec(src=w, dst=d, classes=list(c))
             for w in workers
-            for d, c in (("controller", CONTROL_CLASSES), ("paramserver", ("ps_sync",)))
+            for d, c in (("controller", CONTROL_CLASSES), *((n, ("ps_sync",)) for n in nodes))
         ]
-        return cls(
-            workers=workers, targets={"controller": controller, "paramserver": paramserver}, links=links
-        )
+        return cls(workers=workers, targets={"controller": controller, **dict(zip(nodes, shards, strict=True))},
+                   links=links)
+
+    @property
+    def ps_nodes(self) -> list[str]:
+        """The parameter-server nodes (shard order) among this topology's targets."""
+        names = ps_node_names(len(self.targets))
+        return [n for n in names if n in self.targets]
 
     def target(self, node: str) -> tuple[str, int]:
         host, _, port = self.targets[node].rpartition(":")
         return host.strip("[]"), int(port)
+
+
+def ps_node_names(shards: int) -> list[str]:
+    """Node names of P parameter-server shards, as Compose names them: `paramserver`, then `shard-1`, …"""
+    return ["paramserver", *(f"shard-{i}" for i in range(1, shards))]
 
 
 def parse_topology(data: object, source: str = "<topology>") -> ShapingTopology:
