@@ -4,9 +4,11 @@ replica). Project `dlt-e2e-tls`, ephemeral host ports, PROFILE=cellular, 2 worke
 
 Claims, in order: every service (both shards too) healthy; a job with one task per worker trains; each shard
 holds about half of the job's parameters, is scraped by Prometheus and checkpoints under its own node name in the
-shared volume; each shard refuses a plaintext client and a TLS client without a certificate, and answers one
-with the stack's client certificate (checked against the name `paramserver` the shared certificate holds); down
-leaves nothing. The default stack (one PS, no TLS) is test_compose_stack.py's.
+shared volume; /status shows every worker's link to every shard, configured and measured (each shard runs a
+probe responder, and each worker's link exporter probes them all), and Prometheus has a link series per path;
+each shard refuses a plaintext client and a TLS client without a certificate, and answers one with the stack's
+client certificate (checked against the name `paramserver` the shared certificate holds); down leaves nothing.
+The default stack (one PS, no TLS) is test_compose_stack.py's.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ import pytest
 from e2e_stack import CLI, DEPLOY, LONG_JOB_CONFIG, ROOT, Http, logs, prom_query, run, wait_for
 
 from dist_llm_train.core.sharding import ShardPlan
+from dist_llm_train.netem.measure.path_report import configured_path
+from dist_llm_train.netem.profile.loading import load_profile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 PROJECT = "dlt-e2e-tls"
+PROFILE = "cellular"
 WORKERS = 2
 PS_SHARDS = 2
+SHARD_NODES = ["paramserver", *(f"shard-{i}" for i in range(1, PS_SHARDS))]  # the shards' node names, in order
 CHECKPOINT_EVERY = 20  # the paramserver image's --checkpoint-every
 _state: dict[str, Any] = {}
 
@@ -57,10 +63,12 @@ def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
         "127.0.0.1", "--client", "controller", "--client", "worker")
     env_file = work / "tls.env"
     env_file.write_text("\n".join([
-        f"DLT_SECRETS_DIR={secrets}", "PROFILE=cellular", f"WORKERS={WORKERS}",
+        f"DLT_SECRETS_DIR={secrets}", f"PROFILE={PROFILE}", f"WORKERS={WORKERS}",
         f"DLT_PS_SHARD_REPLICAS={PS_SHARDS - 1}",
         "DLT_PS_ADDRESS=" + ",".join(["paramserver:50051"] + [f"{PROJECT}-paramserver-shard-{i}:50051"
                                                               for i in range(1, PS_SHARDS)]),
+        "DLT_PROBE_TARGETS=" + ",".join(["paramserver=paramserver:9199"] + [
+            f"shard-{i}={PROJECT}-paramserver-shard-{i}:9199" for i in range(1, PS_SHARDS)]),
         "DLT_CONTROLLER_PORT=", "DLT_PS_PORT=", "DLT_PS_METRICS_PORT=", "DLT_PROMETHEUS_PORT=", "",
     ]))
     compose = ["docker", "compose", "-p", PROJECT, "--env-file", str(env_file), "-f",
@@ -130,6 +138,38 @@ def test_every_shard_holds_half_is_scraped_and_checkpoints_under_its_name(tls_st
         assert node.startswith("shard-"), node
         files = run("docker", "exec", container, "ls", f"/data/{node}").split()
         assert f"{job_id}.ckpt.npz" in files, (node, files)
+
+
+def test_status_shows_every_workers_link_to_every_shard(tls_stack: TlsStack) -> None:
+    """Each worker's link exporter probes every shard's responder: /status has one measured ps_sync link per
+    worker and shard, named by the shard's node, configured as the profile sets that path, from a kernel
+    backend; Prometheus has the exporter's series for every path."""
+    names = [f"worker-{i}" for i in range(1, WORKERS + 1)]
+    want = sorted(f"{w}->{node}" for w in names for node in SHARD_NODES)
+
+    def measured() -> list[dict[str, Any]] | None:
+        links = tls_stack.controller.get("/status")["links"]
+        done = sorted(lk["link"] for lk in links if lk["measured_rtt_ms"] is not None
+                      and lk["measured_loss"] is not None)
+        return links if done == want else None
+
+    links = wait_for("a measured link from every worker to every shard in /status", measured, timeout=120,
+                     every=2.0)
+    assert sorted(lk["link"] for lk in links) == want, links  # nothing else either
+    profile = load_profile(PROFILE)
+    for lk in links:
+        worker, node = lk["link"].split("->")
+        assert lk["worker"] == worker and lk["traffic_class"] == "ps_sync", lk
+        assert lk["backend"] in ("tc_netem", "kernel_fallback"), lk
+        cfg = configured_path(profile, worker, node, names)
+        assert lk["configured_rtt_ms"] == pytest.approx(cfg.rtt_ms), lk
+        assert lk["configured_rate_mbit"] == cfg.up_rate_mbit, lk
+        # Shaped both ways (80 ms configured): far above an unshaped bridge's fraction of a millisecond.
+        assert lk["measured_rtt_ms"] > cfg.rtt_ms / 2, lk
+    paths = wait_for("a measured RTT series per worker and shard in Prometheus",
+                     lambda: len(r := prom_query(tls_stack.prometheus, "dlt_link_measured_rtt_seconds"))
+                     == len(want) and r, timeout=90, every=2.0)
+    assert sorted(f"{r['metric']['src']}->{r['metric']['dst']}" for r in paths) == want
 
 
 def test_each_shard_accepts_only_clients_with_the_stacks_certificate(tls_stack: TlsStack) -> None:

@@ -161,28 +161,34 @@ def test_a_job_with_one_task_per_worker_trains(swarm: SwarmStack, tmp_path: Path
     assert holders == {f"worker-{i}" for i in range(1, WORKERS + 1)}
 
 
-def test_status_shows_every_worker_live_and_its_link(swarm: SwarmStack) -> None:
+def test_status_shows_every_worker_live_and_its_link_to_every_shard(swarm: SwarmStack) -> None:
+    """Each worker's link exporter probes every shard's responder (DLT_PROBE_TARGETS from stack_up.sh): one
+    measured link per worker and shard in /status, each configured as the profile sets that path."""
     names = [f"worker-{i}" for i in range(1, WORKERS + 1)]
+    shard_nodes = ["paramserver", *(f"shard-{i}" for i in range(1, PS_SHARDS))]
+    want = sorted(f"{w}->{node}" for w in names for node in shard_nodes)
 
     def measured() -> dict[str, Any] | None:
         status = swarm.controller.get("/status")
-        done = sorted(lk["worker"] for lk in status["links"]
+        done = sorted(lk["link"] for lk in status["links"]
                       if lk["measured_rtt_ms"] is not None and lk["measured_loss"] is not None)
-        return status if done == names else None
+        return status if done == want else None
 
-    status = wait_for("every worker's measured link in /status", measured, timeout=90, every=2.0)
+    status = wait_for("every worker's measured link to every shard in /status", measured, timeout=90, every=2.0)
     assert sorted(w["name"] for w in status["workers"] if w["state"] == "alive") == names
     profile = load_profile(PROFILE)
-    by_worker = {lk["worker"]: lk for lk in status["links"]}
-    for name, lk in by_worker.items():
-        want = configured_path(profile, name, "paramserver", names)
-        assert lk["backend"] in ("tc_netem", "kernel_fallback"), lk
-        assert lk["configured_rtt_ms"] == pytest.approx(want.rtt_ms) and lk["configured_rate_mbit"] == want.up_rate_mbit
+    by_path = {lk["link"]: lk for lk in status["links"]}
+    for path, lk in by_path.items():
+        name, node = path.split("->")
+        cfg = configured_path(profile, name, node, names)
+        assert lk["worker"] == name and lk["backend"] in ("tc_netem", "kernel_fallback"), lk
+        assert lk["configured_rtt_ms"] == pytest.approx(cfg.rtt_ms) and lk["configured_rate_mbit"] == cfg.up_rate_mbit
         assert lk["within_tolerance"] is True, lk
-    # The override hit worker-3 (slot 3) and no other: its path is the slow one, configured and measured.
-    slow, fast = by_worker[f"worker-{WORKERS}"], by_worker["worker-1"]
-    assert slow["configured_rate_mbit"] == 5 and fast["configured_rate_mbit"] == 100, (slow, fast)
-    assert slow["measured_rtt_ms"] > fast["measured_rtt_ms"] + 20, (slow, fast)
+    # The override hit worker-3 (slot 3) and no other: its paths are the slow ones, configured and measured.
+    for node in shard_nodes:
+        slow, fast = by_path[f"worker-{WORKERS}->{node}"], by_path[f"worker-1->{node}"]
+        assert slow["configured_rate_mbit"] == 5 and fast["configured_rate_mbit"] == 100, (slow, fast)
+        assert slow["measured_rtt_ms"] > fast["measured_rtt_ms"] + 20, (slow, fast)
 
 
 def test_prometheus_finds_every_task(swarm: SwarmStack) -> None:
