@@ -35,6 +35,10 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("int2", {"chunk": 3}),
     ("topk", {"ratio": 0.01, "index": "delta"}),
     ("topk", {"ratio": 0.1, "index": "int32"}),
+    ("sparseloco", {"ratio": 0.01, "chunk": 4096, "bits": 2}),
+    ("sparseloco", {"ratio": 0.03, "chunk": 1024, "bits": 4}),
+    ("sparseloco", {"ratio": 0.25, "chunk": 8, "bits": 8}),
+    ("sparseloco", {"ratio": 0.5, "chunk": 2, "bits": 2}),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}{v}' for k, v in params.items())}" for name, params in CASES]
 
@@ -210,6 +214,19 @@ def test_top_k_candidate_scan_overflowing_its_first_guess() -> None:
     got = codecs._at_least(vec, 1.0, expect=16)
     assert np.array_equal(got, np.arange(10_000))
     assert np.array_equal(codecs._at_least(vec, 1.5, expect=16), np.arange(0, 10_000, 3))
+
+
+@needs_native
+@pytest.mark.parametrize("ratio", [0.01, 0.05])
+def test_sparseloco_selection_when_its_sampled_threshold_is_too_high(ratio: float) -> None:
+    """The native selection estimates each chunk's threshold from every 16th element: put the largest values
+    exactly there and the estimate lets through fewer than k, so the chunk is searched whole; ties everywhere
+    else decide by position. Same bytes as numpy either way."""
+    vec = np.full(3 * 4096 + 1000, 1e-3, np.float32)
+    vec[::16] = np.linspace(1.0, 2.0, vec[::16].size, dtype=np.float32)
+    vec[5::97] = 0.5
+    assert_same_encoding("sparseloco", {"ratio": ratio, "chunk": 4096, "bits": 4}, vec)
+    assert_same_encoding("sparseloco", {"ratio": ratio, "chunk": 4096, "bits": 2}, -vec)
 
 
 @needs_native

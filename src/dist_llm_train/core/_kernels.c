@@ -365,6 +365,198 @@ __attribute__((constructor)) static void build_left_pack(void) {
 }
 #endif
 
+/* -- SparseLoCo (SparseLoCoCodec): chunk-wise top-k, low-bit values, log2(chunk)-bit local indices ------------- */
+
+/* Little-endian bit streams, as codecs._pack writes them: code i holds bits [i·width, (i+1)·width). */
+typedef struct { uint8_t *out; uint64_t acc; int filled; } BitWriter;
+
+static inline void bits_put(BitWriter *w, uint32_t code, int width) {
+    w->acc |= (uint64_t)code << w->filled;
+    w->filled += width;
+    while (w->filled >= 8) { *w->out++ = (uint8_t)w->acc; w->acc >>= 8; w->filled -= 8; }
+}
+
+static inline void bits_flush(BitWriter *w) {
+    if (w->filled > 0) *w->out++ = (uint8_t)w->acc;
+    w->acc = 0; w->filled = 0;
+}
+
+typedef struct { const uint8_t *in; uint64_t acc; int filled; } BitReader;
+
+static inline uint32_t bits_get(BitReader *r, int width) {
+    while (r->filled < width) { r->acc |= (uint64_t)*r->in++ << r->filled; r->filled += 8; }
+    uint32_t code = (uint32_t)(r->acc & ((1u << width) - 1u));
+    r->acc >>= width; r->filled -= width;
+    return code;
+}
+
+/* The k-th largest of a[0..n) (0 < k <= n), by quickselect (Hoare partitions, median-of-three pivots); `a` is
+ * reordered. */
+static float kth_largest(float *a, size_t n, size_t k) {
+    ptrdiff_t lo = 0, hi = (ptrdiff_t)n - 1, target = (ptrdiff_t)k - 1;  /* index in descending order */
+    while (lo < hi) {
+        float p = a[lo], q = a[lo + (hi - lo) / 2], r = a[hi];
+        float pivot = p > q ? (q > r ? q : (p > r ? r : p)) : (p > r ? p : (q > r ? r : q));
+        ptrdiff_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) { float t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
+        }
+        if (target <= j) hi = j;
+        else if (target >= i) lo = i;
+        else return a[target];  /* between the parts: equal to the pivot */
+    }
+    return a[target];
+}
+
+/* The k largest |x| of x[0..len) (0 < k <= len, x finite), by position, into `local` (ascending): every
+ * element above the k-th largest magnitude τ, then the first elements equal to τ that fit — numpy's
+ * _top_k_rows / top_k_indices. A threshold t from a strided sample (about 2k of the chunk lie above it)
+ * picks candidates in one branch-free pass; τ is exact among them as long as at least k are candidates
+ * (else the whole chunk is searched: the estimate changes the cost, never the answer). `mag` and `pos`
+ * hold `len` + 8 entries, `work` as many. */
+DLT_FAST static size_t select_top_k(const float *x, size_t len, size_t k, float *work, float *mag, uint32_t *pos,
+                                    uint32_t *local) {
+    size_t count = 0;
+#if DLT_X86
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    if (len >= 1024 && k * 16 <= len) {
+        size_t stride = len / 256, m = (2 * k * 256 + len - 1) / len + 1;  /* the sample's m-th largest */
+        /* the m largest of the sample, kept sorted descending (m <= 33: k·16 <= len); most samples lose one
+         * compare against the smallest kept */
+        float best[40];
+        size_t kept = 0;
+        for (size_t j = 0; j < 256; j++) {
+            float a = fabsf(x[j * stride]);
+            if (kept == m && a <= best[m - 1]) continue;
+            size_t at = kept < m ? kept++ : m - 1;
+            while (at > 0 && best[at - 1] < a) { best[at] = best[at - 1]; at--; }
+            best[at] = a;
+        }
+        const float threshold = best[m - 1];
+        const __m256 t = _mm256_set1_ps(threshold);
+        const __m256i step = _mm256_set1_epi32(8);
+        __m256i base = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        size_t j = 0;
+        for (; j + 8 <= len; j += 8) {
+            __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + j), abs_mask);
+            unsigned hits = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, t, _CMP_GE_OQ));
+            __m256i lanes = _mm256_loadu_si256((const __m256i *)LEFT_PACK[hits]);
+            _mm256_storeu_si256((__m256i *)(pos + count), _mm256_permutevar8x32_epi32(base, lanes));
+            _mm256_storeu_ps(mag + count, _mm256_permutevar8x32_ps(v, lanes));
+            count += (size_t)__builtin_popcount(hits);
+            base = _mm256_add_epi32(base, step);
+        }
+        for (; j < len; j++) {
+            float a = fabsf(x[j]);
+            if (a >= threshold) { pos[count] = (uint32_t)j; mag[count] = a; count++; }
+        }
+    }
+#endif
+    if (count < k) {  /* no estimate, or it let through too few: every element is a candidate */
+        for (size_t j = 0; j < len; j++) { pos[j] = (uint32_t)j; mag[j] = fabsf(x[j]); }
+        count = len;
+    }
+    for (size_t j = 0; j < count; j++) work[j] = mag[j];
+    const float tau = kth_largest(work, count, k);
+    size_t above = 0, n = 0;
+    for (size_t j = 0; j < count; j++) above += mag[j] > tau;
+    size_t ties = k - above;  /* the first this many elements equal to τ are kept */
+    for (size_t j = 0; j < count && n < k; j++) {
+        if (mag[j] > tau) local[n++] = pos[j];
+        else if (mag[j] == tau && ties) { ties--; local[n++] = pos[j]; }
+    }
+    return n;
+}
+
+/* Encode (SparseLoCoCodec.encode) a finite vector: per chunk its top k (the last, partial chunk of r elements
+ * keeps ceil(k·r/chunk)), a step u = absmax of the kept / divisor (as _Levels.units), each kept value's
+ * `bits`-bit code (as _Levels.codes), then every chunk's steps, the code stream and the index stream, each
+ * stream packed across chunks. `scratch` holds chunk + 8 + k floats, `local` k entries, `mag` and `pos` chunk + 8
+ * each.
+ * Returns 0; -1 for a chunk or k out of range. */
+DLT_FAST int dlt_sparse_encode(const float *x, size_t n, size_t chunk, size_t k, int bits, int index_bits,
+                               float *units, uint8_t *codes_out, uint8_t *index_out, float *scratch,
+                               uint32_t *local, float *mag, uint32_t *pos) {
+    if (chunk == 0 || k == 0 || k > chunk || (bits != 2 && bits != 4 && bits != 8)) return -1;
+    const int midrise = bits == 2;
+    const int top = midrise ? 3 : (1 << (bits - 1)) - 1;
+    const float divisor = midrise ? 4.0f : (float)top;
+    const float lo = midrise ? -2.0f : (float)-top, hi = midrise ? 1.0f : (float)top;
+    const float offset = midrise ? 2.0f : (float)(top + 1);
+    BitWriter codes = {codes_out, 0, 0}, index = {index_out, 0, 0};
+    float *work = scratch, *values = scratch + chunk + 8;
+    for (size_t c = 0, start = 0; start < n; c++, start += chunk) {
+        size_t len = n - start < chunk ? n - start : chunk;
+        size_t kc = len == chunk ? k : (k * len + chunk - 1) / chunk;
+        size_t got = kc ? select_top_k(x + start, len, kc, work, mag, pos, local) : 0;
+        float absmax = 0.0f;
+        for (size_t j = 0; j < got; j++) {
+            values[j] = x[start + local[j]];
+            float a = fabsf(values[j]);
+            absmax = a > absmax ? a : absmax;
+        }
+        float u = absmax / divisor;
+        if (isinf(u * (float)top)) u = nextafterf(u, 0.0f);
+        units[c] = u;
+        float step = u > 0.0f ? u : 1.0f;
+        if (midrise) step *= 2.0f;
+        for (size_t j = 0; j < got; j++) {
+            float q = values[j] / step;
+            q = midrise ? floorf(q) : nearbyintf(q);
+            q = q < lo ? lo : q > hi ? hi : q;
+            bits_put(&codes, (uint32_t)(int32_t)(q + offset), bits);
+            bits_put(&index, local[j], index_bits);
+        }
+    }
+    bits_flush(&codes);
+    bits_flush(&index);
+    return 0;
+}
+
+/* Decode (SparseLoCoCodec._kept_values): kept value i of chunk c is level(code) · u[c] at c·chunk + local index.
+ * mode 0 writes it into `out` (zeros elsewhere: the caller's), mode 1 subtracts it (error feedback's residual:
+ * `out` holds what was sent), mode 2 only checks the streams. Refuses before writing anything, in the numpy
+ * path's order of checks: -1 for a mid-tread code 0 (no level), -2 for indices that do not strictly increase
+ * within a chunk, -3 for an index past the end of the last chunk. The caller
+ * has checked the lengths, the steps and the padding bits. */
+DLT_FAST int dlt_sparse_decode(const uint8_t *codes_in, const uint8_t *index_in, const float *units, size_t n,
+                               size_t chunk, size_t k, int bits, int index_bits, float *out, int mode) {
+    const int midrise = bits == 2;
+    const int top = midrise ? 3 : (1 << (bits - 1)) - 1;
+    int zero_code = 0, unordered = 0, past_end = 0;
+    for (int pass = 0; pass < (mode == 2 ? 1 : 2); pass++) {  /* check everything, then write */
+        BitReader codes = {codes_in, 0, 0}, index = {index_in, 0, 0};
+        for (size_t c = 0, start = 0; start < n; c++, start += chunk) {
+            size_t len = n - start < chunk ? n - start : chunk;
+            size_t kc = len == chunk ? k : (k * len + chunk - 1) / chunk;
+            float u = units[c];
+            int64_t previous = -1;
+            for (size_t j = 0; j < kc; j++) {
+                uint32_t code = bits_get(&codes, bits);
+                uint32_t local = bits_get(&index, index_bits);
+                if (pass == 0) {
+                    zero_code |= !midrise && code == 0;
+                    unordered |= (int64_t)local <= previous;
+                    past_end |= local >= len;
+                    previous = local;
+                    continue;
+                }
+                float level = midrise ? 2.0f * (float)code - 3.0f : (float)code - (float)(top + 1);
+                float v = level * u;
+                if (mode == 0) out[start + local] = v;
+                else out[start + local] -= v;
+            }
+        }
+        if (zero_code) return -1;
+        if (unordered) return -2;
+        if (past_end) return -3;
+    }
+    return 0;
+}
+
+
 /* Positions i (ascending) with |x[i]| >= threshold, the top-k codec's candidates: writes at most `cap` of
  * them to `out` and returns how many there are (more than `cap` means: call again with room for all).
  * Branch-free: each group of 8 stores all its hits at once (a permute packs them to the left) and advances

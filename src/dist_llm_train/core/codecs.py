@@ -937,6 +937,22 @@ class SparseLoCoCodec(Codec):
     def encode(self, vec: np.ndarray) -> Encoded:
         arr = _as_vector(vec)
         chunk, k = self.chunk, self.k
+        meta = {"chunk": chunk, "k": k, "bits": self.bits}
+        if NATIVE is not None and arr.size:  # the same selection, steps and codes as below, chunk by chunk
+            payload = np.empty(self.payload_nbytes(arr.size), np.uint8)
+            n_chunks = math.ceil(arr.size / chunk)
+            code_bytes = _packed_len((arr.size // chunk) * k + self.tail_k(arr.size, chunk, k), self.bits)
+            body = payload[4 * n_chunks :]
+            scratch, local = np.empty(chunk + 8 + k, np.float32), np.empty(k, np.uint32)
+            mag, pos = np.empty(chunk + 8, np.float32), np.empty(chunk + 8, np.uint32)  # a chunk's candidates
+            status = NATIVE.dlt_sparse_encode(
+                address(arr), arr.size, chunk, k, self.bits, chunk.bit_length() - 1,
+                address(payload[: 4 * n_chunks].view(_F32)), address(body), address(body[code_bytes:]),
+                address(scratch), address(local), address(mag), address(pos),
+            )
+            if status < 0:
+                raise ValueError(f"sparseloco kernel refused chunk={chunk}, k={k}, bits={self.bits}")
+            return Encoded(payload.tobytes(), meta)
         tail_k = self.tail_k(arr.size, chunk, k)
         n_full = arr.size // chunk
         full = arr[: n_full * chunk].reshape(n_full, chunk)
@@ -953,13 +969,22 @@ class SparseLoCoCodec(Codec):
         levels = _LEVELS[self.bits]
         units = levels.units(np.abs(values).max(axis=1, initial=0.0))
         codes = levels.codes(values.ravel(), k, units, pad_to=values.size)[:kept]
-        payload = (
+        packed = (
             units.astype(_F32).tobytes() + _pack(codes, self.bits) + _pack(local.ravel()[:kept], chunk.bit_length() - 1)
         )
-        return Encoded(payload, {"chunk": chunk, "k": k, "bits": self.bits})
+        return Encoded(packed, meta)
 
     def _fields(self, payload: Buffer, meta: dict[str, Any], size: int) -> _SparseFields:
         """(chunk, k, bits, per-chunk steps, value codes, chunk-local indices) as `payload` holds them."""
+        chunk, k, bits, units, code_buf, index_buf, kept = self._streams(payload, meta, size)
+        codes = _unpack(code_buf, kept, bits, "sparseloco value codes")
+        local = _unpack(index_buf, kept, chunk.bit_length() - 1, "sparseloco indices")
+        return chunk, k, bits, units, codes, local
+
+    def _streams(
+        self, payload: Buffer, meta: dict[str, Any], size: int
+    ) -> tuple[int, int, int, np.ndarray, np.ndarray, np.ndarray, int]:
+        """(chunk, k, bits, per-chunk steps, code bytes, index bytes, kept count), meta and lengths checked."""
         chunk = _meta_int(meta, "chunk", self.name)
         _check_sparse_chunk(chunk, "sparseloco meta chunk")
         bits = _meta_int(meta, "bits", self.name)
@@ -974,9 +999,27 @@ class SparseLoCoCodec(Codec):
         units = _scales(payload, n_chunks, self.name)
         buf = np.frombuffer(payload, dtype=np.uint8, offset=4 * n_chunks)
         code_bytes = _packed_len(kept, bits)
-        codes = _unpack(buf[:code_bytes], kept, bits, "sparseloco value codes")
-        local = _unpack(buf[code_bytes:], kept, chunk.bit_length() - 1, "sparseloco indices")
-        return chunk, k, bits, units, codes, local
+        return chunk, k, bits, units, buf[:code_bytes], buf[code_bytes:], kept
+
+    def _native_kept(self, payload: Buffer, meta: dict[str, Any], size: int, out: np.ndarray, mode: int) -> bool:
+        """Write (mode 0) or subtract (mode 1) the kept values into `out` with the native kernel, or only check
+        the payload (mode 2); False when the kernel is not in use. The same checks as `_kept_values`, a ValueError
+        before `out` is touched."""
+        if NATIVE is None or size == 0:
+            return False
+        chunk, k, bits, units, code_buf, index_buf, kept = self._streams(payload, meta, size)
+        index_bits = chunk.bit_length() - 1
+        _check_padding(code_buf, kept, bits, "sparseloco value codes")
+        _check_padding(index_buf, kept, index_bits, "sparseloco indices")
+        status = NATIVE.dlt_sparse_decode(address(code_buf), address(index_buf), address(units), size, chunk, k, bits,
+                                          index_bits, address(out), mode)
+        if status == -1:
+            raise ValueError(f"sparseloco payload: code 0 names no level of the {bits}-bit set")
+        if status == -2:
+            raise ValueError("sparseloco indices must be strictly increasing within each chunk (sorted, no duplicates)")
+        if status == -3:
+            raise ValueError(f"sparseloco index out of range for the last chunk of {size % chunk}")
+        return True
 
     def split(self, payload: Buffer, meta: dict[str, Any], bounds: Sequence[int]) -> list[Piece] | None:
         """At chunk bounds: each piece is its chunks' steps, value codes and local indices, re-packed as they
@@ -1009,18 +1052,24 @@ class SparseLoCoCodec(Codec):
         return row * chunk + local, np.multiply(kept_levels, units[row], dtype=np.float32)
 
     def _decode(self, payload: Buffer, meta: dict[str, Any], size: int) -> np.ndarray:
-        index, values = self._kept_values(payload, meta, size)
         out = np.zeros(size, np.float32)
+        if self._native_kept(payload, meta, size, out, 0):
+            return out
+        index, values = self._kept_values(payload, meta, size)
         out[index] = values
         return out
 
     def residual(self, sent: np.ndarray, enc: Encoded, out: np.ndarray | None = None) -> np.ndarray:
         """Unsent coordinates whole, kept ones minus what their codes reconstruct: exactly sent − decode."""
-        index, values = self._kept_values(enc.payload, enc.meta, sent.size)
+        if NATIVE is not None:  # refuse a bad payload before `out` is touched
+            self._native_kept(enc.payload, enc.meta, sent.size, sent, 2)
         if out is None:
             out = np.array(sent, dtype=np.float32, copy=True)
         else:
             np.copyto(out, sent)
+        if self._native_kept(enc.payload, enc.meta, sent.size, out, 1):
+            return out
+        index, values = self._kept_values(enc.payload, enc.meta, sent.size)
         out[index] -= values
         return out
 

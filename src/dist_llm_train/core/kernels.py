@@ -15,6 +15,7 @@ import importlib.machinery
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 _SIZE = ctypes.c_size_t
 _PTR = ctypes.c_void_p
-_SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "dlt_cpu_ok": (ctypes.c_int, []),
     "dlt_f32_to_f16": (ctypes.c_int64, [_PTR, _PTR, _SIZE]),
     "dlt_f16_to_f32": (ctypes.c_int, [_PTR, _PTR, _SIZE]),
@@ -31,6 +32,9 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "dlt_lowbit_encode": (ctypes.c_int, [_PTR, _SIZE, _SIZE, ctypes.c_int, _PTR, _PTR]),
     "dlt_lowbit_decode": (ctypes.c_int, [_PTR, _PTR, _SIZE, _SIZE, ctypes.c_int, _PTR]),
     "dlt_at_least": (ctypes.c_int64, [_PTR, _SIZE, ctypes.c_float, _PTR, ctypes.c_int64]),
+    "dlt_sparse_encode": (ctypes.c_int, [_PTR, _SIZE, _SIZE, _SIZE, ctypes.c_int, ctypes.c_int] + [_PTR] * 7),
+    "dlt_sparse_decode": (ctypes.c_int, [_PTR, _PTR, _PTR, _SIZE, _SIZE, _SIZE, ctypes.c_int, ctypes.c_int, _PTR,
+                                         ctypes.c_int]),
 }
 
 
