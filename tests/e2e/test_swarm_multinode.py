@@ -12,8 +12,10 @@ this engine is already in a swarm, and leaves the one it made.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -52,12 +54,26 @@ class Cluster:
     admin_token: str
 
 
+def bridge_gateway() -> str:
+    """The default bridge's gateway address, where the other engines reach this one's swarm manager. Some engines
+    leave it out of the network's IPAM config (only the subnet is there, seen with 20.10 after a restart): then
+    docker0's own address is the gateway."""
+    gateway = run("docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}").strip()
+    if gateway:
+        return gateway
+    found = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", run("ip", "-4", "-o", "addr", "show", "docker0"))
+    if found:
+        return found.group(1)
+    subnet = run("docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Subnet}}").strip()
+    return str(next(ipaddress.ip_network(subnet).hosts()))  # Docker's default: the subnet's first address
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if run("docker", "info", "--format", "{{.Swarm.LocalNodeState}}").strip() != "inactive":
         pytest.skip("this engine is already in a swarm; the multi-node test makes its own")
     run(str(SCRIPTS / "build_images.sh"), "--missing", timeout=1800)
-    bridge = run("docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}").strip()
+    bridge = bridge_gateway()
     work = tmp_path_factory.mktemp("nodes")
     ports = {name: str(free_port()) for name in
              ("DLT_CONTROLLER_PORT", "DLT_PS_PORT", "DLT_PS_METRICS_PORT", "DLT_PROMETHEUS_PORT")}
