@@ -230,6 +230,28 @@ def test_sparseloco_selection_when_its_sampled_threshold_is_too_high(ratio: floa
 
 
 @needs_native
+def test_sparseloco_residual_of_a_bad_payload_leaves_out_as_it_was() -> None:
+    """The kernel checks the streams before it copies `sent` into `out` and subtracts, as numpy checks first."""
+    codec = get_codec("sparseloco", ratio=0.25, chunk=8, bits=4)
+    sent = hard_vector(1000, seed=5)
+    enc = codec.encode(sent)
+    n_chunks = -(-sent.size // 8)
+    bad = bytearray(enc.payload)
+    bad[4 * n_chunks] &= 0xF0  # the first kept value's 4-bit code is now 0, which names no level
+    for native in (codecs.NATIVE, None):
+        out = np.full(sent.size, 7.0, np.float32)
+        saved, codecs.NATIVE = codecs.NATIVE, native
+        try:
+            with pytest.raises(ValueError, match="code 0"):
+                codec.residual(sent, Encoded(bytes(bad), enc.meta), out)
+        finally:
+            codecs.NATIVE = saved
+        assert (out == 7.0).all()
+    native, reference = both(lambda: codec.residual(sent, enc))
+    assert np.array_equal(native.view(np.uint32), reference.view(np.uint32))
+
+
+@needs_native
 def test_kernels_run_on_several_threads_at_once() -> None:
     """ctypes releases the GIL for each call and the kernels keep no state: the PS decodes on several
     threads, and each must get its own exact answer."""

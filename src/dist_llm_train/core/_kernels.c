@@ -15,6 +15,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -170,7 +171,7 @@ DLT_FAST void dlt_int8_decode(const int8_t *codes, const float *scales, size_t n
 
 /* Dense low-bit quantisation (_LowBitCodec with _Levels): per chunk a step u = absmax / divisor (one ulp less
  * if top·u would overflow), then each element's code, packed `8 / bits` to a byte, code j of a byte at bit
- * j·bits. Mid-tread (4 and 8 bits): code = clip(rint(x / u), ±top) + top + 1. Mid-rise (2 bits, levels
+ * j·bits. Mid-tread (4 bits): code = clip(rint(x / u), ±top) + top + 1. Mid-rise (2 bits, levels
  * ±1, ±3 in units of u): code = clip(floor(x / 2u), -2, 1) + 2. An all-zero chunk (u = 0) divides by 1.
  * `bits` is a compile-time constant in each caller below, so the shifts and divisions by `per` are cheap. */
 DLT_FAST static inline int lowbit_encode(const float *x, size_t n, size_t chunk, const int bits, float *units,
@@ -228,9 +229,7 @@ DLT_FAST static inline int lowbit_encode(const float *x, size_t n, size_t chunk,
                     __m128i b = _mm_packus_epi16(_mm_packus_epi32(_mm_loadu_si128(c), _mm_loadu_si128(c + 1)),
                                                  _mm_packus_epi32(_mm_loadu_si128(c + 2), _mm_loadu_si128(c + 3)));
                     uint8_t *dst = out + j / per;
-                    if (per == 1) {
-                        _mm_storeu_si128((__m128i *)dst, b);
-                    } else if (per == 2) {
+                    if (per == 2) {
                         __m128i t = _mm_and_si128(_mm_or_si128(b, _mm_srli_epi16(b, 4)), _mm_set1_epi16(0xFF));
                         _mm_storel_epi64((__m128i *)dst, _mm_packus_epi16(t, t));
                     } else {
@@ -268,7 +267,7 @@ DLT_FAST static inline int lowbit_decode(const uint8_t *packed, const float *uni
     const size_t per = 8 / (size_t)bits;
     const unsigned mask = (1u << bits) - 1u;
     /* every byte's `per` levels, and whether it holds a code 0: whole bytes decode by one lookup each */
-    float levels[256][8];
+    float levels[256][4];
     uint8_t holds_zero[256];
     for (unsigned byte = 0; byte < 256; byte++) {
         holds_zero[byte] = 0;
@@ -294,9 +293,7 @@ DLT_FAST static inline int lowbit_decode(const uint8_t *packed, const float *uni
             for (; i + 16 <= end; i += 16) {
                 const uint8_t *src = packed + i / per;
                 __m128i b;
-                if (per == 1) {
-                    b = _mm_loadu_si128((const __m128i *)src);
-                } else if (per == 2) {
+                if (per == 2) {
                     __m128i raw = _mm_loadl_epi64((const __m128i *)src);
                     b = _mm_unpacklo_epi8(_mm_and_si128(raw, low), _mm_and_si128(_mm_srli_epi16(raw, 4), low));
                 } else {
@@ -332,12 +329,11 @@ DLT_FAST static inline int lowbit_decode(const uint8_t *packed, const float *uni
     return zero_code && !midrise ? -1 : 0;
 }
 
-/* Entry points: one specialisation per width. Returns -2 for a width the codecs do not use. */
+/* Entry points: one specialisation per width (Int4Codec, Int2Codec). Returns -2 for any other width. */
 DLT_FAST int dlt_lowbit_encode(const float *x, size_t n, size_t chunk, int bits, float *units, uint8_t *packed) {
     switch (bits) {
         case 2: return lowbit_encode(x, n, chunk, 2, units, packed);
         case 4: return lowbit_encode(x, n, chunk, 4, units, packed);
-        case 8: return lowbit_encode(x, n, chunk, 8, units, packed);
         default: return -2;
     }
 }
@@ -346,7 +342,6 @@ DLT_FAST int dlt_lowbit_decode(const uint8_t *packed, const float *units, size_t
     switch (bits) {
         case 2: return lowbit_decode(packed, units, n, chunk, 2, out);
         case 4: return lowbit_decode(packed, units, n, chunk, 4, out);
-        case 8: return lowbit_decode(packed, units, n, chunk, 8, out);
         default: return -2;
     }
 }
@@ -516,17 +511,17 @@ DLT_FAST int dlt_sparse_encode(const float *x, size_t n, size_t chunk, size_t k,
 }
 
 /* Decode (SparseLoCoCodec._kept_values): kept value i of chunk c is level(code) · u[c] at c·chunk + local index.
- * mode 0 writes it into `out` (zeros elsewhere: the caller's), mode 1 subtracts it (error feedback's residual:
- * `out` holds what was sent), mode 2 only checks the streams. Refuses before writing anything, in the numpy
- * path's order of checks: -1 for a mid-tread code 0 (no level), -2 for indices that do not strictly increase
- * within a chunk, -3 for an index past the end of the last chunk. The caller
- * has checked the lengths, the steps and the padding bits. */
+ * With `sent` NULL it is written into `out` (zeros elsewhere: the caller's); otherwise `out` becomes `sent` minus
+ * the kept values (error feedback's residual; `out` may not be `sent`). Refuses before writing anything, in the
+ * numpy path's order of checks: -1 for a mid-tread code 0 (no level), -2 for indices that do not strictly
+ * increase within a chunk, -3 for an index past the end of the last chunk. The caller has checked the lengths,
+ * the steps and the padding bits. */
 DLT_FAST int dlt_sparse_decode(const uint8_t *codes_in, const uint8_t *index_in, const float *units, size_t n,
-                               size_t chunk, size_t k, int bits, int index_bits, float *out, int mode) {
+                               size_t chunk, size_t k, int bits, int index_bits, const float *sent, float *out) {
     const int midrise = bits == 2;
     const int top = midrise ? 3 : (1 << (bits - 1)) - 1;
     int zero_code = 0, unordered = 0, past_end = 0;
-    for (int pass = 0; pass < (mode == 2 ? 1 : 2); pass++) {  /* check everything, then write */
+    for (int pass = 0; pass < 2; pass++) {  /* check everything, then write */
         BitReader codes = {codes_in, 0, 0}, index = {index_in, 0, 0};
         for (size_t c = 0, start = 0; start < n; c++, start += chunk) {
             size_t len = n - start < chunk ? n - start : chunk;
@@ -545,13 +540,14 @@ DLT_FAST int dlt_sparse_decode(const uint8_t *codes_in, const uint8_t *index_in,
                 }
                 float level = midrise ? 2.0f * (float)code - 3.0f : (float)code - (float)(top + 1);
                 float v = level * u;
-                if (mode == 0) out[start + local] = v;
+                if (sent == NULL) out[start + local] = v;
                 else out[start + local] -= v;
             }
         }
         if (zero_code) return -1;
         if (unordered) return -2;
         if (past_end) return -3;
+        if (pass == 0 && sent != NULL) memcpy(out, sent, n * sizeof *out);  /* checked: now `out` may change */
     }
     return 0;
 }

@@ -10,8 +10,9 @@ it: `JobState.update_size`) and must check it.
 payload, and any non-finite value, is a ValueError before a single number is used.
 
 numpy (and pydantic for the config) only: the parameter server imports this module. The hottest loops
-(fp16 both ways, int8 both ways, top-k's candidate scan) run in `_kernels.c` when the install compiled it
-(`core/kernels.py`), with byte-identical results; the numpy code below is the reference and the fallback.
+(fp16, int8, int4 and int2 both ways, top-k's candidate scan, SparseLoCo's encode, decode and residual) run
+in `_kernels.c` when the install compiled it (`core/kernels.py`), with byte-identical results; the numpy code
+below is the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -1001,10 +1002,12 @@ class SparseLoCoCodec(Codec):
         code_bytes = _packed_len(kept, bits)
         return chunk, k, bits, units, buf[:code_bytes], buf[code_bytes:], kept
 
-    def _native_kept(self, payload: Buffer, meta: dict[str, Any], size: int, out: np.ndarray, mode: int) -> bool:
-        """Write (mode 0) or subtract (mode 1) the kept values into `out` with the native kernel, or only check
-        the payload (mode 2); False when the kernel is not in use. The same checks as `_kept_values`, a ValueError
-        before `out` is touched."""
+    def _native_kept(
+        self, payload: Buffer, meta: dict[str, Any], size: int, out: np.ndarray, sent: np.ndarray | None = None
+    ) -> bool:
+        """With the native kernel: the kept values written into `out` (zeros elsewhere), or with `sent`, `out` set
+        to `sent` minus them; False when the kernel is not in use. The same checks as `_kept_values`, a
+        ValueError before `out` is touched."""
         if NATIVE is None or size == 0:
             return False
         chunk, k, bits, units, code_buf, index_buf, kept = self._streams(payload, meta, size)
@@ -1012,7 +1015,7 @@ class SparseLoCoCodec(Codec):
         _check_padding(code_buf, kept, bits, "sparseloco value codes")
         _check_padding(index_buf, kept, index_bits, "sparseloco indices")
         status = NATIVE.dlt_sparse_decode(address(code_buf), address(index_buf), address(units), size, chunk, k, bits,
-                                          index_bits, address(out), mode)
+                                          index_bits, None if sent is None else address(sent), address(out))
         if status == -1:
             raise ValueError(f"sparseloco payload: code 0 names no level of the {bits}-bit set")
         if status == -2:
@@ -1053,7 +1056,7 @@ class SparseLoCoCodec(Codec):
 
     def _decode(self, payload: Buffer, meta: dict[str, Any], size: int) -> np.ndarray:
         out = np.zeros(size, np.float32)
-        if self._native_kept(payload, meta, size, out, 0):
+        if self._native_kept(payload, meta, size, out):
             return out
         index, values = self._kept_values(payload, meta, size)
         out[index] = values
@@ -1061,15 +1064,16 @@ class SparseLoCoCodec(Codec):
 
     def residual(self, sent: np.ndarray, enc: Encoded, out: np.ndarray | None = None) -> np.ndarray:
         """Unsent coordinates whole, kept ones minus what their codes reconstruct: exactly sent − decode."""
-        if NATIVE is not None:  # refuse a bad payload before `out` is touched
-            self._native_kept(enc.payload, enc.meta, sent.size, sent, 2)
+        if NATIVE is not None and sent.size:  # the kernel checks, then copies `sent` into `out` and subtracts
+            base = np.ascontiguousarray(sent, dtype=np.float32)
+            target = np.empty(sent.shape, np.float32) if out is None else out
+            self._native_kept(enc.payload, enc.meta, sent.size, target, base)
+            return target
+        index, values = self._kept_values(enc.payload, enc.meta, sent.size)
         if out is None:
             out = np.array(sent, dtype=np.float32, copy=True)
         else:
             np.copyto(out, sent)
-        if self._native_kept(enc.payload, enc.meta, sent.size, out, 1):
-            return out
-        index, values = self._kept_values(enc.payload, enc.meta, sent.size)
         out[index] -= values
         return out
 

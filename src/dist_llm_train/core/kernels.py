@@ -34,7 +34,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "dlt_at_least": (ctypes.c_int64, [_PTR, _SIZE, ctypes.c_float, _PTR, ctypes.c_int64]),
     "dlt_sparse_encode": (ctypes.c_int, [_PTR, _SIZE, _SIZE, _SIZE, ctypes.c_int, ctypes.c_int] + [_PTR] * 7),
     "dlt_sparse_decode": (ctypes.c_int, [_PTR, _PTR, _PTR, _SIZE, _SIZE, _SIZE, ctypes.c_int, ctypes.c_int, _PTR,
-                                         ctypes.c_int]),
+                                         _PTR]),
 }
 
 
